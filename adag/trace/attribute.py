@@ -75,12 +75,25 @@ class Nodes:
         ).to(self.row.device)
         return Nodes(self.row[order], self.layer[order], self.position[order], self.neuron[order])
 
-    def by_layer(self) -> dict[int, NodeIndex]:
+    def by_layer(self, members: torch.Tensor | None = None) -> dict[int, NodeIndex]:
+        """Per layer, the (row, position, neuron) index of the nodes (or of `members`, sorted ids)."""
         index = {}
-        for layer in self.layer.unique().tolist():
-            mask = self.layer == layer
-            index[layer] = (self.row[mask], self.position[mask], self.neuron[mask])
+        chosen = self.layer if members is None else self.layer[members]
+        for layer in chosen.unique().tolist():
+            ids = (self.layer == layer).nonzero(as_tuple=True)[0]
+            if members is not None:
+                ids = ids[torch.isin(ids, members)]
+            index[layer] = (self.row[ids], self.position[ids], self.neuron[ids])
         return index
+
+    def rank_in_prompt(self) -> torch.Tensor:
+        """Each node's rank among the nodes of its own prompt, in node order."""
+        order = torch.argsort(self.row, stable=True)
+        counts = torch.bincount(self.row)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(self.row)
+        rank[order] = torch.arange(len(self.row), device=self.row.device) - starts[self.row[order]]
+        return rank
 
 
 @dataclass
@@ -98,9 +111,9 @@ class LinearisedPass:
     def probes(self, layers: list[int]) -> list[torch.Tensor]:
         return [self.tap.probes[layer] for layer in layers]
 
-    def selected_activations(self, nodes: Nodes) -> torch.Tensor:
-        """Kept nodes' activations in node order, still connected to the graph."""
-        return torch.cat([self.tap.activations[layer][index] for layer, index in nodes.by_layer().items()])
+    def selected_activations(self, nodes: Nodes, members: torch.Tensor | None = None) -> torch.Tensor:
+        """Kept nodes' (or `members`') activations in node order, still connected to the graph."""
+        return torch.cat([self.tap.activations[layer][index] for layer, index in nodes.by_layer(members).items()])
 
 
 def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch,
@@ -203,17 +216,16 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: N
     input_profile = torch.zeros(len(nodes), batch.input_ids.shape[1])
     edge_chunks = []
     eps = _edge_eps(activation, nodes)
-    for chunk, to_embeddings, to_nodes in _node_vjps(profiled, nodes, layers, config.chunk_size,
-                                                     to_embeddings=True, to_nodes=profiled is cut and config.edges):
+    for members, slot, to_embeddings, to_nodes in _node_vjps(
+            profiled, nodes, layers, config.chunk_size, to_embeddings=True, to_nodes=profiled is cut and config.edges):
         contributions = (to_embeddings * embeddings).sum(-1)  # (C, B, T)
-        rows = contributions[torch.arange(len(chunk)), nodes.row[chunk]]
-        input_profile[chunk] = (rows / _nonzero(activation[chunk])[:, None]).float()
+        input_profile[members] = contributions[slot, nodes.row[members]] / _nonzero(activation[members])[:, None]
         if to_nodes is not None:
-            edge_chunks.append(_edges(chunk, to_nodes, activation, eps, nodes, config.edge_threshold))
+            edge_chunks.append(_edges(members, slot, to_nodes, activation, eps, nodes, config.edge_threshold))
     if config.edges and profiled is not cut:
-        for chunk, _, to_nodes in _node_vjps(cut, nodes, layers, config.chunk_size, to_embeddings=False,
-                                             to_nodes=True):
-            edge_chunks.append(_edges(chunk, to_nodes, activation, eps, nodes, config.edge_threshold))
+        for members, slot, _, to_nodes in _node_vjps(cut, nodes, layers, config.chunk_size, to_embeddings=False,
+                                                     to_nodes=True):
+            edge_chunks.append(_edges(members, slot, to_nodes, activation, eps, nodes, config.edge_threshold))
 
     result = BatchAttribution(nodes, profiled.metric.detach(), profiled.targets, profiled.target_logits.detach(),
                               embedding_relevance.float(), activation, relp, input_profile, output_profile)
@@ -246,30 +258,43 @@ def _logit_vjps(run: LinearisedPass, layers: list[int]) -> tuple[torch.Tensor, t
 
 
 def _node_vjps(run: LinearisedPass, nodes: Nodes, layers: list[int], chunk_size: int, to_embeddings: bool,
-               to_nodes: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-    """For each chunk of kept nodes, one batched VJP from their activations to the embeddings
-    (C, B, T, d) and/or to every kept node's probe (C, K)."""
-    selected = run.selected_activations(nodes)
+               to_nodes: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """Batched VJPs from kept nodes' activations to the embeddings (C, B, T, d) and/or to every kept
+    node's probe (C, K).
+
+    Cotangent row c holds, for every prompt, that prompt's node of rank r0 + c: prompts never
+    interact, so one row serves B nodes at once. Ranks follow layer order, so a chunk only
+    back-propagates through the layers below its highest node. Yields each chunk's member node ids,
+    their row `slot` in the chunk, and the gradients.
+    """
+    rank = nodes.rank_in_prompt()
     inputs = ([run.tap.embeddings] if to_embeddings else []) + (run.probes(layers) if to_nodes else [])
-    for start in range(0, len(nodes), chunk_size):
-        chunk = torch.arange(start, min(start + chunk_size, len(nodes)))
-        cotangents = torch.zeros(len(chunk), len(nodes), dtype=selected.dtype, device=selected.device)
-        cotangents[torch.arange(len(chunk)), chunk] = 1
+    for first in range(0, int(rank.max()) + 1 if len(nodes) else 0, chunk_size):
+        members = ((rank >= first) & (rank < first + chunk_size)).nonzero(as_tuple=True)[0]
+        slot = rank[members] - first
+        selected = run.selected_activations(nodes, members)
+        cotangents = torch.zeros(int(slot.max()) + 1, len(members), dtype=selected.dtype, device=selected.device)
+        cotangents[slot, torch.arange(len(members))] = 1
         grads = torch.autograd.grad(selected, inputs, cotangents, is_grads_batched=True, retain_graph=True,
                                     allow_unused=True)
-        grads = [g if g is not None else x.new_zeros(len(chunk), *x.shape) for g, x in zip(grads, inputs)]
+        grads = [g if g is not None else x.new_zeros(len(cotangents), *x.shape) for g, x in zip(grads, inputs)]
         to_embedding_grads = grads[0].float() if to_embeddings else None
         to_node_grads = torch.cat(grads[int(to_embeddings):], dim=1).float() if to_nodes else None
-        yield chunk, to_embedding_grads, to_node_grads
+        yield members, slot, to_embedding_grads, to_node_grads
 
 
-def _edges(chunk: torch.Tensor, jacobian: torch.Tensor, activation: torch.Tensor, eps: torch.Tensor,
-           nodes: Nodes, threshold: float) -> torch.Tensor:
-    """Direct edges into the chunk's target nodes: w(s -> t) = a_s * da_t/da_s / (a_t + eps), with eps
-    taking a_t's sign so the denominator never crosses zero. Returns rows (source, target, weight)."""
-    target = activation[chunk]
-    weight = activation[None, :] * jacobian / (target + eps[chunk] * torch.where(target < 0, -1.0, 1.0))[:, None]
-    earlier = nodes.layer[None, :] < nodes.layer[chunk][:, None]
-    same_prompt = nodes.row[None, :] == nodes.row[chunk][:, None]
-    t, s = ((weight.abs() >= threshold) & earlier & same_prompt).nonzero(as_tuple=True)
-    return torch.stack([s.double(), chunk[t].double(), weight[t, s].double()], dim=1)
+def _edges(members: torch.Tensor, slot: torch.Tensor, jacobian: torch.Tensor, activation: torch.Tensor,
+           eps: torch.Tensor, nodes: Nodes, threshold: float) -> torch.Tensor:
+    """Direct edges into a chunk's target nodes: w(s -> t) = a_s * da_t/da_s / (a_t + eps), with eps
+    taking a_t's sign so the denominator never crosses zero. `jacobian[c, s]` is d a_t / d a_s for
+    the target t of prompt row(s) in slot c. Returns rows (source, target, weight)."""
+    target_at = torch.full((len(jacobian), int(nodes.row.max()) + 1), -1, dtype=torch.long)
+    target_at[slot, nodes.row[members]] = members
+    target = target_at[:, nodes.row]  # (C, K): the target each source s pairs with in slot c
+    has_target = target >= 0
+    target = target.clamp_min(0)
+    a_t = activation[target]
+    weight = activation[None, :] * jacobian / (a_t + eps[target] * torch.where(a_t < 0, -1.0, 1.0))
+    keep = has_target & (nodes.layer[None, :] < nodes.layer[target]) & (weight.abs() >= threshold)
+    c, s = keep.nonzero(as_tuple=True)
+    return torch.stack([s.double(), target[c, s].double(), weight[c, s].double()], dim=1)

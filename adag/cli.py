@@ -1,0 +1,125 @@
+"""The `adag` command: one subcommand per pipeline stage, plus a few to look around."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from adag.errors import AdagError
+
+app = typer.Typer(
+    help="Trace and describe circuits of MLP neurons in transformer language models (ADAG).\n\n"
+    "Pipeline: adag trace -> adag cluster -> adag info. Start with `adag models` and `adag datasets`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def friendly(command: Callable) -> Callable:
+    """Print an AdagError as one line on stderr and exit 2, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except AdagError as error:
+            typer.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def models() -> None:
+    """List the built-in models and the supported model families."""
+    from adag.models import ADAPTERS, BUILTIN_MODELS
+
+    typer.echo("Built-in models (no download needed):")
+    for name, builtin in BUILTIN_MODELS.items():
+        typer.echo(f"  {name:16s} {builtin.description}")
+    typer.echo("\nAlso accepted: a local Hugging Face model directory, or a hub id such as org/name.")
+    typer.echo(f"Supported families (config.model_type): {', '.join(sorted(ADAPTERS))}")
+
+
+@app.command()
+@friendly
+def datasets() -> None:
+    """List the built-in datasets with their sizes."""
+    from adag.datasets import BUILTIN_DATASETS
+
+    typer.echo("Built-in datasets:")
+    for name, (make, description) in BUILTIN_DATASETS.items():
+        typer.echo(f"  {name:18s} {len(make()):4d} prompts  {description}")
+    typer.echo("\nOr a .jsonl/.csv file with fields prompt, seed_response, labels (list) and metadata.")
+
+
+@app.command()
+@friendly
+def info(run_dir: Annotated[str, typer.Argument(help="a run directory")]) -> None:
+    """Summarise a run directory: model, dataset, stages with their status and timings."""
+    from adag.store import RunDir
+
+    manifest = RunDir.open(run_dir).manifest
+    model, dataset = manifest["model"], manifest["dataset"]
+    typer.echo(f"run      {run_dir}  (adag {manifest['adag_version']}, created {manifest['created']})")
+    typer.echo(f"model    {model['spec']}  family={model['family']} layers={model['layers']} "
+               f"neurons/layer={model['neurons']} weights={model['weights']}")
+    typer.echo(f"dataset  {dataset['name']}  rows={dataset['rows']} sha256={dataset['sha256']}")
+    for stage, entry in manifest["stages"].items():
+        facts = {k: v for k, v in entry.items() if k not in ("status", "started", "seconds")}
+        seconds = entry.get("seconds")
+        timing = f"{seconds:.1f}s" if seconds is not None else "-"
+        typer.echo(f"stage    {stage:8s} {entry['status']:8s} {timing:>8s}  {json.dumps(facts)}")
+
+
+@app.command()
+@friendly
+def trace(
+    model: Annotated[str, typer.Option(help="built-in name, local model directory or hub id")],
+    dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")],
+    out: Annotated[str, typer.Option(help="run directory to create (or resume)")],
+    limit: Annotated[int | None, typer.Option(help="trace only the first N prompts")] = None,
+    metric: Annotated[str, typer.Option(help="topk, labels or logit_diff")] = "topk",
+    k: Annotated[int, typer.Option(help="top-k next tokens in the metric")] = 5,
+    threshold: Annotated[float, typer.Option(help="keep nodes with |RelP| >= threshold * |m|")] = 0.005,
+    selection: Annotated[str, typer.Option(help="threshold or topk")] = "threshold",
+    top_nodes: Annotated[int, typer.Option(help="nodes kept with --selection topk")] = 200,
+    aggregation: Annotated[str, typer.Option(help="none, any or mean over the dataset")] = "any",
+    rules: Annotated[str, typer.Option(help="half, no_half or plain")] = "half",
+    profiles: Annotated[str, typer.Option(help="total or direct effects in profiles")] = "total",
+    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 4,
+    chunk_size: Annotated[int, typer.Option(help="nodes per batched VJP (bounds memory)")] = 64,
+    edge_threshold: Annotated[float, typer.Option(help="drop edges with |w| below this")] = 0.01,
+    no_edges: Annotated[bool, typer.Option("--no-edges", help="skip the edge pass")] = False,
+    keep_first_position: Annotated[bool, typer.Option(help="allow nodes at position 0")] = False,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (spread over GPUs)")] = "cpu",
+) -> None:
+    """Trace attribution graphs, profiles and edges for every prompt of a dataset."""
+    from pydantic import ValidationError
+
+    from adag.datasets import load_dataset
+    from adag.models import load_model
+    from adag.trace import TraceConfig, trace_dataset
+
+    try:
+        config = TraceConfig(metric=metric, k=k, threshold=threshold, selection=selection, top_nodes=top_nodes,
+                             aggregation=aggregation, rules=rules, profiles=profiles, batch_size=batch_size,
+                             chunk_size=chunk_size, edge_threshold=edge_threshold, edges=not no_edges,
+                             keep_first_position=keep_first_position)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise AdagError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    rows = load_dataset(dataset, limit=limit)
+    lm = load_model(model, dtype=dtype, device=device)
+    run = trace_dataset(lm, rows, config, out)
+    facts = run.manifest["stages"]["trace"]
+    typer.echo(f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['edges']} edges "
+               f"in {facts['seconds']:.1f}s -> {out}")
