@@ -210,8 +210,8 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: N
     coeffs = profiled.targets.coeffs
     relp = activation * (logit_grads * coeffs[nodes.row]).sum(-1)
     output_profile = activation[:, None] * logit_grads / profiled.target_logits.detach()[nodes.row]
-    embeddings = profiled.tap.embeddings.detach()
-    embedding_relevance = (embeddings * torch.einsum("kbtd,bk->btd", embedding_grads, coeffs)).sum(-1)
+    embeddings = profiled.tap.embeddings.detach().float()
+    embedding_relevance = (embeddings * torch.einsum("kbtd,bk->btd", embedding_grads, coeffs.float())).sum(-1)
 
     input_profile = torch.zeros(len(nodes), batch.input_ids.shape[1])
     edge_chunks = []

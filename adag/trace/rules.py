@@ -45,14 +45,14 @@ class FrozenNormScale:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
             eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-            x32 = x.float()
+            x32 = x.to(torch.promote_types(x.dtype, torch.float32))
             if kind is NormKind.LAYER:
                 x32 = x32 - x32.mean(-1, keepdim=True)
             scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-            weight = module.weight.float() + (1.0 if kind is NormKind.RMS_PLUS_ONE else 0.0)
+            weight = module.weight.to(x32.dtype) + (1.0 if kind is NormKind.RMS_PLUS_ONE else 0.0)
             surrogate = x32 * (scale * weight).detach()
             if getattr(module, "bias", None) is not None:
-                surrogate = surrogate + module.bias.float()
+                surrogate = surrogate + module.bias.to(x32.dtype)
             return with_gradient_of(output, surrogate.to(output.dtype))
 
         return hook

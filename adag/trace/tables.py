@@ -100,8 +100,9 @@ def _edges_table(result: BatchAttribution, row: np.ndarray, position: np.ndarray
                   "target_kind": ["neuron"] * len(edges), "target": node_id[target], "weight": edges[:, 2],
                   "attribution": edges[:, 2] * attribution[target]})
 
-    node_of_entry = np.concatenate([np.full(len(p), i) for i, p in enumerate(profiles)]) if profiles else np.zeros(0, int)
-    source_position = np.concatenate([np.arange(len(p)) for p in profiles]) if profiles else np.zeros(0, int)
+    lengths = [len(p) for p in profiles]
+    node_of_entry = np.repeat(np.arange(len(profiles)), lengths)
+    source_position = np.concatenate([np.arange(n) for n in lengths]) if profiles else np.zeros(0, int)
     weight = np.concatenate(profiles) if profiles else np.zeros(0)
     keep = np.abs(weight) >= threshold
     node_of_entry, source_position, weight = node_of_entry[keep], source_position[keep], weight[keep]

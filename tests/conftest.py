@@ -1,0 +1,53 @@
+import os
+import time
+
+import pytest
+import torch
+
+from tests.tiny import FAMILIES, offline_tokenizer, tiny_model
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return offline_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer):
+    return {family: tiny_model(family, tokenizer) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request, tiny_models):
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def builtin_load_times(tmp_path_factory):
+    """Load the built-in model twice from a clean cache: the first load converts the GGUF."""
+    from adag.models import load_model
+
+    cache = tmp_path_factory.mktemp("adag-cache")
+    previous = os.environ.get("ADAG_CACHE")
+    os.environ["ADAG_CACHE"] = str(cache)
+    try:
+        start = time.perf_counter()
+        load_model("smollm2-135m")
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        lm = load_model("smollm2-135m")
+        second = time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop("ADAG_CACHE")
+        else:
+            os.environ["ADAG_CACHE"] = previous
+    print(f"\nbuilt-in model: first load (GGUF conversion) {first:.1f}s, second load {second:.2f}s")
+    return lm, first, second
+
+
+@pytest.fixture(scope="session")
+def builtin(builtin_load_times):
+    return builtin_load_times[0]

@@ -1,0 +1,295 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from adag.datasets import load_dataset
+from adag.trace import PromptBatch, TraceConfig, attribute, linearised, node_scores, select_nodes, trace_dataset
+from adag.trace.attribute import linearised_pass
+from adag.trace.rules import RULE_SETS
+from tests.explicit import ExplicitLinearModel
+from tests.tiny import tiny_model
+
+PROMPTS = ["What is the capital of France? Answer:", "What is 3 + 4?", "the state containing Dallas"]
+
+
+def _batch(lm, texts=PROMPTS[:2]):
+    tokens = [lm.tokenizer(t)["input_ids"] for t in texts]
+    return PromptBatch.left_pad(tokens, [[] for _ in texts], 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def double_models(tokenizer):
+    """Float64 copies, so that comparisons with the slow reference test the method, not rounding.
+    Gemma 2 stays in float32: its eager attention mask overflows to NaN on padding in float64."""
+    models = {}
+    for family in ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"]:
+        lm = tiny_model(family, tokenizer)
+        if family != "gemma2":
+            lm.model.double()
+        models[family] = lm
+    return models
+
+
+@pytest.mark.parametrize("rules", list(RULE_SETS))
+def test_logits_under_rules_equal_plain_logits_in_a_padded_batch(tiny, rules):
+    batch = _batch(tiny, PROMPTS)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    with torch.no_grad():
+        plain = tiny.model(**inputs).logits
+    with torch.enable_grad(), linearised(tiny.model, tiny.adapter, rules):
+        ruled = tiny.model(**inputs).logits
+    assert torch.equal(plain, ruled)
+    assert not torch.isnan(plain[batch.valid]).any()
+
+
+def test_rules_are_removed_on_exit_and_on_error(tiny):
+    def count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.model.modules())
+
+    before = count()
+    with linearised(tiny.model, tiny.adapter, "half"):
+        assert count() > before
+    assert count() == before
+    with pytest.raises(ValueError), linearised(tiny.model, tiny.adapter, "half"):
+        raise ValueError("boom")
+    assert count() == before
+
+
+def test_conservation_with_half_rule(tiny):
+    """Summed embedding relevance (plus each bias's share) recovers the metric."""
+    batch = _batch(tiny, PROMPTS)
+    biases = [p for name, p in tiny.model.named_parameters() if name.endswith("bias")]
+    for p in biases:
+        p.requires_grad_(True)
+    try:
+        run = linearised_pass(tiny, TraceConfig(), batch)
+        grads = torch.autograd.grad(run.metric.sum(), [run.tap.embeddings, *biases], allow_unused=True)
+    finally:
+        for p in biases:
+            p.requires_grad_(False)
+    relevance = (grads[0] * run.tap.embeddings).sum((1, 2))
+    # A bias share sums over prompts; with one prompt per row, take it per row by tracing rows alone.
+    if biases:
+        shares = []
+        for row in range(len(PROMPTS)):
+            single = _batch(tiny, [PROMPTS[row]])
+            for p in biases:
+                p.requires_grad_(True)
+            try:
+                run1 = linearised_pass(tiny, TraceConfig(), single)
+                g = torch.autograd.grad(run1.metric.sum(), biases, allow_unused=True)
+            finally:
+                for p in biases:
+                    p.requires_grad_(False)
+            shares.append(sum((gi * p).sum() for gi, p in zip(g, biases) if gi is not None))
+        relevance = relevance + torch.stack(shares)
+    torch.testing.assert_close(relevance.float(), run.metric.detach(), rtol=1e-4, atol=0)
+
+
+def test_conservation_fails_without_half_rule(tiny_models):
+    lm = tiny_models["llama"]
+    batch = _batch(lm)
+    run = linearised_pass(lm, TraceConfig(rules="no_half"), batch)
+    (grad,) = torch.autograd.grad(run.metric.sum(), [run.tap.embeddings])
+    relevance = (grad * run.tap.embeddings).sum((1, 2))
+    assert not torch.allclose(relevance, run.metric, rtol=1e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "mistral"])
+def test_attributions_and_profiles_match_explicit_linear_model(double_models, family):
+    lm = double_models[family]
+    batch = _batch(lm)
+    config = TraceConfig(aggregation="none", threshold=0.01, edge_threshold=0.0, chunk_size=7)
+    scores, _ = node_scores(lm, config, batch)
+    nodes = select_nodes(scores, config)
+    result = attribute(lm, config, batch, nodes)
+    explicit = ExplicitLinearModel(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+    base_logits, base_acts = explicit.run()
+    targets = result.targets.ids
+    base_target = base_logits.gather(-1, targets)
+    torch.testing.assert_close(base_target.float(), result.target_logits, rtol=1e-6, atol=1e-6)
+
+    picks = torch.linspace(0, len(nodes) - 1, min(12, len(nodes))).long().tolist()
+    for i in picks:
+        node = (int(nodes.layer[i]), int(nodes.row[i]), int(nodes.position[i]), int(nodes.neuron[i]))
+        logits, _ = explicit.run(zero_neuron=node)
+        delta = (base_target - logits.gather(-1, targets))[node[1]]  # a_n * dlogit_i/da_n, exactly (affine)
+        relp = (delta * result.targets.coeffs[node[1]]).sum()
+        torch.testing.assert_close(result.attribution[i].double(), relp.double(), rtol=1e-5,
+                                   atol=1e-6 * abs(relp.item()))
+        torch.testing.assert_close(result.output_profile[i].double(), (delta / base_target[node[1]]).double(),
+                                   rtol=1e-5, atol=1e-6)
+
+    # Input profiles: ablate each embedding position of each prompt once, read every node.
+    for row in range(batch.input_ids.shape[0]):
+        for position in range(int(batch.offsets[row]), batch.input_ids.shape[1]):
+            _, acts = explicit.run(zero_embedding=(row, position))
+            for i in (nodes.row == row).nonzero(as_tuple=True)[0].tolist():
+                layer, pos, neuron = int(nodes.layer[i]), int(nodes.position[i]), int(nodes.neuron[i])
+                a = base_acts[layer][row, pos, neuron]
+                expected = (a - acts[layer][row, pos, neuron]) / a
+                assert abs(result.input_profile[i, position].item() - expected.item()) <= 1e-5 * max(1, abs(expected))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "qwen2"])
+def test_edges_match_explicit_per_pair_computation(double_models, family):
+    lm = double_models[family]
+    batch = _batch(lm)
+    config = TraceConfig(aggregation="none", threshold=0.02, edge_threshold=0.0, chunk_size=5)
+    nodes = select_nodes(node_scores(lm, config, batch)[0], config)
+    result = attribute(lm, config, batch, nodes)
+    traced = {(int(s), int(t)): w for s, t, w in result.edges.tolist()}
+    explicit = ExplicitLinearModel(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+    base_logits, base_acts = explicit.run(hold_mlps=True)
+    activation = result.activation.double()
+    eps = {row: 1e-6 * activation[nodes.row == row].abs().mean() for row in nodes.row.unique().tolist()}
+    checked = 0
+    for s in torch.linspace(0, len(nodes) - 1, min(10, len(nodes))).long().tolist():
+        source = (int(nodes.layer[s]), int(nodes.row[s]), int(nodes.position[s]), int(nodes.neuron[s]))
+        logits, acts = explicit.run(zero_neuron=source, hold_mlps=True)
+        for t in range(len(nodes)):
+            if nodes.row[t] != nodes.row[s] or nodes.layer[t] <= nodes.layer[s]:
+                assert (s, t) not in traced
+                continue
+            layer, row, pos, neuron = (int(x[t]) for x in (nodes.layer, nodes.row, nodes.position, nodes.neuron))
+            a_t = base_acts[layer][row, pos, neuron]
+            change = a_t - acts[layer][row, pos, neuron]  # a_s * da_t/da_s with MLPs held
+            expected = change / (a_t + eps[row] * (1 if a_t >= 0 else -1))
+            assert abs(traced.get((s, t), 0.0) - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))
+            checked += 1
+        direct = (base_logits - logits).gather(-1, result.targets.ids)[source[1]]
+        torch.testing.assert_close(result.logit_edges[s].double(),
+                                   direct / result.target_logits[source[1]].double(), rtol=1e-5, atol=1e-6)
+    assert checked > 0
+
+
+def _tables(run):
+    out = {}
+    for name in ("prompts", "nodes", "edges"):
+        frame = run.read_table("trace", name)
+        for column in ("source_kind", "target_kind"):
+            if column in frame:
+                frame[column] = frame[column].astype(str)
+        keys = {"prompts": ["prompt"], "nodes": ["prompt", "node"],
+                "edges": ["prompt", "source_kind", "source", "target_kind", "target"]}[name]
+        out[name] = frame.sort_values(keys).reset_index(drop=True)
+    return out
+
+
+def _assert_same_tables(a, b, tol=1e-6):
+    for name in a:
+        assert list(a[name].columns) == list(b[name].columns)
+        assert len(a[name]) == len(b[name]), name
+        for column in a[name].columns:
+            left, right = a[name][column], b[name][column]
+            if left.dtype.kind == "f":
+                np.testing.assert_allclose(left, right, rtol=tol, atol=tol, err_msg=f"{name}.{column}")
+            elif left.dtype == object and len(left) and isinstance(left.iloc[0], np.ndarray) \
+                    and left.iloc[0].dtype.kind == "f":
+                np.testing.assert_allclose(np.concatenate(list(left)), np.concatenate(list(right)),
+                                           rtol=tol, atol=tol, err_msg=f"{name}.{column}")
+            else:
+                assert [str(x) for x in left] == [str(x) for x in right], f"{name}.{column}"
+
+
+def test_batch_invariance(double_models, tmp_path):
+    """A prompt traced alone or in a padded batch of 4 of different lengths gives the same tables."""
+    lm = double_models["llama"]
+    rows = load_dataset("country-capitals", limit=2).rows + load_dataset("addition", limit=1).rows \
+        + load_dataset("state-capitals", limit=1).rows
+    dataset = load_dataset("country-capitals")
+    dataset.rows = rows
+    assert len({len(lm.tokenizer(r.prompt)["input_ids"]) for r in rows}) > 1
+    config = TraceConfig(aggregation="none", threshold=0.02, chunk_size=16)
+    alone = trace_dataset(lm, dataset, config.model_copy(update={"batch_size": 1}), tmp_path / "a", progress=False)
+    batched = trace_dataset(lm, dataset, config.model_copy(update={"batch_size": 4}), tmp_path / "b", progress=False)
+    _assert_same_tables(_tables(alone), _tables(batched))
+
+
+def test_dataset_aggregation_keeps_keys_in_every_prompt(tiny_models, tmp_path):
+    lm = tiny_models["llama"]
+    dataset = load_dataset("country-capitals", limit=4)
+    per_prompt = trace_dataset(lm, dataset, TraceConfig(aggregation="none", threshold=0.05, edges=False),
+                               tmp_path / "none", progress=False)
+    union = trace_dataset(lm, dataset, TraceConfig(aggregation="any", threshold=0.05, edges=False),
+                          tmp_path / "any", progress=False)
+    prompts = per_prompt.read_table("trace", "prompts").set_index("prompt")["n_tokens"]
+
+    def keys(run):
+        nodes = run.read_table("trace", "nodes")
+        from_end = prompts[nodes["prompt"]].to_numpy() - 1 - nodes["position"].to_numpy()
+        return nodes.assign(from_end=from_end)
+
+    none_keys, any_keys = keys(per_prompt), keys(union)
+    wanted = set(zip(none_keys.layer, none_keys.from_end, none_keys.neuron))
+    for _, group in any_keys.groupby("prompt"):
+        assert set(zip(group.layer, group.from_end, group.neuron)) == wanted  # same length prompts here
+    assert (any_keys.position > 0).all()
+    assert len(any_keys) >= len(none_keys)
+
+
+def test_topk_selection_and_first_position(tiny_models):
+    lm = tiny_models["gpt2"]
+    batch = _batch(lm)
+    config = TraceConfig(aggregation="none", selection="topk", top_nodes=7)
+    scores, relp = node_scores(lm, config, batch)
+    nodes = select_nodes(scores, config)
+    assert torch.bincount(nodes.row).tolist() == [7, 7]
+    assert not (nodes.position == batch.offsets[nodes.row]).any()
+    best = scores[1].flatten().topk(7).values
+    kept = scores[nodes.row, nodes.layer, nodes.position, nodes.neuron][nodes.row == 1]
+    torch.testing.assert_close(kept.sort().values, best.sort().values)
+    kept_first = TraceConfig(aggregation="none", keep_first_position=True)
+    scores_first, _ = node_scores(lm, kept_first, batch)
+    assert scores_first[0, :, batch.offsets[0]].sum() > 0 and scores[0, :, batch.offsets[0]].sum() == 0
+
+
+def test_blacklist_removes_a_half_neuron(tiny_models):
+    lm = tiny_models["llama"]
+    batch = _batch(lm)
+    config = TraceConfig(aggregation="none", threshold=0.01)
+    scores, relp = node_scores(lm, config, batch)
+    nodes = select_nodes(scores, config)
+    layer, row, pos, neuron = (int(x[0]) for x in (nodes.layer, nodes.row, nodes.position, nodes.neuron))
+    run = linearised_pass(lm, config, batch)
+    polarity = int(torch.sign(run.tap.activations[layer][row, pos, neuron]).item())
+    blocked = config.model_copy(update={"blacklist": [(layer, neuron, polarity)]})
+    scores_blocked, _ = node_scores(lm, blocked, batch)
+    activation = run.tap.activations[layer][..., neuron].detach()
+    same_sign = torch.sign(activation) == polarity
+    assert (scores_blocked[:, layer, :, neuron][same_sign] == 0).all()
+    assert torch.equal(scores_blocked[:, layer, :, neuron][~same_sign], scores[:, layer, :, neuron][~same_sign])
+
+
+def test_label_and_logit_diff_metrics(tiny_models):
+    lm = tiny_models["qwen3"]
+    tokens = [lm.tokenizer(t)["input_ids"] for t in PROMPTS[:2]]
+    a, b = (lm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" capital", " is"))
+    batch = PromptBatch.left_pad(tokens, [[a, b], [b, a]], 0, torch.device("cpu"))
+    run = linearised_pass(lm, TraceConfig(metric="logit_diff"), batch)
+    with torch.no_grad():
+        logits = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids).logits[:, -1]
+    expected = torch.stack([logits[0, a] - logits[0, b], logits[1, b] - logits[1, a]])
+    torch.testing.assert_close(run.metric.detach(), expected)
+    run = linearised_pass(lm, TraceConfig(metric="labels"), batch)
+    torch.testing.assert_close(run.metric.detach(), logits[:, a] + logits[:, b])
+
+
+def test_resume_recomputes_only_missing_parts(tiny_models, tmp_path):
+    lm = tiny_models["gemma3"]
+    dataset = load_dataset("antonyms", limit=6)
+    config = TraceConfig(aggregation="none", threshold=0.05, batch_size=2)
+    run = trace_dataset(lm, dataset, config, tmp_path, progress=False)
+    first = _tables(run)
+    parts = sorted((tmp_path / "trace" / "prompts").glob("part-*.parquet"))
+    assert len(parts) == 3
+    kept_mtime = parts[0].stat().st_mtime_ns
+    parts[1].unlink()
+    run.manifest["stages"]["trace"]["status"] = "running"
+    again = trace_dataset(lm, dataset, config, tmp_path, progress=False)
+    assert parts[0].stat().st_mtime_ns == kept_mtime and parts[1].exists()
+    _assert_same_tables(first, _tables(again), tol=0)
+    assert again.manifest["stages"]["trace"]["status"] == "done"
+    pd.testing.assert_frame_equal(first["prompts"][["prompt"]], _tables(again)["prompts"][["prompt"]])
