@@ -123,3 +123,36 @@ def trace(
     facts = run.manifest["stages"]["trace"]
     typer.echo(f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['edges']} edges "
                f"in {facts['seconds']:.1f}s -> {out}")
+
+
+@app.command()
+@friendly
+def cluster(
+    run_dir: Annotated[str, typer.Argument(help="a traced run directory")],
+    k: Annotated[str, typer.Option(help="number of clusters, or 'auto' for the eigengap's suggestion")] = "20",
+    method: Annotated[str, typer.Option(help="spectral, agglomerative, kmeans or leiden")] = "spectral",
+    combine: Annotated[str, typer.Option(help="harmonic or mean of the input and output views, "
+                                         "or one view alone: input, output")] = "harmonic",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Cluster traced half-neurons by their attribution profiles and build the cluster graph."""
+    from pydantic import ValidationError
+
+    from adag.cluster import ClusterConfig, cluster_run
+
+    try:
+        config = ClusterConfig(k=k if k == "auto" else int(k), method=method, combine=combine, seed=seed)
+    except (ValueError, ValidationError):
+        raise AdagError(f"bad clustering options (--k {k} --method {method} --combine {combine}); "
+                        "--k takes a number or 'auto'") from None
+    run = cluster_run(run_dir, config)
+    facts = run.manifest["stages"]["cluster"]
+    diagnostics = run.read_json("cluster", "diagnostics")
+    typer.echo(f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
+               f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
+               f"silhouette {_maybe(diagnostics['silhouette'])}, "
+               f"intra/inter similarity {_maybe(diagnostics['intra_inter_ratio'])}")
+
+
+def _maybe(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

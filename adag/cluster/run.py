@@ -1,0 +1,80 @@
+"""The cluster stage: read the trace tables, cluster half-neurons, write clusters and the cluster graph."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from adag.cluster.graph import cluster_graph
+from adag.cluster.methods import Method, ProfileClustering
+from adag.cluster.profiles import half_neuron_profiles
+from adag.cluster.similarity import Combine
+from adag.errors import AdagError
+from adag.store import RunDir
+
+STAGE = "cluster"
+
+
+class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int | Literal["auto"] = 20
+    method: Method = "spectral"
+    combine: Combine = "harmonic"
+    seed: int = 0
+    max_k: int = Field(64, ge=2, description="largest k the eigengap may suggest")
+
+
+def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
+    run = RunDir.open(run_dir)
+    run.require_stage("trace", "adag trace")
+    run.begin_stage(STAGE, config.model_dump(mode="json"), resume=False)
+    nodes = run.read_table("trace", "nodes")
+    prompts = run.read_table("trace", "prompts")
+    if nodes.empty:
+        raise AdagError(f"{run_dir} has no traced nodes to cluster; trace with a lower --threshold")
+    edges = run.read_table("trace", "edges") if run.stage_config("trace").get("edges") else None
+
+    profiles = half_neuron_profiles(nodes, prompts)
+    model = ProfileClustering(config.k, config.method, config.combine, config.seed, config.max_k).fit(profiles)
+    labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
+    node_cluster = labels[profiles.node_half_neuron]
+
+    half_neurons = profiles.keys.assign(
+        half_neuron=np.arange(len(profiles)), cluster=labels,
+        nodes=np.bincount(profiles.node_half_neuron, minlength=len(profiles)),
+        attribution=np.bincount(profiles.node_half_neuron, weights=nodes["attribution"], minlength=len(profiles)),
+    )
+    run.write_table(STAGE, "half_neurons", half_neurons)
+    run.write_table(STAGE, "clusters", _cluster_summary(half_neurons, len(prompts)))
+    for name, table in cluster_graph(nodes, edges, node_cluster, len(prompts)).items():
+        run.write_table(STAGE, name, table)
+    diagnostics = {**model.diagnostics_, "eigenvalues": [round(float(v), 6) for v in model.eigenvalues_]}
+    run.write_json(STAGE, "diagnostics", diagnostics)
+    run.finish_stage(STAGE, clusters=diagnostics["k"], half_neurons=len(profiles),
+                     suggested_k=diagnostics["suggested_k"], silhouette=diagnostics["silhouette"])
+    return run
+
+
+def _order_by_attribution(labels: np.ndarray, node_half_neuron: np.ndarray, attribution: np.ndarray) -> np.ndarray:
+    """Renumber clusters so that cluster 0 has the largest total |attribution|."""
+    totals = np.bincount(labels[node_half_neuron], weights=np.abs(attribution), minlength=labels.max() + 1)
+    rank = np.empty_like(totals, dtype=int)
+    rank[np.argsort(-totals, kind="stable")] = np.arange(len(totals))
+    return rank[labels]
+
+
+def _cluster_summary(half_neurons: pd.DataFrame, n_prompts: int) -> pd.DataFrame:
+    grouped = half_neurons.groupby("cluster")
+    return pd.DataFrame({
+        "cluster": grouped.size().index,
+        "size": grouped.size().to_numpy(),
+        "mean_layer": grouped["layer"].mean().to_numpy(),
+        "min_layer": grouped["layer"].min().to_numpy(),
+        "max_layer": grouped["layer"].max().to_numpy(),
+        "excitatory_share": grouped["polarity"].apply(lambda p: float((p > 0).mean())).to_numpy(),
+        "mean_attribution": (grouped["attribution"].sum() / n_prompts).to_numpy(),
+    })

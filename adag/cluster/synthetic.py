@@ -1,0 +1,52 @@
+"""Synthetic trace tables with planted groups of half-neurons, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def planted_tables(
+    groups: list[tuple[int, int]], per_group: int, n_prompts: int, k: int = 5, occurrence: float = 0.3,
+    noise: float = 0.1, length: tuple[int, int] = (12, 24), seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Nodes and prompts tables in the trace stage's layout, plus each half-neuron's true group.
+
+    A group is (input pattern, output pattern): its half-neurons draw most of their input from the
+    token `input pattern` positions before the last one, and push the target logits along the
+    group's output pattern. Each half-neuron occurs in each prompt with probability `occurrence`.
+    """
+    rng = np.random.default_rng(seed)
+    output_patterns = rng.normal(size=(max(o for _, o in groups) + 1, k))
+    truth = np.repeat(np.arange(len(groups)), per_group)
+    n_half = len(truth)
+    lengths = rng.integers(length[0], length[1] + 1, size=n_prompts)
+
+    occurs = rng.random((n_prompts, n_half)) < occurrence
+    prompt_of, half_of = np.nonzero(occurs)
+    n_nodes = len(prompt_of)
+    node_lengths = lengths[prompt_of]
+    offsets = np.concatenate([[0], np.cumsum(node_lengths)])
+    values = rng.normal(scale=noise, size=offsets[-1]) / np.sqrt(np.repeat(node_lengths, node_lengths))
+    input_offset = np.array([i for i, _ in groups])[truth[half_of]]
+    values[offsets[:-1] + node_lengths - 1 - input_offset] += 1.0
+    inputs = np.split(values.astype(np.float32), offsets[1:-1])
+
+    out_pattern = np.array([o for _, o in groups])[truth[half_of]]
+    outputs = output_patterns[out_pattern] + rng.normal(scale=noise, size=(n_nodes, k)) * np.abs(
+        output_patterns[out_pattern]).mean(1, keepdims=True)
+
+    nodes = pd.DataFrame({
+        "prompt": prompt_of.astype(np.int32),
+        "node": np.zeros(n_nodes, dtype=np.int32),
+        "layer": (half_of % 4).astype(np.int16),
+        "position": (node_lengths - 1).astype(np.int32),
+        "neuron": half_of.astype(np.int32),
+        "activation": np.ones(n_nodes, dtype=np.float32),
+        "attribution": rng.normal(size=n_nodes).astype(np.float32),
+        "input_profile": inputs,
+        "output_profile": list(outputs.astype(np.float32)),
+    })
+    nodes["node"] = nodes.groupby("prompt").cumcount().astype(np.int32)
+    prompts = pd.DataFrame({"prompt": np.arange(n_prompts, dtype=np.int32), "n_tokens": lengths.astype(np.int32)})
+    return nodes, prompts, truth
