@@ -156,3 +156,53 @@ def cluster(
 
 def _maybe(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+@app.command()
+@friendly
+def describe(
+    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
+    explainer: Annotated[str, typer.Option(help="KIND:MODEL[@URL]: openai:..., anthropic:..., local:...")]
+    = "local:smollm2-135m",
+    simulator: Annotated[str, typer.Option(help="backend that scores descriptions")] = "local:smollm2-135m",
+    samples: Annotated[int, typer.Option(help="candidate descriptions per explanation")] = 5,
+    highlight: Annotated[str, typer.Option(help="quantile (quantile walk) or topk")] = "quantile",
+    highlight_k: Annotated[int, typer.Option(help="distinct highlighted strings (quantile) or tokens (topk)")] = 1,
+    concurrency: Annotated[int, typer.Option(help="clusters described at once")] = 4,
+    clusters: Annotated[str | None, typer.Option(help="comma-separated cluster ids (default: all)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count calls and tokens; send nothing")] = False,
+) -> None:
+    """Describe each cluster (what makes it fire, what it makes the model say), score and label it."""
+    from pydantic import ValidationError
+
+    from adag.describe import DescribeConfig, describe_run
+
+    try:
+        chosen = [int(c) for c in clusters.split(",")] if clusters else None
+        config = DescribeConfig(explainer=explainer, simulator=simulator, samples=samples, highlight=highlight,
+                                highlight_k=highlight_k, concurrency=concurrency, clusters=chosen)
+    except (ValueError, ValidationError):
+        raise AdagError("bad describe options; see `adag describe --help`") from None
+    result = describe_run(run_dir, config, dry_run=dry_run)
+    if dry_run:
+        typer.echo(f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
+                   f"{result['estimated_tokens']} tokens (explainer {explainer}, simulator {simulator}); "
+                   "cached calls cost nothing")
+        return
+    table = _describe_summary(run_dir)
+    typer.echo(table)
+    typer.echo(f"described {result['clusters']} clusters ({result['failed']} failed) -> {run_dir}/describe")
+
+
+def _describe_summary(run_dir: str) -> str:
+    from adag.store import RunDir
+
+    table = RunDir.open(run_dir).read_table("describe", "descriptions")
+    lines = []
+    for row in table.sort_values("cluster").itertuples():
+        if row.status != "ok":
+            lines.append(f"  cluster {row.cluster:3d}  FAILED: {row.failure}")
+            continue
+        lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={_maybe(row.input_score)} "
+                     f"output r={_maybe(row.output_score)}  | {row.input_description}")
+    return "\n".join(lines)

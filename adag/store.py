@@ -16,7 +16,6 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +172,3 @@ class RunDir:
     def read_json(self, stage: str, name: str) -> Any:
         return json.loads((self.path / stage / f"{name}.json").read_text())
 
-
-@contextmanager
-def timed() -> Any:
-    """Yields a dict whose 'seconds' is filled in when the block ends."""
-    result: dict[str, float] = {}
-    start = time.perf_counter()
-    try:
-        yield result
-    finally:
-        result["seconds"] = time.perf_counter() - start

@@ -1,0 +1,117 @@
+"""Exemplar records for the explainer and simulator, and how they are highlighted (DESIGN.md section 8)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+QUANTILES = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+
+
+@dataclass
+class Record:
+    """One prompt's tokens with a value per token (input records) or per target (output records)."""
+
+    prompt: int
+    tokens: list[str]
+    values: np.ndarray
+
+
+def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray) -> dict[int, list[Record]]:
+    """Per cluster, one record per prompt it occurs in: the members' input profiles summed per token."""
+    lengths = nodes["input_profile"].map(len).to_numpy()
+    flat = pd.DataFrame({
+        "cluster": np.repeat(node_cluster, lengths),
+        "prompt": np.repeat(nodes["prompt"].to_numpy(), lengths),
+        "position": np.concatenate([np.arange(n) for n in lengths]),
+        "value": np.concatenate(nodes["input_profile"].to_numpy()).astype(np.float64),
+    })
+    summed = flat.groupby(["cluster", "prompt", "position"], sort=True)["value"].sum().reset_index()
+    tokens = prompts.set_index("prompt")["tokens"]
+    records: dict[int, list[Record]] = {}
+    for (cluster, prompt), group in summed.groupby(["cluster", "prompt"], sort=True):
+        records.setdefault(int(cluster), []).append(
+            Record(int(prompt), list(tokens[prompt]), group["value"].to_numpy()))
+    return records
+
+
+def output_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray) -> dict[int, list[Record]]:
+    """Per cluster, one record per prompt: the members' output profiles summed per target token."""
+    frame = pd.DataFrame({"cluster": node_cluster, "prompt": nodes["prompt"].to_numpy()})
+    profiles = np.stack(nodes["output_profile"].to_numpy()).astype(np.float64)
+    targets = prompts.set_index("prompt")["target_tokens"]
+    records: dict[int, list[Record]] = {}
+    for (cluster, prompt), index in frame.groupby(["cluster", "prompt"], sort=True).indices.items():
+        records.setdefault(int(cluster), []).append(
+            Record(int(prompt), list(targets[prompt]), profiles[index].sum(0)))
+    return records
+
+
+def sign_part(records: list[Record], sign: int) -> list[Record]:
+    """The positive (sign=1) or negative (sign=-1) part of each record, as non-negative values."""
+    return [Record(r.prompt, r.tokens, np.clip(sign * r.values, 0, None)) for r in records]
+
+
+def exemplar_pool(records: list[Record], top: int = 80, random: int = 20, seed: int = 0) -> tuple[list, list]:
+    """Top records by max value plus random others as negatives, split into the explainer's records
+    and held-out records for scoring (alternating, so both get strong and weak examples)."""
+    order = sorted(range(len(records)), key=lambda i: (-float(records[i].values.max(initial=0)), records[i].prompt))
+    strongest, rest = order[:top], order[top:]
+    rng = np.random.default_rng(seed)
+    negatives = rng.permutation(rest)[:random].tolist() if rest else []
+    explain = [records[i] for i in strongest[0::2] + negatives[0::2]]
+    held_out = [records[i] for i in strongest[1::2] + negatives[1::2]]
+    return explain, held_out
+
+
+def quantile_walk_threshold(records: list[Record], k: int = 1) -> float:
+    """Walk quantiles of the pool's non-zero values from the most extreme down; stop at the first
+    threshold that highlights at least k distinct token strings."""
+    values = np.concatenate([r.values for r in records]) if records else np.zeros(0)
+    nonzero = values[values > 0]
+    if not len(nonzero):
+        return float("inf")
+    threshold = float(nonzero.max())
+    for q in QUANTILES:
+        threshold = float(np.quantile(nonzero, q))
+        distinct = {t.strip() for r in records for t, v in zip(r.tokens, r.values) if v >= threshold and v > 0}
+        if len(distinct) >= k:
+            break
+    return threshold
+
+
+def top_k_mask(record: Record, k: int) -> np.ndarray:
+    """The top-k alternative: highlight each record's k largest non-zero values."""
+    mask = np.zeros(len(record.values), dtype=bool)
+    order = np.argsort(-record.values, kind="stable")[:k]
+    mask[order] = record.values[order] > 0
+    return mask
+
+
+def highlight(tokens: list[str], mask: np.ndarray) -> str:
+    """Join tokens, wrapping each run of consecutive highlighted tokens in {{ }} (leading spaces outside)."""
+    out, open_run = [], False
+    for token, marked in zip(tokens, mask):
+        if marked and not open_run:
+            stripped = token.lstrip()
+            out.append(token[:len(token) - len(stripped)] + "{{" + stripped)
+            open_run = True
+        elif not marked and open_run:
+            out[-1] += "}}"
+            out.append(token)
+            open_run = False
+        else:
+            out.append(token)
+    if open_run:
+        out[-1] += "}}"
+    return "".join(out)
+
+
+def normalised_scores(records: list[Record]) -> list[np.ndarray]:
+    """Output contributions as integers in [-10, 10], scaled by the largest |value| among the records."""
+    scale = max((float(np.abs(r.values).max(initial=0)) for r in records), default=0.0)
+    if scale == 0:
+        return [np.zeros(len(r.values), dtype=int) for r in records]
+    return [np.rint(10 * r.values / scale).astype(int) for r in records]

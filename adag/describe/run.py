@@ -1,0 +1,215 @@
+"""The describe stage: for every cluster, an input description, an output description, scores and a label."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from adag.describe.explain import (
+    EXPLAIN_INPUT,
+    EXPLAIN_OUTPUT,
+    Scored,
+    UnusableReply,
+    ask_description,
+    input_excerpts,
+    make_label,
+    output_excerpts,
+    score_input_description,
+    score_output_description,
+)
+from adag.describe.llm import CachedBackend, LocalBackend, make_backend
+from adag.describe.records import (
+    Record,
+    exemplar_pool,
+    highlight,
+    input_records,
+    normalised_scores,
+    output_records,
+    quantile_walk_threshold,
+    sign_part,
+    top_k_mask,
+)
+from adag.models.loading import cache_dir
+from adag.store import RunDir
+
+STAGE = "describe"
+DESCRIPTIONS = pa.schema([
+    ("cluster", pa.int64()), ("status", pa.string()), ("failure", pa.string()), ("label", pa.string()),
+    ("input_description", pa.string()), ("input_score", pa.float64()),
+    ("negative_input_description", pa.string()), ("negative_input_score", pa.float64()),
+    ("output_description", pa.string()), ("output_score", pa.float64()),
+])
+
+
+class DescribeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    explainer: str = "local:smollm2-135m"
+    simulator: str = "local:smollm2-135m"
+    samples: int = Field(5, ge=1, description="candidate descriptions per explanation")
+    subset_size: int = Field(15, ge=1, description="excerpts shown to the explainer per candidate")
+    top_records: int = 80
+    random_records: int = 20
+    output_records: int = 20
+    highlight: Literal["quantile", "topk"] = "quantile"
+    highlight_k: int = Field(1, ge=1)
+    temperature: float = 1.0
+    attempts: int = Field(3, ge=1, description="tries per LLM request before the cluster is marked failed")
+    concurrency: int = Field(4, ge=1)
+    clusters: list[int] | None = None
+    seed: int = 0
+
+
+def describe_run(run_dir: str, config: DescribeConfig, dry_run: bool = False, progress: bool = True) -> dict:
+    """Describe every cluster. With `dry_run`, only count the calls and estimate tokens."""
+    run = RunDir.open(run_dir)
+    run.require_stage("cluster", "adag cluster")
+    nodes = run.read_table("trace", "nodes")
+    prompts = run.read_table("trace", "prompts")
+    half = run.read_table("cluster", "half_neurons")
+    clusters = run.read_table("cluster", "clusters")
+    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
+    node_cluster = (nodes.assign(polarity=polarity)
+                    .merge(half[["layer", "neuron", "polarity", "cluster"]], on=["layer", "neuron", "polarity"],
+                           how="left")["cluster"].to_numpy())
+    inputs = input_records(nodes, prompts, node_cluster)
+    outputs = output_records(nodes, prompts, node_cluster)
+    prompt_text = dict(zip(prompts["prompt"], prompts["text"]))
+    wanted = config.clusters if config.clusters is not None else clusters["cluster"].tolist()
+    inhibitory = dict(zip(clusters["cluster"], clusters["mean_attribution"] < 0))
+
+    if dry_run:
+        return _estimate(config, wanted, inputs, outputs)
+
+    resume = run.begin_stage(STAGE, config.model_dump(mode="json"))
+    cache = cache_dir() / "llm-cache.sqlite"
+    explainer = CachedBackend(make_backend(config.explainer), cache)
+    simulator = explainer if config.simulator == config.explainer else CachedBackend(make_backend(config.simulator),
+                                                                                    cache)
+    todo = [c for c in wanted if not (resume and _done(run, c))]
+
+    def work(cluster: int) -> None:
+        row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), prompt_text,
+                               bool(inhibitory.get(cluster, False)), explainer, simulator, config)
+        run.write_part(STAGE, "descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
+
+    bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=not progress)
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        for _ in pool.map(work, todo):
+            bar.update()
+    bar.close()
+    ledger = pd.DataFrame([asdict(e) for e in explainer.ledger + (simulator.ledger if simulator is not explainer
+                                                                  else [])])
+    run.write_table(STAGE, "ledger", ledger)
+    table = run.read_table(STAGE, "descriptions")
+    failed = int((table["status"] != "ok").sum())
+    run.finish_stage(STAGE, clusters=len(table), failed=failed, calls=int((~ledger["cached"]).sum()) if len(ledger)
+                     else 0, cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
+    return {"clusters": len(table), "failed": failed}
+
+
+def _done(run: RunDir, cluster: int) -> bool:
+    if not run.has_part(STAGE, "descriptions", cluster):
+        return False
+    path = run.path / STAGE / "descriptions" / f"part-{cluster:06d}.parquet"
+    return pd.read_parquet(path)["status"].iloc[0] == "ok"
+
+
+def describe_cluster(cluster: int, inputs: list[Record], outputs: list[Record], prompt_text: dict[int, str],
+                     inhibitory: bool, explainer: CachedBackend, simulator: CachedBackend,
+                     config: DescribeConfig) -> dict:
+    """One cluster's descriptions; an unusable reply after all attempts marks the cluster failed."""
+    row: dict = dict.fromkeys(DESCRIPTIONS.names) | {"cluster": cluster, "status": "ok"}
+    try:
+        for sign, name in ((1, "input"), (-1, "negative_input")):
+            part = sign_part(inputs, sign)
+            best = _describe_inputs(part, explainer, simulator, config, f"{cluster}{name}") \
+                if any(r.values.max(initial=0) > 0 for r in part) else Scored("", None)
+            row[f"{name}_description"], row[f"{name}_score"] = best.description or None, best.score
+        best = _describe_outputs(outputs, prompt_text, explainer, simulator, config)
+        row["output_description"], row["output_score"] = best.description or None, best.score
+        row["label"] = _retry(config.attempts, lambda attempt: make_label(
+            explainer, row["input_description"] or "", row["output_description"] or "", inhibitory))
+    except Exception as error:  # noqa: BLE001 - any failure is recorded for this cluster; the run goes on
+        row.update(status="failed", failure=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    return row
+
+
+def _retry(attempts: int, ask):
+    for attempt in range(attempts):
+        try:
+            return ask(attempt)
+        except UnusableReply:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _candidates(explainer: CachedBackend, instruction: str, excerpts: list[str], config: DescribeConfig,
+                purpose: str, seed_key: str) -> list[str]:
+    rng = np.random.default_rng([config.seed, *map(ord, seed_key)])
+    out = []
+    for sample in range(config.samples):
+        shown = rng.choice(len(excerpts), size=min(config.subset_size, len(excerpts)), replace=False)
+        chosen = [excerpts[i] for i in sorted(shown)]
+        out.append(_retry(config.attempts, lambda attempt, s=sample, c=chosen: ask_description(
+            explainer, instruction, c, purpose, s * config.attempts + attempt, config.temperature)))
+    return out
+
+
+def _describe_inputs(records: list[Record], explainer: CachedBackend, simulator: CachedBackend,
+                     config: DescribeConfig, seed_key: str) -> Scored:
+    explain, held_out = exemplar_pool(records, config.top_records, config.random_records, config.seed)
+    if config.highlight == "quantile":
+        threshold = quantile_walk_threshold(explain + held_out, config.highlight_k)
+        excerpts = input_excerpts(explain, threshold)
+    else:
+        excerpts = [highlight(r.tokens, top_k_mask(r, config.highlight_k)) for r in explain]
+    scored = [Scored(d, score_input_description(simulator, d, held_out) if held_out else None)
+              for d in _candidates(explainer, EXPLAIN_INPUT, excerpts, config, "explain-input", seed_key)]
+    return max(scored, key=lambda s: -2.0 if s.score is None else s.score)
+
+
+def _describe_outputs(records: list[Record], prompt_text: dict[int, str], explainer: CachedBackend,
+                      simulator: CachedBackend, config: DescribeConfig) -> Scored:
+    if not records:
+        return Scored("", None)
+    top = sorted(records, key=lambda r: (-float(np.abs(r.values).max()), r.prompt))[:config.output_records]
+    scores = normalised_scores(top)
+    explain, held_out = top[0::2], top[1::2]
+    excerpts = output_excerpts(explain, scores[0::2], prompt_text)
+    scored = [Scored(d, score_output_description(simulator, d, held_out, scores[1::2]) if held_out else None)
+              for d in _candidates(explainer, EXPLAIN_OUTPUT, excerpts, config, "explain-output",
+                                   f"out{top[0].prompt}")]
+    return max(scored, key=lambda s: -2.0 if s.score is None else s.score)
+
+
+def _estimate(config: DescribeConfig, clusters: list[int], inputs: dict, outputs: dict) -> dict:
+    """Calls and tokens a describe run would spend, before any is sent (cache hits not subtracted)."""
+    chat_simulator = not config.simulator.startswith("local")
+    calls = tokens = 0
+    for cluster in clusters:
+        parts = [sign_part(inputs.get(cluster, []), s) for s in (1, -1)]
+        for part in [p for p in parts if any(r.values.max(initial=0) > 0 for r in p)]:
+            explain, held_out = exemplar_pool(part, config.top_records, config.random_records, config.seed)
+            shown = min(config.subset_size, len(explain))
+            excerpt_tokens = sum(len(r.tokens) for r in explain[:shown]) + 60
+            calls += config.samples + (config.samples * len(held_out) if chat_simulator else 0)
+            tokens += config.samples * (excerpt_tokens + 60)
+            if chat_simulator:
+                tokens += config.samples * sum(4 * len(r.tokens) + 80 for r in held_out)
+        held = min(config.output_records, len(outputs.get(cluster, []))) // 2
+        calls += config.samples * (1 + (held if chat_simulator else 0)) + 1
+        tokens += config.samples * (30 * held + 200) + 80
+    return {"clusters": len(clusters), "calls": calls, "estimated_tokens": tokens,
+            "explainer": config.explainer, "simulator": config.simulator}
+
+
+__all__ = ["DescribeConfig", "LocalBackend", "describe_cluster", "describe_run"]
