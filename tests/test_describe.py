@@ -163,3 +163,28 @@ def test_a_failing_cluster_is_recorded_and_the_run_goes_on(clustered_run, tmp_pa
     assert result["failed"] == 1
     assert table.loc[0, "status"] == "failed" and "UnusableReply" in table.loc[0, "failure"]
     assert table.loc[1, "status"] == "ok"
+
+
+DIGIT_TEXTS = ["I bought 3 apples and 12 pears for 5 dollars", "The train leaves at 7 and arrives at 9 tonight",
+               "She has 2 cats, 4 dogs and 1 parrot at home", "Room 42 is on floor 3 of the old building",
+               "We walked 10 miles in 6 hours with 8 friends", "Call me at 5 or 6 after the 2 meetings end"]
+
+
+def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
+    """True values are high exactly on digit tokens; the offline embedding simulator must rank the
+    right description clearly above wrong ones. (The 135M local chat model cannot: see README.)"""
+    from adag.describe.explain import score_input_description
+
+    records = []
+    for i, text in enumerate(DIGIT_TEXTS):
+        tokens = [(" " if j else "") + w for j, w in enumerate(text.split())]
+        records.append(Record(i, tokens, np.array([10.0 if t.strip().isdigit() else 0.0 for t in tokens])))
+    simulator = CachedBackend(make_backend("embed:minilm"), tmp_path / "cache.sqlite")
+    right = score_input_description(simulator, "numbers and digits", records)
+    wrong = [score_input_description(simulator, d, records) for d in ("animals", "verbs of motion", "fruit")]
+    assert right > 0.6 and right > max(wrong) + 0.5
+
+
+def test_embedding_simulator_cannot_explain():
+    with pytest.raises(AdagError, match="can only be a --simulator"):
+        make_backend("embed:minilm").complete([], 0.0, 10, False)

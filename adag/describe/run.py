@@ -52,7 +52,7 @@ class DescribeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     explainer: str = "local:smollm2-135m"
-    simulator: str = "local:smollm2-135m"
+    simulator: str = "embed:minilm"
     samples: int = Field(5, ge=1, description="candidate descriptions per explanation")
     subset_size: int = Field(15, ge=1, description="excerpts shown to the explainer per candidate")
     top_records: int = 80
@@ -193,7 +193,7 @@ def _describe_outputs(records: list[Record], prompt_text: dict[int, str], explai
 
 def _estimate(config: DescribeConfig, clusters: list[int], inputs: dict, outputs: dict) -> dict:
     """Calls and tokens a describe run would spend, before any is sent (cache hits not subtracted)."""
-    chat_simulator = not config.simulator.startswith("local")
+    chat_simulator = not config.simulator.startswith(("local", "embed"))
     calls = tokens = 0
     for cluster in clusters:
         parts = [sign_part(inputs.get(cluster, []), s) for s in (1, -1)]

