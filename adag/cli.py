@@ -207,3 +207,121 @@ def _describe_summary(run_dir: str) -> str:
         lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={_maybe(row.input_score)} "
                      f"output r={_maybe(row.output_score)}  | {row.input_description}")
     return "\n".join(lines)
+
+
+def _numbers(text: str, cast=float) -> list:
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise AdagError(f"expected a comma-separated list of numbers, got '{text}'") from None
+
+
+@app.command()
+@friendly
+def steer(
+    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
+    clusters: Annotated[str | None, typer.Option(help="comma-separated clusters (default: sweep all)")] = None,
+    multipliers: Annotated[str, typer.Option(help="comma-separated multipliers (0 ablates)")] = "0,1,2",
+    positions: Annotated[str, typer.Option(help="all, or traced (only where members were traced)")] = "all",
+    controls: Annotated[int, typer.Option(help="random same-size same-layer sets per cluster")] = 0,
+    model: Annotated[str | None, typer.Option(help="model spec if not the run's own")] = None,
+) -> None:
+    """Scale clusters' half-neurons and measure the answer: probabilities, logit changes, KL, top tokens."""
+    from adag.steer import SteerConfig, steer_run
+    from adag.steer.run import run_model
+    from adag.store import RunDir
+
+    config = SteerConfig(clusters=_numbers(clusters, int) if clusters else None,
+                         multipliers=_numbers(multipliers), positions=positions, controls=controls)
+    run = steer_run(run_dir, config, lm=run_model(RunDir.open(run_dir), model))
+    summary = run.read_table("steer", "summary")
+    typer.echo(summary.round(4).to_string(index=False))
+    if controls:
+        typer.echo(run.read_table("steer", "controls").round(4).to_string(index=False))
+    typer.echo(f"plots in {run.path / 'steer' / 'plots'}")
+
+
+@app.command()
+@friendly
+def correlate(
+    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
+    metric: Annotated[str, typer.Option(help="a numeric metadata field of the dataset rows")],
+) -> None:
+    """Correlate each cluster's per-prompt attribution with a per-prompt metric (Pearson, Spearman)."""
+    import pandas as pd
+
+    from adag.steer import correlate as correlate_clusters
+    from adag.store import RunDir
+
+    run = RunDir.open(run_dir)
+    run.require_stage("cluster", "adag cluster")
+    prompts = run.read_table("trace", "prompts")
+    values = prompts["metadata"].map(lambda m: json.loads(m).get(metric))
+    if values.isna().all():
+        raise AdagError(f"no prompt has metadata field '{metric}'")
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.isna().any():
+        raise AdagError(f"metadata field '{metric}' is missing or not a number on some prompts")
+    table = correlate_clusters(run.read_table("cluster", "prompt_clusters"),
+                               pd.Series(numbers.to_numpy(), index=prompts["prompt"]))
+    run.write_table("steer", f"correlation_{metric}", table)
+    typer.echo(table.round(4).to_string(index=False))
+
+
+@app.command()
+@friendly
+def faithfulness(
+    run_dir: Annotated[str, typer.Argument(help="a traced run directory")],
+    fractions: Annotated[str, typer.Option(help="fractions of traced nodes kept")] = "0.01,0.05,0.1,0.2,0.5,1",
+    ablation: Annotated[str, typer.Option(help="zero or mean")] = "zero",
+) -> None:
+    """Faithfulness and completeness of node circuits (top nodes kept, the rest ablated)."""
+    from adag.steer import faithfulness_run
+
+    if ablation not in ("zero", "mean"):
+        raise AdagError("--ablation takes zero or mean")
+    typer.echo(faithfulness_run(run_dir, _numbers(fractions), ablation).round(4).to_string(index=False))
+
+
+@app.command()
+@friendly
+def judge(
+    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
+    cluster: Annotated[int, typer.Option(help="cluster to steer")],
+    question: Annotated[str, typer.Option(help="yes/no question the judge answers about each generation")],
+    judge_backend: Annotated[str, typer.Option("--judge", help="KIND:MODEL[@URL] of the judge")]
+    = "local:smollm2-135m",
+    multipliers: Annotated[str, typer.Option(help="comma-separated multipliers")] = "0,1,2",
+    samples: Annotated[int, typer.Option(help="generations per prompt and setting")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="length of each generation")] = 40,
+    coherence: Annotated[bool, typer.Option(help="also ask whether each generation is coherent")] = False,
+) -> None:
+    """Generate under steering and have a judge LLM answer a yes/no question; rate = yes / (yes + no)."""
+    import pandas as pd
+
+    from adag.describe.llm import CachedBackend, make_backend
+    from adag.models.loading import cache_dir
+    from adag.steer import scaled
+    from adag.steer.judge import generate, judge_rate
+    from adag.steer.run import cluster_members, run_model
+    from adag.store import RunDir
+
+    run = RunDir.open(run_dir)
+    run.require_stage("cluster", "adag cluster")
+    lm = run_model(run)
+    members = cluster_members(run)
+    if cluster not in members:
+        raise AdagError(f"no cluster {cluster} in {run_dir}")
+    judge_llm = CachedBackend(make_backend(judge_backend), cache_dir() / "llm-cache.sqlite")
+    prompts = run.read_table("trace", "prompts")
+    questions = [question] + (["Is this text coherent?"] if coherence else [])
+    rows = []
+    for multiplier in _numbers(multipliers):
+        texts = [t for _, t in generate(lm, prompts, samples, max_new_tokens, 0,
+                                        scaled(lm.model, lm.adapter, members[cluster], multiplier))]
+        for asked in questions:
+            rows.append({"cluster": cluster, "multiplier": multiplier, "question": asked,
+                         **judge_rate(judge_llm, asked, texts)})
+    table = pd.DataFrame(rows)
+    run.write_table("steer", f"judged_cluster{cluster}", table)
+    typer.echo(table.round(3).to_string(index=False))

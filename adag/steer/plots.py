@@ -1,0 +1,36 @@
+"""PNG plots of steering sweeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def plot_sweep(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    """One plot per cluster and an overview: mean probability of the original top answer against the
+    multiplier."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    overview, axes = plt.subplots(figsize=(7, 4.5))
+    for cluster, group in summary.groupby("cluster"):
+        group = group.sort_values("multiplier")
+        figure, ax = plt.subplots(figsize=(4, 3))
+        ax.plot(group["multiplier"], group["p_top"], marker="o")
+        ax.set(xlabel="multiplier", ylabel="P(original top answer)", title=f"cluster {cluster}", ylim=(0, 1))
+        figure.tight_layout()
+        path = folder / f"cluster-{int(cluster):03d}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+        axes.plot(group["multiplier"], group["p_top"], marker="o", label=f"cluster {cluster}")
+    axes.set(xlabel="multiplier", ylabel="P(original top answer)", title="steering sweep", ylim=(0, 1))
+    axes.legend(fontsize=7, ncol=2)
+    overview.tight_layout()
+    overview.savefig(folder / "overview.png", dpi=100)
+    plt.close(overview)
+    return [*paths, folder / "overview.png"]
