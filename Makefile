@@ -25,6 +25,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(ADAG) describe $(RUN) --samples 2
 	HF_HUB_OFFLINE=1 $(ADAG) steer $(RUN) --multipliers 0,0.5,1,2 --controls 50
 	$(ADAG) info $(RUN)
+	$(ADAG) report $(RUN)
 
 test: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q

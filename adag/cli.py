@@ -325,3 +325,49 @@ def judge(
     table = pd.DataFrame(rows)
     run.write_table("steer", f"judged_cluster{cluster}", table)
     typer.echo(table.round(3).to_string(index=False))
+
+
+@app.command()
+@friendly
+def serve(
+    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
+    host: Annotated[str, typer.Option(help="address to bind (127.0.0.1 keeps it on this machine)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """Browse a run: cluster graph, cluster panels, per-prompt neuron graphs."""
+    from adag.report import make_server
+
+    try:
+        server = make_server(run_dir, host, port)
+    except OSError as error:
+        raise AdagError(f"cannot listen on {host}:{port} ({error.strerror}); try another --port") from None
+    typer.echo(f"serving {run_dir} at http://{host}:{server.server_port}/  (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
+@app.command()
+@friendly
+def report(
+    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
+    out: Annotated[str | None, typer.Option(help="output file (default RUN_DIR/report.html)")] = None,
+) -> None:
+    """Write the viewer with all its data as one self-contained HTML file."""
+    from adag.report import write_report
+
+    typer.echo(f"report written to {write_report(run_dir, out)}")
+
+
+@app.command()
+@friendly
+def export(
+    run_dir: Annotated[str, typer.Argument(help="a traced run directory")],
+    prompt: Annotated[int, typer.Option(help="prompt id")],
+    out: Annotated[str, typer.Option(help="output .json file")],
+) -> None:
+    """Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON (cluster labels as supernodes)."""
+    from adag.report import write_neuronpedia
+
+    typer.echo(f"graph written to {write_neuronpedia(run_dir, prompt, out)}")

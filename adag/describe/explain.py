@@ -26,6 +26,7 @@ SIMULATE = (
 LABEL = (
     "A group of neurons responds to: \"{inputs}\". It makes the model: \"{outputs}\". Give a label of one to "
     "three lowercase words for this group. Reply with the label only.")
+MAX_DESCRIPTION = 160
 REFUSALS = re.compile(r"\b(i can(not|'t)|i'm sorry|i am sorry|as an ai|unable to)\b", re.IGNORECASE)
 
 
@@ -45,6 +46,7 @@ def ask_description(explainer: CachedBackend, instruction: str, excerpts: list[s
     reply = explainer.complete([{"role": "user", "content": f"{instruction}\n\n{text}"}], purpose,
                                temperature=temperature, max_tokens=60, sample=sample).text
     description = reply.strip().splitlines()[0].strip().strip('"').strip() if reply.strip() else ""
+    description = re.split(r"(?<=[.!?])\s", description, maxsplit=1)[0][:MAX_DESCRIPTION]
     if not description or REFUSALS.search(description):
         raise UnusableReply(f"explainer gave no usable description ({reply.strip()[:60]!r})")
     return description

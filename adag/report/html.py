@@ -1,0 +1,62 @@
+"""The viewer page: served live by `adag serve`, or written with its data as one offline HTML file."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+
+from adag.report.data import payload_json, run_payload
+from adag.store import RunDir, atomic_write_bytes
+
+PLACEHOLDER = "__ADAG_DATA__"
+
+
+def page_template() -> str:
+    return resources.files("adag.report").joinpath("page.html").read_text(encoding="utf-8")
+
+
+def write_report(run_dir: str, out: str | None = None) -> Path:
+    """One self-contained HTML file (no network needed to open it); default RUN_DIR/report.html."""
+    run = RunDir.open(run_dir)
+    html = page_template().replace(PLACEHOLDER, payload_json(run_payload(run)))
+    path = Path(out) if out else run.path / "report.html"
+    atomic_write_bytes(path, html.encode("utf-8"))
+    return path
+
+
+def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server for the viewer: the page at /, the run's data at /api/data."""
+    run = RunDir.open(run_dir)
+    data = json.dumps(run_payload(run)).encode("utf-8")
+    page = page_template().encode("utf-8")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server naming
+            route = self.path.split("?")[0]
+            if route in ("/", "/index.html"):
+                self._send(page, "text/html; charset=utf-8")
+            elif route == "/api/data":
+                self._send(data, "application/json")
+            else:
+                self.send_error(404)
+
+        def _send(self, body: bytes, kind: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def serve_in_background(run_dir: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    server = make_server(run_dir, host, port)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
