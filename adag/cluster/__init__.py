@@ -2,8 +2,8 @@
 
 from adag.cluster.methods import METHODS, ProfileClustering
 from adag.cluster.profiles import HalfNeuronProfiles, half_neuron_profiles
-from adag.cluster.run import ClusterConfig, cluster_run
+from adag.cluster.run import ClusterConfig, cluster_run, node_clusters
 from adag.cluster.similarity import combine_views, similarity
 
 __all__ = ["METHODS", "ClusterConfig", "HalfNeuronProfiles", "ProfileClustering", "cluster_run", "combine_views",
-           "half_neuron_profiles", "similarity"]
+           "half_neuron_profiles", "node_clusters", "similarity"]

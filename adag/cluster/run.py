@@ -59,6 +59,15 @@ def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
     return run
 
 
+def node_clusters(nodes: pd.DataFrame, half_neurons: pd.DataFrame) -> np.ndarray:
+    """The cluster of each row of the trace stage's nodes table (-1 for a half-neuron left unclustered)."""
+    keys = ["layer", "neuron", "polarity"]
+    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
+    merged = nodes[["layer", "neuron"]].assign(polarity=polarity).merge(half_neurons[[*keys, "cluster"]], on=keys,
+                                                                         how="left")
+    return merged["cluster"].fillna(-1).astype(int).to_numpy()
+
+
 def _order_by_attribution(labels: np.ndarray, node_half_neuron: np.ndarray, attribution: np.ndarray) -> np.ndarray:
     """Renumber clusters so that cluster 0 has the largest total |attribution|."""
     totals = np.bincount(labels[node_half_neuron], weights=np.abs(attribution), minlength=labels.max() + 1)

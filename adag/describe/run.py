@@ -12,6 +12,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from adag.cluster.run import node_clusters
 from adag.describe.explain import (
     EXPLAIN_INPUT,
     EXPLAIN_OUTPUT,
@@ -75,10 +76,7 @@ def describe_run(run_dir: str, config: DescribeConfig, dry_run: bool = False, pr
     prompts = run.read_table("trace", "prompts")
     half = run.read_table("cluster", "half_neurons")
     clusters = run.read_table("cluster", "clusters")
-    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
-    node_cluster = (nodes.assign(polarity=polarity)
-                    .merge(half[["layer", "neuron", "polarity", "cluster"]], on=["layer", "neuron", "polarity"],
-                           how="left")["cluster"].to_numpy())
+    node_cluster = node_clusters(nodes, half)
     inputs = input_records(nodes, prompts, node_cluster)
     outputs = output_records(nodes, prompts, node_cluster)
     prompt_text = dict(zip(prompts["prompt"], prompts["text"]))

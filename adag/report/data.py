@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from adag.cluster.run import node_clusters
 from adag.describe.records import input_records, output_records
 from adag.store import RunDir
 
@@ -43,10 +44,7 @@ def run_payload(run: RunDir) -> dict:
     nodes = run.read_table("trace", "nodes")
     half = run.read_table("cluster", "half_neurons")
     clusters = run.read_table("cluster", "clusters")
-    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
-    node_cluster = (nodes.assign(polarity=polarity).merge(half[["layer", "neuron", "polarity", "cluster"]],
-                                                          on=["layer", "neuron", "polarity"], how="left")
-                    ["cluster"].to_numpy())
+    node_cluster = node_clusters(nodes, half)
     descriptions = _table(run, "describe", "descriptions")
     described = descriptions.set_index("cluster") if descriptions is not None else None
     steering = _table(run, "steer", "summary")

@@ -6,9 +6,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from adag import __version__
+from adag.cluster.run import node_clusters
 from adag.errors import AdagError
 from adag.store import RunDir, atomic_write_bytes
 
@@ -80,16 +79,12 @@ def neuronpedia_graph(run_dir: str, prompt: int) -> dict:
 def _cluster_labels(run: RunDir, nodes) -> dict[int, str]:
     if not run.stage_done("cluster"):
         return {}
-    half = run.read_table("cluster", "half_neurons")
-    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
-    merged = nodes.assign(polarity=polarity).merge(half[["layer", "neuron", "polarity", "cluster"]],
-                                                    on=["layer", "neuron", "polarity"], how="left")
+    cluster_of = node_clusters(nodes, run.read_table("cluster", "half_neurons"))
     names = {}
     if run.stage_done("describe"):
         described = run.read_table("describe", "descriptions")
         names = {int(c): label for c, label in zip(described["cluster"], described["label"]) if label}
-    return {int(node): names.get(int(c), f"cluster {int(c)}") for node, c in zip(merged["node"], merged["cluster"])
-            if c == c}
+    return {int(node): names.get(int(c), f"cluster {int(c)}") for node, c in zip(nodes["node"], cluster_of) if c >= 0}
 
 
 def write_neuronpedia(run_dir: str, prompt: int, out: str) -> Path:

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from adag.cluster.run import node_clusters
 from adag.errors import AdagError
 from adag.models import LoadedModel, load_model
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
@@ -91,8 +92,7 @@ def _traced_positions(run: RunDir, batches) -> dict[int, list[torch.Tensor]]:
     """Per cluster and batch, a (B, T) mask of the positions where a member was traced."""
     nodes = run.read_table("trace", "nodes", columns=["prompt", "layer", "neuron", "position", "activation"])
     half = run.read_table("cluster", "half_neurons")
-    nodes = nodes.assign(polarity=np.where(nodes["activation"] < 0, -1, 1)).merge(
-        half[["layer", "neuron", "polarity", "cluster"]], on=["layer", "neuron", "polarity"])
+    nodes = nodes.assign(cluster=node_clusters(nodes, half))
     out: dict[int, list[torch.Tensor]] = {int(c): [] for c in half["cluster"].unique()}
     for rows, batch in batches:
         row_of = {int(p): i for i, p in enumerate(rows["prompt"])}
