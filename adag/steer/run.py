@@ -182,7 +182,8 @@ def _circuit_mask(lm, nodes, rows, batch, fraction, complement) -> dict[int, tor
         top = mine.reindex(mine["attribution"].abs().sort_values(ascending=False).index).head(count)
         offset = int(batch.offsets[row])
         for layer, group in top.groupby("layer"):
-            keep[int(layer)][row, offset + group["position"].to_numpy(), group["neuron"].to_numpy()] = True
+            positions = offset + group["position"].to_numpy(copy=True)
+            keep[int(layer)][row, positions, group["neuron"].to_numpy(copy=True)] = True
     if complement:
         keep = {layer: ~mask for layer, mask in keep.items()}
     return keep
