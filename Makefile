@@ -28,7 +28,7 @@ demo: install
 		--limit $(DEMO_PROMPTS) --threshold 0.01 --out $(RUN)
 	HF_HUB_OFFLINE=1 $(ADAG) cluster $(RUN) --k 8
 	HF_HUB_OFFLINE=1 $(ADAG) describe $(RUN) --samples 2
-	HF_HUB_OFFLINE=1 $(ADAG) steer $(RUN) --multipliers 0,0.5,1,2 --controls 50
+	HF_HUB_OFFLINE=1 $(ADAG) steer $(RUN) --multipliers 0,0.5,1,2 --controls 20
 	$(ADAG) info $(RUN)
 	$(ADAG) report $(RUN)
 

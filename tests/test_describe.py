@@ -188,3 +188,19 @@ def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
 def test_embedding_simulator_cannot_explain():
     with pytest.raises(AdagError, match="can only be a --simulator"):
         make_backend("embed:minilm").complete([], 0.0, 10, False)
+
+
+def test_input_records_sum_members_and_drop_the_first_token():
+    import pandas as pd
+
+    from adag.describe.records import input_records
+
+    nodes = pd.DataFrame({"prompt": [0, 0, 0], "input_profile": [np.array([0.5, 0.2, 0.3]),
+                                                                 np.array([0.1, 0.6, 0.3]),
+                                                                 np.array([0.9, 0.0, 0.1])]})
+    prompts = pd.DataFrame({"prompt": [0], "tokens": [["<s>", " a", " b"]]})
+    records = input_records(nodes, prompts, np.array([0, 0, 1]))
+    assert records[0][0].values.tolist() == pytest.approx([0.0, 0.8, 0.6])
+    assert records[1][0].tokens == ["<s>", " a", " b"]
+    kept = input_records(nodes, prompts, np.array([0, 0, 1]), keep_first=True)
+    assert kept[0][0].values.tolist() == pytest.approx([0.6, 0.8, 0.6])

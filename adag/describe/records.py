@@ -19,8 +19,11 @@ class Record:
     values: np.ndarray
 
 
-def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray) -> dict[int, list[Record]]:
-    """Per cluster, one record per prompt it occurs in: the members' input profiles summed per token."""
+def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray,
+                  keep_first: bool = False) -> dict[int, list[Record]]:
+    """Per cluster, one record per prompt it occurs in: the members' input profiles summed per token.
+    The first token (an attention sink that takes a large, uninformative share) is set to 0 unless
+    `keep_first`."""
     lengths = nodes["input_profile"].map(len).to_numpy()
     flat = pd.DataFrame({
         "cluster": np.repeat(node_cluster, lengths),
@@ -28,6 +31,8 @@ def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.n
         "position": np.concatenate([np.arange(n) for n in lengths]),
         "value": np.concatenate(nodes["input_profile"].to_numpy()).astype(np.float64),
     })
+    if not keep_first:
+        flat.loc[flat["position"] == 0, "value"] = 0.0
     summed = flat.groupby(["cluster", "prompt", "position"], sort=True)["value"].sum().reset_index()
     tokens = prompts.set_index("prompt")["tokens"]
     records: dict[int, list[Record]] = {}

@@ -49,7 +49,7 @@ def run_payload(run: RunDir) -> dict:
     described = descriptions.set_index("cluster") if descriptions is not None else None
     steering = _table(run, "steer", "summary")
     controls = _table(run, "steer", "controls")
-    inputs = input_records(nodes, prompts, node_cluster)
+    inputs = input_records(nodes, prompts, node_cluster, run.stage_config("trace")["keep_first_position"])
     outputs = output_records(nodes, prompts, node_cluster)
     texts = dict(zip(prompts["prompt"], prompts["text"]))
 
