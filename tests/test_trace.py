@@ -293,3 +293,11 @@ def test_resume_recomputes_only_missing_parts(tiny_models, tmp_path):
     _assert_same_tables(first, _tables(again), tol=0)
     assert again.manifest["stages"]["trace"]["status"] == "done"
     pd.testing.assert_frame_equal(first["prompts"][["prompt"]], _tables(again)["prompts"][["prompt"]])
+
+
+def test_a_batch_with_no_kept_nodes_still_records_its_prompts(tiny_models, tmp_path):
+    lm = tiny_models["llama"]
+    run = trace_dataset(lm, load_dataset("antonyms", limit=3), TraceConfig(aggregation="none", threshold=50.0),
+                        tmp_path, progress=False)
+    assert len(run.read_table("trace", "prompts")) == 3
+    assert run.read_table("trace", "nodes").empty and run.manifest["stages"]["trace"]["nodes"] == 0

@@ -113,7 +113,8 @@ class LinearisedPass:
 
     def selected_activations(self, nodes: Nodes, members: torch.Tensor | None = None) -> torch.Tensor:
         """Kept nodes' (or `members`') activations in node order, still connected to the graph."""
-        return torch.cat([self.tap.activations[layer][index] for layer, index in nodes.by_layer(members).items()])
+        parts = [self.tap.activations[layer][index] for layer, index in nodes.by_layer(members).items()]
+        return torch.cat(parts) if parts else self.tap.embeddings.new_zeros(0)
 
 
 def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch,
@@ -199,6 +200,7 @@ class BatchAttribution:
 
 
 def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes) -> BatchAttribution:
+    """Phases 2 and 3 for the kept nodes of one batch: RelP, profiles, edges."""
     layers = list(nodes.by_layer())
     need_cut = config.edges or config.profiles == "direct"
     total = linearised_pass(lm, config, batch, nodes) if config.profiles == "total" else None
@@ -254,7 +256,8 @@ def _logit_vjps(run: LinearisedPass, layers: list[int]) -> tuple[torch.Tensor, t
     cotangents = torch.eye(k)[:, None, :].expand(k, *run.target_logits.shape).to(run.target_logits)
     grads = torch.autograd.grad(run.target_logits, [run.tap.embeddings, *run.probes(layers)], cotangents,
                                 is_grads_batched=True, retain_graph=True)
-    return torch.cat(grads[1:], dim=1).T.float(), grads[0].float()
+    to_nodes = torch.cat(grads[1:], dim=1) if layers else grads[0].new_zeros(k, 0)
+    return to_nodes.T.float(), grads[0].float()
 
 
 def _node_vjps(run: LinearisedPass, nodes: Nodes, layers: list[int], chunk_size: int, to_embeddings: bool,
