@@ -11,7 +11,8 @@ from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
 from adag.errors import AdagError
-from adag.report import neuronpedia_graph, serve_in_background, write_report
+from adag.report import neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
+from adag.report.export import graph_schema
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from tests.browser import chromium, click_cluster, open_page
@@ -82,14 +83,21 @@ def test_report_is_self_contained_and_escapes_prompts(described_run, tmp_path):
         assert not driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt-text b")
 
 
-def test_neuronpedia_export_validates(described_run):
-    schema = json.loads((Path(__file__).resolve().parents[2] / "shared" / "schemas"
-                         / "neuronpedia-graph.schema.json").read_text())
+def test_neuronpedia_export_validates(described_run, tmp_path):
     graph = neuronpedia_graph(str(described_run), 0)
-    jsonschema.validate(graph, schema)
+    jsonschema.validate(graph, graph_schema())
     ids = {n["node_id"] for n in graph["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in graph["links"])
     assert graph["qParams"]["supernodes"] and all(s[0] for s in graph["qParams"]["supernodes"])
     assert any(n["feature_type"] == "embedding" for n in graph["nodes"])
     with pytest.raises(AdagError, match="no prompt 999"):
         neuronpedia_graph(str(described_run), 999)
+    written = json.loads(write_neuronpedia(str(described_run), 1, str(tmp_path / "g.json")).read_text())
+    assert written["metadata"]["prompt_tokens"]
+
+
+def test_packaged_schema_matches_the_shared_one():
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "schemas" / "neuronpedia-graph.schema.json"
+    if shared.exists():  # beside the checkout in the project's workspace and in CI
+        assert json.loads(shared.read_text()) == graph_schema()
+    assert graph_schema()["required"] == ["metadata", "qParams", "nodes", "links"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from importlib import resources
 from pathlib import Path
 
 from adag import __version__
@@ -87,7 +88,17 @@ def _cluster_labels(run: RunDir, nodes) -> dict[int, str]:
     return {int(node): names.get(int(c), f"cluster {int(c)}") for node, c in zip(nodes["node"], cluster_of) if c >= 0}
 
 
+def graph_schema() -> dict:
+    """The Neuronpedia graph schema (a copy of shared/schemas/neuronpedia-graph.schema.json)."""
+    return json.loads(resources.files("adag.report").joinpath("neuronpedia-graph.schema.json").read_text())
+
+
 def write_neuronpedia(run_dir: str, prompt: int, out: str) -> Path:
+    """Write one prompt's graph, checked against the schema first."""
+    import jsonschema
+
+    graph = neuronpedia_graph(run_dir, prompt)
+    jsonschema.validate(graph, graph_schema())
     path = Path(out)
-    atomic_write_bytes(path, json.dumps(neuronpedia_graph(run_dir, prompt), indent=1).encode())
+    atomic_write_bytes(path, json.dumps(graph, indent=1).encode())
     return path
