@@ -28,6 +28,7 @@ from adag.errors import AdagError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+PIPELINE = ("trace", "cluster", "describe", "steer")  # a stage's outputs depend on the stages before it
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -106,10 +107,15 @@ class RunDir:
 
     def begin_stage(self, stage: str, config: dict[str, Any], resume: bool = True) -> bool:
         """Record a stage's config. Returns True if finished parts of an identical earlier attempt
-        can be kept; a changed config clears the stage's outputs."""
+        can be kept; otherwise the stage's outputs are cleared. Either way the outputs of later
+        stages, which were computed from this stage's, are cleared."""
         same = self.manifest["config"].get(stage) == config
-        if not (same and resume):
-            self.clear_stage(stage)
+        later = PIPELINE[PIPELINE.index(stage) + 1:] if stage in PIPELINE else ()
+        for name in ([] if same and resume else [stage]) + list(later):
+            self.clear_stage(name)
+            self.manifest["config"].pop(name, None)
+            self.manifest["stages"].pop(name, None)
+        (self.path / "report.html").unlink(missing_ok=True)
         self.manifest["config"][stage] = config
         self.manifest["stages"][stage] = {"status": "running", "started": time.time()}
         self._save_manifest()

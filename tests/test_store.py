@@ -63,3 +63,15 @@ def test_missing_stage_and_table(tmp_path):
         run.require_stage("trace", "adag trace")
     with pytest.raises(AdagError, match="no table 'trace/nodes'"):
         run.read_table("trace", "nodes")
+
+
+def test_rerunning_a_stage_clears_the_stages_built_on_it(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    for stage in ("trace", "cluster", "describe"):
+        run.begin_stage(stage, {})
+        run.write_table(stage, "t", pd.DataFrame({"a": [1]}))
+        run.finish_stage(stage)
+    run.begin_stage("cluster", {"k": 3}, resume=False)
+    assert run.stage_done("trace") and (tmp_path / "trace" / "t.parquet").exists()
+    assert "describe" not in run.manifest["stages"] and not (tmp_path / "describe" / "t.parquet").exists()
+    assert not (tmp_path / "cluster" / "t.parquet").exists()

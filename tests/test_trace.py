@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from adag.datasets import load_dataset
+from adag.store import RunDir
 from adag.trace import PromptBatch, TraceConfig, attribute, linearised, node_scores, select_nodes, trace_dataset
 from adag.trace.attribute import linearised_pass
 from adag.trace.rules import RULE_SETS
@@ -301,3 +302,14 @@ def test_a_batch_with_no_kept_nodes_still_records_its_prompts(tiny_models, tmp_p
                         tmp_path, progress=False)
     assert len(run.read_table("trace", "prompts")) == 3
     assert run.read_table("trace", "nodes").empty and run.manifest["stages"]["trace"]["nodes"] == 0
+
+
+def test_retracing_with_other_settings_is_refused(tiny_models, tmp_path):
+    from adag.errors import AdagError
+
+    lm = tiny_models["llama"]
+    dataset = load_dataset("antonyms", limit=2)
+    trace_dataset(lm, dataset, TraceConfig(threshold=0.05, edges=False), tmp_path, progress=False)
+    with pytest.raises(AdagError, match="was traced with other settings"):
+        trace_dataset(lm, dataset, TraceConfig(threshold=0.01, edges=False), tmp_path, progress=False)
+    assert len(RunDir.open(tmp_path).read_table("trace", "prompts")) == 2

@@ -26,7 +26,11 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
     """Trace every prompt of `dataset` into the run directory `out`; an interrupted run resumes."""
     model_facts, dataset_facts = run_manifest_facts(lm, dataset)
     run = RunDir.create(out, model_facts, dataset_facts)
-    resume = run.begin_stage(STAGE, config.model_dump(mode="json"))
+    settings = config.model_dump(mode="json")
+    if run.stage_config(STAGE) not in (None, settings):
+        raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
+                        "(or delete this one) so that no finished work is lost")
+    resume = run.begin_stage(STAGE, settings)
     tokens, labels = encode_dataset(lm, dataset, config)
     plan = batch_plan(tokens, config.batch_size)
     keys = _dataset_keys(lm, config, tokens, labels, plan, progress) if config.aggregation != "none" else None
