@@ -138,3 +138,29 @@ def test_steer_sweep_with_controls(steered_run):
     assert ((controls["percentile"] >= 0) & (controls["percentile"] <= 100)).all()
     assert (path / "steer" / "plots" / "overview.png").stat().st_size > 1000
     assert (path / "steer" / "plots" / "cluster-000.png").exists()
+
+
+def test_generation_under_steering_and_judge_rate(steered_run, tmp_path):
+    from adag.describe import CachedBackend
+    from adag.describe.llm import OpenAIBackend
+    from adag.steer.judge import generate, judge_rate
+    from adag.steer.run import cluster_members
+    from adag.store import RunDir
+    from tests.fake_openai import FakeOpenAI, reply_body
+
+    lm, path = steered_run
+    run = RunDir.open(path)
+    prompts = run.read_table("trace", "prompts").head(2)
+    members = cluster_members(run)[0]
+    plain = generate(lm, prompts, samples=2, max_new_tokens=6, seed=0)
+    again = generate(lm, prompts, samples=2, max_new_tokens=6, seed=0)
+    ablated = generate(lm, prompts, samples=2, max_new_tokens=6, seed=0,
+                       intervention=scaled(lm.model, lm.adapter, members, 0.0))
+    assert len(plain) == 4 and plain == again and [p for p, _ in plain] == [p for p, _ in ablated]
+    answers = [reply_body("Yes."), reply_body("no"), reply_body("Maybe"), reply_body("yes")]
+    with FakeOpenAI([(200, a) for a in answers]) as server:
+        judge = CachedBackend(OpenAIBackend("fake", base_url=server.url), tmp_path / "cache.sqlite")
+        rate = judge_rate(judge, "Is it about a capital?", [t for _, t in plain])
+        asked = server.requests[0]["messages"][0]["content"]
+    assert rate == {"yes": 2, "no": 1, "unclear": 1, "rate": pytest.approx(2 / 3)}
+    assert "Is it about a capital?" in asked
