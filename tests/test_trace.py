@@ -9,7 +9,13 @@ from adag.trace import PromptBatch, TraceConfig, attribute, linearised, node_sco
 from adag.trace.attribute import linearised_pass
 from adag.trace.rules import RULE_SETS
 from tests.explicit import ExplicitLinearModel
-from tests.tiny import tiny_model
+
+# Tolerances. The reference tests (explicit linear model, conservation, batch invariance) run in
+# float64 on every family: float64 rounding over these depths (3 layers, sums of <= 96 terms) is
+# ~1e-13 relative, so 1e-5 (explicit model), 1e-4 (conservation) and 1e-6 (batch invariance) hold for
+# any summation order (thread count, CPU, BLAS kernel). They test the method, not rounding.
+# Exact comparisons (torch.equal) are kept only where the two sides are bit-identical by
+# construction: a rule's hook adds exactly zero to the forward value.
 
 PROMPTS = ["What is the capital of France? Answer:", "What is 3 + 4?", "the state containing Dallas"]
 
@@ -17,19 +23,6 @@ PROMPTS = ["What is the capital of France? Answer:", "What is 3 + 4?", "the stat
 def _batch(lm, texts=PROMPTS[:2]):
     tokens = [lm.tokenizer(t)["input_ids"] for t in texts]
     return PromptBatch.left_pad(tokens, [[] for _ in texts], 0, torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def double_models(tokenizer):
-    """Float64 copies, so that comparisons with the slow reference test the method, not rounding.
-    Gemma 2 stays in float32: its eager attention mask overflows to NaN on padding in float64."""
-    models = {}
-    for family in ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"]:
-        lm = tiny_model(family, tokenizer)
-        if family != "gemma2":
-            lm.model.double()
-        models[family] = lm
-    return models
 
 
 @pytest.mark.parametrize("rules", list(RULE_SETS))
@@ -57,35 +50,29 @@ def test_rules_are_removed_on_exit_and_on_error(tiny):
     assert count() == before
 
 
-def test_conservation_with_half_rule(tiny):
-    """Summed embedding relevance (plus each bias's share) recovers the metric."""
-    batch = _batch(tiny, PROMPTS)
-    biases = [p for name, p in tiny.model.named_parameters() if name.endswith("bias")]
+def _bias_share(lm, prompt: str) -> torch.Tensor:
+    """sum over biases of bias * dm/dbias for one prompt traced alone (a bias is shared by a batch)."""
+    biases = [p for name, p in lm.model.named_parameters() if name.endswith("bias")]
+    if not biases:
+        return torch.zeros((), dtype=torch.float64)
     for p in biases:
         p.requires_grad_(True)
     try:
-        run = linearised_pass(tiny, TraceConfig(), batch)
-        grads = torch.autograd.grad(run.metric.sum(), [run.tap.embeddings, *biases], allow_unused=True)
+        run = linearised_pass(lm, TraceConfig(), _batch(lm, [prompt]))
+        grads = torch.autograd.grad(run.metric.sum(), biases, allow_unused=True)
     finally:
         for p in biases:
             p.requires_grad_(False)
-    relevance = (grads[0] * run.tap.embeddings).sum((1, 2))
-    # A bias share sums over prompts; with one prompt per row, take it per row by tracing rows alone.
-    if biases:
-        shares = []
-        for row in range(len(PROMPTS)):
-            single = _batch(tiny, [PROMPTS[row]])
-            for p in biases:
-                p.requires_grad_(True)
-            try:
-                run1 = linearised_pass(tiny, TraceConfig(), single)
-                g = torch.autograd.grad(run1.metric.sum(), biases, allow_unused=True)
-            finally:
-                for p in biases:
-                    p.requires_grad_(False)
-            shares.append(sum((gi * p).sum() for gi, p in zip(g, biases) if gi is not None))
-        relevance = relevance + torch.stack(shares)
-    torch.testing.assert_close(relevance.float(), run.metric.detach(), rtol=1e-4, atol=0)
+    return sum((g * p).sum() for g, p in zip(grads, biases) if g is not None).double()
+
+
+def test_conservation_with_half_rule(tiny64):
+    """In a padded batch, summed embedding relevance plus each bias's share recovers the metric."""
+    lm = tiny64
+    run = linearised_pass(lm, TraceConfig(), _batch(lm, PROMPTS))
+    (grad,) = torch.autograd.grad(run.metric.sum(), [run.tap.embeddings])
+    relevance = (grad * run.tap.embeddings).sum((1, 2)) + torch.stack([_bias_share(lm, p) for p in PROMPTS])
+    torch.testing.assert_close(relevance.double(), run.metric.detach().double(), rtol=1e-4, atol=0)
 
 
 def test_conservation_fails_without_half_rule(tiny_models):
@@ -98,8 +85,8 @@ def test_conservation_fails_without_half_rule(tiny_models):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "mistral"])
-def test_attributions_and_profiles_match_explicit_linear_model(double_models, family):
-    lm = double_models[family]
+def test_attributions_and_profiles_match_explicit_linear_model(float64_models, family):
+    lm = float64_models[family]
     batch = _batch(lm)
     config = TraceConfig(aggregation="none", threshold=0.01, edge_threshold=0.0, chunk_size=7)
     scores, _ = node_scores(lm, config, batch)
@@ -109,7 +96,7 @@ def test_attributions_and_profiles_match_explicit_linear_model(double_models, fa
     base_logits, base_acts = explicit.run()
     targets = result.targets.ids
     base_target = base_logits.gather(-1, targets)
-    torch.testing.assert_close(base_target.float(), result.target_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(base_target, result.target_logits, rtol=1e-6, atol=1e-6)
 
     picks = torch.linspace(0, len(nodes) - 1, min(12, len(nodes))).long().tolist()
     for i in picks:
@@ -134,8 +121,8 @@ def test_attributions_and_profiles_match_explicit_linear_model(double_models, fa
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "qwen2"])
-def test_edges_match_explicit_per_pair_computation(double_models, family):
-    lm = double_models[family]
+def test_edges_match_explicit_per_pair_computation(float64_models, family):
+    lm = float64_models[family]
     batch = _batch(lm)
     config = TraceConfig(aggregation="none", threshold=0.02, edge_threshold=0.0, chunk_size=5)
     nodes = select_nodes(node_scores(lm, config, batch)[0], config)
@@ -194,9 +181,9 @@ def _assert_same_tables(a, b, tol=1e-6):
                 assert [str(x) for x in left] == [str(x) for x in right], f"{name}.{column}"
 
 
-def test_batch_invariance(double_models, tmp_path):
+def test_batch_invariance(tiny64, tmp_path):
     """A prompt traced alone or in a padded batch of 4 of different lengths gives the same tables."""
-    lm = double_models["llama"]
+    lm = tiny64
     rows = load_dataset("country-capitals", limit=2).rows + load_dataset("addition", limit=1).rows \
         + load_dataset("state-capitals", limit=1).rows
     dataset = load_dataset("country-capitals")
@@ -263,8 +250,8 @@ def test_blacklist_removes_a_half_neuron(tiny_models):
     assert torch.equal(scores_blocked[:, layer, :, neuron][~same_sign], scores[:, layer, :, neuron][~same_sign])
 
 
-def test_label_and_logit_diff_metrics(tiny_models):
-    lm = tiny_models["qwen3"]
+def test_label_and_logit_diff_metrics(float64_models):
+    lm = float64_models["qwen3"]
     tokens = [lm.tokenizer(t)["input_ids"] for t in PROMPTS[:2]]
     a, b = (lm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" capital", " is"))
     batch = PromptBatch.left_pad(tokens, [[a, b], [b, a]], 0, torch.device("cpu"))

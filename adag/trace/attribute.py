@@ -23,7 +23,7 @@ import torch
 
 from adag.models import LoadedModel
 from adag.trace.config import TraceConfig
-from adag.trace.metric import Targets, choose_targets, target_logits
+from adag.trace.metric import Targets, at_least_float32, choose_targets, target_logits
 from adag.trace.rules import linearised
 from adag.trace.tap import NeuronTap, NodeIndex
 
@@ -141,7 +141,7 @@ def node_scores(lm: LoadedModel, config: TraceConfig, batch: PromptBatch) -> tup
     layers = range(lm.n_layers)
     activations = [run.tap.activations[layer] for layer in layers]
     grads = torch.autograd.grad(run.metric.sum(), activations)
-    relp = torch.stack([(a * g).float().detach() for a, g in zip(activations, grads)], dim=1)  # (B, L, T, N)
+    relp = torch.stack([at_least_float32(a * g).detach() for a, g in zip(activations, grads)], dim=1)  # (B, L, T, N)
     allowed = batch.valid.clone()
     if not config.keep_first_position:
         allowed[torch.arange(len(allowed)), batch.offsets] = False
@@ -207,15 +207,15 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: N
     cut = linearised_pass(lm, config, batch, nodes, cut=True) if need_cut else None
     profiled = total if total is not None else cut
 
-    activation = profiled.selected_activations(nodes).detach().float()
+    activation = at_least_float32(profiled.selected_activations(nodes).detach())
     logit_grads, embedding_grads = _logit_vjps(profiled, layers)
     coeffs = profiled.targets.coeffs
     relp = activation * (logit_grads * coeffs[nodes.row]).sum(-1)
     output_profile = activation[:, None] * logit_grads / profiled.target_logits.detach()[nodes.row]
-    embeddings = profiled.tap.embeddings.detach().float()
-    embedding_relevance = (embeddings * torch.einsum("kbtd,bk->btd", embedding_grads, coeffs.float())).sum(-1)
+    embeddings = at_least_float32(profiled.tap.embeddings.detach())
+    embedding_relevance = (embeddings * torch.einsum("kbtd,bk->btd", embedding_grads, coeffs.to(embeddings))).sum(-1)
 
-    input_profile = torch.zeros(len(nodes), batch.input_ids.shape[1])
+    input_profile = activation.new_zeros(len(nodes), batch.input_ids.shape[1])
     edge_chunks = []
     eps = _edge_eps(activation, nodes)
     for members, slot, to_embeddings, to_nodes in _node_vjps(
@@ -230,7 +230,7 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: N
             edge_chunks.append(_edges(members, slot, to_nodes, activation, eps, nodes, config.edge_threshold))
 
     result = BatchAttribution(nodes, profiled.metric.detach(), profiled.targets, profiled.target_logits.detach(),
-                              embedding_relevance.float(), activation, relp, input_profile, output_profile)
+                              embedding_relevance, activation, relp, input_profile, output_profile)
     if config.edges:
         direct_logit_grads, _ = _logit_vjps(cut, layers) if profiled is not cut else (logit_grads, None)
         result.edges = torch.cat(edge_chunks) if edge_chunks else torch.zeros((0, 3))
@@ -241,8 +241,8 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: N
 def _edge_eps(activation: torch.Tensor, nodes: Nodes) -> torch.Tensor:
     """1e-6 * mean |a| over the kept nodes of each node's prompt."""
     rows = int(nodes.row.max()) + 1 if len(nodes) else 0
-    total = torch.zeros(rows).index_add_(0, nodes.row, activation.abs())
-    count = torch.zeros(rows).index_add_(0, nodes.row, torch.ones_like(activation))
+    total = activation.new_zeros(rows).index_add_(0, nodes.row, activation.abs())
+    count = activation.new_zeros(rows).index_add_(0, nodes.row, torch.ones_like(activation))
     return 1e-6 * (total / count.clamp_min(1))[nodes.row]
 
 
@@ -257,7 +257,7 @@ def _logit_vjps(run: LinearisedPass, layers: list[int]) -> tuple[torch.Tensor, t
     grads = torch.autograd.grad(run.target_logits, [run.tap.embeddings, *run.probes(layers)], cotangents,
                                 is_grads_batched=True, retain_graph=True)
     to_nodes = torch.cat(grads[1:], dim=1) if layers else grads[0].new_zeros(k, 0)
-    return to_nodes.T.float(), grads[0].float()
+    return at_least_float32(to_nodes.T), at_least_float32(grads[0])
 
 
 def _node_vjps(run: LinearisedPass, nodes: Nodes, layers: list[int], chunk_size: int, to_embeddings: bool,
@@ -281,8 +281,8 @@ def _node_vjps(run: LinearisedPass, nodes: Nodes, layers: list[int], chunk_size:
         grads = torch.autograd.grad(selected, inputs, cotangents, is_grads_batched=True, retain_graph=True,
                                     allow_unused=True)
         grads = [g if g is not None else x.new_zeros(len(cotangents), *x.shape) for g, x in zip(grads, inputs)]
-        to_embedding_grads = grads[0].float() if to_embeddings else None
-        to_node_grads = torch.cat(grads[int(to_embeddings):], dim=1).float() if to_nodes else None
+        to_embedding_grads = at_least_float32(grads[0]) if to_embeddings else None
+        to_node_grads = at_least_float32(torch.cat(grads[int(to_embeddings):], dim=1)) if to_nodes else None
         yield members, slot, to_embedding_grads, to_node_grads
 
 
@@ -300,4 +300,4 @@ def _edges(members: torch.Tensor, slot: torch.Tensor, jacobian: torch.Tensor, ac
     weight = activation[None, :] * jacobian / (a_t + eps[target] * torch.where(a_t < 0, -1.0, 1.0))
     keep = has_target & (nodes.layer[None, :] < nodes.layer[target]) & (weight.abs() >= threshold)
     c, s = keep.nonzero(as_tuple=True)
-    return torch.stack([s.double(), target[c, s].double(), weight[c, s].double()], dim=1)
+    return torch.stack([s.to(weight.dtype), target[c, s].to(weight.dtype), weight[c, s]], dim=1)
