@@ -87,15 +87,15 @@ def trace(
     out: Annotated[str, typer.Option(help="run directory to create (or resume)")],
     limit: Annotated[int | None, typer.Option(help="trace only the first N prompts")] = None,
     metric: Annotated[str, typer.Option(help="topk, labels or logit_diff")] = "topk",
-    k: Annotated[int, typer.Option(help="top-k next tokens in the metric")] = 5,
+    n_targets: Annotated[int, typer.Option(help="number of top next tokens summed in the topk metric")] = 5,
     threshold: Annotated[float, typer.Option(help="keep nodes with |RelP| >= threshold * |m|")] = 0.005,
     selection: Annotated[str, typer.Option(help="threshold or topk")] = "threshold",
     top_nodes: Annotated[int, typer.Option(help="nodes kept with --selection topk")] = 200,
     aggregation: Annotated[str, typer.Option(help="none, any or mean over the dataset")] = "any",
     rules: Annotated[str, typer.Option(help="half, no_half or plain")] = "half",
     profiles: Annotated[str, typer.Option(help="total or direct effects in profiles")] = "total",
-    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 4,
-    chunk_size: Annotated[int, typer.Option(help="nodes per batched VJP (bounds memory)")] = 64,
+    batch_size: Annotated[int | None, typer.Option(help="prompts per batch (default: 1 on CPU, 8 on GPU)")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="rows per batched pass (default: from memory)")] = None,
     edge_threshold: Annotated[float, typer.Option(help="drop edges with |w| below this")] = 0.01,
     no_edges: Annotated[bool, typer.Option("--no-edges", help="skip the edge pass")] = False,
     keep_first_position: Annotated[bool, typer.Option(help="allow nodes at position 0")] = False,
@@ -110,10 +110,10 @@ def trace(
     from adag.trace import TraceConfig, trace_dataset
 
     try:
-        config = TraceConfig(metric=metric, k=k, threshold=threshold, selection=selection, top_nodes=top_nodes,
-                             aggregation=aggregation, rules=rules, profiles=profiles, batch_size=batch_size,
-                             chunk_size=chunk_size, edge_threshold=edge_threshold, edges=not no_edges,
-                             keep_first_position=keep_first_position)
+        config = TraceConfig(metric=metric, n_targets=n_targets, threshold=threshold, selection=selection,
+                             top_nodes=top_nodes, aggregation=aggregation, rules=rules, profiles=profiles,
+                             batch_size=batch_size, chunk_size=chunk_size, edge_threshold=edge_threshold,
+                             edges=not no_edges, keep_first_position=keep_first_position)
     except ValidationError as error:
         first = error.errors()[0]
         raise AdagError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None

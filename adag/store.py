@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from adag import __version__
 from adag.errors import AdagError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trace embeddings table, direct embedding edges
 MANIFEST = "manifest.json"
 PIPELINE = ("trace", "cluster", "describe", "steer")  # a stage's outputs depend on the stages before it
 
