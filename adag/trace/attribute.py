@@ -28,9 +28,9 @@ import torch
 from adag.models import LoadedModel
 from adag.trace.config import TraceConfig
 from adag.trace.metric import Targets, at_least_float32, choose_targets, target_logits
-from adag.trace.rules import FrozenValues
+from adag.trace.rules import FrozenValues, linearised
 from adag.trace.tangent import tangent_input_profiles
-from adag.trace.tap import NeuronTap, NodeIndex, tapped
+from adag.trace.tap import NeuronTap, NodeIndex, mlp_path, placement, tapped
 
 # One backward row costs about this many tangent-row forwards of the same tokens and layers
 # (measured on the built-in model, CPU, fp32: see benchmarks/trace_bench.py --input-profiles).
@@ -112,6 +112,12 @@ class Nodes:
         rank[order] = torch.arange(len(self.row), device=self.row.device) - starts[self.row[order]]
         return rank
 
+    def top_layer_by_rank(self, rank: torch.Tensor) -> torch.Tensor:
+        """For each rank r, the highest layer of a rank-r node over the prompts: how deep a backward
+        row for rank r reaches. Ranks follow layer order, so this never decreases."""
+        top = torch.zeros(int(rank.max()) + 1, dtype=self.layer.dtype, device=rank.device)
+        return top.scatter_reduce(0, rank, self.layer, "amax")
+
 
 @dataclass
 class NodeKeys:
@@ -156,6 +162,40 @@ class LinearisedPass:
         """Kept nodes' (or `members`') activations in node order, still connected to the graph."""
         parts = [self.tap.activations[layer][index] for layer, index in nodes.by_layer(members).items()]
         return torch.cat(parts) if parts else self.tap.embeddings.new_zeros(0)
+
+    def selected_readouts(self, nodes: Nodes, readouts: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """`members`' readouts r_n . x_n (x_n: the MLP input at the node's position), which have the
+        gradient of the nodes' activations: a backward pass from them skips the dense gradient of
+        every neuron at every position that starting from the activations would form."""
+        parts = []
+        for layer, index in nodes.by_layer(members).items():
+            inputs = self.tap.mlp_inputs[layer]
+            parts.append(placement(index, inputs.shape[:2], inputs.dtype).T @ inputs.flatten(0, 1))
+        return (torch.cat(parts) * readouts[members].to(parts[0].dtype)).sum(-1)
+
+
+def node_readouts(lm: LoadedModel, config: TraceConfig, linear_pass: LinearisedPass, nodes: Nodes) -> torch.Tensor:
+    """(K, d): r_n = d a_n / d x_n for every kept node, x_n the MLP input at the node's position.
+
+    An MLP reads each position alone, so running each layer's MLP (under the same rules) on just the
+    nodes' input rows and taking one backward pass gives every node's r_n at once.
+    """
+    readouts = []
+    layers = lm.adapter.layer_list(lm.model)
+    with torch.enable_grad(), linearised(lm.model, lm.adapter, config.rules):
+        for layer, (row, position, neuron) in nodes.by_layer().items():
+            rows = linear_pass.tap.mlp_inputs[layer][row, position].detach().requires_grad_(True)
+            captured = []
+            # Registered after the rules' hooks, so it reads the activation the half rule rewrote.
+            handle = layers[layer].get_submodule(lm.adapter.mlp_out).register_forward_pre_hook(
+                lambda _m, args, captured=captured: captured.append(args[0]))
+            try:
+                layers[layer].get_submodule(mlp_path(lm.adapter))(rows[None])
+            finally:
+                handle.remove()
+            (readout,) = torch.autograd.grad(captured[0][0, torch.arange(len(neuron)), neuron].sum(), rows)
+            readouts.append(readout)
+    return torch.cat(readouts) if readouts else linear_pass.tap.embeddings.new_zeros(0, lm.model.config.hidden_size)
 
 
 def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes | None = None,
@@ -282,7 +322,7 @@ def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, node
             len(nodes), _rows_per_pass(config, embeddings.device, bytes_per_source), cut=cut))
     else:
         numerators = activation.new_zeros(len(nodes), width)
-        for members, slot, to_embedding_rows, _ in _node_vjps(base_pass, nodes, layers, config, to_nodes=False):
+        for members, slot, to_embedding_rows, _ in _node_vjps(lm, base_pass, nodes, layers, config, to_nodes=False):
             numerators[members] = to_embedding_rows[slot, nodes.row[members]]
     metric = base_pass.metric.detach()
     return Profiles(
@@ -308,9 +348,7 @@ def input_profile_mode(config: TraceConfig, batch: PromptBatch, nodes: Nodes) ->
         return config.input_profiles
     if config.rules != "half" or not len(nodes):
         return "vjp"
-    rank = nodes.rank_in_prompt()
-    top_by_rank = torch.zeros(int(rank.max()) + 1, dtype=nodes.layer.dtype, device=rank.device)
-    top_by_rank = top_by_rank.scatter_reduce(0, rank, nodes.layer, "amax")
+    top_by_rank = nodes.top_layer_by_rank(nodes.rank_in_prompt())
     forward_cost = batch.input_ids.shape[1] * (int(nodes.layer.max()) + 1)
     backward_cost = BACKWARD_ROW_COST * float((top_by_rank + 1).sum())
     return "forward" if forward_cost <= backward_cost else "vjp"
@@ -371,7 +409,8 @@ def edges_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, profile
 
     parts = []
     eps = _edge_eps(activation, nodes)
-    for members, slot, to_embedding_rows, to_node_rows in _node_vjps(cut_pass, nodes, layers, config, to_nodes=True):
+    chunks = _node_vjps(lm, cut_pass, nodes, layers, config, to_nodes=True)
+    for members, slot, to_embedding_rows, to_node_rows in chunks:
         target_at = torch.full((len(to_node_rows), len(batch.valid)), -1, dtype=torch.long, device=slot.device)
         target_at[slot, nodes.row[members]] = members
         target = target_at[:, source_row]  # (C, sources): the target each source pairs with in row c
@@ -419,16 +458,16 @@ def _logit_vjps(linear_pass: LinearisedPass, layers: list[int], keep_graph: bool
     return at_least_float32(to_nodes.T), at_least_float32(grads[0].permute(1, 2, 0))
 
 
-def _node_vjps(linear_pass: LinearisedPass, nodes: Nodes, layers: list[int], config: TraceConfig, to_nodes: bool
-               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+def _node_vjps(lm: LoadedModel, linear_pass: LinearisedPass, nodes: Nodes, layers: list[int], config: TraceConfig,
+               to_nodes: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Batched VJPs from kept nodes' activations to every embedding probe (C, B, T) and, with
     `to_nodes`, to every kept node's probe (C, K).
 
     Cotangent row c holds, for every prompt, that prompt's node of rank r0 + c: prompts never
     interact, so one row serves B nodes at once. Ranks follow layer order, so a chunk only
-    back-propagates through the layers below its highest node. The number of rows per chunk
-    follows from the working memory. Yields each chunk's member node ids, their row `slot` in the
-    chunk, and the gradients.
+    back-propagates through the layers below its highest node. Rows per chunk follow from the
+    working memory. Yields each chunk's member node ids, their row `slot` in the chunk, and the
+    gradients.
     """
     if not len(nodes):
         return
@@ -438,11 +477,12 @@ def _node_vjps(linear_pass: LinearisedPass, nodes: Nodes, layers: list[int], con
     bytes_per_row = batch * width * (3 * neurons + 6 * d_model) * embeddings.element_size()
     chunk_size = _rows_per_pass(config, embeddings.device, bytes_per_row)
     rank = nodes.rank_in_prompt()
+    readouts = node_readouts(lm, config, linear_pass, nodes)
     inputs = [linear_pass.tap.embedding_probe] + (linear_pass.probes(layers) if to_nodes else [])
-    for first in range(0, int(rank.max()) + 1, chunk_size):
-        members = ((rank >= first) & (rank < first + chunk_size)).nonzero(as_tuple=True)[0]
+    for first, stop in _chunks(nodes, rank, chunk_size, layers_per_chunk=max(1, len(layers) // 8)):
+        members = ((rank >= first) & (rank < stop)).nonzero(as_tuple=True)[0]
         slot = rank[members] - first
-        selected = linear_pass.selected_activations(nodes, members)
+        selected = linear_pass.selected_readouts(nodes, readouts, members)
         cotangents = torch.zeros(int(slot.max()) + 1, len(members), dtype=selected.dtype, device=selected.device)
         cotangents[slot, torch.arange(len(members))] = 1
         grads = torch.autograd.grad(selected, inputs, cotangents, is_grads_batched=True, retain_graph=True,
@@ -450,6 +490,18 @@ def _node_vjps(linear_pass: LinearisedPass, nodes: Nodes, layers: list[int], con
         grads = [g if g is not None else x.new_zeros(len(cotangents), *x.shape) for g, x in zip(grads, inputs)]
         to_node_grads = at_least_float32(torch.cat(grads[1:], dim=1)) if to_nodes else None
         yield members, slot, at_least_float32(grads[0]), to_node_grads
+
+
+def _chunks(nodes: Nodes, rank: torch.Tensor, max_rows: int, layers_per_chunk: int) -> Iterator[tuple[int, int]]:
+    """Rank ranges [first, stop) of at most `max_rows` ranks whose highest layers (over the prompts)
+    lie in one band of `layers_per_chunk` layers: a chunk back-propagates from its highest layer
+    down, so mixing low and high ranks in one chunk would waste work on the low ones."""
+    band = (nodes.top_layer_by_rank(rank) // layers_per_chunk).tolist()
+    first = 0
+    for r in range(1, len(band) + 1):
+        if r == len(band) or r - first == max_rows or band[r] != band[first]:
+            yield first, r
+            first = r
 
 
 @dataclass

@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from adag.models.families import FamilyAdapter, NormKind
@@ -87,7 +89,10 @@ def norm_weight(module: nn.Module, kind: NormKind, dtype: torch.dtype) -> torch.
 
 class FrozenAttentionPattern:
     """Attention: the softmax pattern is a constant. Stopping the gradient of queries and keys does
-    exactly that for any attention implementation, and keeps its masking as it is."""
+    exactly that for any attention implementation, and keeps its masking as it is.
+
+    While installed, `BatchableAttention` also routes the gradient of fused attention kernels
+    through the math kernel (see there)."""
 
     def install(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[RemovableHandle]:
         handles = [
@@ -118,6 +123,27 @@ class FrozenAttentionPattern:
             return torch.cat([query_key.detach(), value], dim=-1)
 
         return hook
+
+
+class BatchableAttention(TorchFunctionMode):
+    """`scaled_dot_product_attention` keeps its fused kernel's output, with the gradient of the same
+    attention computed by the math kernel.
+
+    Fused kernels (flash attention on CPU and GPU) have no batching rule, so a batched
+    vector-Jacobian product (`is_grads_batched`) runs their backward once per cotangent row in a
+    Python loop. The math kernel is plain matrix products, which batch. Values are untouched, so
+    logits stay bit-identical; with queries and keys frozen the gradient is the pattern's transpose
+    applied to the output gradient either way.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not torch.nn.functional.scaled_dot_product_attention or not torch.is_grad_enabled():
+            return out
+        with sdpa_kernel(SDPBackend.MATH):
+            surrogate = func(*args, **kwargs)
+        return with_gradient_of(out, surrogate)
 
 
 def split_fused_qkv(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,4 +217,6 @@ def linearised(model: nn.Module, adapter: FamilyAdapter, rules: RuleSet = "half"
         for rule in RULE_SETS[rules]:
             for handle in rule().install(model, adapter, frozen):
                 stack.callback(handle.remove)
+        if FrozenAttentionPattern in RULE_SETS[rules]:
+            stack.enter_context(BatchableAttention())
         yield

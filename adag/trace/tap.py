@@ -20,12 +20,28 @@ def neuron_directions(mlp_out: nn.Module) -> torch.Tensor:
     return mlp_out.weight.T if isinstance(mlp_out, nn.Linear) else mlp_out.weight
 
 
+def mlp_path(adapter: FamilyAdapter) -> str:
+    """The MLP block of a layer: the module that owns the output projection."""
+    return adapter.mlp_out.rpartition(".")[0]
+
+
+def placement(index: NodeIndex, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """(B * T, K) one-hot matrix putting K per-node rows at their (row, position). Scattering and
+    gathering by matrix product (not indexing) keeps batched backward passes batched: indexing ops
+    have no batching rule and would run once per cotangent row."""
+    row, position, _ = index
+    matrix = torch.zeros(shape[0] * shape[1], len(row), dtype=dtype, device=row.device)
+    matrix[row * shape[1] + position, torch.arange(len(row), device=row.device)] = 1
+    return matrix
+
+
 class NeuronTap:
     """A context manager that records, during one forward pass:
 
     - `embeddings`: the residual stream entering the first layer, made a leaf so that gradients
       with respect to each input embedding vector can be taken;
     - `activations[l]`: layer l's neuron activations (the input of the MLP output projection);
+    - `mlp_inputs[l]`: the input of layer l's MLP (every neuron of a position reads only its row);
     - `unembedded`: the output of the unembedding (logits before any soft-capping).
 
     With `nodes` ({layer: NodeIndex}), zero probes make gradients with respect to single values
@@ -52,6 +68,7 @@ class NeuronTap:
         self.embeddings: torch.Tensor | None = None
         self.embedding_probe: torch.Tensor | None = None
         self.activations: dict[int, torch.Tensor] = {}
+        self.mlp_inputs: dict[int, torch.Tensor] = {}
         self.probes: dict[int, torch.Tensor] = {}
         self.unembedded: torch.Tensor | None = None
         self._stack = ExitStack()
@@ -60,6 +77,8 @@ class NeuronTap:
         layers = self.adapter.layer_list(self.model)
         handles = [layers[0].register_forward_pre_hook(self._take_embeddings, with_kwargs=True)]
         for index, layer in enumerate(layers):
+            handles.append(layer.get_submodule(mlp_path(self.adapter)).register_forward_pre_hook(
+                lambda _m, args, index=index: self.mlp_inputs.__setitem__(index, args[0])))
             mlp_out = layer.get_submodule(self.adapter.mlp_out)
             handles.append(mlp_out.register_forward_pre_hook(self._activation_hook(index)))
             if self.nodes and index in self.nodes:
@@ -92,11 +111,12 @@ class NeuronTap:
 
     def _probe_hook(self, layer: int):
         def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            row, position, neuron = self.nodes[layer]
-            probe = out.new_zeros(len(row), requires_grad=True)
+            _, _, neuron = self.nodes[layer]
+            probe = out.new_zeros(len(neuron), requires_grad=True)
             self.probes[layer] = probe
-            added = probe[:, None] * neuron_directions(module)[neuron].to(out.dtype)
-            return out.index_put((row, position), added, accumulate=True)
+            added = placement(self.nodes[layer], out.shape[:2], out.dtype) @ (
+                probe[:, None] * neuron_directions(module)[neuron].to(out.dtype))
+            return out + added.view_as(out)
 
         return hook
 
