@@ -94,6 +94,7 @@ def trace(
     aggregation: Annotated[str, typer.Option(help="none, any or mean over the dataset")] = "any",
     rules: Annotated[str, typer.Option(help="half, no_half or plain")] = "half",
     profiles: Annotated[str, typer.Option(help="total or direct effects in profiles")] = "total",
+    input_profiles: Annotated[str, typer.Option(help="auto, forward or vjp")] = "auto",
     batch_size: Annotated[int | None, typer.Option(help="prompts per batch (default: 1 on CPU, 8 on GPU)")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="rows per batched pass (default: from memory)")] = None,
     edge_threshold: Annotated[float, typer.Option(help="drop edges with |w| below this")] = 0.01,
@@ -112,7 +113,8 @@ def trace(
     try:
         config = TraceConfig(metric=metric, n_targets=n_targets, threshold=threshold, selection=selection,
                              top_nodes=top_nodes, aggregation=aggregation, rules=rules, profiles=profiles,
-                             batch_size=batch_size, chunk_size=chunk_size, edge_threshold=edge_threshold,
+                             input_profiles=input_profiles, batch_size=batch_size, chunk_size=chunk_size,
+                             edge_threshold=edge_threshold,
                              edges=not no_edges, keep_first_position=keep_first_position)
     except ValidationError as error:
         first = error.errors()[0]

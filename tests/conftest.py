@@ -11,6 +11,11 @@ from tests.tiny import FAMILIES, in_float64, offline_tokenizer, tiny_model
 torch.set_num_threads(int(os.environ.get("ADAG_TEST_THREADS") or os.cpu_count() or 1))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: checks of the built-in model on the device named by "
+                            "ADAG_TEST_DEVICE (run by benchmarks/device_check.sh; skipped otherwise)")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return offline_tokenizer()

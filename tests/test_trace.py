@@ -1,9 +1,11 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from adag.datasets import PromptRow, load_dataset
+from adag.datasets import PromptRow, encode_prompt, load_dataset
 from adag.errors import AdagError
 from adag.store import RunDir
 from adag.trace import (
@@ -392,3 +394,53 @@ def test_retracing_with_other_settings_is_refused(tiny_models, tmp_path):
     with pytest.raises(AdagError, match="was traced with other settings"):
         trace_dataset(lm, dataset, TraceConfig(threshold=0.01, edges=False), tmp_path, progress=False)
     assert len(RunDir.open(tmp_path).read_table("trace", "prompts")) == 2
+
+
+TEST_DEVICE = os.environ.get("ADAG_TEST_DEVICE")
+
+
+@pytest.mark.device
+@pytest.mark.skipif(not TEST_DEVICE, reason="run by benchmarks/device_check.sh, which sets ADAG_TEST_DEVICE")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_builtin_model_on_device_conserves_and_matches_the_explicit_model(dtype):
+    """The built-in model on ADAG_TEST_DEVICE, checked against the explicit model in float32.
+
+    Tolerance: each layer rounds its output to the dtype (unit roundoff u = eps / 2), and
+    independent roundings add up like a random walk, so results drift by about sqrt(depth) * u
+    relative to the scale of the quantity compared; 4 * sqrt(layers) * u bounds that with margin
+    (fp32: 1.3e-6; bf16: 0.086, where a wrong rule is off by far more). Measured on CPU: fp32 within
+    7 u, bf16 within 1 u.
+    """
+    from adag.models import load_model
+
+    lm = load_model("smollm2-135m", dtype=dtype, device=TEST_DEVICE)
+    reference = load_model("smollm2-135m", device=TEST_DEVICE) if dtype != "float32" else lm
+    tolerance = 4 * lm.n_layers ** 0.5 * torch.finfo(getattr(torch, dtype)).eps / 2
+    rows = load_dataset("country-capitals", limit=2).rows
+    tokens = [encode_prompt(lm.tokenizer, row) for row in rows]
+    batch = PromptBatch.left_pad(tokens + [tokens[0][3:]], [[]] * 3, 0, lm.device)  # one padded row
+    config = TraceConfig(aggregation="none", threshold=0.02)
+    nodes = select_nodes(node_scores(lm, config, batch)[0], config)
+    profiles = profiles_pass(lm, config, batch, nodes)
+    edges = edges_pass(lm, config, batch, profiles)
+    assert len(nodes) and len(edges) and torch.isfinite(edges.weight).all()
+
+    relevance, metric = profiles.embedding_relevance.cpu().double(), profiles.metric.cpu().double()
+    assert ((relevance.sum(-1) - metric).abs() <= tolerance * relevance.abs().sum(-1)).all()
+
+    explicit = ExplicitLinearModel(reference, batch.input_ids, batch.attention_mask, batch.position_ids)
+    base_logits, base_acts = explicit.forward()
+    targets = profiles.targets.ids
+    base_target = base_logits.gather(-1, targets).double()
+    for i in torch.linspace(0, len(nodes) - 1, 6).long().tolist():
+        node = (int(nodes.layer[i]), int(nodes.row[i]), int(nodes.position[i]), int(nodes.neuron[i]))
+        logits, _ = explicit.forward(zero_neuron=node)
+        relp = ((base_target - logits.gather(-1, targets).double())[node[1]] * profiles.targets.coeffs[node[1]]).sum()
+        assert abs(profiles.attribution[i].item() - relp.item()) <= tolerance * abs(metric[node[1]].item())
+    i = len(nodes) - 1
+    layer, row, position, neuron = (int(x[i]) for x in (nodes.layer, nodes.row, nodes.position, nodes.neuron))
+    activation = base_acts[layer][row, position, neuron].double()
+    expected = torch.stack([activation - explicit.forward(zero_embedding=(row, j))[1][layer][row, position, neuron]
+                            for j in range(int(batch.offsets[row]), batch.input_ids.shape[1])]) / activation
+    traced = profiles.input_profile[i, int(batch.offsets[row]):].cpu().double()
+    assert (traced - expected.cpu()).abs().max() <= tolerance * expected.abs().sum()
