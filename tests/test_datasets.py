@@ -4,6 +4,7 @@ import pytest
 
 from adag.datasets import BUILTIN_DATASETS, PromptRow, encode_prompt, format_prompt, label_token_ids, load_dataset
 from adag.datasets.builtin import STATE_CITIES
+from adag.datasets.misleading import FRAMINGS, WRONG_KINDS, study_check
 from adag.errors import AdagError
 
 
@@ -12,7 +13,9 @@ def test_builtin_sizes():
     assert len(load_dataset("state-capitals")) == 50
     assert len(load_dataset("addition")) == 100
     assert len(load_dataset("antonyms")) >= 20
-    assert set(BUILTIN_DATASETS) == {"country-capitals", "state-capitals", "addition", "antonyms"}
+    assert 150 <= len(load_dataset("misleading-capitals")) <= 200
+    assert set(BUILTIN_DATASETS) == {"country-capitals", "state-capitals", "addition", "antonyms",
+                                     "misleading-capitals"}
 
 
 def test_state_cities_are_unique_and_never_the_capital():
@@ -155,3 +158,61 @@ def test_jsonl_string_with_unicode_line_separator_is_one_row(tmp_path):
     path = tmp_path / "sep.jsonl"
     path.write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert load_dataset(str(path)).rows[0].prompt == "a\u2028b"
+
+
+def test_misleading_capitals_rows_carry_their_parts():
+    """Six rows a country (a control and one per framing), the parts in metadata, the claim in the prompt."""
+    rows = load_dataset("misleading-capitals").rows
+    countries = [row.metadata["country"] for row in rows]
+    assert len(set(countries)) >= 30 and len(rows) == len(FRAMINGS) * len(set(countries))
+    assert countries == sorted(countries, key=countries.index), "rows are grouped by country"
+    for row in rows:
+        meta = row.metadata
+        assert set(meta) == {"framing", "wrong_kind", "country", "correct", "misleading"}
+        assert meta["framing"] in FRAMINGS and row.prompt.endswith(f"What is the capital of {meta['country']}?")
+        assert meta["correct"] != meta["misleading"] and row.seed_response == "Answer:"
+        assert len(row.labels) == 2 and row.labels[0] != row.labels[1]
+        if meta["framing"] == "none":
+            assert meta["wrong_kind"] == "none" and meta["misleading"] not in row.prompt
+        else:
+            assert meta["wrong_kind"] in WRONG_KINDS
+            assert f"the capital of {meta['country']} is {meta['misleading']}. " in row.prompt
+    misled = [row.metadata for row in rows if row.metadata["framing"] != "none"]
+    for framing in set(FRAMINGS) - {"none"}:
+        kinds = [m["wrong_kind"] for m in misled if m["framing"] == framing]
+        assert max(map(kinds.count, WRONG_KINDS)) - min(map(kinds.count, WRONG_KINDS)) <= 1, framing
+
+
+def test_misleading_capitals_is_deterministic_and_limit_keeps_whole_countries():
+    assert load_dataset("misleading-capitals").sha256 == load_dataset("misleading-capitals").sha256
+    rows = load_dataset("misleading-capitals", limit=6 * len(FRAMINGS)).rows
+    assert len({row.metadata["country"] for row in rows}) == 6
+
+
+def test_misleading_capitals_uses_only_countries_that_passed_the_check():
+    check = study_check()
+    passed = {entry["country"] for entry in check["checks"] if entry["passed"]}
+    assert check["passed"] == len(passed) and len(check["study"]) >= 30
+    assert {entry["country"] for entry in check["study"]} <= passed
+
+
+@pytest.mark.builtin
+def test_misleading_capitals_labels_are_distinct_single_tokens(builtin):
+    """Each label is one token of the built-in tokenizer, the first token of its city's name."""
+    for index, row in enumerate(load_dataset("misleading-capitals").rows):
+        correct, misleading = label_token_ids(builtin.tokenizer, row, index)
+        assert correct != misleading
+        for token_id, name in ((correct, row.metadata["correct"]), (misleading, row.metadata["misleading"])):
+            assert builtin.tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] == token_id
+
+
+@pytest.mark.builtin
+def test_misleading_capitals_check_reproduces(builtin):
+    """Rerunning the check on three recorded countries gives the recorded probabilities. They were rounded
+    to 4 decimals; float32 logits summed in another order move a probability by far less than 1e-4."""
+    from adag.datasets.misleading_check import check_country
+
+    recorded = {entry["country"]: entry for entry in study_check()["checks"]}
+    for entry in study_check()["study"][:3]:
+        again = check_country(builtin, entry["country"], entry["capital"])
+        assert again["passed"] and abs(again["p_capital"] - recorded[entry["country"]]["p_capital"]) <= 2e-4

@@ -7,14 +7,25 @@ import hashlib
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adag.datasets.builtin import BUILTIN_DATASETS
+from adag.datasets.builtin import addition, antonyms, country_capitals, state_capitals
+from adag.datasets.misleading import misleading_capitals
 from adag.errors import AdagError
+
+BUILTIN_DATASETS: dict[str, tuple[Callable[[], list[dict]], str]] = {
+    "country-capitals": (country_capitals, "one-hop: 'What is the capital of {country}?'"),
+    "state-capitals": (state_capitals, "two-hop: 'What is the capital of the state containing {city}?'"),
+    "addition": (addition, "'What is x + y?' for 100 random pairs of two-digit numbers"),
+    "antonyms": (antonyms, "'What is the opposite of \"{word}\"?'"),
+    "misleading-capitals": (misleading_capitals, "study: a false claim in 5 framings, or none, before the capital "
+                            "question; 6 rows a country, labels [correct, misleading]"),
+}
 
 ROW_FIELDS = ("prompt", "seed_response", "labels")
 
