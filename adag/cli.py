@@ -4,6 +4,7 @@ plus a few commands to look around. Every error is one line on stderr and exit s
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 import typing
 from collections.abc import Callable
@@ -124,6 +125,8 @@ class AdagGroup(TyperGroup):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        notes = StderrNotes()
+        logging.getLogger("adag").addHandler(notes)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as error:
@@ -137,9 +140,21 @@ class AdagGroup(TyperGroup):
             _fail(str(error))
         except ValidationError as error:
             _fail(validation_line(error))
+        finally:
+            logging.getLogger("adag").removeHandler(notes)
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+
+class StderrNotes(logging.Handler):
+    """Warnings from the library (e.g. damaged parts being redone), one line each on stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"warning: {record.getMessage()}", err=True)
 
 
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
