@@ -151,7 +151,7 @@ def test_a_damaged_trace_part_is_named_before_cluster_and_repaired_by_trace(buil
                                                                            tmp_path):
     run = tmp_path / "run"
     shutil.copytree(built_run, run)
-    clean = RunDir.open(run).read_table("trace", "nodes")
+    clean = {name: RunDir.open(run).read_table("trace", name) for name in ("prompts", "nodes", "edges")}
     part = run / "trace" / "nodes" / "part-000000.parquet"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     edges = run / "trace" / "edges" / "part-000001.parquet"
@@ -163,7 +163,8 @@ def test_a_damaged_trace_part_is_named_before_cluster_and_repaired_by_trace(buil
     repaired = adag("trace", "--model", model_dir, "--dataset", dataset_file, "--out", run, "--threshold", "0.03")
     assert "2 damaged file(s)" in repaired.stderr
     again = RunDir.open(run)
-    assert again.read_table("trace", "nodes").equals(clean)
+    for name, table in clean.items():
+        assert again.read_table("trace", name).equals(table), name
     assert again.verify(hashes=True) == [] and again.stage_done("cluster")  # same tables: nothing stale
 
 
@@ -231,3 +232,15 @@ def test_two_writers_one_refused_and_the_run_stays_consistent(built_run, tmp_pat
     clusters = final.read_table("cluster", "clusters")
     assert len(clusters) == final.stage_config("cluster")["k"] == final.entry("cluster")["clusters"]
     assert final.stage_state("describe") == "stale" and final.verify(hashes=True) == []
+
+
+def test_a_damaged_description_is_redone_by_describe(built_run, server, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(built_run, run)
+    clean = RunDir.open(run).read_table("describe", "descriptions")
+    (run / "describe" / "descriptions" / "part-000001.parquet").write_bytes(b"")
+    one_line_error("report", run, match="describe/descriptions/part-000001.parquet is damaged")
+    spec = f"openai:fake@{server.url}"
+    repaired = adag("describe", run, "--explainer", spec, "--simulator", spec, "--samples", "1")
+    assert "1 damaged file(s)" in repaired.stderr
+    assert RunDir.open(run).read_table("describe", "descriptions").equals(clean)
