@@ -39,7 +39,11 @@ def stage_command(stage: Stage) -> Callable[..., None]:
         if stage.run_dir_option:
             run_dir = options.pop(stage.run_dir_option)
         result = stage.function("run")(run_dir, config, **options)
-        typer.echo(stage.function("summary")(result, run_dir))
+        summary = stage.function("summary")(result, run_dir)
+        text, code = summary if isinstance(summary, tuple) else (summary, 0)
+        typer.echo(text)
+        if code:
+            raise typer.Exit(code)
 
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}

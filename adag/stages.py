@@ -46,7 +46,8 @@ class Stage:
     model to load, an output path, a dry run). `requires` must be done first; `uses` are read when
     present. The results of a stage are stale once a stage it read is rerun with other results.
     `run` and `summary` are "module:function": `run(run_dir, config, **options)` does the work,
-    `summary(result, run_dir)` is what the CLI prints after it.
+    `summary(result, run_dir)` is what the CLI prints after it: a string, or (string, exit status)
+    for a run that finished but must not exit 0 (e.g. some clusters failed).
     """
 
     name: str
@@ -58,7 +59,6 @@ class Stage:
     uses: tuple[str, ...] = ()
     options: type[BaseModel] | None = None
     resumable: bool = False
-    writes_run: bool = True  # False: writes nothing into the run directory (export)
     run_dir_option: str | None = None  # the option naming the run directory, if not the RUN argument
 
     def function(self, which: str = "run") -> Callable:
@@ -92,7 +92,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           requires=("cluster",), uses=("describe", "steer"), options=ReportOptions),
     Stage("export", "Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON.",
           ReportConfig, "adag.report.export:export_command", "adag.report.export:export_summary",
-          requires=("trace",), uses=("cluster", "describe"), options=ExportOptions, writes_run=False),
+          requires=("trace",), uses=("cluster", "describe"), options=ExportOptions),
 )}
 
 

@@ -283,8 +283,8 @@ class RunDir:
                     self.reload()
                     if "pending" in self.manifest:
                         self._finish_interrupted_commit(staged)
-            except AdagError:
-                pass  # the writer is still at work; readers see the previous results meanwhile
+            except (AdagError, OSError):
+                pass  # the writer is still at work (or the run is read-only); the previous results stand
             return
         final, old = self.path / stage, self.path / STAGING / f"{stage}.replaced"
         if staged.is_dir() and (staged / STAGE_SIDECAR).is_file():
@@ -444,11 +444,15 @@ class StageWriter:
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(self.run.lock())
         self.started = time.time()
-        if self.repairing:
-            self._records = dict(self.run.entry(self.stage)["files"])
-        else:
-            self._open_staging()
-        self._drop_damaged()
+        try:
+            if self.repairing:
+                self._records = dict(self.run.entry(self.stage)["files"])
+            else:
+                self._open_staging()
+            self._drop_damaged()
+        except BaseException:
+            self._lock.close()
+            raise
         return self
 
     def _open_staging(self) -> None:

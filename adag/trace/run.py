@@ -48,10 +48,13 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
                  labels: list[list[int]], stage: StageWriter, progress: bool) -> None:
     tables = ["nodes", "edges", "prompts"] if config.edges else ["nodes", "prompts"]
     plan = batch_plan(tokens, config.batch_size)
-    keys = _dataset_keys(lm, config, tokens, labels, plan, progress) if config.aggregation != "none" else None
+    todo = {part for part in range(len(plan)) if not all(stage.has_part(name, part) for name in tables)}
+    keys = None
+    if todo and config.aggregation != "none":
+        keys = _dataset_keys(lm, config, tokens, labels, plan, progress)
     bar = tqdm(total=len(dataset), unit="prompt", desc="trace", disable=not progress)
     for part, prompt_ids in enumerate(plan):
-        if all(stage.has_part(name, part) for name in tables):
+        if part not in todo:
             bar.update(len(prompt_ids))
             continue
         batch = _batch(lm, tokens, labels, prompt_ids)
