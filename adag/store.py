@@ -437,7 +437,7 @@ class StageWriter:
         self._guard = threading.Lock()
         self._lock: contextlib.ExitStack | None = None
         entry = run.entry(stage)
-        self.repairing = resumable and entry is not None and entry["config"] == config
+        self.repairing = resumable and entry is not None and entry["config"] == config and entry["inputs"] == inputs
         self.path = run.path / stage if self.repairing else run.path / STAGING / stage
 
     def __enter__(self) -> StageWriter:

@@ -105,6 +105,10 @@ def test_same_content_keeps_dependents_current_other_content_makes_them_stale(tm
     assert (tmp_path / "describe" / "d.parquet").exists()  # kept until describe is rerun
     with pytest.raises(AdagError, match="'describe' results .* are stale"):
         run.require_stage("describe", "adag describe")
+    with run.stage("describe", {}, inputs={"cluster": run.entry("cluster")["id"]}, resumable=True) as out:
+        assert not out.repairing and not out.has_part("d", 0)  # stale parts are never resumed
+        out.write_part("d", 0, pd.DataFrame({"c": [1]}))
+    assert run.stage_state("describe") == "done" and not (tmp_path / "describe" / "d.parquet").exists()
 
 
 def test_an_interrupted_commit_is_finished_by_the_next_open(tmp_path):
