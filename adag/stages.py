@@ -127,6 +127,11 @@ def command_line(stage: str, run_dir: str | Path, config: BaseModel | None = Non
     return " ".join(words)
 
 
+def number(value: float | None) -> str:
+    """A score in a stage summary: three decimals, or n/a when undefined."""
+    return "n/a" if value is None or value != value else f"{value:.3f}"
+
+
 def _quoted(word: str) -> str:
     return word if word and all(c.isalnum() or c in "-_.,:/@" for c in word) else "'" + word.replace("'", "'\\''") + "'"
 

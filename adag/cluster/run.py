@@ -10,7 +10,7 @@ from adag.cluster.graph import cluster_graph
 from adag.cluster.methods import ProfileClustering
 from adag.cluster.profiles import half_neuron_profiles
 from adag.errors import AdagError
-from adag.stages import writing
+from adag.stages import number, writing
 from adag.store import RunDir
 
 STAGE = "cluster"
@@ -48,12 +48,8 @@ def cluster_summary(run: RunDir, run_dir: str) -> str:
     diagnostics = run.read_json(STAGE, "diagnostics")
     return (f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
             f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
-            f"silhouette {_maybe(diagnostics['silhouette'])}, "
-            f"intra/inter similarity {_maybe(diagnostics['intra_inter_ratio'])}")
-
-
-def _maybe(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+            f"silhouette {number(diagnostics['silhouette'])}, "
+            f"intra/inter similarity {number(diagnostics['intra_inter_ratio'])}")
 
 
 def _order_by_attribution(labels: np.ndarray, node_half_neuron: np.ndarray, attribution: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from adag.describe.records import (
     top_k_mask,
 )
 from adag.models.loading import cache_dir
-from adag.stages import writing
+from adag.stages import number, writing
 from adag.store import RunDir, StageWriter
 from adag.view import RunView
 
@@ -57,12 +57,12 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, dry_run: bool = 
         view.require("cluster")
         return _estimate(config, *_inputs(view, config))
     with writing(run_dir, STAGE, config) as (view, out):
-        wanted, inputs, outputs = _inputs(view, config)
-        inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
         cache = cache_dir() / "llm-cache.sqlite"
         explainer = CachedBackend(make_backend(config.explainer), cache)
         simulator = explainer if config.simulator == config.explainer else CachedBackend(
             make_backend(config.simulator), cache)
+        wanted, inputs, outputs = _inputs(view, config)
+        inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
         todo = [c for c in wanted if not _done(out, c)]
 
         def work(cluster: int) -> None:
@@ -103,14 +103,10 @@ def describe_summary(result: dict, run_dir: str) -> str:
         if row.status != "ok":
             lines.append(f"  cluster {row.cluster:3d}  FAILED: {row.failure}")
             continue
-        lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={_maybe(row.input_score)} "
-                     f"output r={_maybe(row.output_score)}  | {row.input_description}")
+        lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={number(row.input_score)} "
+                     f"output r={number(row.output_score)}  | {row.input_description}")
     lines.append(f"described {result['clusters']} clusters ({result['failed']} failed) -> {run_dir}/{STAGE}")
     return "\n".join(lines)
-
-
-def _maybe(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 def _done(out: StageWriter, cluster: int) -> bool:
