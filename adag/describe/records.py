@@ -46,7 +46,7 @@ def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.n
     return records
 
 
-def cluster_records(view: RunView) -> tuple[dict[int, list[Record]], dict[int, list[Record]]]:
+def load_cluster_records(view: RunView) -> tuple[dict[int, list[Record]], dict[int, list[Record]]]:
     """Every cluster's input records and output records, from a clustered run."""
     keep_first = view.config("trace")["keep_first_position"]
     return (input_records(view.nodes, view.prompts, view.node_cluster, keep_first),

@@ -26,9 +26,9 @@ from adag.describe.explain import (
 from adag.describe.llm import CachedBackend, LocalBackend, make_backend
 from adag.describe.records import (
     Record,
-    cluster_records,
     exemplar_pool,
     highlight,
+    load_cluster_records,
     normalised_scores,
     quantile_walk_threshold,
     sign_part,
@@ -90,7 +90,7 @@ def _inputs(view: RunView, config: DescribeConfig) -> tuple[list[int], dict, dic
     """The clusters to describe, and every cluster's input and output records."""
     wanted = config.clusters if config.clusters is not None else view.clusters["cluster"].tolist()
     view.check_clusters(wanted)
-    return wanted, *cluster_records(view)
+    return wanted, *load_cluster_records(view)
 
 
 def describe_summary(result: dict, run_dir: str) -> str:

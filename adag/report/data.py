@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from adag.describe.records import cluster_records
+from adag.describe.records import load_cluster_records
 from adag.view import RunView
 
 EXEMPLARS = 5
@@ -41,7 +41,7 @@ def run_payload(view: RunView) -> dict:
     members_of = dict(tuple(half.groupby("cluster")))
     steering_of = dict(tuple(steering.groupby("cluster"))) if steering is not None else {}
     control_of = {int(r["cluster"]): r for r in controls.to_dict("records")} if controls is not None else {}
-    inputs, outputs = cluster_records(view)
+    inputs, outputs = load_cluster_records(view)
     texts = view.prompt_text
 
     cluster_items = []
