@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,9 +61,25 @@ class LoadedModel:
         return self.adapter.neuron_count(self.model)
 
     @property
+    def pad_id(self) -> int:
+        """The token that fills padding: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+        for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if token_id is not None:
+                return token_id
+        return 0
+
+    @property
     def device(self) -> torch.device:
         """Where inputs go: the input embeddings' device (the first of several under a device map)."""
         return self.model.get_input_embeddings().weight.device
+
+    @contextmanager
+    def seeded(self, seed: int) -> Iterator[None]:
+        """Sample with this seed on a fork of torch's RNG: the global RNG state is restored on exit."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
 
 def cache_dir() -> Path:
