@@ -124,6 +124,11 @@ def _drop_a_tensor(path):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+def _widen_mlp_in_config(directory):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+
+
 def _shard_index(directory):
     index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -142,6 +147,7 @@ DAMAGES = {
                              "model.safetensors is damaged"),
     "empty weights": (lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors is damaged"),
     "missing tensor": (lambda d: _drop_a_tensor(d / "model.safetensors"), "the weights lack 1 tensor(s)"),
+    "shapes unlike config": (_widen_mlp_in_config, "the weights do not fit config.json"),
     "missing shard": (_shard_index, "lacks the weight shard model-00002-of-00002.safetensors"),
     "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "could not load the tokenizer"),
 }

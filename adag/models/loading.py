@@ -175,8 +175,12 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def _load_weights(directory: Path, dtype: torch.dtype, device_map: dict) -> PreTrainedModel:
-    model, info = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, device_map=device_map, use_safetensors=True, output_loading_info=True)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, device_map=device_map, use_safetensors=True, output_loading_info=True)
+    except RuntimeError as error:  # tensors whose shapes differ from what config.json describes
+        raise AdagError(f"{directory}: the weights do not fit config.json ({_first_line(error)}); "
+                        "the checkpoint does not match its config") from None
     missing = info.get("missing_keys") or []
     if missing:
         example = sorted(missing)[0]
