@@ -1,4 +1,7 @@
-"""Tracing settings; defaults are the published reference settings (DESIGN.md sections 3-6)."""
+"""Tracing settings; defaults are the published reference settings (DESIGN.md sections 3-6).
+
+Light on purpose (pydantic only): the CLI builds its options from these models at start-up.
+"""
 
 from __future__ import annotations
 
@@ -13,25 +16,28 @@ DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 8}
 
 
 class TraceConfig(BaseModel):
+    """Settings that shape the traced tables; recorded in the run's manifest."""
+
     model_config = ConfigDict(extra="forbid")
 
     metric: Literal["topk", "labels", "logit_diff"] = Field(
-        "topk", description="topk: the model's own top next tokens; labels: the given labels, summed; "
-        "logit_diff: first label minus second")
+        "topk", description="what the graph explains: the top --n-targets next tokens, the rows' labels, or "
+        "the difference of the first two labels' logits")
     n_targets: int = Field(5, ge=1, description="number of top next tokens summed in the topk metric")
     selection: Literal["threshold", "topk"] = Field(
-        "threshold", description="keep nodes by threshold, or the top-nodes highest-scoring per prompt")
-    threshold: float = Field(0.005, gt=0, description="keep a neuron or embedding node v when "
-                             "|RelP_v| >= threshold * |m|")
-    top_nodes: int = Field(200, ge=1, description="nodes kept per prompt (or in all) with selection=topk")
+        "threshold", description="keep nodes by relative score (--threshold) or the top --top-nodes")
+    threshold: float = Field(0.005, gt=0, allow_inf_nan=False, description="keep a neuron or embedding node "
+                             "when |RelP| >= threshold * |m|")
+    top_nodes: int = Field(200, ge=1, description="nodes kept per prompt (or in all) with --selection topk")
     aggregation: Literal["none", "any", "mean"] = Field(
         "any", description="none: select per prompt; any/mean: select (layer, position from the end, neuron) "
         "keys by their max/mean score over the dataset and keep them in every prompt (meant for prompts "
         "built from one template)")
     keep_first_position: bool = Field(False, description="allow nodes at each prompt's first position "
                                       "(an attention sink)")
-    blacklist: list[tuple[int, int, int]] = Field(default_factory=list, description="(layer, neuron, polarity) "
-                                                  "half-neurons never kept")
+    blacklist: list[tuple[int, int, int]] = Field(
+        default_factory=list, description="(layer, neuron, polarity) half-neurons never kept",
+        json_schema_extra={"cli": False})
     rules: Literal["half", "no_half", "plain"] = Field(
         "half", description="gradient rules: half (RelP with the half rule), no_half, or plain gradients")
     profiles: Literal["total", "direct"] = Field(
@@ -40,11 +46,12 @@ class TraceConfig(BaseModel):
     input_profiles: Literal["auto", "forward", "vjp"] = Field(
         "auto", description="how input profiles are computed: forward (one tangent forward per source "
         "position), vjp (one backward row per kept node) or auto (the cheaper one, per batch); "
-        "forward needs rules=half")
+        "forward needs --rules half")
     edges: bool = Field(True, description="compute direct edges (a second, cut forward pass)")
-    edge_threshold: float = Field(0.01, ge=0, description="drop edges with |w| below this")
-    batch_size: int | None = Field(None, ge=1, description="prompts per batch; default: per device, "
-                                   "from measurements (see DEFAULT_BATCH_SIZE)")
+    edge_threshold: float = Field(0.01, ge=0, allow_inf_nan=False, description="drop edges with |w| below this")
+    batch_size: int | None = Field(None, ge=1, description="prompts per batch (one part of the tables per batch); "
+                                   "default by device: " + ", ".join(f"{device} {size}" for device, size in
+                                                                    DEFAULT_BATCH_SIZE.items()))
     chunk_size: int | None = Field(None, ge=1, description="rows per batched pass (vector-Jacobian "
                                    "products or tangent rows); default: as many as fit the working memory")
 
@@ -57,5 +64,18 @@ class TraceConfig(BaseModel):
     @model_validator(mode="after")
     def _forward_mode_needs_half_rule(self) -> TraceConfig:
         if self.input_profiles == "forward" and self.rules != "half":
-            raise ValueError("input_profiles=forward needs rules=half (use vjp or auto with other rules)")
+            raise ValueError("--input-profiles forward needs --rules half (use vjp or auto with other rules)")
         return self
+
+
+class TraceInputs(BaseModel):
+    """What to trace and where: the run's identity, not recorded as settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="built-in name, local model directory or hub id (org/name)")
+    dataset: str = Field(description="built-in dataset name or a .jsonl/.csv file")
+    out: str = Field(description="run directory to create (or resume)")
+    limit: int | None = Field(None, ge=1, description="trace only the first N prompts")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (spread over GPUs)")

@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -14,7 +15,8 @@ from tqdm.auto import tqdm
 from adag.datasets import Dataset, encode_prompt, label_token_ids
 from adag.errors import AdagError
 from adag.models import LoadedModel
-from adag.store import RunDir
+from adag.stages import writing
+from adag.store import RunDir, StageWriter, check_run_target
 from adag.trace.attribute import (
     BatchAttribution,
     NodeKeys,
@@ -56,28 +58,40 @@ class PhaseTimer:
         self.seconds[phase] += time.perf_counter() - started
 
 
-def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: str, progress: bool = True) -> RunDir:
-    """Trace every prompt of `dataset` into the run directory `out`; an interrupted run resumes."""
+def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: str | Path, progress: bool = True,
+                  command: str | None = None) -> RunDir:
+    """Trace every prompt of `dataset` into the run directory `out`; an interrupted run resumes, and a
+    rerun with the same settings redoes only missing or damaged parts."""
     config = config.for_device(lm.device.type)
-    model_facts, dataset_facts = run_manifest_facts(lm, dataset)
-    run = RunDir.create(out, model_facts, dataset_facts)
-    settings = config.model_dump(mode="json")
-    if run.stage_config(STAGE) not in (None, settings) and _has_nodes(run):
-        raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
-                        "(or delete this one) so that no finished work is lost")
-    resume = run.begin_stage(STAGE, settings)
+    check_targets(lm, config)
     tokens, labels = encode_dataset(lm, dataset, config)
+    run = RunDir.create(out, *run_manifest_facts(lm, dataset))
+    settings = config.model_dump(mode="json")
+    with run.lock():
+        run.reload()
+        unfinished = run.staged_attempt(STAGE)
+        if run.stage_config(STAGE) not in (None, settings) or (unfinished and unfinished["config"] != settings):
+            raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
+                            "(or delete this one) so that no finished work is lost")
+        with writing(run, STAGE, config, command) as (_, stage):
+            _trace_parts(lm, dataset, config, tokens, labels, stage, progress)
+    return run
+
+
+def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens: list[list[int]],
+                 labels: list[list[int]], stage: StageWriter, progress: bool) -> None:
+    tables = [name for name in TABLES if name != "edges" or config.edges]
     plan = batch_plan(tokens, config.batch_size)
+    todo = {part for part in range(len(plan)) if not all(stage.has_part(name, part) for name in tables)}
     timer = PhaseTimer(lm.device)
     keys, largest_score = None, 0.0
-    if config.aggregation != "none":
+    if todo and config.aggregation != "none":
         warn_if_unaligned(tokens, config)
         with timer("select_keys"):
             keys, largest_score = _dataset_keys(lm, config, tokens, labels, plan, progress)
-
     bar = tqdm(total=len(dataset), unit="prompt", desc="trace", disable=not progress)
     for part, prompt_ids in enumerate(plan):
-        if resume and run.has_part(STAGE, "prompts", part):
+        if part not in todo:
             bar.update(len(prompt_ids))
             continue
         batch = _batch(lm, tokens, labels, prompt_ids)
@@ -93,28 +107,47 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
         with timer("edges"):
             edges = edges_pass(lm, config, batch, profiles) if config.edges else None
         with timer("write"):
-            tables = batch_tables(BatchAttribution(profiles, edges), batch, prompt_ids,
-                                  [dataset.rows[i] for i in prompt_ids], lm.tokenizer)
-            for name in TABLES:
-                if name in tables:
-                    run.write_part(STAGE, name, part, tables[name])
+            batch_result = batch_tables(BatchAttribution(profiles, edges), batch, prompt_ids,
+                                        [dataset.rows[i] for i in prompt_ids], lm.tokenizer)
+            for name in tables:
+                stage.write_part(name, part, batch_result[name])
         bar.update(len(prompt_ids))
     bar.close()
-    totals = {name: len(run.read_table(STAGE, name, columns=["prompt"]))
-              for name in ("nodes", "embeddings", "edges") if name != "edges" or config.edges}
+    totals = {name: len(stage.read_table(name, columns=["prompt"])) for name in tables if name != "prompts"}
     if totals["nodes"] == 0:
+        stage.cancel()  # nothing worth keeping: a rerun with another threshold starts afresh
         raise AdagError(_no_nodes_message(config, len(dataset), largest_score))
-    run.finish_stage(STAGE, prompts=len(dataset), **totals,
-                     phase_seconds={phase: round(s, 2) for phase, s in timer.seconds.items()})
-    return run
+    stage.facts.update(prompts=len(dataset), **{"edges": 0, **totals},
+                       phase_seconds={phase: round(seconds, 2) for phase, seconds in timer.seconds.items()})
 
 
-def _has_nodes(run: RunDir) -> bool:
-    """Whether an earlier trace in this run kept any node (else nothing is lost by starting over)."""
-    try:
-        return len(run.read_table(STAGE, "nodes", columns=["prompt"])) > 0
-    except AdagError:
-        return False
+def trace_command(run_dir: str, config: TraceConfig, model: str, dataset: str, limit: int | None = None,
+                  dtype: str = "float32", device: str = "cpu") -> RunDir:
+    """`adag trace`: load the dataset and the model, then trace."""
+    from adag.datasets import load_dataset
+    from adag.models import load_model
+    from adag.stages import command_line
+
+    check_run_target(Path(run_dir))
+    rows = load_dataset(dataset, limit=limit)
+    lm = load_model(model, dtype=dtype, device=device)
+    command = command_line(STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
+                           dtype=dtype, device=device)
+    return trace_dataset(lm, rows, config, run_dir, command=command)
+
+
+def trace_summary(run: RunDir, run_dir: str) -> str:
+    facts = run.manifest["stages"][STAGE]
+    return (f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['embeddings']} embedding nodes, "
+            f"{facts['edges']} edges in {facts['seconds']:.1f}s -> {run_dir}")
+
+
+def check_targets(lm: LoadedModel, config: TraceConfig) -> None:
+    """The metric's top tokens must exist in the vocabulary."""
+    vocabulary = lm.model.get_output_embeddings().weight.shape[0]
+    if config.metric == "topk" and config.n_targets > vocabulary:
+        raise AdagError(f"--n-targets {config.n_targets} is more than the model's vocabulary of {vocabulary} "
+                        f"tokens; choose --n-targets between 1 and {vocabulary}")
 
 
 def _no_nodes_message(config: TraceConfig, prompts: int, largest_score: float) -> str:
@@ -178,9 +211,8 @@ def batch_plan(tokens: list[list[int]], batch_size: int) -> list[list[int]]:
 
 
 def _batch(lm: LoadedModel, tokens: list[list[int]], labels: list[list[int]], prompt_ids: list[int]) -> PromptBatch:
-    pad = lm.tokenizer.pad_token_id
-    pad = pad if pad is not None else 0
-    return PromptBatch.left_pad([tokens[i] for i in prompt_ids], [labels[i] for i in prompt_ids], pad, lm.device)
+    return PromptBatch.left_pad([tokens[i] for i in prompt_ids], [labels[i] for i in prompt_ids], lm.pad_id,
+                                lm.device)
 
 
 def _dataset_keys(lm: LoadedModel, config: TraceConfig, tokens: list[list[int]], labels: list[list[int]],
