@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from adag.cli import app
 from adag.datasets import load_dataset
-from adag.store import RunDir
+from adag.store import FORMAT_VERSION, RunDir
 from tests.fake_openai import FakeOpenAI
 from tests.test_store import snapshot
 from tests.tiny import tiny_model
@@ -169,7 +169,7 @@ def test_a_damaged_trace_part_is_named_before_cluster_and_repaired_by_trace(buil
 
 
 @pytest.mark.parametrize("content, match", [
-    (b"[]", "holds a JSON list"), (b'{"format_version": 2}', "lacks 'adag_version'"),
+    (b"[]", "holds a JSON list"), (json.dumps({"format_version": FORMAT_VERSION}).encode(), "lacks 'adag_version'"),
     (bytes(range(256)), "is not valid JSON")])
 def test_a_damaged_manifest(built_run, tmp_path, content, match):
     run = tmp_path / "run"
