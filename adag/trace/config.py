@@ -9,10 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Prompts per batch when not given, by device type. On CPU a batch of one is fastest: padding and
-# larger working sets cost more than batching saves (benchmarks/trace_bench.py, README "Benchmarks").
-# On a GPU, batching fills the device.
-DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 8}
+# Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
+# built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
+# (benchmarks/device_check.sh prints the figures that settle it).
+DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 8}
 
 
 class TraceConfig(BaseModel):
