@@ -103,6 +103,7 @@ class LinearisedPass:
     tap: NeuronTap
     targets: Targets
     target_logits: torch.Tensor  # (B, k)
+    target_probs: torch.Tensor  # (B, k) the model's next-token probabilities of the targets
 
     @property
     def metric(self) -> torch.Tensor:
@@ -128,7 +129,8 @@ def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch,
         targets = choose_targets(config.metric, config.k, last, batch.labels)
         softcap = lm.adapter.logit_softcap(lm.model) if config.rules != "plain" else None
         logits = target_logits(last, tap.unembedded, softcap, targets)
-    return LinearisedPass(tap, targets, logits)
+        probs = last.detach().float().softmax(-1).gather(-1, targets.ids)
+    return LinearisedPass(tap, targets, logits, probs)
 
 
 # Phase 1
@@ -190,6 +192,7 @@ class BatchAttribution:
     metric: torch.Tensor  # (B,)
     targets: Targets
     target_logits: torch.Tensor  # (B, k)
+    target_probs: torch.Tensor  # (B, k)
     embedding_relevance: torch.Tensor  # (B, T)
     activation: torch.Tensor  # (K,)
     attribution: torch.Tensor  # (K,) RelP
@@ -230,7 +233,8 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: N
             edge_chunks.append(_edges(members, slot, to_nodes, activation, eps, nodes, config.edge_threshold))
 
     result = BatchAttribution(nodes, profiled.metric.detach(), profiled.targets, profiled.target_logits.detach(),
-                              embedding_relevance.float(), activation, relp, input_profile, output_profile)
+                              profiled.target_probs, embedding_relevance.float(), activation, relp, input_profile,
+                              output_profile)
     if config.edges:
         direct_logit_grads, _ = _logit_vjps(cut, layers) if profiled is not cut else (logit_grads, None)
         result.edges = torch.cat(edge_chunks) if edge_chunks else torch.zeros((0, 3))

@@ -1,7 +1,8 @@
 """The trace stage's Parquet tables, one part per batch under RUN_DIR/trace/<table>/.
 
 prompts  one row per prompt: prompt, text, metadata (JSON), n_tokens, tokens, token_ids, metric,
-         target_ids, target_tokens, target_coeffs, target_logits, embedding_relevance (per position).
+         target_ids, target_tokens, target_coeffs, target_logits, target_probs (the model's next-token
+         probabilities), embedding_relevance (per position).
 nodes    one row per kept node: prompt, node (id within the prompt, ordered by layer, position,
          neuron), layer, position (unpadded), neuron, activation, attribution (RelP),
          input_profile (one value per prompt position), output_profile (one value per target).
@@ -81,6 +82,7 @@ def batch_tables(result: BatchAttribution, batch: PromptBatch, prompt_ids: list[
         "target_tokens": [[tokenizer.decode([t]) for t in ids] for ids in target_ids],
         "target_coeffs": result.targets.coeffs.cpu().numpy().tolist(),
         "target_logits": result.target_logits.cpu().numpy().tolist(),
+        "target_probs": result.target_probs.cpu().numpy().tolist(),
         "embedding_relevance": [relevance[b, offsets[b]:].astype(np.float32) for b in range(len(prompt_ids))],
     })
     tables = {"prompts": prompts_table, "nodes": nodes_table}
