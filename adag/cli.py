@@ -154,6 +154,12 @@ def cluster(
                f"intra/inter similarity {_maybe(diagnostics['intra_inter_ratio'])}")
 
 
+def _option_error(error) -> AdagError:
+    """A pydantic ValidationError as a one-line error naming the option."""
+    first = error.errors()[0]
+    return AdagError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}")
+
+
 def _maybe(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -332,15 +338,12 @@ def judge(
 def serve(
     run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
     host: Annotated[str, typer.Option(help="address to bind (127.0.0.1 keeps it on this machine)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
+    port: Annotated[int, typer.Option(help="port (0 picks a free one)")] = 8000,
 ) -> None:
-    """Browse a run: cluster graph, cluster panels, per-prompt neuron graphs."""
+    """Browse a run: cluster graph, cluster panels, every prompt's attribution graph (loaded on demand)."""
     from adag.report import make_server
 
-    try:
-        server = make_server(run_dir, host, port)
-    except OSError as error:
-        raise AdagError(f"cannot listen on {host}:{port} ({error.strerror}); try another --port") from None
+    server = make_server(run_dir, host, port)
     typer.echo(f"serving {run_dir} at http://{host}:{server.server_port}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()
@@ -353,11 +356,48 @@ def serve(
 def report(
     run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
     out: Annotated[str | None, typer.Option(help="output file (default RUN_DIR/report.html)")] = None,
+    prompts: Annotated[int, typer.Option(help="embed the attribution graphs of this many prompts, those with "
+                                         "the largest total |attribution|")] = 50,
+    prompt_ids: Annotated[str | None, typer.Option(help="comma-separated prompt ids whose graphs to embed "
+                                                   "instead")] = None,
 ) -> None:
-    """Write the viewer with all its data as one self-contained HTML file."""
-    from adag.report import write_report
+    """Write the viewer with its data as one self-contained HTML file."""
+    from pydantic import ValidationError
 
-    typer.echo(f"report written to {write_report(run_dir, out)}")
+    from adag.report import ReportConfig, write_report
+
+    try:
+        config = ReportConfig(prompts=prompts, prompt_ids=_numbers(prompt_ids, int) if prompt_ids else None)
+    except ValidationError as error:
+        raise _option_error(error) from None
+    path, embedded, total = write_report(run_dir, out, config)
+    left_out = f" ({total - embedded} left out; `adag serve` shows them all)" if embedded < total else ""
+    typer.echo(f"report with the attribution graphs of {embedded} of {total} prompts{left_out} written to {path}")
+
+
+@app.command()
+@friendly
+def figure(
+    run_dir: Annotated[str, typer.Argument(help="a traced run directory (clustered for --clusters)")],
+    out: Annotated[str, typer.Option(help="output file: .svg, .png or .pdf")],
+    prompt: Annotated[int | None, typer.Option(help="prompt id whose attribution graph to draw")] = None,
+    clusters: Annotated[bool, typer.Option("--clusters", help="draw the dataset cluster graph instead")] = False,
+    supernodes: Annotated[bool, typer.Option("--supernodes", help="collapse each cluster into one node")] = False,
+    share: Annotated[float, typer.Option(help="keep the nodes carrying this share of the attribution")] = 0.8,
+    min_weight: Annotated[float, typer.Option(help="draw only edges with |weight| at least this")] = 0.0,
+    color_by: Annotated[str, typer.Option(help="sign or cluster")] = "sign",
+) -> None:
+    """Draw a prompt's attribution graph (or the cluster graph) as a static picture for papers."""
+    from pydantic import ValidationError
+
+    from adag.report.figure import FigureConfig, write_figure
+
+    try:
+        config = FigureConfig(prompt=prompt, clusters=clusters, supernodes=supernodes, share=share,
+                              min_weight=min_weight, color_by=color_by)
+    except ValidationError as error:
+        raise _option_error(error) from None
+    typer.echo(f"figure written to {write_figure(run_dir, out, config)}")
 
 
 @app.command()

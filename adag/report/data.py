@@ -1,9 +1,15 @@
-"""Everything the viewer shows, gathered from a run directory into one JSON-able dict."""
+"""Everything the viewer and figures show, read from a run directory and turned into JSON-able dicts.
+
+`read_tables` is the one place that reads the run; the rest works on the tables it returns.
+"""
 
 from __future__ import annotations
 
 import base64
+import colorsys
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,16 +17,84 @@ import pandas as pd
 
 from adag.cluster.run import node_clusters
 from adag.describe.records import input_records, output_records
+from adag.errors import AdagError
+from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
+from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
 from adag.store import RunDir
 
 EXEMPLARS = 5
 PUSHED = 8
-NEURON_EDGES = 400
+EDGE_COLUMNS = ["prompt", "source_kind", "source", "target_kind", "target", "weight", "attribution"]
+KIND_CODES = {"embedding": "e", "neuron": "n", "supernode": "s", "logit": "l"}
 
 
-def _table(run: RunDir, stage: str, name: str) -> pd.DataFrame | None:
-    path, parts = run.table_path(stage, name), run.path / stage / name
-    return run.read_table(stage, name) if path.exists() or parts.is_dir() else None
+@dataclass
+class RunTables:
+    """The tables the viewer, figures and export draw from, sorted by prompt, with each node's
+    cluster (-1 for none) and each cluster's label. Cluster tables are None before `adag cluster`."""
+
+    run: RunDir
+    prompts: pd.DataFrame
+    nodes: pd.DataFrame
+    embeddings: pd.DataFrame
+    edges: pd.DataFrame
+    half_neurons: pd.DataFrame | None
+    clusters: pd.DataFrame | None
+    mean_clusters: pd.DataFrame | None
+    mean_cluster_edges: pd.DataFrame | None
+    descriptions: pd.DataFrame | None
+    steering: pd.DataFrame | None
+    controls: pd.DataFrame | None
+    labels: dict[int, str]
+
+    def of_prompt(self, table: pd.DataFrame, prompt: int) -> pd.DataFrame:
+        """The rows of a table sorted by prompt that belong to one prompt."""
+        column = table["prompt"].to_numpy()
+        return table.iloc[np.searchsorted(column, prompt, "left"):np.searchsorted(column, prompt, "right")]
+
+    def prompt_row(self, prompt: int) -> pd.Series:
+        rows = self.of_prompt(self.prompts, prompt)
+        if rows.empty:
+            ids = self.prompts["prompt"]
+            raise AdagError(f"no prompt {prompt} in {self.run.path}; prompts are {ids.min()}..{ids.max()}")
+        return rows.iloc[0]
+
+    def graph(self, prompt: int) -> PromptGraph:
+        nodes = self.of_prompt(self.nodes, prompt)
+        return prompt_graph(self.prompt_row(prompt), nodes, self.of_prompt(self.embeddings, prompt),
+                            self.of_prompt(self.edges, prompt), self.run.manifest["model"]["layers"], self.labels)
+
+
+def _optional(run: RunDir, stage: str, name: str) -> pd.DataFrame | None:
+    exists = run.table_path(stage, name).exists() or (run.path / stage / name).is_dir()
+    return run.read_table(stage, name) if run.stage_done(stage) and exists else None
+
+
+def read_tables(run_dir: str | Path) -> RunTables:
+    """Read a traced run and whatever later stages have written."""
+    run = RunDir.open(run_dir)
+    run.require_stage("trace", "adag trace")
+
+    def by_prompt(table: pd.DataFrame) -> pd.DataFrame:
+        return table.sort_values("prompt", kind="stable").reset_index(drop=True)
+
+    prompts = by_prompt(run.read_table("trace", "prompts"))
+    nodes = by_prompt(run.read_table("trace", "nodes"))
+    edges = _optional(run, "trace", "edges")
+    half = _optional(run, "cluster", "half_neurons")
+    clusters = _optional(run, "cluster", "clusters")
+    descriptions = _optional(run, "describe", "descriptions")
+    nodes["cluster"] = node_clusters(nodes, half) if half is not None else -1
+    labels = {int(c): f"cluster {int(c)}" for c in clusters["cluster"]} if clusters is not None else {}
+    if descriptions is not None:
+        labels.update({int(c): str(label) for c, label in zip(descriptions["cluster"], descriptions["label"])
+                       if label})
+    return RunTables(
+        run=run, prompts=prompts, nodes=nodes, embeddings=by_prompt(run.read_table("trace", "embeddings")),
+        edges=by_prompt(edges) if edges is not None else pd.DataFrame(columns=EDGE_COLUMNS),
+        half_neurons=half, clusters=clusters, mean_clusters=_optional(run, "cluster", "mean_clusters"),
+        mean_cluster_edges=_optional(run, "cluster", "mean_cluster_edges"), descriptions=descriptions,
+        steering=_optional(run, "steer", "summary"), controls=_optional(run, "steer", "controls"), labels=labels)
 
 
 def _clean(value: Any) -> Any:
@@ -36,58 +110,84 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_payload(run: RunDir) -> dict:
-    """The viewer's data: prompts, clusters with descriptions and exemplars, cluster graphs (dataset
-    average and per prompt), and each prompt's neuron-level graph (strongest edges)."""
+def cluster_color(cluster: int) -> str:
+    """A distinct colour per cluster: hues a golden angle apart."""
+    red, green, blue = colorsys.hls_to_rgb((cluster * 0.381966) % 1.0, 0.5, 0.65)
+    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+
+
+def chosen_prompts(tables: RunTables, count: int, ids: list[int] | None = None) -> list[int]:
+    """The prompts whose graphs a report embeds: the given ids, or the `count` prompts with the largest
+    total |attribution| over their nodes."""
+    if ids is not None:
+        known = set(tables.prompts["prompt"].tolist())
+        missing = sorted(set(ids) - known)
+        if missing:
+            raise AdagError(f"no prompt {missing[0]} in {tables.run.path}; prompts are "
+                            f"{min(known)}..{max(known)}")
+        return sorted(set(ids))
+    totals = tables.nodes.assign(strength=tables.nodes["attribution"].abs()).groupby("prompt")["strength"].sum()
+    totals = totals.reindex(tables.prompts["prompt"], fill_value=0.0)
+    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+    return sorted(int(p) for p, _ in ranked[:max(count, 0)])
+
+
+def run_payload(tables: RunTables, graph_prompts: list[int]) -> dict:
+    """The viewer's data: prompts, clusters with descriptions and exemplars, the dataset cluster graph
+    and the attribution graphs of `graph_prompts` (others are left out, or served on demand)."""
+    run = tables.run
     run.require_stage("cluster", "adag cluster")
-    prompts = run.read_table("trace", "prompts")
-    nodes = run.read_table("trace", "nodes")
-    half = run.read_table("cluster", "half_neurons")
-    clusters = run.read_table("cluster", "clusters")
-    node_cluster = node_clusters(nodes, half)
-    descriptions = _table(run, "describe", "descriptions")
-    described = descriptions.set_index("cluster") if descriptions is not None else None
-    steering = _table(run, "steer", "summary")
-    controls = _table(run, "steer", "controls")
+    totals = tables.nodes.assign(strength=tables.nodes["attribution"].abs()).groupby("prompt")["strength"].sum()
+    embedded = set(graph_prompts)
+    prompts = [{"id": int(p.prompt), "text": p.text, "metric": float(p.metric),
+                "total_attribution": float(totals.get(p.prompt, 0.0)), "embedded": int(p.prompt) in embedded,
+                "targets": [{"token": t, "logit": float(logit), "probability": float(prob)}
+                            for t, logit, prob in zip(p.target_tokens, p.target_logits, p.target_probs)]}
+               for p in tables.prompts.itertuples()]
+    return _clean({
+        "run": {"model": run.manifest["model"], "dataset": run.manifest["dataset"],
+                "prompts": len(prompts), "embedded": len(embedded)},
+        "prompts": prompts,
+        "clusters": _cluster_items(tables),
+        "cluster_graph": _cluster_graph(tables),
+        "graphs": {str(p): prompt_payload(tables, p) for p in sorted(embedded)},
+    })
+
+
+def _cluster_items(tables: RunTables) -> list[dict]:
+    run, prompts, nodes = tables.run, tables.prompts, tables.nodes
+    node_cluster = nodes["cluster"].to_numpy()
     inputs = input_records(nodes, prompts, node_cluster, run.stage_config("trace")["keep_first_position"])
     outputs = output_records(nodes, prompts, node_cluster)
     texts = dict(zip(prompts["prompt"], prompts["text"]))
-
-    cluster_items = []
-    for row in clusters.itertuples():
+    described = tables.descriptions.set_index("cluster") if tables.descriptions is not None else None
+    items = []
+    for row in tables.clusters.itertuples():
         c = int(row.cluster)
-        item = {"id": c, "size": int(row.size), "mean_layer": float(row.mean_layer),
-                "mean_attribution": float(row.mean_attribution), "label": f"cluster {c}"}
+        item = {"id": c, "size": int(row.size), "mean_layer": float(row.mean_layer), "color": cluster_color(c),
+                "mean_attribution": float(row.mean_attribution), "label": tables.labels[c]}
         if described is not None and c in described.index:
             d = described.loc[c]
             item.update({key: d[key] for key in ("status", "failure", "input_description", "input_score",
                                                  "negative_input_description", "negative_input_score",
                                                  "output_description", "output_score")})
-            if d["label"]:
-                item["label"] = d["label"]
         records = sorted(inputs.get(c, []), key=lambda r: -float(r.values.max(initial=0)))[:EXEMPLARS]
         item["exemplars"] = [{"prompt": r.prompt, "text": texts[r.prompt], "tokens": r.tokens,
                               "values": r.values.round(4).tolist()} for r in records]
         item["pushed"], item["suppressed"] = _pushed(outputs.get(c, []))
-        members = half[half["cluster"] == c].sort_values("attribution", key=abs, ascending=False)
+        members = tables.half_neurons[tables.half_neurons["cluster"] == c].sort_values(
+            "attribution", key=abs, ascending=False)
         item["members"] = members[["layer", "neuron", "polarity", "attribution"]].round(4).to_dict("records")
-        if steering is not None:
-            item["steering"] = steering[steering["cluster"] == c][["multiplier", "p_top", "kl"]].to_dict("records")
+        if tables.steering is not None:
+            mine = tables.steering[tables.steering["cluster"] == c]
+            item["steering"] = mine[["multiplier", "p_top", "kl"]].to_dict("records")
             plot = run.path / "steer" / "plots" / f"cluster-{c:03d}.png"
             if plot.exists():
                 item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
-        if controls is not None and c in set(controls["cluster"]):
-            item["control"] = controls[controls["cluster"] == c].iloc[0].to_dict()
-        cluster_items.append(item)
-
-    return _clean({
-        "run": {"model": run.manifest["model"], "dataset": run.manifest["dataset"]},
-        "prompts": [{"id": int(p.prompt), "text": p.text, "tokens": list(p.tokens),
-                     "targets": list(p.target_tokens), "metric": float(p.metric)} for p in prompts.itertuples()],
-        "clusters": cluster_items,
-        "graph": _graphs(run),
-        "neurons": _neuron_graphs(run, nodes, node_cluster),
-    })
+        if tables.controls is not None and c in set(tables.controls["cluster"]):
+            item["control"] = tables.controls[tables.controls["cluster"] == c].iloc[0].to_dict()
+        items.append(item)
+    return items
 
 
 def _pushed(records) -> tuple[list, list]:
@@ -102,40 +202,59 @@ def _pushed(records) -> tuple[list, list]:
     return up, down
 
 
-def _graphs(run: RunDir) -> dict:
-    mean_nodes = run.read_table("cluster", "mean_clusters")
-    mean_edges = _table(run, "cluster", "mean_cluster_edges")
-    prompt_nodes = run.read_table("cluster", "prompt_clusters")
-    prompt_edges = _table(run, "cluster", "cluster_edges")
-    graph = {"mean": {"nodes": mean_nodes.to_dict("records"),
-                      "edges": mean_edges.to_dict("records") if mean_edges is not None else []},
-             "prompts": {}}
-    for prompt, group in prompt_nodes.groupby("prompt"):
-        edges = prompt_edges[prompt_edges["prompt"] == prompt] if prompt_edges is not None else None
-        graph["prompts"][str(int(prompt))] = {
-            "nodes": group[["cluster", "attribution"]].to_dict("records"),
-            "edges": edges[["source_cluster", "target_cluster", "attribution"]].to_dict("records")
-            if edges is not None else []}
-    return graph
+def dataset_cluster_layout(tables: RunTables) -> Layout:
+    """The dataset cluster graph's layout, in the order of `tables.clusters`."""
+    mean = tables.mean_clusters.set_index("cluster")["attribution"].reindex(tables.clusters["cluster"], fill_value=0)
+    return cluster_layout(tables.clusters["mean_layer"].to_numpy(), mean.to_numpy(),
+                          [tables.labels[int(c)] for c in tables.clusters["cluster"]])
 
 
-def _neuron_graphs(run: RunDir, nodes: pd.DataFrame, node_cluster: np.ndarray) -> dict:
-    edges = _table(run, "trace", "edges")
-    frame = nodes[["prompt", "node", "layer", "position", "neuron", "activation", "attribution"]].assign(
-        cluster=node_cluster)
-    out = {}
-    for prompt, group in frame.groupby("prompt"):
-        entry = {"nodes": group.drop(columns="prompt").round(4).to_dict("records"), "edges": []}
-        if edges is not None:
-            mine = edges[(edges["prompt"] == prompt) & (edges["source_kind"].astype(str) == "neuron")
-                         & (edges["target_kind"].astype(str) == "neuron")]
-            mine = mine.reindex(mine["attribution"].abs().sort_values(ascending=False).index).head(NEURON_EDGES)
-            entry["edges"] = mine[["source", "target", "attribution"]].round(5).to_dict("records")
-        out[str(int(prompt))] = entry
-    return out
+def _cluster_graph(tables: RunTables) -> dict:
+    """Clusters placed by mean layer, sized by mean attribution over prompts; edges are mean summed
+    direct edge attributions between clusters."""
+    layout = dataset_cluster_layout(tables)
+    mean = tables.mean_clusters.set_index("cluster")["attribution"]
+    edges = tables.mean_cluster_edges
+    return {"layout": layout.to_json(), "radius": [CLUSTER_R_MIN, CLUSTER_R_MAX],
+            "clusters": tables.clusters["cluster"].astype(int).tolist(),
+            "attribution": [float(mean.get(c, 0.0)) for c in tables.clusters["cluster"]],
+            "edges": {"source": [] if edges is None else edges["source_cluster"].astype(int).tolist(),
+                      "target": [] if edges is None else edges["target_cluster"].astype(int).tolist(),
+                      "attribution": [] if edges is None else _round(edges["attribution"])}}
+
+
+def _round(values, digits: int = 5) -> list:
+    """Floats with `digits` significant digits, to keep the JSON small."""
+    array = np.asarray(values, dtype=float)
+    return [float(f"{v:.{digits}g}") if np.isfinite(v) else None for v in array]
+
+
+def graph_json(graph: PromptGraph, layout: Layout) -> dict:
+    """A graph with its layout as columns (compact JSON): nodes, edges, labels, axis."""
+    nodes = graph.nodes
+    return {
+        "kind": [KIND_CODES[k] for k in nodes["kind"]],
+        "layer": _round(nodes["layer"], 4), "position": nodes["position"].astype(int).tolist(),
+        "neuron": nodes["neuron"].astype(int).tolist(), "activation": _round(nodes["activation"], 4),
+        "attribution": _round(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
+        "members": nodes["members"].astype(int).tolist(), "prune": _round(pruning_order(graph), 4),
+        "edges": {"source": graph.edges["source"].astype(int).tolist(),
+                  "target": graph.edges["target"].astype(int).tolist(),
+                  "weight": _round(graph.edges["weight"], 4), "attribution": _round(graph.edges["attribution"], 4)},
+        "layout": layout.to_json(),
+    }
+
+
+def prompt_payload(tables: RunTables, prompt: int) -> dict:
+    """One prompt's attribution graph and its supernode graph, each with its layout."""
+    graph = tables.graph(prompt)
+    layout = prompt_layout(graph)
+    supernodes = collapse_clusters(graph)
+    return _clean({"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout),
+                   "supernodes": graph_json(supernodes, prompt_layout(supernodes, columns=layout.columns))})
 
 
 def payload_json(payload: dict) -> str:
     """JSON safe to embed in a <script> element: '<', '>' and '&' are escaped."""
-    return (json.dumps(payload, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
-            .replace("&", "\\u0026"))
+    return (json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+            .replace(">", "\\u003e").replace("&", "\\u0026"))
