@@ -356,8 +356,8 @@ def serve(
 def report(
     run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
     out: Annotated[str | None, typer.Option(help="output file (default RUN_DIR/report.html)")] = None,
-    prompts: Annotated[int, typer.Option(help="embed the attribution graphs of this many prompts, those with "
-                                         "the largest total |attribution|")] = 50,
+    prompts: Annotated[int | None, typer.Option(help="embed the attribution graphs of this many prompts, those "
+                                                "with the largest total |attribution|")] = None,
     prompt_ids: Annotated[str | None, typer.Option(help="comma-separated prompt ids whose graphs to embed "
                                                    "instead")] = None,
 ) -> None:
@@ -367,7 +367,7 @@ def report(
     from adag.report import ReportConfig, write_report
 
     try:
-        config = ReportConfig(prompts=prompts, prompt_ids=_numbers(prompt_ids, int) if prompt_ids else None)
+        config = ReportConfig(**_given(prompts=prompts, prompt_ids=_numbers(prompt_ids, int) if prompt_ids else None))
     except ValidationError as error:
         raise _option_error(error) from None
     path, embedded, total = write_report(run_dir, out, config)
@@ -383,9 +383,9 @@ def figure(
     prompt: Annotated[int | None, typer.Option(help="prompt id whose attribution graph to draw")] = None,
     clusters: Annotated[bool, typer.Option("--clusters", help="draw the dataset cluster graph instead")] = False,
     supernodes: Annotated[bool, typer.Option("--supernodes", help="collapse each cluster into one node")] = False,
-    share: Annotated[float, typer.Option(help="keep the nodes carrying this share of the attribution")] = 0.8,
-    min_weight: Annotated[float, typer.Option(help="draw only edges with |weight| at least this")] = 0.0,
-    color_by: Annotated[str, typer.Option(help="sign or cluster")] = "sign",
+    share: Annotated[float | None, typer.Option(help="keep the nodes carrying this share of the attribution")] = None,
+    min_weight: Annotated[float | None, typer.Option(help="draw only edges with |weight| at least this")] = None,
+    color_by: Annotated[str | None, typer.Option(help="sign or cluster")] = None,
 ) -> None:
     """Draw a prompt's attribution graph (or the cluster graph) as a static picture for papers."""
     from pydantic import ValidationError
@@ -393,11 +393,16 @@ def figure(
     from adag.report.figure import FigureConfig, write_figure
 
     try:
-        config = FigureConfig(prompt=prompt, clusters=clusters, supernodes=supernodes, share=share,
-                              min_weight=min_weight, color_by=color_by)
+        config = FigureConfig(**_given(prompt=prompt, clusters=clusters, supernodes=supernodes, share=share,
+                                       min_weight=min_weight, color_by=color_by))
     except ValidationError as error:
         raise _option_error(error) from None
     typer.echo(f"figure written to {write_figure(run_dir, out, config)}")
+
+
+def _given(**options):
+    """The options given on the command line; the config model holds the defaults."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @app.command()

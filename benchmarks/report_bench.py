@@ -2,9 +2,11 @@
 
     python benchmarks/report_bench.py --prompts 8 1000
 
-Each run has 30 layers, prompts of about 40 tokens with about 110 nodes each (60% at the last
-position) and direct edges of every kind. The report embeds the cluster views and at most 50 prompt
-graphs; load time is from navigation until the page has drawn both graphs, in headless Chromium.
+Each run is shaped like the demo run (SmolLM2-135M, country-capitals, threshold 0.01): 30 layers,
+prompts of about 40 tokens with about 320 nodes each (85% at the last position), a third of the
+tokens kept as embedding nodes, and about 19,000 direct edges per prompt. The report embeds the
+cluster views and at most 50 prompt graphs; load time is from navigation until the page has drawn
+both graphs, in headless Chromium.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from adag.report import ReportConfig, serve_in_background, write_report
 from adag.report.synthetic import synthetic_run
+from adag.store import RunDir
 from tests.browser import chromium, open_page
 
 
@@ -38,8 +41,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             run = Path(folder) / "run"
             started = time.perf_counter()
-            synthetic_run(run, prompts=prompts, layers=30, nodes=110, last_share=0.6, length=(36, 44), neurons=50,
-                          clusters=8 if prompts < 100 else 20, edge_density=0.08, labels=["a cluster label"])
+            synthetic_run(run, prompts=prompts, layers=30, nodes=320, last_share=0.85, length=(36, 44), neurons=60,
+                          clusters=8 if prompts < 100 else 20, edge_density=0.4, labels=["a cluster label"])
             made = time.perf_counter() - started
             started = time.perf_counter()
             path, embedded, total = write_report(str(run), str(run / "report.html"),
@@ -57,7 +60,9 @@ def main() -> None:
             finally:
                 server.shutdown()
                 server.server_close()
-            print(f"{total} prompts (synthetic run built in {made:.0f} s), {embedded} prompt graphs embedded:")
+            edges = len(RunDir.open(run).read_table("trace", "edges", columns=["prompt"]))
+            print(f"{total} prompts, {edges / total:.0f} edges per prompt (synthetic run built in {made:.0f} s), "
+                  f"{embedded} prompt graphs embedded:")
             print(f"  report      {path.stat().st_size / 2**20:6.2f} MiB, written in {written:5.1f} s, "
                   f"loads in {load:5.2f} s")
             print(f"  served      page with cluster views loads in {served_load:5.2f} s; one prompt graph "

@@ -18,7 +18,14 @@ import pandas as pd
 from adag.cluster.run import node_clusters
 from adag.describe.records import input_records, output_records
 from adag.errors import AdagError
-from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
+from adag.report.graph import (
+    DEFAULT_MIN_WEIGHT,
+    DEFAULT_SHARE,
+    PromptGraph,
+    collapse_clusters,
+    prompt_graph,
+    pruning_order,
+)
 from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
 from adag.store import RunDir
 
@@ -112,7 +119,7 @@ def _clean(value: Any) -> Any:
 
 def cluster_color(cluster: int) -> str:
     """A distinct colour per cluster: hues a golden angle apart."""
-    red, green, blue = colorsys.hls_to_rgb((cluster * 0.381966) % 1.0, 0.5, 0.65)
+    red, green, blue = colorsys.hls_to_rgb((0.55 + cluster * 0.381966) % 1.0, 0.5, 0.65)
     return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
 
 
@@ -147,6 +154,7 @@ def run_payload(tables: RunTables, graph_prompts: list[int]) -> dict:
     return _clean({
         "run": {"model": run.manifest["model"], "dataset": run.manifest["dataset"],
                 "prompts": len(prompts), "embedded": len(embedded)},
+        "defaults": {"share": DEFAULT_SHARE, "min_weight": DEFAULT_MIN_WEIGHT},
         "prompts": prompts,
         "clusters": _cluster_items(tables),
         "cluster_graph": _cluster_graph(tables),
@@ -229,29 +237,32 @@ def _round(values, digits: int = 5) -> list:
     return [float(f"{v:.{digits}g}") if np.isfinite(v) else None for v in array]
 
 
-def graph_json(graph: PromptGraph, layout: Layout) -> dict:
-    """A graph with its layout as columns (compact JSON): nodes, edges, labels, axis."""
+def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> dict:
+    """A graph with its layout as columns (compact JSON): nodes, edges, labels, axis. Edge
+    attributions are left out unless asked for (the viewer draws edges by weight)."""
     nodes = graph.nodes
+    edges = {"source": graph.edges["source"].astype(int).tolist(), "target": graph.edges["target"].astype(int).tolist(),
+             "weight": _round(graph.edges["weight"], 3)}
+    if edge_attribution:
+        edges["attribution"] = _round(graph.edges["attribution"], 4)
     return {
         "kind": [KIND_CODES[k] for k in nodes["kind"]],
         "layer": _round(nodes["layer"], 4), "position": nodes["position"].astype(int).tolist(),
         "neuron": nodes["neuron"].astype(int).tolist(), "activation": _round(nodes["activation"], 4),
         "attribution": _round(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
         "members": nodes["members"].astype(int).tolist(), "prune": _round(pruning_order(graph), 4),
-        "edges": {"source": graph.edges["source"].astype(int).tolist(),
-                  "target": graph.edges["target"].astype(int).tolist(),
-                  "weight": _round(graph.edges["weight"], 4), "attribution": _round(graph.edges["attribution"], 4)},
-        "layout": layout.to_json(),
+        "edges": edges, "layout": layout.to_json(),
     }
 
 
 def prompt_payload(tables: RunTables, prompt: int) -> dict:
-    """One prompt's attribution graph and its supernode graph, each with its layout."""
+    """One prompt's attribution graph and its supernode graph (whose edges between clusters, with
+    their attributions, are the prompt's cluster graph), each with its layout."""
     graph = tables.graph(prompt)
     layout = prompt_layout(graph)
     supernodes = collapse_clusters(graph)
-    return _clean({"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout),
-                   "supernodes": graph_json(supernodes, prompt_layout(supernodes, columns=layout.columns))})
+    return _clean({"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, False),
+                   "supernodes": graph_json(supernodes, prompt_layout(supernodes, grid=layout.grid), True)})
 
 
 def payload_json(payload: dict) -> str:

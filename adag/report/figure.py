@@ -9,13 +9,14 @@ from typing import Literal
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, PathPatch
 from matplotlib.path import Path as CurvePath
 from pydantic import BaseModel, ConfigDict, Field
 
 from adag.errors import AdagError
 from adag.report.data import RunTables, cluster_color, dataset_cluster_layout, read_tables
-from adag.report.graph import PromptGraph, collapse_clusters, pruning_order
+from adag.report.graph import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, PromptGraph, collapse_clusters, pruning_order
 from adag.report.layout import FONT, LEFT, Label, Layout, prompt_layout
 from adag.store import atomic_write_bytes
 
@@ -31,9 +32,9 @@ class FigureConfig(BaseModel):
     prompt: int | None = Field(None, description="prompt id whose attribution graph to draw")
     clusters: bool = Field(False, description="draw the dataset cluster graph instead of a prompt's graph")
     supernodes: bool = Field(False, description="collapse each cluster of the prompt into one supernode")
-    share: float = Field(0.8, gt=0, le=1, description="keep the nodes that together carry this share of the "
+    share: float = Field(DEFAULT_SHARE, gt=0, le=1, description="keep the nodes that together carry this share of the "
                                                       "attribution")
-    min_weight: float = Field(0.0, ge=0, description="draw only edges with |weight| at least this")
+    min_weight: float = Field(DEFAULT_MIN_WEIGHT, ge=0, description="draw only edges with |weight| at least this")
     color_by: Literal["sign", "cluster"] = Field("sign", description="colour nodes by the sign of their "
                                                                      "attribution or by cluster")
 
@@ -77,13 +78,14 @@ def _label(axes, label: Label) -> None:
                   va="center", fontsize=FONT, family="monospace", color="#222222")
 
 
-def prompt_figure(graph: PromptGraph, colors: dict[int, str], supernodes: bool = False, share: float = 0.8,
-                  min_weight: float = 0.0, color_by: str = "sign") -> Figure:
+def prompt_figure(graph: PromptGraph, colors: dict[int, str], supernodes: bool = False,
+                  share: float = DEFAULT_SHARE, min_weight: float = DEFAULT_MIN_WEIGHT,
+                  color_by: str = "sign") -> Figure:
     """A prompt's attribution graph pruned to the nodes carrying `share` of the attribution."""
     layout = prompt_layout(graph)
     if supernodes:
         graph = collapse_clusters(graph)
-        layout = prompt_layout(graph, columns=layout.columns)
+        layout = prompt_layout(graph, grid=layout.grid)
     nodes, edges = graph.nodes, graph.edges
     shown = (pruning_order(graph) < share) | (share >= 1)
     figure, axes = _canvas(layout)
@@ -96,6 +98,12 @@ def prompt_figure(graph: PromptGraph, colors: dict[int, str], supernodes: bool =
             _curve(axes, layout.x[s], layout.y[s], layout.x[t], layout.y[t], edgecolor=_sign(edges["weight"].iat[e]),
                    alpha=0.45, linewidth=0.3 + 2.7 * weights[e] / top, zorder=1)
     kinds, clusters = nodes["kind"].to_numpy(), nodes["cluster"].to_numpy()
+    if color_by == "cluster":
+        drawn = sorted({int(c) for c in clusters[shown & (clusters >= 0)]})
+        labels = dict(zip(nodes["cluster"], nodes["label"]))
+        axes.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colors.get(c, LIGHT),
+                                    label=f"{c}: {labels[c]}") for c in drawn],
+                    loc="upper left", bbox_to_anchor=(LEFT / layout.width, 1.0), frameon=False, fontsize=FONT)
     for i in np.flatnonzero(shown):
         if kinds[i] == "logit":
             fill = GREY
@@ -106,7 +114,8 @@ def prompt_figure(graph: PromptGraph, colors: dict[int, str], supernodes: bool =
         axes.add_patch(Circle((layout.x[i], layout.y[i]), layout.r[i], facecolor=fill, edgecolor="white",
                               linewidth=0.6, zorder=2))
     for label in layout.labels:
-        _label(axes, label)
+        if label.node < 0 or shown[label.node]:
+            _label(axes, label)
     return figure
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 FEATURE_KINDS = ("neuron", "supernode")
+DEFAULT_SHARE = 0.8  # of the attribution carried by the nodes drawn
+DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn
 
 
 @dataclass
@@ -111,19 +113,16 @@ def collapse_clusters(graph: PromptGraph) -> PromptGraph:
 
 
 def pruning_order(graph: PromptGraph) -> np.ndarray:
-    """For each node, the share of its kind's total |attribution| carried by the nodes stronger than it
-    (features, i.e. neurons and supernodes, are ranked together; embeddings apart; logits get 0).
-    Keeping the nodes whose value is below s keeps the fewest nodes that together carry a share s."""
+    """For each feature node (neuron or supernode), the share of all features' |attribution| carried
+    by the features stronger than it; keeping the features whose value is below s keeps the fewest
+    that together carry a share s. Embedding and logit nodes, the graph's ends, get 0: they are
+    always kept (the trace already kept only the embeddings that pass its threshold)."""
     nodes = graph.nodes
     order = np.zeros(len(nodes))
-    kinds = nodes["kind"].to_numpy()
     strength = nodes["attribution"].abs().to_numpy()
-    for pool in (np.isin(kinds, FEATURE_KINDS), kinds == "embedding"):
-        index = np.flatnonzero(pool)
-        total = strength[index].sum()
-        if not len(index) or total <= 0:
-            continue
-        ranked = index[np.argsort(-strength[index], kind="stable")]
-        carried = np.cumsum(strength[ranked]) - strength[ranked]
-        order[ranked] = carried / total
+    features = np.flatnonzero(np.isin(nodes["kind"].to_numpy(), FEATURE_KINDS))
+    total = strength[features].sum()
+    if len(features) and total > 0:
+        ranked = features[np.argsort(-strength[features], kind="stable")]
+        order[ranked] = (np.cumsum(strength[ranked]) - strength[ranked]) / total
     return order

@@ -75,7 +75,7 @@ def _prompt_tables(rng: np.random.Generator, prompt: int, layers: int, n_nodes: 
                         input_profile=[rng.dirichlet(np.ones(n_tokens)).astype(np.float32) for _ in range(count)],
                         output_profile=[rng.normal(size=k).astype(np.float32) for _ in range(count)])
 
-    kept = np.sort(rng.choice(np.arange(1, n_tokens), size=min(4, n_tokens - 1), replace=False))
+    kept = np.sort(rng.choice(np.arange(1, n_tokens), size=max(1, n_tokens // 3), replace=False))
     embeddings = pd.DataFrame({"prompt": prompt, "position": kept.astype(np.int32),
                                "token_id": token_ids[kept].astype(np.int32), "token": [tokens[p] for p in kept],
                                "relevance": (rng.normal(size=len(kept)) * 2).astype(np.float32)})
@@ -83,33 +83,29 @@ def _prompt_tables(rng: np.random.Generator, prompt: int, layers: int, n_nodes: 
     logits = np.sort(rng.normal(12, 2, k))[::-1]
     probs = np.exp(logits - logits.max())
     probs = probs / (probs.sum() * 1.5)
-    targets = rng.choice(len(VOCABULARY), k, replace=False)
+    target_ids = rng.choice(len(VOCABULARY), k, replace=False)
     prompts = pd.DataFrame([{
         "prompt": prompt, "text": "".join(tokens), "metadata": "{}", "n_tokens": n_tokens, "tokens": tokens,
-        "token_ids": token_ids.tolist(), "metric": float(logits.sum()), "target_ids": targets.tolist(),
-        "target_tokens": [VOCABULARY[t] for t in targets], "target_coeffs": [1.0] * k,
+        "token_ids": token_ids.tolist(), "metric": float(logits.sum()), "target_ids": target_ids.tolist(),
+        "target_tokens": [VOCABULARY[t] for t in target_ids], "target_coeffs": [1.0] * k,
         "target_logits": logits.tolist(), "target_probs": probs.tolist(),
         "embedding_relevance": rng.normal(size=n_tokens).astype(np.float32)}])
 
-    source, target = np.nonzero((keys["layer"].to_numpy()[:, None] < keys["layer"].to_numpy()[None, :])
-                                & (keys["position"].to_numpy()[:, None] <= keys["position"].to_numpy()[None, :])
+    layer_of, position_of = keys["layer"].to_numpy(), keys["position"].to_numpy()
+    source, target = np.nonzero((layer_of[:, None] < layer_of[None, :]) & (position_of[:, None] <= position_of[None, :])
                                 & (rng.random((count, count)) < edge_density))
-    from_embedding = [(e, t) for e in range(len(kept)) for t in range(count)
-                      if kept[e] <= keys["position"].iat[t] and rng.random() < 2 * edge_density]
-    to_logit = [(s, i) for s in range(count) for i in range(k) if rng.random() < edge_density]
-    frames = [
-        ("neuron", source, "neuron", target, attribution[target]),
-        ("embedding", kept[[e for e, _ in from_embedding]], "neuron", np.array([t for _, t in from_embedding], int),
-         attribution[[t for _, t in from_embedding]]),
-        ("neuron", np.array([s for s, _ in to_logit], int), "logit", np.array([i for _, i in to_logit], int),
-         logits[[i for _, i in to_logit]]),
-    ]
+    embedding, reached = np.nonzero((kept[:, None] <= position_of[None, :])
+                                    & (rng.random((len(kept), count)) < 2 * edge_density))
+    node, rank = np.nonzero(rng.random((count, k)) < edge_density)
+    frames = [("neuron", source, "neuron", target, attribution[target]),
+              ("embedding", kept[embedding], "neuron", reached, attribution[reached]),
+              ("neuron", node, "logit", rank, logits[rank])]
     edges = []
-    for source_kind, sources, target_kind, targets_, target_value in frames:
+    for source_kind, sources, target_kind, ends, end_value in frames:
         weight = rng.normal(scale=0.2, size=len(sources))
         edges.append(pd.DataFrame({"prompt": prompt, "source_kind": source_kind, "source": sources,
-                                   "target_kind": target_kind, "target": targets_, "weight": weight,
-                                   "attribution": weight * target_value}))
+                                   "target_kind": target_kind, "target": ends, "weight": weight,
+                                   "attribution": weight * end_value}))
     edges = pd.concat(edges, ignore_index=True)
     edges = edges.astype({"prompt": np.int32, "source": np.int32, "target": np.int32, "weight": np.float32,
                           "attribution": np.float32})
