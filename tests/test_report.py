@@ -1,5 +1,6 @@
 import http.client
 import json
+import os
 from pathlib import Path
 
 import jsonschema
@@ -19,10 +20,11 @@ from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
 from adag.errors import AdagError
 from adag.report import ReportConfig, neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
-from adag.report.data import chosen_prompts, read_tables
+from adag.report.data import chosen_prompts, read_tables, round_significant
 from adag.report.export import graph_schema
 from adag.report.figure import FigureConfig, write_figure
 from adag.report.graph import collapse_clusters, pruning_order
+from adag.report.html import allowed_host
 from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
 from adag.report.synthetic import synthetic_run
 from adag.store import RunDir
@@ -160,14 +162,13 @@ def _check_hover_and_click(driver) -> None:
     assert driver.find_element(By.ID, "panel-label").text
 
 
-@pytest.mark.parametrize("which", ["demo_like", "crowded"])
-def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
-    run = request.getfixturevalue(which)
-    path, _, _ = write_report(str(run), str(tmp_path / "report.html"))
+def _check_viewer_layout(run: Path, out: Path, every_prompt: bool = False) -> None:
+    path, _, _ = write_report(str(run), str(out / "report.html"))
     tables = read_tables(run)
     with chromium() as driver:
         open_page(driver, path.as_uri())
-        for option in driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")[1::-1]:
+        options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
+        for option in (options if every_prompt else options[:2])[::-1]:
             redraw(driver, option.click)
             _check_prompt_graph(driver, list(tables.prompt_row(int(option.get_attribute("value")))["tokens"]))
         _assert_cluster_labels_clear(geometry(driver, "graph"))
@@ -176,11 +177,23 @@ def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
         _check_controls(driver)
         redraw(driver, lambda: driver.find_element(By.CSS_SELECTOR, '#color-by option[value="cluster"]').click())
         legend = driver.find_element(By.ID, "legend").text
-        assert any(label in legend for label in LABELS)
+        assert any(f"{c}: {label}" in legend for c, label in tables.labels.items())
         _check_hover_and_click(driver)
         assert not console_errors(driver)
-        driver.save_screenshot(str(tmp_path / "page.png"))
-        _not_blank(str(tmp_path / "page.png"))
+        driver.save_screenshot(str(out / "page.png"))
+        _not_blank(str(out / "page.png"))
+
+
+@pytest.mark.parametrize("which", ["demo_like", "crowded"])
+def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
+    _check_viewer_layout(request.getfixturevalue(which), tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("ADAG_VIEWER_RUN"), reason="set ADAG_VIEWER_RUN to a clustered run, "
+                    "e.g. runs/demo after `make demo`")
+def test_viewer_layout_on_a_given_run(tmp_path):
+    """The same checks on every prompt of a real run: ADAG_VIEWER_RUN=runs/demo pytest -k given_run."""
+    _check_viewer_layout(Path(os.environ["ADAG_VIEWER_RUN"]), tmp_path, every_prompt=True)
 
 
 def test_layouts_leave_no_overlaps(crowded, demo_like):
@@ -412,6 +425,16 @@ def test_figures(demo_like, tmp_path):
         assert len(bad.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(("header", "bound", "allowed"), [
+    ("127.0.0.1:8000", "127.0.0.1", True), ("localhost:8000", "127.0.0.1", True), ("[::1]:8000", "::1", True),
+    ("LOCALHOST", "127.0.0.1", True), ("myhost.lan:8000", "myhost.lan", True), ("192.168.1.5:8000", "0.0.0.0", True),
+    ("evil.example", "127.0.0.1", False), ("evil.example", "0.0.0.0", False), ("192.168.1.5", "127.0.0.1", False),
+    ("127.0.0.1.nip.io", "127.0.0.1", False), (None, "127.0.0.1", False), ("[::1", "127.0.0.1", False),
+])
+def test_only_the_bound_address_or_localhost_may_ask(header, bound, allowed):
+    assert allowed_host(header, bound) is allowed
+
+
 def test_serve_names_the_bad_option(demo_like):
     runner = CliRunner()
     for args, wanted in ((["--host", "no-such-host.invalid"], "--host"), (["--host", "192.0.2.1"], "--host"),
@@ -434,6 +457,14 @@ def test_trace_records_the_targets_probabilities(described_run, tiny_models):
         # probability moves by at most p * |change in logit|, well under 1e-4
         np.testing.assert_allclose(row.target_probs, expected, atol=1e-4)
         assert np.all(np.diff(row.target_probs) <= 1e-7)  # top-k targets, most likely first
+
+
+def test_payload_numbers_keep_their_significant_digits():
+    values = np.random.default_rng(0).normal(size=1000) * 10.0 ** np.random.default_rng(1).integers(-8, 8, 1000)
+    rounded = np.array(round_significant(values, 3))
+    np.testing.assert_allclose(rounded, values, rtol=5e-3)  # 3 significant digits: within half a unit of the 3rd
+    assert all(len(repr(v).lstrip("-")) <= 10 for v in rounded.tolist())  # no 0.30000000000000004 tails
+    assert round_significant([np.nan, np.inf, 0.0]) == [None, None, 0.0]
 
 
 def test_packaged_schema_matches_the_shared_one():

@@ -83,6 +83,8 @@ def read_tables(run_dir: str | Path) -> RunTables:
     run.require_stage("trace", "adag trace")
 
     def by_prompt(table: pd.DataFrame) -> pd.DataFrame:
+        if table["prompt"].is_monotonic_increasing:  # as the trace writes them
+            return table
         return table.sort_values("prompt", kind="stable").reset_index(drop=True)
 
     prompts = by_prompt(run.read_table("trace", "prompts"))
@@ -158,8 +160,7 @@ def run_payload(tables: RunTables, graph_prompts: list[int]) -> dict:
         "prompts": prompts,
         "clusters": _cluster_items(tables),
         "cluster_graph": _cluster_graph(tables),
-        "graphs": {str(p): prompt_payload(tables, p) for p in sorted(embedded)},
-    })
+    }) | {"graphs": {str(p): prompt_payload(tables, p) for p in sorted(embedded)}}
 
 
 def _cluster_items(tables: RunTables) -> list[dict]:
@@ -228,13 +229,20 @@ def _cluster_graph(tables: RunTables) -> dict:
             "attribution": [float(mean.get(c, 0.0)) for c in tables.clusters["cluster"]],
             "edges": {"source": [] if edges is None else edges["source_cluster"].astype(int).tolist(),
                       "target": [] if edges is None else edges["target_cluster"].astype(int).tolist(),
-                      "attribution": [] if edges is None else _round(edges["attribution"])}}
+                      "attribution": [] if edges is None else round_significant(edges["attribution"])}}
 
 
-def _round(values, digits: int = 5) -> list:
-    """Floats with `digits` significant digits, to keep the JSON small."""
+def round_significant(values, digits: int = 4) -> list:
+    """Floats to `digits` significant digits each (short in JSON); NaN becomes None. Each value is
+    an integer times a power of ten, divided or multiplied exactly once, so it prints short."""
     array = np.asarray(values, dtype=float)
-    return [float(f"{v:.{digits}g}") if np.isfinite(v) else None for v in array]
+    finite = np.isfinite(array)
+    nonzero = finite & (array != 0)
+    decimals = np.zeros(len(array))
+    decimals[nonzero] = digits - 1 - np.floor(np.log10(np.abs(array[nonzero])))
+    up, down = 10.0 ** np.maximum(decimals, 0), 10.0 ** np.maximum(-decimals, 0)
+    rounded = (np.round(np.where(finite, array, 0.0) * up / down) * down / up).tolist()
+    return rounded if finite.all() else [v if ok else None for v, ok in zip(rounded, finite)]
 
 
 def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> dict:
@@ -242,15 +250,15 @@ def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> di
     attributions are left out unless asked for (the viewer draws edges by weight)."""
     nodes = graph.nodes
     edges = {"source": graph.edges["source"].astype(int).tolist(), "target": graph.edges["target"].astype(int).tolist(),
-             "weight": _round(graph.edges["weight"], 3)}
+             "weight": round_significant(graph.edges["weight"], 3)}
     if edge_attribution:
-        edges["attribution"] = _round(graph.edges["attribution"], 4)
+        edges["attribution"] = round_significant(graph.edges["attribution"], 4)
     return {
         "kind": [KIND_CODES[k] for k in nodes["kind"]],
-        "layer": _round(nodes["layer"], 4), "position": nodes["position"].astype(int).tolist(),
-        "neuron": nodes["neuron"].astype(int).tolist(), "activation": _round(nodes["activation"], 4),
-        "attribution": _round(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
-        "members": nodes["members"].astype(int).tolist(), "prune": _round(pruning_order(graph), 4),
+        "layer": round_significant(nodes["layer"], 4), "position": nodes["position"].astype(int).tolist(),
+        "neuron": nodes["neuron"].astype(int).tolist(), "activation": round_significant(nodes["activation"], 4),
+        "attribution": round_significant(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
+        "members": nodes["members"].astype(int).tolist(), "prune": round_significant(pruning_order(graph), 4),
         "edges": edges, "layout": layout.to_json(),
     }
 
@@ -261,8 +269,8 @@ def prompt_payload(tables: RunTables, prompt: int) -> dict:
     graph = tables.graph(prompt)
     layout = prompt_layout(graph)
     supernodes = collapse_clusters(graph)
-    return _clean({"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, False),
-                   "supernodes": graph_json(supernodes, prompt_layout(supernodes, grid=layout.grid), True)})
+    return {"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, False),
+            "supernodes": graph_json(supernodes, prompt_layout(supernodes, grid=layout.grid), True)}
 
 
 def payload_json(payload: dict) -> str:

@@ -73,7 +73,7 @@ def write_report(run_dir: str, out: str | None = None, config: ReportConfig | No
     return path, len(chosen), len(tables.prompts)
 
 
-def _allowed_host(header: str | None, bound: str) -> bool:
+def allowed_host(header: str | None, bound: str) -> bool:
     """Only the bound address or localhost, so that a page from another site cannot read the data by
     pointing its own name at this machine (DNS rebinding). A server bound to every interface also
     answers to any IP address, which no rebinding can forge."""
@@ -137,7 +137,7 @@ def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> Thre
             return "adag"
 
         def do_GET(self):  # noqa: N802 - http.server naming
-            if not _allowed_host(self.headers.get("Host"), host):
+            if not allowed_host(self.headers.get("Host"), host):
                 self.send_error(403, "unexpected Host header")
                 return
             route = urlsplit(self.path).path
