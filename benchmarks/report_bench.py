@@ -18,7 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from adag.report import ReportConfig, serve_in_background, write_report
+from adag.report import serve_in_background, write_report
+from adag.report.config import ReportConfig
 from adag.report.synthetic import synthetic_run
 from adag.store import RunDir
 from tests.browser import chromium, open_page

@@ -19,16 +19,18 @@ from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
 from adag.errors import AdagError
-from adag.report import ReportConfig, neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
-from adag.report.data import chosen_prompts, read_tables, round_significant
+from adag.report import neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
+from adag.report.config import FigureConfig, ReportConfig
+from adag.report.data import chosen_prompts, graph_of, prompt_row, round_significant
 from adag.report.export import graph_schema
-from adag.report.figure import FigureConfig, write_figure
+from adag.report.figure import write_figure
 from adag.report.graph import collapse_clusters, pruning_order
 from adag.report.html import allowed_host
 from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
 from adag.report.synthetic import synthetic_run
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
+from adag.view import RunView
 from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range
 from tests.fake_openai import FakeOpenAI
 
@@ -164,20 +166,20 @@ def _check_hover_and_click(driver) -> None:
 
 def _check_viewer_layout(run: Path, out: Path, every_prompt: bool = False) -> None:
     path, _, _ = write_report(str(run), str(out / "report.html"))
-    tables = read_tables(run)
+    view = RunView.open(run)
     with chromium() as driver:
         open_page(driver, path.as_uri())
         options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
         for option in (options if every_prompt else options[:2])[::-1]:
             redraw(driver, option.click)
-            _check_prompt_graph(driver, list(tables.prompt_row(int(option.get_attribute("value")))["tokens"]))
+            _check_prompt_graph(driver, list(prompt_row(view, int(option.get_attribute("value")))["tokens"]))
         _assert_cluster_labels_clear(geometry(driver, "graph"))
         ticks = [t["text"] for t in geometry(driver, "graph")["others"]]
         assert "layer" in ticks and any(t.isdigit() for t in ticks)
         _check_controls(driver)
         redraw(driver, lambda: driver.find_element(By.CSS_SELECTOR, '#color-by option[value="cluster"]').click())
         legend = driver.find_element(By.ID, "legend").text
-        assert any(f"{c}: {label}" in legend for c, label in tables.labels.items())
+        assert any(f"{c}: {label}" in legend for c, label in view.labels.items())
         _check_hover_and_click(driver)
         assert not console_errors(driver)
         driver.save_screenshot(str(out / "page.png"))
@@ -199,9 +201,9 @@ def test_viewer_layout_on_a_given_run(tmp_path):
 def test_layouts_leave_no_overlaps(crowded, demo_like):
     """The layout itself (before any browser): circles apart, labels clear of circles and each other."""
     for run in (crowded, demo_like):
-        tables = read_tables(run)
-        for prompt in tables.prompts["prompt"]:
-            graph = tables.graph(int(prompt))
+        view = RunView.open(run)
+        for prompt in view.prompts["prompt"]:
+            graph = graph_of(view, int(prompt))
             layout = prompt_layout(graph)
             for drawn, placed in ((graph, layout),
                                   (collapse_clusters(graph), None)):
@@ -228,14 +230,14 @@ def test_cluster_layout_spreads_clusters_that_share_a_layer():
 
 
 def test_prompt_graph_matches_the_tables(demo_like):
-    tables = read_tables(demo_like)
-    for prompt in tables.prompts["prompt"]:
-        graph = tables.graph(int(prompt))
+    view = RunView.open(demo_like)
+    for prompt in view.prompts["prompt"]:
+        graph = graph_of(view, int(prompt))
         nodes, edges = graph.nodes, graph.edges
-        mine = tables.of_prompt(tables.edges, int(prompt))
+        mine = view.edges_by_prompt[int(prompt)]
         assert len(edges) == len(mine)
-        assert (nodes["kind"] == "embedding").sum() == len(tables.of_prompt(tables.embeddings, int(prompt)))
-        assert (nodes["kind"] == "logit").sum() == len(tables.prompt_row(int(prompt))["target_tokens"])
+        assert (nodes["kind"] == "embedding").sum() == len(view.embeddings_by_prompt[int(prompt)])
+        assert (nodes["kind"] == "logit").sum() == len(prompt_row(view, int(prompt))["target_tokens"])
         source_kind = nodes["kind"].to_numpy()[edges["source"]]
         assert (source_kind == mine["source_kind"].astype(str).to_numpy()).all()
         embedding = mine["source_kind"].astype(str).to_numpy() == "embedding"
@@ -246,12 +248,12 @@ def test_prompt_graph_matches_the_tables(demo_like):
 def test_supernodes_are_the_prompts_cluster_graph(demo_like):
     """Supernode attributions and edges equal the cluster stage's per-prompt cluster graph; edges into
     an ungrouped node keep their summed weights."""
-    tables = read_tables(demo_like)
+    view = RunView.open(demo_like)
     run = RunDir.open(demo_like)
     prompt_clusters, cluster_edges = run.read_table("cluster", "prompt_clusters"), run.read_table("cluster",
                                                                                                   "cluster_edges")
-    for prompt in tables.prompts["prompt"]:
-        graph = tables.graph(int(prompt))
+    for prompt in view.prompts["prompt"]:
+        graph = graph_of(view, int(prompt))
         collapsed = collapse_clusters(graph)
         nodes = collapsed.nodes
         supers = nodes[nodes["kind"] == "supernode"].set_index("cluster")
@@ -276,7 +278,7 @@ def test_supernodes_are_the_prompts_cluster_graph(demo_like):
 
 
 def test_pruning_keeps_the_fewest_nodes_that_carry_the_share(demo_like):
-    graph = read_tables(demo_like).graph(0)
+    graph = graph_of(RunView.open(demo_like), 0)
     for drawn in (graph, collapse_clusters(graph)):
         order = pruning_order(drawn)
         strength = drawn.nodes["attribution"].abs().to_numpy()
@@ -291,23 +293,23 @@ def test_pruning_keeps_the_fewest_nodes_that_carry_the_share(demo_like):
 
 
 def test_report_embeds_the_strongest_prompts_and_says_how_many_are_left_out(demo_like, tmp_path):
-    tables = read_tables(demo_like)
-    totals = tables.nodes.assign(s=tables.nodes["attribution"].abs()).groupby("prompt")["s"].sum()
-    assert chosen_prompts(tables, 2) == sorted(totals.sort_values(ascending=False).index[:2].tolist())
-    assert chosen_prompts(tables, 2, [5, 1]) == [1, 5]
+    view = RunView.open(demo_like)
+    totals = view.node_keys.assign(s=view.node_keys["attribution"].abs()).groupby("prompt")["s"].sum()
+    assert chosen_prompts(view, 2) == sorted(totals.sort_values(ascending=False).index[:2].tolist())
+    assert chosen_prompts(view, 2, [5, 1]) == [1, 5]
     with pytest.raises(AdagError, match="no prompt 99"):
-        chosen_prompts(tables, 2, [99])
+        chosen_prompts(view, 2, [99])
     path, embedded, total = write_report(str(demo_like), str(tmp_path / "r.html"), ReportConfig(prompts=2))
     assert (embedded, total) == (2, 6)
     with chromium() as driver:
         open_page(driver, path.as_uri())
         options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
-        assert sorted(int(o.get_attribute("value")) for o in options) == chosen_prompts(tables, 2)
+        assert sorted(int(o.get_attribute("value")) for o in options) == chosen_prompts(view, 2)
         assert "2 of 6 prompts" in driver.find_element(By.ID, "left-out").text
         assert "4 left out" in driver.find_element(By.ID, "left-out").text
     result = CliRunner().invoke(app, ["report", str(demo_like), "--out", str(tmp_path / "c.html"),
                                       "--prompt-ids", "0,3"])
-    assert result.exit_code == 0 and "2 of 6 prompts (4 left out" in result.output
+    assert result.exit_code == 0 and "2 of 6 prompts; 4 left out" in result.output
 
 
 def _check_viewer(driver, run_path, screenshot):
@@ -390,11 +392,11 @@ def test_neuronpedia_export_validates(described_run, tmp_path):
     ids = {n["node_id"] for n in graph["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in graph["links"])
     assert graph["qParams"]["supernodes"] and all(s[0] for s in graph["qParams"]["supernodes"])
-    tables = read_tables(described_run)
-    kept = tables.of_prompt(tables.embeddings, 0)
+    view = RunView.open(described_run)
+    kept = view.embeddings_by_prompt[0]
     embedded = [n for n in graph["nodes"] if n["feature_type"] == "embedding"]
     assert sorted(n["ctx_idx"] for n in embedded) == sorted(kept["position"].tolist())  # the kept ones only
-    edges = tables.of_prompt(tables.edges, 0)
+    edges = view.edges_by_prompt[0]
     assert len(graph["links"]) == len(edges)
     from_embeddings = [link for link in graph["links"] if link["source"].startswith("E_")]
     assert len(from_embeddings) == int((edges["source_kind"].astype(str) == "embedding").sum())

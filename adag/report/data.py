@@ -1,33 +1,22 @@
-"""Everything the viewer and figures show, read from a run directory and turned into JSON-able dicts.
-
-`read_tables` is the one place that reads the run; the rest works on the tables it returns.
-"""
+"""Everything the viewer and figures show, read through the run view (adag.view) and turned into
+JSON-able dicts."""
 
 from __future__ import annotations
 
 import base64
 import colorsys
 import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from adag.cluster.run import node_clusters
-from adag.describe.records import input_records, output_records
+from adag.describe.records import load_cluster_records
 from adag.errors import AdagError
-from adag.report.graph import (
-    DEFAULT_MIN_WEIGHT,
-    DEFAULT_SHARE,
-    PromptGraph,
-    collapse_clusters,
-    prompt_graph,
-    pruning_order,
-)
+from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE
+from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
 from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
-from adag.store import RunDir
+from adag.view import RunView
 
 EXEMPLARS = 5
 PUSHED = 8
@@ -35,75 +24,24 @@ EDGE_COLUMNS = ["prompt", "source_kind", "source", "target_kind", "target", "wei
 KIND_CODES = {"embedding": "e", "neuron": "n", "supernode": "s", "logit": "l"}
 
 
-@dataclass
-class RunTables:
-    """The tables the viewer, figures and export draw from, sorted by prompt, with each node's
-    cluster (-1 for none) and each cluster's label. Cluster tables are None before `adag cluster`."""
-
-    run: RunDir
-    prompts: pd.DataFrame
-    nodes: pd.DataFrame
-    embeddings: pd.DataFrame
-    edges: pd.DataFrame
-    half_neurons: pd.DataFrame | None
-    clusters: pd.DataFrame | None
-    mean_clusters: pd.DataFrame | None
-    mean_cluster_edges: pd.DataFrame | None
-    descriptions: pd.DataFrame | None
-    steering: pd.DataFrame | None
-    controls: pd.DataFrame | None
-    labels: dict[int, str]
-
-    def of_prompt(self, table: pd.DataFrame, prompt: int) -> pd.DataFrame:
-        """The rows of a table sorted by prompt that belong to one prompt."""
-        column = table["prompt"].to_numpy()
-        return table.iloc[np.searchsorted(column, prompt, "left"):np.searchsorted(column, prompt, "right")]
-
-    def prompt_row(self, prompt: int) -> pd.Series:
-        rows = self.of_prompt(self.prompts, prompt)
-        if rows.empty:
-            ids = self.prompts["prompt"]
-            raise AdagError(f"no prompt {prompt} in {self.run.path}; prompts are {ids.min()}..{ids.max()}")
-        return rows.iloc[0]
-
-    def graph(self, prompt: int) -> PromptGraph:
-        nodes = self.of_prompt(self.nodes, prompt)
-        return prompt_graph(self.prompt_row(prompt), nodes, self.of_prompt(self.embeddings, prompt),
-                            self.of_prompt(self.edges, prompt), self.run.manifest["model"]["layers"], self.labels)
+def prompt_row(view: RunView, prompt: int) -> pd.Series:
+    """One row of the prompts table."""
+    prompts = view.prompts
+    found = np.flatnonzero(prompts["prompt"].to_numpy() == prompt)
+    if not len(found):
+        ids = prompts["prompt"]
+        raise AdagError(f"no prompt {prompt} in {view.path}; prompts are {ids.min()}..{ids.max()}")
+    return prompts.iloc[found[0]]
 
 
-def _optional(run: RunDir, stage: str, name: str) -> pd.DataFrame | None:
-    exists = run.table_path(stage, name).exists() or (run.path / stage / name).is_dir()
-    return run.read_table(stage, name) if run.stage_done(stage) and exists else None
-
-
-def read_tables(run_dir: str | Path) -> RunTables:
-    """Read a traced run and whatever later stages have written."""
-    run = RunDir.open(run_dir)
-    run.require_stage("trace", "adag trace")
-
-    def by_prompt(table: pd.DataFrame) -> pd.DataFrame:
-        if table["prompt"].is_monotonic_increasing:  # as the trace writes them
-            return table
-        return table.sort_values("prompt", kind="stable").reset_index(drop=True)
-
-    prompts = by_prompt(run.read_table("trace", "prompts"))
-    nodes = by_prompt(run.read_table("trace", "nodes"))
-    edges = _optional(run, "trace", "edges")
-    half = _optional(run, "cluster", "half_neurons")
-    clusters = _optional(run, "cluster", "clusters")
-    descriptions = _optional(run, "describe", "descriptions")
-    nodes["cluster"] = node_clusters(nodes, half) if half is not None else -1
-    labels = {int(c): f"cluster {int(c)}" for c in clusters["cluster"]} if clusters is not None else {}
-    if descriptions is not None:
-        labels.update({int(c): str(label) for c, label in zip(descriptions["cluster"], descriptions["label"])
-                       if label})
-    return RunTables(
-        run=run, prompts=prompts, nodes=nodes, embeddings=by_prompt(run.read_table("trace", "embeddings")),
-        edges=by_prompt(edges) if edges is not None else pd.DataFrame(columns=EDGE_COLUMNS),
-        half_neurons=half, clusters=clusters, mean_clusters=_optional(run, "cluster", "mean_clusters"),
-        mean_cluster_edges=_optional(run, "cluster", "mean_cluster_edges"), descriptions=descriptions,
-        steering=_optional(run, "steer", "summary"), controls=_optional(run, "steer", "controls"), labels=labels)
+def graph_of(view: RunView, prompt: int) -> PromptGraph:
+    """One prompt's attribution graph (nodes with their clusters once the run is clustered)."""
+    row = prompt_row(view, prompt)
+    nodes = view.nodes_by_prompt[prompt]
+    if "cluster" not in nodes:
+        nodes = nodes.assign(cluster=-1)
+    edges = view.edges_by_prompt.get(prompt, pd.DataFrame(columns=EDGE_COLUMNS))
+    return prompt_graph(row, nodes, view.embeddings_by_prompt[prompt], edges, view.model["layers"], view.labels)
 
 
 def _clean(value: Any) -> Any:
@@ -125,56 +63,62 @@ def cluster_color(cluster: int) -> str:
     return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
 
 
-def chosen_prompts(tables: RunTables, count: int, ids: list[int] | None = None) -> list[int]:
+def _total_attribution(view: RunView) -> pd.Series:
+    """Each prompt's summed |attribution| over its nodes."""
+    nodes = view.node_keys
+    totals = nodes.assign(strength=nodes["attribution"].abs()).groupby("prompt")["strength"].sum()
+    return totals.reindex(view.prompts["prompt"], fill_value=0.0)
+
+
+def chosen_prompts(view: RunView, count: int, ids: list[int] | None = None) -> list[int]:
     """The prompts whose graphs a report embeds: the given ids, or the `count` prompts with the largest
     total |attribution| over their nodes."""
     if ids is not None:
-        known = set(tables.prompts["prompt"].tolist())
+        known = set(view.prompts["prompt"].tolist())
         missing = sorted(set(ids) - known)
         if missing:
-            raise AdagError(f"no prompt {missing[0]} in {tables.run.path}; prompts are "
-                            f"{min(known)}..{max(known)}")
+            raise AdagError(f"no prompt {missing[0]} in {view.path}; prompts are {min(known)}..{max(known)}")
         return sorted(set(ids))
-    totals = tables.nodes.assign(strength=tables.nodes["attribution"].abs()).groupby("prompt")["strength"].sum()
-    totals = totals.reindex(tables.prompts["prompt"], fill_value=0.0)
+    totals = _total_attribution(view)
     ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
     return sorted(int(p) for p, _ in ranked[:max(count, 0)])
 
 
-def run_payload(tables: RunTables, graph_prompts: list[int]) -> dict:
+def run_payload(view: RunView, graph_prompts: list[int]) -> dict:
     """The viewer's data: prompts, clusters with descriptions and exemplars, the dataset cluster graph
     and the attribution graphs of `graph_prompts` (others are left out, or served on demand)."""
-    run = tables.run
-    run.require_stage("cluster", "adag cluster")
-    totals = tables.nodes.assign(strength=tables.nodes["attribution"].abs()).groupby("prompt")["strength"].sum()
+    view.require("cluster")
+    totals = _total_attribution(view)
     embedded = set(graph_prompts)
     prompts = [{"id": int(p.prompt), "text": p.text, "metric": float(p.metric),
                 "total_attribution": float(totals.get(p.prompt, 0.0)), "embedded": int(p.prompt) in embedded,
                 "targets": [{"token": t, "logit": float(logit), "probability": float(prob)}
                             for t, logit, prob in zip(p.target_tokens, p.target_logits, p.target_probs)]}
-               for p in tables.prompts.itertuples()]
+               for p in view.prompts.itertuples()]
     return _clean({
-        "run": {"model": run.manifest["model"], "dataset": run.manifest["dataset"],
-                "prompts": len(prompts), "embedded": len(embedded)},
+        "run": {"model": view.model, "dataset": view.dataset, "prompts": len(prompts), "embedded": len(embedded)},
         "defaults": {"share": DEFAULT_SHARE, "min_weight": DEFAULT_MIN_WEIGHT},
         "prompts": prompts,
-        "clusters": _cluster_items(tables),
-        "cluster_graph": _cluster_graph(tables),
-    }) | {"graphs": {str(p): prompt_payload(tables, p) for p in sorted(embedded)}}
+        "clusters": _cluster_items(view),
+        "cluster_graph": _cluster_graph(view),
+    }) | {"graphs": {str(p): prompt_payload(view, p) for p in sorted(embedded)}}
 
 
-def _cluster_items(tables: RunTables) -> list[dict]:
-    run, prompts, nodes = tables.run, tables.prompts, tables.nodes
-    node_cluster = nodes["cluster"].to_numpy()
-    inputs = input_records(nodes, prompts, node_cluster, run.stage_config("trace")["keep_first_position"])
-    outputs = output_records(nodes, prompts, node_cluster)
-    texts = dict(zip(prompts["prompt"], prompts["text"]))
-    described = tables.descriptions.set_index("cluster") if tables.descriptions is not None else None
+def _cluster_items(view: RunView) -> list[dict]:
+    descriptions = view.table("describe", "descriptions")
+    described = descriptions.set_index("cluster") if descriptions is not None else None
+    steering = view.table("steer", "summary")
+    controls = view.table("steer", "controls")
+    members_of = dict(tuple(view.half_neurons.groupby("cluster")))
+    steering_of = dict(tuple(steering.groupby("cluster"))) if steering is not None else {}
+    control_of = {int(r["cluster"]): r for r in controls.to_dict("records")} if controls is not None else {}
+    inputs, outputs = load_cluster_records(view)
+    texts = view.prompt_text
     items = []
-    for row in tables.clusters.itertuples():
+    for row in view.clusters.itertuples():
         c = int(row.cluster)
         item = {"id": c, "size": int(row.size), "mean_layer": float(row.mean_layer), "color": cluster_color(c),
-                "mean_attribution": float(row.mean_attribution), "label": tables.labels[c]}
+                "mean_attribution": float(row.mean_attribution), "label": view.labels[c]}
         if described is not None and c in described.index:
             d = described.loc[c]
             item.update({key: d[key] for key in ("status", "failure", "input_description", "input_score",
@@ -184,17 +128,16 @@ def _cluster_items(tables: RunTables) -> list[dict]:
         item["exemplars"] = [{"prompt": r.prompt, "text": texts[r.prompt], "tokens": r.tokens,
                               "values": r.values.round(4).tolist()} for r in records]
         item["pushed"], item["suppressed"] = _pushed(outputs.get(c, []))
-        members = tables.half_neurons[tables.half_neurons["cluster"] == c].sort_values(
-            "attribution", key=abs, ascending=False)
+        members = members_of[c].sort_values("attribution", key=abs, ascending=False)
         item["members"] = members[["layer", "neuron", "polarity", "attribution"]].round(4).to_dict("records")
-        if tables.steering is not None:
-            mine = tables.steering[tables.steering["cluster"] == c]
-            item["steering"] = mine[["multiplier", "p_top", "kl"]].to_dict("records")
-            plot = run.path / "steer" / "plots" / f"cluster-{c:03d}.png"
+        if steering is not None:
+            swept = steering_of.get(c, steering.iloc[:0])
+            item["steering"] = swept[["multiplier", "p_top", "kl"]].to_dict("records")
+            plot = view.path / "steer" / "plots" / f"cluster-{c:03d}.png"
             if plot.exists():
                 item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
-        if tables.controls is not None and c in set(tables.controls["cluster"]):
-            item["control"] = tables.controls[tables.controls["cluster"] == c].iloc[0].to_dict()
+        if c in control_of:
+            item["control"] = control_of[c]
         items.append(item)
     return items
 
@@ -211,25 +154,28 @@ def _pushed(records) -> tuple[list, list]:
     return up, down
 
 
-def dataset_cluster_layout(tables: RunTables) -> Layout:
-    """The dataset cluster graph's layout, in the order of `tables.clusters`."""
-    mean = tables.mean_clusters.set_index("cluster")["attribution"].reindex(tables.clusters["cluster"], fill_value=0)
-    return cluster_layout(tables.clusters["mean_layer"].to_numpy(), mean.to_numpy(),
-                          [tables.labels[int(c)] for c in tables.clusters["cluster"]])
+def dataset_cluster_layout(view: RunView) -> Layout:
+    """The dataset cluster graph's layout, in the order of `view.clusters`."""
+    clusters = view.clusters["cluster"]
+    mean = view.table("cluster", "mean_clusters").set_index("cluster")["attribution"].reindex(clusters, fill_value=0)
+    return cluster_layout(view.clusters["mean_layer"].to_numpy(), mean.to_numpy(),
+                          [view.labels[int(c)] for c in clusters])
 
 
-def _cluster_graph(tables: RunTables) -> dict:
+def _cluster_graph(view: RunView) -> dict:
     """Clusters placed by mean layer, sized by mean attribution over prompts; edges are mean summed
     direct edge attributions between clusters."""
-    layout = dataset_cluster_layout(tables)
-    mean = tables.mean_clusters.set_index("cluster")["attribution"]
-    edges = tables.mean_cluster_edges
+    layout = dataset_cluster_layout(view)
+    mean = view.table("cluster", "mean_clusters").set_index("cluster")["attribution"]
+    edges = view.table("cluster", "mean_cluster_edges")
+    if edges is None:
+        edges = pd.DataFrame({"source_cluster": [], "target_cluster": [], "attribution": []})
     return {"layout": layout.to_json(), "radius": [CLUSTER_R_MIN, CLUSTER_R_MAX],
-            "clusters": tables.clusters["cluster"].astype(int).tolist(),
-            "attribution": [float(mean.get(c, 0.0)) for c in tables.clusters["cluster"]],
-            "edges": {"source": [] if edges is None else edges["source_cluster"].astype(int).tolist(),
-                      "target": [] if edges is None else edges["target_cluster"].astype(int).tolist(),
-                      "attribution": [] if edges is None else round_significant(edges["attribution"])}}
+            "clusters": view.clusters["cluster"].astype(int).tolist(),
+            "attribution": [float(mean.get(c, 0.0)) for c in view.clusters["cluster"]],
+            "edges": {"source": edges["source_cluster"].astype(int).tolist(),
+                      "target": edges["target_cluster"].astype(int).tolist(),
+                      "attribution": round_significant(edges["attribution"])}}
 
 
 def round_significant(values, digits: int = 4) -> list:
@@ -263,10 +209,10 @@ def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> di
     }
 
 
-def prompt_payload(tables: RunTables, prompt: int) -> dict:
+def prompt_payload(view: RunView, prompt: int) -> dict:
     """One prompt's attribution graph and its supernode graph (whose edges between clusters, with
     their attributions, are the prompt's cluster graph), each with its layout."""
-    graph = tables.graph(prompt)
+    graph = graph_of(view, prompt)
     layout = prompt_layout(graph)
     supernodes = collapse_clusters(graph)
     return {"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, False),

@@ -8,17 +8,19 @@ from importlib import resources
 from pathlib import Path
 
 from adag import __version__
-from adag.report.data import read_tables
+from adag.report.config import ExportConfig
+from adag.report.data import graph_of, prompt_row
 from adag.store import atomic_write_bytes
+from adag.view import RunView
 
 
-def neuronpedia_graph(run_dir: str, prompt: int) -> dict:
+def neuronpedia_graph(run_dir: str | Path, prompt: int) -> dict:
     """Nodes are MLP neurons ("layer_neuron_position"), the kept embedding nodes ("E_token_position")
     and the target logits; links are the direct edges with their attributions; cluster labels become
     node `clerp`s and `qParams.supernodes`."""
-    tables = read_tables(run_dir)
-    graph = tables.graph(prompt)
-    info = tables.prompt_row(prompt)
+    view = RunView.open(run_dir)
+    graph = graph_of(view, prompt)
+    info = prompt_row(view, prompt)
     n_layers = graph.n_layers
     token_ids, target_ids = [int(t) for t in info["token_ids"]], [int(t) for t in info["target_ids"]]
     last = len(graph.tokens) - 1
@@ -52,9 +54,9 @@ def neuronpedia_graph(run_dir: str, prompt: int) -> dict:
         if label:
             supernodes.setdefault(label, []).append(node)
     return {
-        "metadata": {"slug": f"adag-{Path(run_dir).name}-prompt{prompt}", "scan": tables.run.manifest["model"]["spec"],
+        "metadata": {"slug": f"adag-{Path(run_dir).name}-prompt{prompt}", "scan": view.model["spec"],
                      "prompt_tokens": graph.tokens, "prompt": "".join(graph.tokens),
-                     "node_threshold": tables.run.stage_config("trace").get("threshold", 0.0),
+                     "node_threshold": view.config("trace").get("threshold", 0.0),
                      "info": {"description": info["text"], "creator_name": "adag",
                               "generator": {"name": "adag", "version": __version__},
                               "create_time_ms": int(time.time() * 1000)}},
@@ -70,7 +72,7 @@ def graph_schema() -> dict:
     return json.loads(resources.files("adag.report").joinpath("neuronpedia-graph.schema.json").read_text())
 
 
-def write_neuronpedia(run_dir: str, prompt: int, out: str) -> Path:
+def write_neuronpedia(run_dir: str | Path, prompt: int, out: str | Path) -> Path:
     """Write one prompt's graph, checked against the schema first."""
     import jsonschema
 
@@ -79,3 +81,12 @@ def write_neuronpedia(run_dir: str, prompt: int, out: str) -> Path:
     path = Path(out)
     atomic_write_bytes(path, json.dumps(graph, indent=1).encode())
     return path
+
+
+def export_command(run_dir: str, config: ExportConfig, prompt: int, out: str) -> Path:
+    """`adag export`."""
+    return write_neuronpedia(run_dir, prompt, out)
+
+
+def export_summary(path: Path, run_dir: str) -> str:
+    return f"graph written to {path}"

@@ -5,38 +5,23 @@ from __future__ import annotations
 
 from io import BytesIO
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, PathPatch
 from matplotlib.path import Path as CurvePath
-from pydantic import BaseModel, ConfigDict, Field
 
 from adag.errors import AdagError
-from adag.report.data import RunTables, cluster_color, dataset_cluster_layout, read_tables
-from adag.report.graph import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, PromptGraph, collapse_clusters, pruning_order
+from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, FigureConfig
+from adag.report.data import cluster_color, dataset_cluster_layout, graph_of
+from adag.report.graph import PromptGraph, collapse_clusters, pruning_order
 from adag.report.layout import FONT, LEFT, Label, Layout, prompt_layout
 from adag.store import atomic_write_bytes
+from adag.view import RunView
 
 BLUE, RED, GREY, LIGHT = "#3b7dd8", "#d84b3b", "#9aa3ad", "#ccccdd"
 FORMATS = (".svg", ".png", ".pdf")
-
-
-class FigureConfig(BaseModel):
-    """What `adag figure` draws."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: int | None = Field(None, description="prompt id whose attribution graph to draw")
-    clusters: bool = Field(False, description="draw the dataset cluster graph instead of a prompt's graph")
-    supernodes: bool = Field(False, description="collapse each cluster of the prompt into one supernode")
-    share: float = Field(DEFAULT_SHARE, gt=0, le=1, description="keep the nodes that together carry this share of the "
-                                                      "attribution")
-    min_weight: float = Field(DEFAULT_MIN_WEIGHT, ge=0, description="draw only edges with |weight| at least this")
-    color_by: Literal["sign", "cluster"] = Field("sign", description="colour nodes by the sign of their "
-                                                                     "attribution or by cluster")
 
 
 def _sign(value: float) -> str:
@@ -119,13 +104,13 @@ def prompt_figure(graph: PromptGraph, colors: dict[int, str], supernodes: bool =
     return figure
 
 
-def cluster_figure(tables: RunTables) -> Figure:
+def cluster_figure(view: RunView) -> Figure:
     """The dataset cluster graph: clusters at their mean layer, sized by mean attribution."""
-    layout = dataset_cluster_layout(tables)
+    layout = dataset_cluster_layout(view)
     figure, axes = _canvas(layout)
     _axis(axes, layout)
-    where = {int(c): i for i, c in enumerate(tables.clusters["cluster"])}
-    edges = tables.mean_cluster_edges
+    where = {int(c): i for i, c in enumerate(view.clusters["cluster"])}
+    edges = view.table("cluster", "mean_cluster_edges")
     if edges is not None and len(edges):
         top = max(edges["attribution"].abs().max(), 1e-12)
         for row in edges.itertuples():
@@ -133,8 +118,8 @@ def cluster_figure(tables: RunTables) -> Figure:
             if i is not None and j is not None:
                 _curve(axes, layout.x[i], layout.y[i], layout.x[j], layout.y[j], edgecolor=_sign(row.attribution),
                        alpha=0.5, linewidth=0.5 + 5 * abs(row.attribution) / top, zorder=1)
-    mean = tables.mean_clusters.set_index("cluster")["attribution"]
-    for i, c in enumerate(tables.clusters["cluster"]):
+    mean = view.table("cluster", "mean_clusters").set_index("cluster")["attribution"]
+    for i, c in enumerate(view.clusters["cluster"]):
         value = float(mean.get(c, 0.0))
         axes.add_patch(Circle((layout.x[i], layout.y[i]), layout.r[i], facecolor="#8cb8f0" if value >= 0 else "#f0a08c",
                               edgecolor="#445566", zorder=2))
@@ -143,24 +128,32 @@ def cluster_figure(tables: RunTables) -> Figure:
     return figure
 
 
-def write_figure(run_dir: str, out: str, config: FigureConfig) -> Path:
+def write_figure(run_dir: str | Path, out: str | Path, config: FigureConfig) -> Path:
     """Draw the figure `config` asks for into `out` (.svg, .png or .pdf)."""
     path = Path(out)
     if path.suffix.lower() not in FORMATS:
         raise AdagError(f"--out {out}: give a file name ending in {', '.join(FORMATS)}")
     if config.clusters == (config.prompt is not None):
         raise AdagError("give either --prompt ID (a prompt's attribution graph) or --clusters (the cluster graph)")
-    tables = read_tables(run_dir)
-    needs_clusters = config.clusters or config.supernodes or config.color_by == "cluster"
-    if needs_clusters:
-        tables.run.require_stage("cluster", "adag cluster")
+    view = RunView.open(run_dir)
+    if config.clusters or config.supernodes or config.color_by == "cluster":
+        view.require("cluster")
     if config.clusters:
-        figure = cluster_figure(tables)
+        figure = cluster_figure(view)
     else:
-        colors = {int(c): cluster_color(int(c)) for c in tables.labels}
-        figure = prompt_figure(tables.graph(config.prompt), colors, config.supernodes, config.share,
+        colors = {c: cluster_color(c) for c in view.labels}
+        figure = prompt_figure(graph_of(view, config.prompt), colors, config.supernodes, config.share,
                                config.min_weight, config.color_by)
     buffer = BytesIO()
     figure.savefig(buffer, format=path.suffix.lower().lstrip("."), dpi=200)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def figure_command(run_dir: str, config: FigureConfig, out: str) -> Path:
+    """`adag figure`."""
+    return write_figure(run_dir, out, config)
+
+
+def figure_summary(path: Path, run_dir: str) -> str:
+    return f"figure written to {path}"

@@ -10,8 +10,6 @@ import numpy as np
 import pandas as pd
 
 FEATURE_KINDS = ("neuron", "supernode")
-DEFAULT_SHARE = 0.8  # of the attribution carried by the nodes drawn
-DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn
 
 
 @dataclass

@@ -16,27 +16,19 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from adag.errors import AdagError
-from adag.report.data import chosen_prompts, payload_json, prompt_payload, read_tables, run_payload
+from adag.report.config import ReportConfig
+from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
+from adag.stages import writing
 from adag.store import atomic_write_bytes
+from adag.view import RunView
 
+STAGE = "report"
 DATA_PLACEHOLDER = "__ADAG_DATA__"
 CSP_PLACEHOLDER = "__ADAG_CSP__"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 CACHED_GRAPHS = 256
-
-
-class ReportConfig(BaseModel):
-    """Which prompts' attribution graphs a report embeds (the cluster views are always in it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: int = Field(50, ge=0, description="embed the attribution graphs of this many prompts, those with "
-                                               "the largest total |attribution|")
-    prompt_ids: list[int] | None = Field(None, description="embed the graphs of these prompt ids instead")
 
 
 def page_template() -> str:
@@ -61,16 +53,38 @@ def render_page(data_json: str = DATA_PLACEHOLDER) -> str:
     return template.replace(CSP_PLACEHOLDER, content_security_policy(template)).replace(DATA_PLACEHOLDER, data_json)
 
 
-def write_report(run_dir: str, out: str | None = None, config: ReportConfig | None = None) -> tuple[Path, int, int]:
-    """One self-contained HTML file (no network needed to open it), default RUN_DIR/report.html.
+def write_report(run_dir: str | Path, out: str | Path | None = None,
+                 config: ReportConfig | None = None) -> tuple[Path, int, int]:
+    """One self-contained HTML file (no network needed to open it): RUN/report/report.html, or `out`.
     Returns its path, the number of prompt graphs embedded and the number of prompts."""
     config = config or ReportConfig()
-    tables = read_tables(run_dir)
-    chosen = chosen_prompts(tables, config.prompts, config.prompt_ids)
-    html = render_page(payload_json(run_payload(tables, chosen)))
-    path = Path(out) if out else tables.run.path / "report.html"
-    atomic_write_bytes(path, html.encode("utf-8"))
-    return path, len(chosen), len(tables.prompts)
+    if out is not None:
+        path = Path(out)
+        html, embedded, total = report_html(RunView.open(run_dir), config)
+        atomic_write_bytes(path, html)
+        return path, embedded, total
+    with writing(run_dir, STAGE, config) as (view, stage):
+        html, embedded, total = report_html(view, config)
+        atomic_write_bytes(stage.file("report.html"), html)
+        stage.facts.update(embedded=embedded, prompts=total)
+    return view.path / STAGE / "report.html", embedded, total
+
+
+def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
+    view.require("cluster")
+    chosen = chosen_prompts(view, config.prompts, config.prompt_ids)
+    return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
+
+
+def report_command(run_dir: str, config: ReportConfig, out: str | None = None) -> tuple[Path, int, int]:
+    """`adag report`."""
+    return write_report(run_dir, out, config)
+
+
+def report_summary(result: tuple[Path, int, int], run_dir: str) -> str:
+    path, embedded, total = result
+    left_out = f"; {total - embedded} left out, `adag serve` shows them all" if embedded < total else ""
+    return f"report written to {path} (attribution graphs of {embedded} of {total} prompts{left_out})"
 
 
 def allowed_host(header: str | None, bound: str) -> bool:
@@ -96,9 +110,12 @@ def allowed_host(header: str | None, bound: str) -> bool:
     return False
 
 
-def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+def check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise AdagError(f"--port {port} is out of range; use 1024..65535 (or 0 for any free port)")
+
+
+def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     try:
         return ThreadingHTTPServer((host, port), handler)
     except socket.gaierror:
@@ -116,21 +133,22 @@ def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thre
         raise AdagError(f"cannot listen on {host}:{port} ({error.strerror})") from None
 
 
-def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server for the viewer: the page at /, the run's cluster views at /api/data and each
     prompt's attribution graph at /api/prompt/ID, computed when first asked for."""
-    tables = read_tables(run_dir)
-    data = json.dumps(run_payload(tables, [])).encode("utf-8")
+    check_port(port)
+    view = RunView.open(run_dir)
+    data = json.dumps(run_payload(view, [])).encode("utf-8")
     template = page_template()
     page = render_page().encode("utf-8")
     policy = content_security_policy(template) + "; frame-ancestors 'none'"
-    known = set(tables.prompts["prompt"].tolist())
+    known = set(view.prompts["prompt"].tolist())
     lock = threading.Lock()
 
     @functools.lru_cache(maxsize=CACHED_GRAPHS)
     def prompt_json(prompt: int) -> bytes:
         with lock:  # pandas reads of shared frames from several threads
-            return json.dumps(prompt_payload(tables, prompt)).encode("utf-8")
+            return json.dumps(prompt_payload(view, prompt)).encode("utf-8")
 
     class Handler(BaseHTTPRequestHandler):
         def version_string(self) -> str:
@@ -171,7 +189,7 @@ def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> Thre
     return _listen(host, port, Handler)
 
 
-def serve_in_background(run_dir: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def serve_in_background(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     server = make_server(run_dir, host, port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

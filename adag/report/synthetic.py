@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 
 from adag.cluster import ClusterConfig, cluster_run
+from adag.describe.config import DescribeConfig
+from adag.stages import writing
 from adag.store import RunDir
 from adag.trace import TraceConfig
 
@@ -27,17 +29,16 @@ def synthetic_run(path: str | Path, prompts: int = 4, layers: int = 12, nodes: i
     rng = np.random.default_rng(seed)
     run = RunDir.create(path, {"spec": "synthetic", "weights": "synthetic", "family": "llama", "layers": layers,
                                "neurons": neurons}, {"name": "synthetic", "sha256": "0" * 64, "rows": prompts})
-    config = TraceConfig(threshold=0.01).model_dump(mode="json")
-    run.begin_stage("trace", config)
     tables: dict[str, list[pd.DataFrame]] = {"prompts": [], "nodes": [], "embeddings": [], "edges": []}
     for prompt in range(prompts):
         for name, table in _prompt_tables(rng, prompt, layers, nodes, last_share, length, neurons, k,
                                           edge_density).items():
             tables[name].append(table)
-    for name, parts in tables.items():
-        run.write_part("trace", name, 0, pd.concat(parts, ignore_index=True))
-    run.finish_stage("trace", prompts=prompts, nodes=sum(map(len, tables["nodes"])),
-                     edges=sum(map(len, tables["edges"])))
+    with writing(run, "trace", TraceConfig(threshold=0.01), "synthetic") as (_, stage):
+        for name, parts in tables.items():
+            stage.write_part(name, 0, pd.concat(parts, ignore_index=True))
+        stage.facts.update(prompts=prompts, nodes=sum(map(len, tables["nodes"])),
+                           edges=sum(map(len, tables["edges"])))
     run = cluster_run(str(path), ClusterConfig(k=clusters))
     if labels:
         _describe(run, labels)
@@ -46,14 +47,15 @@ def synthetic_run(path: str | Path, prompts: int = 4, layers: int = 12, nodes: i
 
 def _describe(run: RunDir, labels: list[str]) -> None:
     ids = run.read_table("cluster", "clusters")["cluster"].to_numpy()
-    run.begin_stage("describe", {"explainer": "synthetic"})
     chosen = [labels[c % len(labels)] for c in ids]
-    run.write_table("describe", "descriptions", pd.DataFrame({
-        "cluster": ids, "status": "ok", "failure": None, "label": chosen,
-        "input_description": [f"fires on tokens about {label}" for label in chosen], "input_score": 0.5,
-        "negative_input_description": None, "negative_input_score": np.nan,
-        "output_description": [f"makes the model say {label}" for label in chosen], "output_score": 0.4}))
-    run.finish_stage("describe", clusters=len(ids), failed=0)
+    with writing(run, "describe", DescribeConfig(explainer="synthetic", simulator="synthetic"), "synthetic") as (
+            _, stage):
+        stage.write_table("descriptions", pd.DataFrame({
+            "cluster": ids, "status": "ok", "failure": None, "label": chosen,
+            "input_description": [f"fires on tokens about {label}" for label in chosen], "input_score": 0.5,
+            "negative_input_description": None, "negative_input_score": np.nan,
+            "output_description": [f"makes the model say {label}" for label in chosen], "output_score": 0.4}))
+        stage.facts.update(clusters=len(ids), failed=0)
 
 
 def _prompt_tables(rng: np.random.Generator, prompt: int, layers: int, n_nodes: int, last_share: float,
