@@ -18,8 +18,8 @@ class PromptGraph:
     (-1 for embeddings, the model's layer count for logits, a cluster's mean layer for supernodes),
     position, attribution (relevance for embeddings, RelP for neurons, coefficient x logit for
     logits), neuron, activation, cluster, label (the cluster's), token, probability, members.
-    `edges` joins node rows:
-    source, target, weight (direct effect, as share of the target), attribution."""
+    `edges` joins node rows: source, target, weight (direct effect, as share of the target),
+    attribution."""
 
     prompt: int
     tokens: list[str]
@@ -90,8 +90,7 @@ def collapse_clusters(graph: PromptGraph) -> PromptGraph:
         "kind": "supernode", "layer": by_cluster["layer"].mean(), "position": dominant,
         "attribution": by_cluster["attribution"].sum(), "neuron": -1, "activation": np.nan,
         "cluster": clusters, "label": by_cluster["label"].first(), "token": [graph.tokens[p] for p in dominant],
-        "probability": np.nan,
-        "members": by_cluster.size()}).reset_index(drop=True)
+        "probability": np.nan, "members": by_cluster.size()}).reset_index(drop=True)
     collapsed = pd.concat([nodes.iloc[kept], supernodes], ignore_index=True)
 
     edges = graph.edges
