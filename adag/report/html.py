@@ -139,6 +139,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) 
     check_port(port)
     view = RunView.open(run_dir)
     data = json.dumps(run_payload(view, [])).encode("utf-8")
+    for grouped in ("nodes_by_prompt", "embeddings_by_prompt", "edges_by_prompt"):  # once, before serving
+        getattr(view, grouped)
     template = page_template()
     page = render_page().encode("utf-8")
     policy = content_security_policy(template) + "; frame-ancestors 'none'"
