@@ -326,7 +326,7 @@ def _check_viewer(driver, run_path, screenshot):
 def _get(server, path: str, host: str | None = None) -> http.client.HTTPResponse:
     connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
     connection.putrequest("GET", path, skip_host=True)
-    connection.putheader("Host", host or f"127.0.0.1:{server.server_port}")
+    connection.putheader("Host", f"127.0.0.1:{server.server_port}" if host is None else host)
     connection.endheaders()
     return connection.getresponse()
 
