@@ -151,6 +151,7 @@ class LinearisedPass:
     tap: NeuronTap
     targets: Targets
     target_logits: torch.Tensor  # (B, k)
+    target_probs: torch.Tensor  # (B, k) the model's next-token probabilities of the targets
 
     @property
     def metric(self) -> torch.Tensor:
@@ -210,7 +211,8 @@ def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, no
         targets = choose_targets(config.metric, config.n_targets, last, batch.labels)
         softcap = lm.adapter.logit_softcap(lm.model) if config.rules != "plain" else None
         logits = target_logits(last, tap.unembedded, softcap, targets)
-    return LinearisedPass(tap, targets, logits)
+        probs = last.detach().float().softmax(-1).gather(-1, targets.ids)
+    return LinearisedPass(tap, targets, logits, probs)
 
 
 def working_memory(device: torch.device) -> int:
@@ -291,6 +293,7 @@ class Profiles:
     metric: torch.Tensor  # (B,)
     targets: Targets
     target_logits: torch.Tensor  # (B, k)
+    target_probs: torch.Tensor  # (B, k)
     embedding_relevance: torch.Tensor  # (B, T): e_j . dm/de_j, zero on padding
     embedding_nodes: EmbeddingNodes
     activation: torch.Tensor  # (K,)
@@ -328,7 +331,8 @@ def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, node
     metric = base_pass.metric.detach()
     return Profiles(
         nodes=nodes, metric=metric, targets=base_pass.targets, target_logits=logits,
-        embedding_relevance=relevance, embedding_nodes=select_embedding_nodes(relevance, metric, batch, config),
+        target_probs=base_pass.target_probs, embedding_relevance=relevance,
+        embedding_nodes=select_embedding_nodes(relevance, metric, batch, config),
         activation=activation,
         attribution=activation * (to_nodes * coeffs[nodes.row]).sum(-1),
         input_profile=numerators / _nonzero(activation)[:, None],

@@ -1,8 +1,9 @@
 """The trace stage's Parquet tables, one part per batch under RUN_DIR/trace/<table>/.
 
 prompts     one row per prompt: prompt, text, metadata (JSON), n_tokens, tokens, token_ids, metric,
-            target_ids, target_tokens, target_coeffs, target_logits, embedding_relevance (one value
-            per position: r_j = e_j . dm/de_j, total effect).
+            target_ids, target_tokens, target_coeffs, target_logits, target_probs (the model's
+            next-token probabilities), embedding_relevance (one value per position: r_j = e_j . dm/de_j,
+            total effect).
 nodes       one row per kept neuron node: prompt, node (id within the prompt, ordered by layer,
             position, neuron), layer, position (unpadded), neuron, activation, attribution (RelP),
             input_profile (one value per prompt position), output_profile (one value per target).
@@ -92,6 +93,7 @@ def batch_tables(result: BatchAttribution, batch: PromptBatch, prompt_ids: list[
         "target_tokens": [[tokenizer.decode([t]) for t in ids] for ids in target_ids],
         "target_coeffs": _numpy(profiles.targets.coeffs).tolist(),
         "target_logits": _numpy(profiles.target_logits).tolist(),
+        "target_probs": _numpy(profiles.target_probs).tolist(),
         "embedding_relevance": [relevance[b, offsets[b]:].astype(np.float32) for b in range(len(prompt_ids))],
     })
 
