@@ -33,7 +33,7 @@ from adag.steer.config import CorrelateConfig, FaithfulnessConfig, JudgeConfig, 
 from adag.trace.config import TraceConfig, TraceInputs
 
 if TYPE_CHECKING:
-    from adag.store import RunDir, StageWriter
+    from adag.store import RunDir, Shard, StageWriter
     from adag.view import RunView
 
 
@@ -142,23 +142,24 @@ def _quoted(word: str) -> str:
 
 
 @contextlib.contextmanager
-def writing(run: RunDir | str | Path, stage: str, config: BaseModel,
-            command: str | None = None) -> Iterator[tuple[RunView, StageWriter]]:
+def writing(run: RunDir | str | Path, stage: str, config: BaseModel, command: str | None = None,
+            shard: Shard | None = None) -> Iterator[tuple[RunView, StageWriter]]:
     """Write one stage: hold the run's lock, check the stages it requires, give a fresh view of the
     run and a StageWriter. The results are committed when the block ends normally; on an exception
     nothing finished changes. The stages read (`requires`, and `uses` that are done) are recorded as
-    the result's inputs."""
+    the result's inputs. With `shard`, this process writes its share of a resumable stage's parts
+    alongside the other shards and commits nothing (see StageWriter)."""
     from adag.store import RunDir
     from adag.view import RunView
 
     spec = STAGES[stage]
     run = run if isinstance(run, RunDir) else RunDir.open(run)
-    with run.lock():
+    with run.lock(shared=shard is not None):
         run.reload()
         view = RunView(run)
         for needed in spec.requires:
             view.require(needed)
         inputs = {name: run.entry(name)["id"] for name in (*spec.requires, *spec.uses) if run.stage_done(name)}
         with run.stage(stage, config.model_dump(mode="json"), inputs, spec.resumable,
-                       command or command_line(stage, run.path, config)) as out:
+                       command or command_line(stage, run.path, config), shard) as out:
             yield view, out

@@ -6,7 +6,8 @@ Layout::
     RUN/<stage>/<table>.parquet       a stage's finished results, in a folder it alone owns
     RUN/<stage>/<table>/part-<n>.parquet   tables written in parts by long, resumable stages
     RUN/.staging/<stage>/             a stage's results while it runs; moved into place when complete
-    RUN/.lock                         held (flock) by the one process writing the run
+    RUN/.lock                         held (flock) by the one process writing the run, or shared by the
+                                      shard writers of one resumable stage (`Shard`)
 
 Nothing finished is deleted before its replacement is complete: a stage writes into
 `.staging/<stage>/` and only on success swaps it in (`StageWriter`). A failed or interrupted stage
@@ -16,6 +17,10 @@ stages it read (`inputs`); when one of those is recommitted with other results, 
 size and SHA-256 are recorded, so a damaged file is named (with the command that rewrites it)
 instead of failing deep inside a reader.
 
+A resumable stage can be written by several processes at once, each a `Shard` owning every
+count-th part; each records its parts in its own sidecar, and a final writer checks that every
+part is there and commits (see `StageWriter`).
+
 Every write goes to a temporary file that is renamed into place. Nothing is pickled: a run
 directory is safe to open.
 """
@@ -23,6 +28,7 @@ directory is safe to open.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -32,7 +38,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +54,36 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"
 STAGE_SIDECAR = ".stage.json"  # a staged stage's config and inputs, so an interrupted attempt can resume
-PARTS_SIDECAR = ".parts.jsonl"  # one line per committed part of a staged resumable stage
+PARTS_SIDECAR = ".parts{}.jsonl"  # one line per committed part of a staged resumable stage, per writer
+SHARD_FACTS = ".facts-{}.json"  # the facts of one shard writer, for the writer that commits the stage
 MANIFEST_KEYS = {"adag_version": str, "format_version": int, "created": str, "model": dict, "dataset": dict,
                  "stages": dict}
 ENTRY_KEYS = ("status", "id", "config", "inputs", "files", "command", "started", "seconds")
 
 log = logging.getLogger("adag")
-_held_locks: dict[Path, int] = {}
+_held_locks: dict[Path, list] = {}  # path -> [depth, shared]
 _held_guard = threading.Lock()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, exclusive: bool = False) -> bool:
+    """Write `path` whole or not at all. With `exclusive`, leave an existing `path` as it is (the first
+    of several concurrent writers wins, also on NFS: a hard link is atomic there) and return False."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp makes files private; run files are meant to be shared
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return True
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -106,8 +124,32 @@ def part_file(name: str, part: int) -> str:
     return f"{name}/part-{part:06d}.parquet"
 
 
+def part_number(file: str) -> int:
+    """The part a part file (as named by `part_file`) holds."""
+    return int(file.rsplit("part-", 1)[1].split(".", 1)[0])
+
+
 class DamagedFile(AdagError):
     """A committed file that no longer matches its record or cannot be read."""
+
+
+class RunLocked(AdagError):
+    """The run is being written by another process."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One of `count` processes writing a resumable stage together; it owns the parts `index`,
+    `index + count`, ... (so the split is the same in every process and on every rerun)."""
+
+    index: int
+    count: int
+
+    def owns(self, part: int) -> bool:
+        return part % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 class RunDir:
@@ -144,9 +186,9 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise AdagError(f"cannot create run directory {path} ({error.strerror}); choose another --out") from None
-        run = cls(path, manifest)
-        run._save_manifest()
-        return run
+        if not atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1).encode(), exclusive=True):
+            return cls.create(path, model, dataset)  # a concurrent shard created it first
+        return cls(path, manifest)
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -166,36 +208,37 @@ class RunDir:
     # locking
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the run's write lock: one writing process at a time. A second process gets a one-line
-        error naming the holder. The lock is a `flock` on RUN/.lock, so it dies with its process:
-        a lock file left by a dead process is simply taken over. Re-entrant within a process."""
+    def lock(self, shared: bool = False) -> Iterator[None]:
+        """Hold the run's write lock: one writing process at a time, or with `shared` the shard writers
+        of one stage together (`Shard`), which still exclude every other writer. A process that cannot
+        have it gets a one-line error naming the holder (`RunLocked`). The lock is a `flock` on RUN/.lock,
+        so it dies with its process: a lock file left by a dead process is simply taken over. Re-entrant
+        within a process, in the same mode."""
         key = self.path.resolve()
         with _held_guard:
-            if key in _held_locks:
-                _held_locks[key] += 1
-                reentered = True
-            else:
-                reentered = False
-        if reentered:
+            held = _held_locks.get(key)
+            if held is not None and held[1] != shared:
+                raise RunLocked(f"{self.path} is already locked by this process in another mode")
+            if held is not None:
+                held[0] += 1
+        if held is not None:
             try:
                 yield
             finally:
                 with _held_guard:
-                    _held_locks[key] -= 1
+                    held[0] -= 1
             return
-        fd = self._acquire()
+        fd = self._acquire(shared)
         with _held_guard:
-            _held_locks[key] = 1
+            _held_locks[key] = [1, shared]
         try:
             yield
         finally:
             with _held_guard:
                 del _held_locks[key]
-            (self.path / LOCK).unlink(missing_ok=True)
-            os.close(fd)  # releases the flock
+            self._release(fd, shared)
 
-    def _acquire(self) -> int:
+    def _acquire(self, shared: bool) -> int:
         path = self.path / LOCK
         while True:
             try:
@@ -203,11 +246,11 @@ class RunDir:
             except OSError as error:
                 raise AdagError(f"cannot write to {self.path} ({error.strerror}); check its permissions") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _lock_holder(fd)
                 os.close(fd)
-                raise AdagError(f"{self.path} is being written by another adag process ({holder}); wait for it "
+                raise RunLocked(f"{self.path} is being written by another adag process ({holder}); wait for it "
                                 "to finish or stop it, then rerun") from None
             try:
                 same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -216,14 +259,30 @@ class RunDir:
             if same_file:  # not a lock file that its holder removed while we waited
                 break
             os.close(fd)
-        holder = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S%z")}
+        # Shard writers all write the same words, so that they never garble each other's.
+        holder = {"shards": "the shard writers of one stage"} if shared else \
+            {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S%z")}
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(holder).encode())
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
         return fd
 
+    def _release(self, fd: int, shared: bool) -> None:
+        """Remove the lock file (so a dead process's lock never lingers) and unlock. A shard writer
+        removes it only when no other shard writer still holds it."""
+        try:
+            if shared:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # gives up the shared lock either way
+            (self.path / LOCK).unlink(missing_ok=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)  # releases the flock
+
     def is_locked_here(self) -> bool:
+        """Whether this process holds the run's exclusive lock."""
         with _held_guard:
-            return self.path.resolve() in _held_locks
+            held = _held_locks.get(self.path.resolve())
+            return held is not None and not held[1]
 
     # stages
 
@@ -256,18 +315,23 @@ class RunDir:
             raise AdagError(f"{self.path} has no finished '{stage}' stage; run `{command}` first")
 
     def stage(self, stage: str, config: dict[str, Any], inputs: dict[str, str] | None = None,
-              resumable: bool = False, command: str | None = None) -> StageWriter:
+              resumable: bool = False, command: str | None = None, shard: Shard | None = None) -> StageWriter:
         """A writer for one attempt at `stage` (use it as a context manager; see StageWriter)."""
-        return StageWriter(self, stage, config, inputs or {}, resumable, command or f"adag {stage} {self.path}")
+        return StageWriter(self, stage, config, inputs or {}, resumable, command or f"adag {stage} {self.path}",
+                           shard)
 
     def staged_attempt(self, stage: str) -> dict[str, Any] | None:
-        """Config and inputs of an earlier, unfinished attempt at `stage` that left finished parts."""
+        """Config, inputs and command of an earlier, unfinished attempt at `stage` that left finished parts."""
         sidecar = self.path / STAGING / stage / STAGE_SIDECAR
-        if not sidecar.is_file() or not _read_parts(sidecar.parent / PARTS_SIDECAR):
+        if not sidecar.is_file() or not self.staged_parts(stage):
             return None
         with contextlib.suppress(ValueError):
             return json.loads(sidecar.read_text())
         return None
+
+    def staged_parts(self, stage: str) -> dict[str, dict[str, Any]]:
+        """The parts that the writers of an unfinished attempt at `stage` have recorded, by file."""
+        return _read_parts(self.path / STAGING / stage)
 
     def _commit(self, stage: str, staged: Path, entry: dict[str, Any]) -> None:
         """Swap a complete staged folder into place. The manifest first records the commit as pending,
@@ -295,8 +359,9 @@ class RunDir:
             if final.exists():
                 final.rename(old)
             staged.rename(final)
-        for sidecar in (STAGE_SIDECAR, PARTS_SIDECAR):
-            (final / sidecar).unlink(missing_ok=True)
+        for sidecar in final.glob(".*"):  # the stage sidecar, the writers' part records and facts
+            if sidecar.is_file():
+                sidecar.unlink()
         self.manifest["stages"][stage] = pending["entry"]
         del self.manifest["pending"]
         self._save_manifest()
@@ -372,7 +437,8 @@ def check_run_target(path: Path) -> None:
     """`path` can hold a new run, or holds a run: not a file, not a folder of other things."""
     if path.exists() and not path.is_dir():
         raise AdagError(f"{path} is a file, not a directory; give --out a new or existing run directory")
-    if path.is_dir() and not (path / MANIFEST).exists() and any(path.iterdir()):
+    if path.is_dir() and not (path / MANIFEST).exists() and any(
+            not entry.name.startswith(f".{MANIFEST}.") for entry in path.iterdir()):  # a manifest being written
         raise AdagError(f"{path} exists, is not empty and is not an adag run; choose another directory")
 
 
@@ -408,6 +474,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def _lock_holder(fd: int) -> str:
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        if "shards" in holder:
+            return holder["shards"]
         return f"pid {holder['pid']}, started {holder['started']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown"
@@ -428,12 +496,20 @@ class StageWriter:
     that result in place: missing or damaged parts are redone, the others kept. The stage id is a
     hash of config and file contents, so a rerun that reproduces the same files leaves the stages
     built on it current.
+
+    A shard writer (`shard`) of a resumable stage shares the run's lock with the other shards of the
+    same attempt, writes its own parts into the common staging folder (never removing what others
+    wrote), records them in its own sidecar and on exit commits nothing: it leaves its `facts` for the
+    plain writer that commits (`shard_facts`), which resumes from every shard's parts. Shard writers
+    check a finished result but leave its repair to a plain writer.
     """
 
     def __init__(self, run: RunDir, stage: str, config: dict[str, Any], inputs: dict[str, str], resumable: bool,
-                 command: str):
+                 command: str, shard: Shard | None = None):
+        if shard is not None and not resumable:
+            raise ValueError(f"stage '{stage}' is not resumable, so it cannot be written in shards")
         self.run, self.stage, self.config, self.inputs = run, stage, config, inputs
-        self.resumable, self.command = resumable, command
+        self.resumable, self.command, self.shard = resumable, command, shard
         self.facts: dict[str, Any] = {}
         self.cancelled = False
         self._records: dict[str, dict[str, Any]] = {}
@@ -445,11 +521,12 @@ class StageWriter:
 
     def __enter__(self) -> StageWriter:
         self._lock = contextlib.ExitStack()
-        self._lock.enter_context(self.run.lock())
+        self._lock.enter_context(self.run.lock(shared=self.shard is not None))
         self.started = time.time()
         try:
             if self.repairing:
-                self._records = dict(self.run.entry(self.stage)["files"])
+                self._records = {file: record for file, record in self.run.entry(self.stage)["files"].items()
+                                 if self._owns(file)}
             else:
                 self._open_staging()
             self._drop_damaged()
@@ -458,20 +535,30 @@ class StageWriter:
             raise
         return self
 
+    def _owns(self, file: str) -> bool:
+        return self.shard is None or (file.count("/part-") == 1 and self.shard.owns(part_number(file)))
+
     def _open_staging(self) -> None:
         sidecar = self.path / STAGE_SIDECAR
         previous = None
         if sidecar.is_file():
             with contextlib.suppress(ValueError):
                 previous = json.loads(sidecar.read_text())
-        if self.resumable and previous and previous.get("config") == self.config \
-                and previous.get("inputs") == self.inputs:
-            self._records = _read_parts(self.path / PARTS_SIDECAR)
+        same = bool(previous) and previous.get("config") == self.config and previous.get("inputs") == self.inputs
+        if self.resumable and same:
+            self._records = _read_parts(self.path, self._owns)
+            return
+        contents = json.dumps({"config": self.config, "inputs": self.inputs, "command": self.command}).encode()
+        if self.shard is not None:  # other shards may be writing here: never remove anything
+            if previous:
+                raise AdagError(f"{self.path} holds an unfinished '{self.stage}' with other settings; finish it "
+                                "with those settings, or delete that folder")
+            atomic_write_bytes(sidecar, contents, exclusive=True)  # shards of one attempt write the same
             return
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
-        atomic_write_bytes(sidecar, json.dumps({"config": self.config, "inputs": self.inputs}).encode())
+        atomic_write_bytes(sidecar, contents)
 
     def _drop_damaged(self) -> None:
         damaged = {}
@@ -483,6 +570,9 @@ class StageWriter:
             del self._records[file]
         if damaged:
             listed = ", ".join(f"{file} ({problem})" for file, problem in sorted(damaged.items()))
+            if self.repairing and self.shard is not None:
+                raise AdagError(f"the finished '{self.stage}' in {self.run.path} has damaged parts ({listed}); "
+                                f"repair them with `{self.command}`")
             log.warning(f"{len(damaged)} damaged file(s) in {self.path} will be written again: {listed}")
 
     @property
@@ -504,24 +594,45 @@ class StageWriter:
     def write_json(self, name: str, data: Any) -> None:
         atomic_write_bytes(self.file(f"{name}.json"), json.dumps(data, indent=2).encode())
 
+    def publish_table(self, name: str, table: pd.DataFrame | pa.Table) -> None:
+        """Write a table unless it is there already: of several shards that publish the same table, the
+        first one's stands, so all of them go on with the same one (read it back with `read_table`)."""
+        atomic_write_bytes(self.file(f"{name}.parquet"), parquet_bytes(table), exclusive=True)
+
     def write_part(self, name: str, part: int, table: pd.DataFrame | pa.Table) -> None:
         """Write one part and record it at once, so an interrupted stage keeps it."""
+        if self.shard is not None and (self.repairing or not self.shard.owns(part)):
+            raise ValueError(f"shard {self.shard} cannot write part {part} of '{self.stage}'")
         file = part_file(name, part)
         path = self.file(file)
         atomic_write_bytes(path, parquet_bytes(table))
         record = file_record(path)
+        sidecar = PARTS_SIDECAR.format(f"-{self.shard.index}-of-{self.shard.count}" if self.shard else "")
         with self._guard:
             self._records[file] = record
             if self.repairing:
                 self.run._update_entry(self.stage, files=dict(self._records))
             else:
-                with (self.path / PARTS_SIDECAR).open("a") as f:
+                with (self.path / sidecar).open("a") as f:
                     f.write(json.dumps({"file": file, **record}) + "\n")
+
+    def shard_facts(self) -> list[dict[str, Any]]:
+        """The facts that the shard writers of this attempt left."""
+        return [json.loads(path.read_text()) for path in sorted(self.path.glob(SHARD_FACTS.format("*")))]
 
     def has_part(self, name: str, part: int) -> bool:
         """Whether this part was written (by this attempt, an earlier one, or the finished result)
         and is intact."""
         return part_file(name, part) in self._records
+
+    def has_table(self, name: str) -> bool:
+        """Whether a whole table `name` was written (or published) in this attempt's folder."""
+        return (self.path / f"{name}.parquet").is_file()
+
+    def table_metadata(self, name: str) -> dict[str, str]:
+        """The key-value metadata stored with a whole table."""
+        metadata = pq.read_schema(self.path / f"{name}.parquet").metadata or {}
+        return {key.decode(): value.decode() for key, value in metadata.items() if not key.startswith(b"pandas")}
 
     def read_part(self, name: str, part: int) -> pd.DataFrame:
         return pq.read_table(self.path / part_file(name, part)).to_pandas()
@@ -541,7 +652,11 @@ class StageWriter:
 
     def __exit__(self, kind, error, traceback) -> None:
         try:
-            if kind is not None or self.cancelled:
+            if self.shard is not None:
+                if kind is None and not self.repairing:
+                    name = SHARD_FACTS.format(f"{self.shard.index}-of-{self.shard.count}")
+                    atomic_write_bytes(self.path / name, json.dumps(self.facts).encode())
+            elif kind is not None or self.cancelled:
                 self._abandon()
             else:
                 self._finish()
@@ -574,13 +689,15 @@ class StageWriter:
             self.run._commit(self.stage, self.path, entry)
 
 
-def _read_parts(path: Path) -> dict[str, dict[str, Any]]:
-    """Records of parts committed by an earlier attempt; a line cut by an interruption is skipped
-    (its part is then written again)."""
+def _read_parts(folder: Path, wanted: Callable[[str], bool] | None = None) -> dict[str, dict[str, Any]]:
+    """Records of the parts that the writers of an attempt committed (those `wanted(file)` accepts);
+    a line cut by an interruption is skipped (its part is then written again)."""
     records = {}
-    if path.is_file():
+    for path in sorted(folder.glob(PARTS_SIDECAR.format("*"))):
         for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 record = json.loads(line)
-                records[record.pop("file")] = record
+                file = record.pop("file")
+                if wanted is None or wanted(file):
+                    records[file] = record
     return records

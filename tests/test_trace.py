@@ -261,26 +261,45 @@ def test_batch_invariance(tiny64, tmp_path):
     _assert_same_tables(_tables(alone), _tables(batched))
 
 
-def test_dataset_aggregation_keeps_keys_in_every_prompt(tiny_models, tmp_path):
+def test_pooled_keys_are_the_union_over_the_batch_by_default_and_over_the_dataset_on_request(tiny_models, tmp_path,
+                                                                                            caplog):
+    """Per-batch pooling (the default) keeps in each prompt the keys that pass in any prompt of its batch,
+    so a prompt's nodes do not change when the dataset grows; dataset-wide pooling keeps the keys of
+    every prompt in every prompt, and warns that this grows with the dataset."""
     lm = tiny_models["llama"]
-    dataset = load_dataset("country-capitals", limit=4)
-    per_prompt = trace_dataset(lm, dataset, TraceConfig(aggregation="none", threshold=0.05, edges=False),
-                               tmp_path / "none", progress=False)
-    union = trace_dataset(lm, dataset, TraceConfig(aggregation="any", threshold=0.05, edges=False),
-                          tmp_path / "any", progress=False)
-    prompts = per_prompt.read_table("trace", "prompts").set_index("prompt")["n_tokens"]
+    large = load_dataset("country-capitals", limit=8)
+    large.rows.sort(key=lambda row: len(encode_prompt(lm.tokenizer, row)))  # the plan keeps this order
+    small = load_dataset("country-capitals", limit=4)
+    small.rows = large.rows[:4]
+    lengths = [len(encode_prompt(lm.tokenizer, row)) for row in large.rows]
+    assert len(set(lengths)) > 1
+    base = TraceConfig(threshold=0.05, edges=False, batch_size=2)
+    assert base.aggregation == "any" and base.aggregate_over == "batch"
 
-    def keys(run):
+    def traced(dataset, name, **settings):
+        run = trace_dataset(lm, dataset, base.model_copy(update=settings), tmp_path / name, progress=False)
         nodes = run.read_table("trace", "nodes")
-        from_end = prompts[nodes["prompt"]].to_numpy() - 1 - nodes["position"].to_numpy()
-        return nodes.assign(from_end=from_end)
+        return nodes.assign(from_end=np.array(lengths)[nodes["prompt"]] - 1 - nodes["position"])
 
-    none_keys, any_keys = keys(per_prompt), keys(union)
-    wanted = set(zip(none_keys.layer, none_keys.from_end, none_keys.neuron))
-    for _, group in any_keys.groupby("prompt"):
-        assert set(zip(group.layer, group.from_end, group.neuron)) == wanted  # same length prompts here
-    assert (any_keys.position > 0).all()
-    assert len(any_keys) >= len(none_keys)
+    def keys(nodes, prompts, fitting=None):
+        chosen = nodes[nodes["prompt"].isin(prompts)]
+        if fitting is not None:  # positions from the end that exist in a prompt of this length, but the first
+            chosen = chosen[chosen["from_end"] < fitting - 1]
+        return set(zip(chosen.layer, chosen.from_end, chosen.neuron))
+
+    per_prompt = traced(large, "none", aggregation="none")
+    by_batch = traced(large, "batch")
+    with caplog.at_level("WARNING", logger="adag.trace.run"):
+        assert not caplog.records
+        by_dataset = traced(large, "dataset", aggregate_over="dataset")
+    assert len(caplog.records) == 1 and "grow with the dataset" in caplog.records[0].getMessage()
+    for prompt in range(8):
+        batch_mates = [prompt - prompt % 2, prompt - prompt % 2 + 1]
+        assert keys(by_batch, [prompt]) == keys(per_prompt, batch_mates, lengths[prompt])
+        assert keys(by_dataset, [prompt]) == keys(per_prompt, range(8), lengths[prompt])
+    assert len(by_dataset) > len(by_batch) > len(per_prompt)
+    first_half = by_batch[by_batch["prompt"] < 4].reset_index(drop=True)
+    pd.testing.assert_frame_equal(traced(small, "small"), first_half)
 
 
 def test_topk_selection_and_first_position(tiny_models):

@@ -268,6 +268,21 @@ def select_keys(scores: torch.Tensor, config: TraceConfig) -> NodeKeys:
     return NodeKeys(layer, from_end, neuron)
 
 
+def pool_from_end(scores: torch.Tensor, config: TraceConfig, n_prompts: int) -> torch.Tensor:
+    """(B, L, T, N) scores of a left-padded batch pooled over its prompts into (L, position from the end, N):
+    the max (aggregation 'any') or the sum divided by `n_prompts` (a batch's share of a mean over n prompts)."""
+    from_end = scores.flip(2)  # left padding: position from the end = width - 1 - position
+    return from_end.amax(0) if config.aggregation == "any" else from_end.sum(0) / n_prompts
+
+
+def select_batch_nodes(scores: torch.Tensor, batch: PromptBatch, config: TraceConfig) -> Nodes:
+    """A batch's nodes: selected per prompt (aggregation 'none'), or keys pooled over the batch's prompts and
+    kept in each of them (the reference's per-batch aggregation)."""
+    if config.aggregation == "none":
+        return select_nodes(scores, config)
+    return nodes_from_keys(select_keys(pool_from_end(scores, config, len(scores)), config), batch, config)
+
+
 def nodes_from_keys(keys: NodeKeys, batch: PromptBatch, config: TraceConfig) -> Nodes:
     """Place dataset-level keys in every prompt of a batch that is long enough, leaving out each
     prompt's first position unless configured."""

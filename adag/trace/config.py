@@ -30,9 +30,12 @@ class TraceConfig(BaseModel):
                              "when |RelP| >= threshold * |m|")
     top_nodes: int = Field(200, ge=1, description="nodes kept per prompt (or in all) with --selection topk")
     aggregation: Literal["none", "any", "mean"] = Field(
-        "any", description="none: select per prompt; any/mean: select (layer, position from the end, neuron) "
-        "keys by their max/mean score over the dataset and keep them in every prompt (meant for prompts "
-        "built from one template)")
+        "any", description="none: keep nodes per prompt; any/mean: pool the scores of (layer, position from the "
+        "end, neuron) keys over the prompts of --aggregate-over by their max/mean and keep each passing key in "
+        "every one of those prompts (meant for prompts built from one template)")
+    aggregate_over: Literal["batch", "dataset"] = Field(
+        "batch", description="the prompts --aggregation any|mean pools: those of one batch (the reference; nodes "
+        "per prompt bounded by --batch-size) or the whole dataset (nodes per prompt grow with the dataset)")
     keep_first_position: bool = Field(False, description="allow nodes at each prompt's first position "
                                       "(an attention sink)")
     blacklist: list[tuple[int, int, int]] = Field(
@@ -73,9 +76,16 @@ class TraceInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="built-in name, local model directory or hub id (org/name)")
-    dataset: str = Field(description="built-in dataset name or a .jsonl/.csv file")
-    out: str = Field(description="run directory to create (or resume)")
+    model: str | None = Field(None, description="built-in name, local model directory or hub id (org/name); "
+                              "required unless --finish")
+    dataset: str | None = Field(None, description="built-in dataset name or a .jsonl/.csv file; required unless "
+                                "--finish")
+    out: str | None = Field(None, description="run directory to create (or resume); required unless --finish")
     limit: int | None = Field(None, ge=1, description="trace only the first N prompts")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
-    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (spread over GPUs)")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (spread over GPUs); under torchrun, cuda "
+                        "means cuda:LOCAL_RANK")
+    shard: str | None = Field(None, description="I/N: trace only batches I, I+N, I+2N, ... (e.g. one task of a job "
+                              "array, all with the same --out); the last shard to finish commits the run")
+    finish: str | None = Field(None, description="commit the run directory FINISH once all its shards are done "
+                               "(given alone)")

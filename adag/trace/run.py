@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -16,7 +17,7 @@ from adag.datasets import Dataset, encode_prompt, label_token_ids
 from adag.errors import AdagError
 from adag.models import LoadedModel
 from adag.stages import writing
-from adag.store import RunDir, StageWriter, check_run_target
+from adag.store import RunDir, RunLocked, Shard, StageWriter, check_run_target, part_file, part_number
 from adag.trace.attribute import (
     BatchAttribution,
     NodeKeys,
@@ -24,15 +25,18 @@ from adag.trace.attribute import (
     edges_pass,
     node_scores,
     nodes_from_keys,
+    pool_from_end,
     profiles_pass,
+    select_batch_nodes,
     select_keys,
-    select_nodes,
 )
 from adag.trace.config import TraceConfig
+from adag.trace.shards import any_rank, barrier, group_shard, pool_over_ranks, torchrun_group
 from adag.trace.tables import batch_tables
 
 STAGE = "trace"
 TABLES = ("nodes", "embeddings", "edges", "prompts")  # prompts last: its presence marks a part done
+KEYS_TABLE = "dataset_keys"  # with --aggregate-over dataset: the keys kept in every prompt
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +53,7 @@ class PhaseTimer:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
 
-    @contextmanager
+    @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         started = time.perf_counter()
         yield
@@ -59,38 +63,64 @@ class PhaseTimer:
 
 
 def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: str | Path, progress: bool = True,
-                  command: str | None = None) -> RunDir:
+                  command: str | None = None, shard: Shard | None = None) -> RunDir:
     """Trace every prompt of `dataset` into the run directory `out`; an interrupted run resumes, and a
-    rerun with the same settings redoes only missing or damaged parts."""
+    rerun with the same settings redoes only missing or damaged parts.
+
+    With `shard` (or in each rank of an initialised torch.distributed group) this process traces only
+    its share of the batches (`adag.trace.shards`); the last shard to finish, or rank 0, commits the
+    run once every part is there."""
     config = config.for_device(lm.device.type)
     check_targets(lm, config)
+    group = group_shard()
+    if shard is not None and group is not None:
+        raise AdagError("--shard splits a trace without torchrun; under torchrun the ranks split it already")
+    shard = shard or group
     tokens, labels = encode_dataset(lm, dataset, config)
+    if config.aggregation != "none" and config.aggregate_over == "dataset":
+        logger.warning(f"--aggregate-over dataset keeps a key that passes in any of the {len(tokens)} prompts in all "
+                       "of them, so nodes per prompt (and the trace's cost) grow with the dataset")
     run = RunDir.create(out, *run_manifest_facts(lm, dataset))
     settings = config.model_dump(mode="json")
-    with run.lock():
+    with run.lock(shared=shard is not None):
         run.reload()
         unfinished = run.staged_attempt(STAGE)
         if run.stage_config(STAGE) not in (None, settings) or (unfinished and unfinished["config"] != settings):
             raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
                             "(or delete this one) so that no finished work is lost")
-        with writing(run, STAGE, config, command) as (_, stage):
-            _trace_parts(lm, dataset, config, tokens, labels, stage, progress)
+        with writing(run, STAGE, config, command, shard) as (_, stage):
+            largest_score = _trace_parts(lm, dataset, config, tokens, labels, stage, group is not None, progress)
+            if shard is None:
+                _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"])
+    if group is not None:
+        barrier(True)  # every rank has written its parts and let go of the lock
+        if group.index == 0:
+            finish_trace(run)
+        barrier(True)
+    elif shard is not None:
+        with contextlib.suppress(RunLocked):  # another shard is still at work: it will finish the run
+            finish_trace(run, wait_for_shards=True)
+    run.reload()
     return run
 
 
 def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens: list[list[int]],
-                 labels: list[list[int]], stage: StageWriter, progress: bool) -> None:
-    tables = [name for name in TABLES if name != "edges" or config.edges]
+                 labels: list[list[int]], stage: StageWriter, distributed: bool, progress: bool) -> float:
+    """Trace this writer's batches that are not done yet; returns the largest node score seen."""
+    tables = traced_tables(config)
     plan = batch_plan(tokens, config.batch_size)
-    todo = {part for part in range(len(plan)) if not all(stage.has_part(name, part) for name in tables)}
+    mine = [part for part in range(len(plan)) if stage.shard is None or stage.shard.owns(part)]
+    todo = {part for part in mine if not all(stage.has_part(name, part) for name in tables)}
     timer = PhaseTimer(lm.device)
     keys, largest_score = None, 0.0
-    if todo and config.aggregation != "none":
-        warn_if_unaligned(tokens, config)
+    if config.aggregation != "none":
+        warn_if_unaligned(tokens, plan, config)
+    if config.aggregation != "none" and config.aggregate_over == "dataset" and any_rank(bool(todo), distributed):
         with timer("select_keys"):
-            keys, largest_score = _dataset_keys(lm, config, tokens, labels, plan, progress)
-    bar = tqdm(total=len(dataset), unit="prompt", desc="trace", disable=not progress)
-    for part, prompt_ids in enumerate(plan):
+            keys, largest_score = _dataset_keys(lm, config, tokens, labels, plan, stage, distributed, progress)
+    bar = tqdm(total=sum(len(plan[part]) for part in mine), unit="prompt", desc="trace", disable=not progress)
+    for part in mine:
+        prompt_ids = plan[part]
         if part not in todo:
             bar.update(len(prompt_ids))
             continue
@@ -99,7 +129,7 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
             if keys is None:
                 scores, _ = node_scores(lm, config, batch)
                 largest_score = max(largest_score, float(scores.max()))
-                nodes = select_nodes(scores, config)
+                nodes = select_batch_nodes(scores, batch, config)
             else:
                 nodes = nodes_from_keys(keys, batch, config)
         with timer("profiles"):
@@ -113,33 +143,118 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
                 stage.write_part(name, part, batch_result[name])
         bar.update(len(prompt_ids))
     bar.close()
-    totals = {name: len(stage.read_table(name, columns=["prompt"])) for name in tables if name != "prompts"}
+    stage.facts.update(phase_seconds={phase: round(seconds, 2) for phase, seconds in timer.seconds.items()},
+                       largest_score=largest_score)
+    return largest_score
+
+
+def _record_totals(stage: StageWriter, config: TraceConfig, prompts: int, largest_score: float,
+                   phase_seconds: dict[str, float]) -> None:
+    """The facts of a complete trace (and the error for one that kept no node at all)."""
+    totals = {name: len(stage.read_table(name, columns=["prompt"])) for name in traced_tables(config)
+              if name != "prompts"}
     if totals["nodes"] == 0:
         stage.cancel()  # nothing worth keeping: a rerun with another threshold starts afresh
-        raise AdagError(_no_nodes_message(config, len(dataset), largest_score))
-    stage.facts.update(prompts=len(dataset), **{"edges": 0, **totals},
-                       phase_seconds={phase: round(seconds, 2) for phase, seconds in timer.seconds.items()})
+        raise AdagError(_no_nodes_message(config, prompts, largest_score))
+    stage.facts.clear()
+    stage.facts.update(prompts=prompts, **{"edges": 0, **totals}, phase_seconds=phase_seconds)
 
 
-def trace_command(run_dir: str, config: TraceConfig, model: str, dataset: str, limit: int | None = None,
-                  dtype: str = "float32", device: str = "cpu") -> RunDir:
-    """`adag trace`: load the dataset and the model, then trace."""
+def finish_trace(run: RunDir, wait_for_shards: bool = False) -> bool:
+    """Commit a trace written in shards once every part is there: check the parts (their hashes too),
+    total the tables, record the facts. Parts still missing are an error, or with `wait_for_shards`
+    (a shard that is not the last) leave the run to the last one and return False."""
+    with run.lock():
+        run.reload()
+        attempt = run.staged_attempt(STAGE)
+        if attempt is None:
+            if run.stage_done(STAGE):
+                return True
+            raise AdagError(f"{run.path} has no unfinished trace to finish; start one with "
+                            "`adag trace ... --shard I/N`")
+        config = TraceConfig.model_validate(attempt["config"])
+        prompts = run.manifest["dataset"]["rows"]
+        parts = -(-prompts // config.batch_size)
+        written = run.staged_parts(STAGE)
+        if _missing_parts(lambda name, part: part_file(name, part) in written, parts, config) and wait_for_shards:
+            return False
+        with writing(run, STAGE, config, attempt.get("command")) as (_, stage):
+            missing = _missing_parts(stage.has_part, parts, config)
+            if missing:
+                raise AdagError(f"{len(missing)} of {parts} batches of {run.path} are not traced yet (batches "
+                                f"{_listed(missing)}); rerun the shards that own them (batch b belongs to shard "
+                                "b mod N), or `adag trace` without --shard to trace them here")
+            shards = stage.shard_facts()
+            phase_seconds = {}
+            for facts in shards:
+                for phase, seconds in facts.get("phase_seconds", {}).items():
+                    phase_seconds[phase] = round(phase_seconds.get(phase, 0) + seconds, 2)
+            largest = max([facts.get("largest_score", 0.0) for facts in shards], default=0.0)
+            _record_totals(stage, config, prompts, largest, phase_seconds)
+            stage.facts["shards"] = len(shards)
+    return True
+
+
+def traced_tables(config: TraceConfig) -> tuple[str, ...]:
+    return tuple(name for name in TABLES if name != "edges" or config.edges)
+
+
+def _missing_parts(has_part: Callable[[str, int], bool], parts: int, config: TraceConfig) -> list[int]:
+    return [part for part in range(parts) if not all(has_part(name, part) for name in traced_tables(config))]
+
+
+def _listed(numbers: list[int], shown: int = 10) -> str:
+    return ", ".join(map(str, numbers[:shown])) + (", ..." if len(numbers) > shown else "")
+
+
+def trace_command(run_dir: str | None, config: TraceConfig, model: str | None = None, dataset: str | None = None,
+                  limit: int | None = None, dtype: str = "float32", device: str = "cpu", shard: str | None = None,
+                  finish: str | None = None) -> RunDir:
+    """`adag trace`: load the dataset and the model, then trace (under torchrun: this rank's share);
+    or with `finish`, commit a run traced in shards."""
     from adag.datasets import load_dataset
     from adag.models import load_model
     from adag.stages import command_line
 
+    if finish is not None:
+        if any(given is not None for given in (model, dataset, run_dir, shard)):
+            raise AdagError("--finish RUN takes no --model, --dataset, --out or --shard: the shards' settings are "
+                            "in RUN")
+        run = RunDir.open(finish)
+        finish_trace(run)
+        return run
+    if model is None or dataset is None or run_dir is None:
+        raise AdagError("adag trace needs --model, --dataset and --out (or --finish RUN to finish a sharded run)")
     check_run_target(Path(run_dir))
+    this_shard = parse_shard(shard)
     rows = load_dataset(dataset, limit=limit)
-    lm = load_model(model, dtype=dtype, device=device)
     command = command_line(STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
                            dtype=dtype, device=device)
-    return trace_dataset(lm, rows, config, run_dir, command=command)
+    with torchrun_group(device) as rank_device:
+        lm = load_model(model, dtype=dtype, device=rank_device)
+        return trace_dataset(lm, rows, config, run_dir, command=command, shard=this_shard)
 
 
-def trace_summary(run: RunDir, run_dir: str) -> str:
+def parse_shard(text: str | None) -> Shard | None:
+    """`I/N` (from 0) as a Shard."""
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise AdagError(f"--shard {text}: write I/N with 0 <= I < N, e.g. --shard $SLURM_ARRAY_TASK_ID/8")
+    return Shard(int(index), int(count))
+
+
+def trace_summary(run: RunDir, run_dir: str | None) -> str:
+    if not run.stage_done(STAGE):
+        attempt = run.staged_attempt(STAGE) or {"config": {"batch_size": 1}}
+        parts = -(-run.manifest["dataset"]["rows"] // attempt["config"]["batch_size"])
+        done = len({part_number(file) for file in run.staged_parts(STAGE) if file.startswith("prompts/")})
+        return (f"traced this shard's batches into {run.path}: {done} of {parts} batches done; the last shard (or "
+                f"`adag trace --finish {run.path}`) finishes the run")
     facts = run.manifest["stages"][STAGE]
     return (f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['embeddings']} embedding nodes, "
-            f"{facts['edges']} edges in {facts['seconds']:.1f}s -> {run_dir}")
+            f"{facts['edges']} edges in {facts['seconds']:.1f}s -> {run_dir or run.path}")
 
 
 def check_targets(lm: LoadedModel, config: TraceConfig) -> None:
@@ -160,8 +275,9 @@ def _no_nodes_message(config: TraceConfig, prompts: int, largest_score: float) -
             f"|RelP|/|m| seen was {largest_score:.3g}); rerun with --threshold {suggestion:g}")
 
 
-def warn_if_unaligned(tokens: list[list[int]], config: TraceConfig) -> None:
-    """Warn when dataset-level keys cannot mean the same token in every prompt.
+def warn_if_unaligned(tokens: list[list[int]], plan: list[list[int]], config: TraceConfig) -> None:
+    """Warn when pooled keys cannot mean the same token in every prompt they are pooled over (the
+    prompts of each batch, or of the whole dataset).
 
     Keys count positions from the end. In prompts of one template (a shared beginning and ending
     around short filled-in slots) the shared ending lines up exactly and the rest shifts by at most
@@ -169,14 +285,18 @@ def warn_if_unaligned(tokens: list[list[int]], config: TraceConfig) -> None:
     lengths differ and most of the longest prompt is not shared text, a key points at unrelated
     tokens in different prompts.
     """
-    longest, shortest = max(map(len, tokens)), min(map(len, tokens))
-    shared = _common_affix_length(tokens, from_end=False) + _common_affix_length(tokens, from_end=True)
-    shared = min(shared, shortest)
-    if longest > shortest and longest - shared > shared:
-        logger.warning(
-            f"warning: --aggregation {config.aggregation} keys nodes by position from the end, but the prompts "
-            f"({shortest}-{longest} tokens) share only {shared} tokens of template; use --aggregation none "
-            "unless they come from one template")
+    groups = [list(range(len(tokens)))] if config.aggregate_over == "dataset" else plan
+    for group in groups:
+        pooled = [tokens[i] for i in group]
+        longest, shortest = max(map(len, pooled)), min(map(len, pooled))
+        shared = _common_affix_length(pooled, from_end=False) + _common_affix_length(pooled, from_end=True)
+        shared = min(shared, shortest)
+        if longest > shortest and longest - shared > shared:
+            logger.warning(
+                f"--aggregation {config.aggregation} keys nodes by position from the end, but prompts pooled over "
+                f"the {config.aggregate_over} ({shortest}-{longest} tokens) share only {shared} tokens of template; "
+                "use --aggregation none unless they come from one template")
+            return
 
 
 def _common_affix_length(tokens: list[list[int]], from_end: bool) -> int:
@@ -216,18 +336,35 @@ def _batch(lm: LoadedModel, tokens: list[list[int]], labels: list[list[int]], pr
 
 
 def _dataset_keys(lm: LoadedModel, config: TraceConfig, tokens: list[list[int]], labels: list[list[int]],
-                  plan: list[list[int]], progress: bool) -> tuple[NodeKeys, float]:
-    """Aggregate node scores over the dataset per (layer, position from the end, neuron) and select keys:
-    'any' keeps a key whose score passes in any prompt (the max), 'mean' uses the mean over prompts.
-    Also returns the largest aggregated score."""
-    longest = max(len(t) for t in tokens)
-    aggregate = torch.zeros(lm.n_layers, longest, lm.n_neurons)
-    for prompt_ids in tqdm(plan, desc="select nodes", unit="batch", disable=not progress):
-        scores, _ = node_scores(lm, config, _batch(lm, tokens, labels, prompt_ids))
-        from_end = scores.flip(2).float().cpu()  # left padding: position from the end = width - 1 - position
-        width = from_end.shape[2]
-        if config.aggregation == "any":
-            aggregate[:, :width] = torch.maximum(aggregate[:, :width], from_end.amax(0))
-        else:
-            aggregate[:, :width] += from_end.sum(0) / len(tokens)
-    return select_keys(aggregate, config), float(aggregate.max())
+                  plan: list[list[int]], stage: StageWriter, distributed: bool,
+                  progress: bool) -> tuple[NodeKeys, float]:
+    """Keys selected from node scores pooled over the whole dataset per (layer, position from the end,
+    neuron) ('any': the max over prompts, 'mean': the mean), and the largest pooled score.
+
+    Computed once per run and published in the stage (`dataset_keys`), so that every shard and every
+    resumed attempt traces the same keys. The ranks of a process group each pool their own batches
+    and combine them; an independent shard pools the whole dataset itself (the node pass is a small
+    part of a trace's cost) unless the keys are published already."""
+    if any_rank(not stage.has_table(KEYS_TABLE), distributed):
+        shard = stage.shard if distributed else None
+        batches = [ids for part, ids in enumerate(plan) if shard is None or shard.owns(part)]
+        pooled = torch.zeros(lm.n_layers, max(len(t) for t in tokens), lm.n_neurons)
+        for prompt_ids in tqdm(batches, desc="select nodes", unit="batch", disable=not progress):
+            scores, _ = node_scores(lm, config, _batch(lm, tokens, labels, prompt_ids))
+            batch_pooled = pool_from_end(scores, config, len(tokens)).float().cpu()
+            width = batch_pooled.shape[1]
+            if config.aggregation == "any":
+                pooled[:, :width] = torch.maximum(pooled[:, :width], batch_pooled)
+            else:
+                pooled[:, :width] += batch_pooled
+        if distributed:
+            pool_over_ranks(pooled, config.aggregation)
+        keys = select_keys(pooled, config)
+        table = pa.table({"layer": keys.layer.numpy(), "from_end": keys.from_end.numpy(),
+                          "neuron": keys.neuron.numpy()}, metadata={"largest_score": str(float(pooled.max()))})
+        stage.publish_table(KEYS_TABLE, table)
+    published = stage.read_table(KEYS_TABLE)
+    largest = float(stage.table_metadata(KEYS_TABLE)["largest_score"])
+    keys = NodeKeys(*(torch.tensor(published[column].to_numpy(), device=lm.device)
+                      for column in ("layer", "from_end", "neuron")))
+    return keys, largest
