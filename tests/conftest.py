@@ -26,6 +26,16 @@ def tiny_models(tokenizer):
     return {family: tiny_model(family, tokenizer) for family in FAMILIES}
 
 
+@pytest.fixture(scope="session")
+def model_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory, so that `--model DIR` loads it."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]

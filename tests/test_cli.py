@@ -17,7 +17,6 @@ from adag.datasets import load_dataset
 from adag.store import FORMAT_VERSION, RunDir
 from tests.fake_openai import FakeOpenAI
 from tests.test_store import snapshot
-from tests.tiny import tiny_model
 
 RUNNER = CliRunner()
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+")  # e.g. transformers' weight-loading bar: not an error line
@@ -37,16 +36,6 @@ def one_line_error(*args: str, match: str = ""):
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.stderr
     assert "Traceback" not in result.output
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    """A tiny Llama saved as a Hugging Face directory, so that `--model DIR` loads it."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama", tokenizer)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

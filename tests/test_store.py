@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from adag.errors import AdagError
-from adag.store import FORMAT_VERSION, DamagedFile, RunDir
+from adag.store import FORMAT_VERSION, DamagedFile, RunDir, RunLocked, Shard
 
 MODEL = {"spec": "m", "weights": "w"}
 DATASET = {"name": "d", "sha256": "s", "rows": 1}
@@ -146,6 +146,56 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
     assert (tmp_path / ".lock").exists()  # left behind by the killed holder
     _commit(run, "cluster", {}, {"clusters": pd.DataFrame({"c": [0]})})
     assert run.stage_done("cluster") and not (tmp_path / ".lock").exists()
+
+
+HOLD_SHARED = HOLD.replace(".lock()", ".lock(shared=True)")
+
+
+def test_shard_writers_share_the_lock_and_every_other_writer_is_refused(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SHARED, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with run.lock(shared=True):  # another shard writer of the same run
+            assert (tmp_path / ".lock").exists()
+        assert (tmp_path / ".lock").exists()  # the other shard still holds it
+        with pytest.raises(RunLocked, match=r"being written by another adag process \(the shard writers"):
+            _commit(run, "cluster", {}, {"clusters": pd.DataFrame({"c": [0]})})
+    finally:
+        holder.kill()
+        holder.wait()
+    with run.lock(), pytest.raises(RunLocked, match="in another mode"), run.lock(shared=True):
+        pass
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_shards_write_their_own_parts_and_a_plain_writer_commits_them_all(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    for index in (1, 0):
+        with run.stage("describe", {"x": 1}, resumable=True, shard=Shard(index, 2)) as out:
+            for part in range(index, 5, 2):
+                out.write_part("d", part, pd.DataFrame({"part": [part]}))
+            with pytest.raises(ValueError, match="cannot write part"):
+                out.write_part("d", 1 - index, pd.DataFrame({"part": [0]}))
+            out.facts["written"] = len(range(index, 5, 2))
+        assert not run.stage_done("describe")
+    assert sorted(run.staged_parts("describe")) == [f"d/part-{n:06d}.parquet" for n in range(5)]
+    with pytest.raises(AdagError, match="unfinished 'describe' with other settings"), \
+            run.stage("describe", {"x": 2}, resumable=True, shard=Shard(0, 2)):
+        pass
+    with run.stage("describe", {"x": 1}, resumable=True) as out:
+        assert all(out.has_part("d", part) for part in range(5))
+        assert [facts["written"] for facts in out.shard_facts()] == [3, 2]
+    assert list(run.read_table("describe", "d")["part"]) == list(range(5))
+    assert not list((tmp_path / "describe").glob(".*")) and not (tmp_path / ".staging").exists()
+    with run.stage("describe", {"x": 1}, resumable=True, shard=Shard(1, 2)) as out:  # finished: nothing to do
+        assert out.has_part("d", 3) and not out.has_part("d", 2)
+
+
+def test_concurrent_creators_of_one_run_agree(tmp_path):
+    (tmp_path / ".manifest.json.abc.tmp").write_bytes(b"{")  # another process's manifest half written
+    first = RunDir.create(tmp_path, MODEL, DATASET)
+    assert RunDir.create(tmp_path, MODEL, DATASET).manifest == first.manifest
 
 
 @pytest.mark.parametrize("content, message", [
