@@ -56,6 +56,7 @@ STAGING = ".staging"
 STAGE_SIDECAR = ".stage.json"  # a staged stage's config and inputs, so an interrupted attempt can resume
 PARTS_SIDECAR = ".parts{}.jsonl"  # one line per committed part of a staged resumable stage, per writer
 SHARD_FACTS = ".facts-{}.json"  # the facts of one shard writer, for the writer that commits the stage
+SHARD_PATIENCE_S = 10
 MANIFEST_KEYS = {"adag_version": str, "format_version": int, "created": str, "model": dict, "dataset": dict,
                  "stages": dict}
 ENTRY_KEYS = ("status", "id", "config", "inputs", "files", "command", "started", "seconds")
@@ -240,6 +241,8 @@ class RunDir:
 
     def _acquire(self, shared: bool) -> int:
         path = self.path / LOCK
+        # A shard that starts while another checks whether it can commit (briefly exclusive) waits for it.
+        deadline = time.monotonic() + (SHARD_PATIENCE_S if shared else 0)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -250,6 +253,9 @@ class RunDir:
             except BlockingIOError:
                 holder = _lock_holder(fd)
                 os.close(fd)
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
                 raise RunLocked(f"{self.path} is being written by another adag process ({holder}); wait for it "
                                 "to finish or stop it, then rerun") from None
             try:
