@@ -31,6 +31,16 @@ def tiny(request, tiny_models):
     return tiny_models[request.param]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory, so that `--model DIR` loads it."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def float64_models(tokenizer):
     """Float64 copies of every family, for comparisons with slow references and exact identities."""

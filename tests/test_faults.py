@@ -10,7 +10,9 @@ rewrites it, and that command repairs the run to the tables of the clean run.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -35,7 +37,7 @@ from tests.fake_openai import FakeOpenAI, reply_body
 from tests.test_models import DAMAGES as MODEL_DAMAGES
 from tests.test_models import HAS_ACCELERATOR, RANDOM_BYTES
 from tests.test_report import _get
-from tests.tiny import tiny_model
+from tests.test_store import snapshot
 
 RUNNER = CliRunner()
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+")  # transformers' weight-loading bar is not a message
@@ -71,6 +73,7 @@ class Row:
     match: str  # in the error line
     prepare: Callable[[Places, contextlib.ExitStack], None] | None = None
     marks: tuple = ()
+    empty_run: bool = False  # leaves {new} as a run without stages (it accepts any settings)
 
 
 def cli(places: Places, command: str, code: int = 0):
@@ -95,12 +98,6 @@ def finished(run: Path) -> dict[str, str]:
     return {name: digest for name, digest in snapshot(run).items() if not name.startswith(STAGING)}
 
 
-def snapshot(path: Path) -> dict[str, str]:
-    from tests.test_store import snapshot as every_file
-
-    return every_file(path)
-
-
 # Preparations: each changes the places a row's command names.
 
 def dataset(suffix: str, content: bytes):
@@ -122,6 +119,12 @@ def spoiled_model(damage: str):
 def manifest(content: bytes):
     def prepare(places: Places, _stack) -> None:
         (places.run / MANIFEST).write_bytes(content)
+    return prepare
+
+
+def without_env(name: str):
+    def prepare(_places: Places, stack: contextlib.ExitStack) -> None:
+        stack.enter_context(pytest.MonkeyPatch.context()).delenv(name, raising=False)
     return prepare
 
 
@@ -160,7 +163,7 @@ ERRORS = [
         dataset(".jsonl", b'{"prompt": "x", "metadata": {"asr": NaN}}\n')),
     Row("csv NaN metadata", TRACE, "column 'asr' is numeric but holds nan",
         dataset(".csv", b"prompt,asr\nA,0.5\nB,NaN\n")),
-    Row("trace --threshold 2", TRACE.replace("0.03", "2"), "no node reached --threshold 2"),
+    Row("trace --threshold 2", TRACE.replace("0.03", "2"), "no node reached --threshold 2", empty_run=True),
     Row("trace --threshold inf", TRACE.replace("0.03", "inf"), "--threshold (got 'inf')"),
     Row("cluster --k 0", "cluster {run} --k 0", "--k (got '0')"),
     Row("cluster --k -3", "cluster {run} --k -3", "--k (got '-3')"),
@@ -189,14 +192,31 @@ ERRORS = [
     Row("serve --port 70000", "serve {run} --port 70000", "--port"),
     Row("serve --port -1", "serve {run} --port -1", "--port"),
     Row("trace --out a file", TRACE.replace("{new}", "{file}"), "is a file"),
-    Row("serve bad host names --host", "serve {run} --host no-such-host.invalid", "--host no-such-host.invalid"),
-    Row("serve foreign address names --host", "serve {run} --host 192.0.2.1", "--host 192.0.2.1"),
+    Row("serve bad host names --host", "serve {run} --host no-such-host.invalid",
+        "--host no-such-host.invalid is not a known address; use 127.0.0.1"),
+    Row("serve foreign address names --host", "serve {run} --host 192.0.2.1",
+        "--host 192.0.2.1 is not an address of this machine; use 127.0.0.1"),
     Row("manifest a JSON list (info)", "info {run}", "holds a JSON list", manifest(b"[]")),
     Row("manifest a JSON list (cluster)", "cluster {run}", "holds a JSON list", manifest(b"[]")),
     Row("manifest lacks keys (info)", "info {run}", "lacks 'adag_version'", manifest(b'{"format_version": 3}')),
     Row("manifest lacks keys (cluster)", "cluster {run}", "lacks 'adag_version'", manifest(b'{"format_version": 3}')),
     Row("manifest binary (info)", "info {run}", "is not valid JSON", manifest(RANDOM_BYTES)),
     Row("manifest binary (cluster)", "cluster {run}", "is not valid JSON", manifest(RANDOM_BYTES)),
+    # Other bad options of every command.
+    Row("describe unknown backend", "describe {run} --explainer bogus:foo", "unknown backend 'bogus:foo'"),
+    Row("describe without an API key", "describe {run} --explainer openai:gpt-4o-mini", "OPENAI_API_KEY",
+        without_env("OPENAI_API_KEY")),
+    Row("steer --multipliers ,", "steer {run} --multipliers ,", "--multipliers"),
+    Row("steer --positions foo", "steer {run} --positions foo", "--positions (got 'foo')"),
+    Row("steer --controls -1", "steer {run} --controls -1", "--controls (got '-1')"),
+    Row("steer unknown cluster", "steer {run} --clusters 99", "no cluster [99]"),
+    Row("cluster --method bogus", "cluster {run} --method bogus", "--method"),
+    Row("faithfulness --fractions 2", "faithfulness {run} --fractions 2", "--fractions"),
+    Row("correlate unknown field", "correlate {run} --field nothing", "no prompt has metadata field 'nothing'"),
+    Row("judge without --question", "judge {run} --cluster 0", "Missing option '--question'"),
+    Row("export unknown prompt", "export {run} --prompt 99 --out {tmp}/x.json", "no prompt 99"),
+    Row("info on a folder that is no run", "info {tmp}", "is not an adag run directory"),
+    Row("unknown command", "bogus", "No such command"),
     # LLM faults: describe fails the clusters, says how many, exits 2 and leaves them for a rerun.
     Row("describe, LLM server answers 5xx", f"describe {{run}} {LLM} {FAST_FAILURE}", "3 of 3 clusters failed",
         llm_server(DOWN), (BRANCH_DESCRIBE,)),
@@ -211,15 +231,6 @@ ERRORS = [
     Row("describe, time per cluster bounded", f"describe {{run}} {LLM} --request-timeout 600 --cluster-timeout 0.5",
         "3 of 3 clusters failed", llm_server(listen_only=True), (BRANCH_DESCRIBE,)),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama", tokenizer)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +279,10 @@ def test_a_bad_input_is_one_line_and_changes_nothing(row, places):
         result = RUNNER.invoke(app, places.words(row.command))
     error_line(result, row.match)
     assert finished(places.run) == before and places.file.read_bytes() == file_before
-    if places.new.exists():  # a trace that found no node leaves an empty run, which accepts any settings
+    if row.empty_run:
         assert RunDir.open(places.new).manifest["stages"] == {} and not (places.new / STAGING).exists()
+    else:
+        assert not places.new.exists()
 
 
 # Damaged parts of a finished run.
@@ -362,6 +375,20 @@ def test_a_trace_refused_for_its_settings_accepts_corrected_ones(places):
     assert "traced 4 prompts" in cli(places, TRACE + " --n-targets 3").stdout
 
 
+def test_a_trace_that_finished_no_batch_accepts_new_settings(places, monkeypatch):
+    """The settings of a trace that failed before its first batch was written are not binding."""
+    def out_of_memory(*_args, **_kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(importlib.import_module("adag.trace.run"), "profiles_pass", out_of_memory)
+        assert isinstance(RUNNER.invoke(app, places.words(TRACE)).exception, RuntimeError)
+    assert "trace" not in RunDir.open(places.new).manifest["stages"]
+    cli(places, TRACE.replace("0.03", "0.05"))
+    assert RunDir.open(places.new).stage_config("trace")["threshold"] == 0.05
+    error_line(RUNNER.invoke(app, places.words(TRACE)), "was traced with other settings")
+
+
 @BRANCH_DESCRIBE
 def test_a_dead_llm_server_is_detected_once_and_failed_clusters_are_retried(places):
     """Every cluster fails after one request and its retry (not per cluster); the stage stays unfinished
@@ -390,7 +417,7 @@ def test_kill_during_describe_then_rerun_loses_no_cluster_and_repeats_no_cached_
         places.llm = fake.url
         command = places.words(f"describe {{run}} {LLM}")
         parts = places.run / STAGING / "describe" / "descriptions"
-        env = {"ADAG_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1"}
+        env = os.environ | {"ADAG_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
         with subprocess.Popen([sys.executable, "-c", "from adag.cli import app; app()", *command], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as process:
             while process.poll() is None and not list(parts.glob("part-*.parquet")):
@@ -429,7 +456,7 @@ def test_the_viewer_refuses_a_foreign_host_header(viewer, host):
 
 @pytest.mark.parametrize("header, value", [
     ("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"), ("Server", "adag"),
-    ("Content-Security-Policy", "default-src 'none'")])
+    ("Content-Security-Policy", "default-src 'none'"), ("Content-Security-Policy", "script-src 'sha256-")])
 def test_the_viewer_sends_hardening_headers(viewer, header, value):
     response = _get(viewer, "/", f"127.0.0.1:{viewer.server_port}")
     assert response.status == 200 and value in response.getheader(header)
