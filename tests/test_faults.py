@@ -202,6 +202,8 @@ ERRORS = [
     Row("manifest lacks keys (cluster)", "cluster {run}", "lacks 'adag_version'", manifest(b'{"format_version": 3}')),
     Row("manifest binary (info)", "info {run}", "is not valid JSON", manifest(RANDOM_BYTES)),
     Row("manifest binary (cluster)", "cluster {run}", "is not valid JSON", manifest(RANDOM_BYTES)),
+    Row("manifest binary (trace resuming)", TRACE.replace("{new}", "{run}"), "is not valid JSON",
+        manifest(RANDOM_BYTES)),
     # Other bad options of every command.
     Row("describe unknown backend", "describe {run} --explainer bogus:foo", "unknown backend 'bogus:foo'"),
     Row("describe without an API key", "describe {run} --explainer openai:gpt-4o-mini", "OPENAI_API_KEY",
@@ -301,12 +303,14 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-READERS = {"cluster": "cluster {run} --k 2", "report": "report {run}", "describe": "describe {run} " + LLM}
-# damage: (file, how, the readers that must name it). A flipped byte keeps the size, which is all a reader
-# checks (hashes are checked by `adag info --verify` and by the stage that rewrites the file).
+READERS = {"cluster": "cluster {run} --k 2", "report": "report {run}", "describe": "describe {run} " + LLM,
+           "export": "export {run} --prompt 0 --out {tmp}/graph.json"}
+# damage: (file, how, the readers that must name it; describe does not read edges). A flipped byte keeps
+# the size, which is all a reader checks (hashes are checked by `adag info --verify` and by the stage
+# that rewrites the file).
 PART_DAMAGES = {
-    "truncated nodes part": ("trace/nodes/part-000000.parquet", truncate, ("cluster", "report", "describe")),
-    "zero-byte edges part": ("trace/edges/part-000001.parquet", empty, ("cluster", "report")),
+    "truncated nodes part": ("trace/nodes/part-000000.parquet", truncate, ("cluster", "report", "describe", "export")),
+    "zero-byte edges part": ("trace/edges/part-000000.parquet", empty, ("cluster", "report", "export")),
     "flipped byte in a nodes part": ("trace/nodes/part-000001.parquet", flip_a_byte, ()),
     "zero-byte descriptions part": ("describe/descriptions/part-000001.parquet", empty, ("report",)),
 }
