@@ -11,9 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adag.cli import app
-from adag.datasets import load_dataset
 from adag.store import RunDir
-from tests.fake_openai import FakeOpenAI
 from tests.test_faults import error_line
 from tests.test_store import snapshot
 
@@ -32,26 +30,11 @@ def one_line_error(*args: str, match: str = ""):
 
 
 @pytest.fixture(scope="module")
-def dataset_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "capitals.jsonl"
-    rows = [r.model_dump() | {"metadata": {"score": float(i % 3)}} for i, r in
-            enumerate(load_dataset("country-capitals", limit=6).rows)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ADAG_CACHE", str(path))
         yield path
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -236,21 +236,6 @@ ERRORS = [
 
 
 @pytest.fixture(scope="module")
-def dataset_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "capitals.jsonl"
-    rows = [r.model_dump() | {"metadata": {"score": float(i)}} for i, r in
-            enumerate(load_dataset("country-capitals", limit=4).rows)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def finished_run(model_dir, dataset_file, server, tmp_path_factory):
     """trace -> cluster -> describe through the CLI, with the LLM cache in a folder of its own."""
     run = tmp_path_factory.mktemp("runs") / "run"
@@ -376,7 +361,7 @@ def test_a_utf8_byte_order_mark_is_skipped(places, suffix, content):
 
 def test_a_trace_refused_for_its_settings_accepts_corrected_ones(places):
     error_line(RUNNER.invoke(app, places.words(TRACE + " --n-targets 100000")), "--n-targets 100000")
-    assert "traced 4 prompts" in cli(places, TRACE + " --n-targets 3").stdout
+    assert "traced 6 prompts" in cli(places, TRACE + " --n-targets 3").stdout
 
 
 def test_a_trace_that_finished_no_batch_accepts_new_settings(places, monkeypatch):
