@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from adag.cluster.graph import cluster_graph
-from adag.cluster.methods import Method, ProfileClustering
-from adag.cluster.profiles import half_neuron_profiles
+from adag.cluster.methods import Embedding, Method, ProfileClustering
+from adag.cluster.profiles import HALF_NEURON_KEY, Views, half_neuron_keys, half_neuron_profiles
 from adag.cluster.similarity import Combine
 from adag.errors import AdagError
 from adag.store import RunDir
@@ -19,13 +19,25 @@ STAGE = "cluster"
 
 
 class ClusterConfig(BaseModel):
+    """Clustering settings; defaults reproduce the reference implementation (DESIGN.md section 7)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    k: int | Literal["auto"] = 20
-    method: Method = "spectral"
-    combine: Combine = "harmonic"
-    seed: int = 0
+    k: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
+        20, description="number of clusters (at least 2), or 'auto' for the eigengap's suggestion")
+    method: Method = Field("spectral", description="spectral, agglomerative (Ward), kmeans or leiden")
+    combine: Combine = Field("harmonic", description="harmonic or mean of the input and output views, "
+                             "or one view alone: input, output")
+    views: Views = Field("raw", description="raw: the reference's views, from raw contributions over the "
+                         "positions that can hold nodes; share: the stored shares over every position")
+    embedding: Embedding = Field("reference", description="spectral embedding: reference (the reference's "
+                                 "normalised-affinity eigenvectors) or sklearn (SpectralClustering)")
+    seed: int = Field(0, description="random seed of the eigensolver start and k-means")
     max_k: int = Field(64, ge=2, description="largest k the eigengap may suggest")
+    dense_limit: int = Field(5000, ge=2, description="above this many half-neurons, use a sparse similarity "
+                             "(nearest neighbours) and a sparse eigensolver instead of dense matrices")
+    neighbors: int = Field(30, ge=1, description="most similar half-neurons kept per half-neuron in the sparse "
+                           "similarity and in leiden's graph")
 
 
 def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
@@ -38,8 +50,13 @@ def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
         raise AdagError(f"{run_dir} has no traced nodes to cluster; trace with a lower --threshold")
     edges = run.read_table("trace", "edges") if run.stage_config("trace").get("edges") else None
 
-    profiles = half_neuron_profiles(nodes, prompts)
-    model = ProfileClustering(config.k, config.method, config.combine, config.seed, config.max_k).fit(profiles)
+    profiles = half_neuron_profiles(nodes, prompts, config.views,
+                                    keep_first_position=run.stage_config("trace").get("keep_first_position", False))
+    if config.k != "auto" and config.k > len(profiles):
+        raise AdagError(f"--k {config.k} is more than the {len(profiles)} half-neurons traced in {run_dir}; "
+                        f"choose k from 2 to {len(profiles)}, or 'auto'")
+    model = ProfileClustering(config.k, config.method, config.combine, config.embedding, config.seed, config.max_k,
+                              config.neighbors, config.dense_limit).fit(profiles)
     labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
     node_cluster = labels[profiles.node_half_neuron]
 
@@ -61,10 +78,8 @@ def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
 
 def node_clusters(nodes: pd.DataFrame, half_neurons: pd.DataFrame) -> np.ndarray:
     """The cluster of each row of the trace stage's nodes table (-1 for a half-neuron left unclustered)."""
-    keys = ["layer", "neuron", "polarity"]
-    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
-    merged = nodes[["layer", "neuron"]].assign(polarity=polarity).merge(half_neurons[[*keys, "cluster"]], on=keys,
-                                                                         how="left")
+    merged = half_neuron_keys(nodes).merge(half_neurons[[*HALF_NEURON_KEY, "cluster"]], on=HALF_NEURON_KEY,
+                                           how="left")
     return merged["cluster"].fillna(-1).astype(int).to_numpy()
 
 
