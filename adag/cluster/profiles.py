@@ -62,36 +62,30 @@ def half_neuron_profiles(nodes: pd.DataFrame, prompts: pd.DataFrame, views: View
     keys, half_neuron = _unique_rows(half_neuron_keys(nodes))
     prompt_index = pd.Index(prompts["prompt"].to_numpy())
     prompt = prompt_index.get_indexer(nodes["prompt"].to_numpy())
-    n_prompts = len(prompt_index)
+    units = _Units(half_neuron, prompt, len(keys), len(prompt_index))
+    raw = views == "raw"
     activation = nodes["activation"].to_numpy().astype(np.float64)
 
-    lengths = prompts["n_tokens"].to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    in_counts = nodes["input_profile"].map(len).to_numpy()
-    in_values = _flat(nodes["input_profile"])
-    in_node = np.repeat(np.arange(len(nodes)), in_counts)
-    position = np.arange(len(in_values)) - np.repeat(np.cumsum(in_counts) - in_counts, in_counts)
-    if views == "raw":
-        in_values *= activation[in_node]
-        if not keep_first_position:
-            keep = position > 0
-            in_values, in_node, position = in_values[keep], in_node[keep], position[keep]
-    inputs, has_input = _normalised_blocks(half_neuron[in_node], offsets[prompt[in_node]] + position, in_values,
-                                           len(keys), np.repeat(np.arange(n_prompts), lengths), n_prompts,
-                                           divide_by_sum=True)
-
+    lengths = prompts["n_tokens"].to_numpy().astype(np.int64)
+    first = 1 if raw and not keep_first_position else 0
+    widths = np.maximum(lengths - first, 0)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
     k = len(nodes["output_profile"].iloc[0])
-    out_values = _flat(nodes["output_profile"]).reshape(len(nodes), k)
-    if views == "raw":
-        out_values *= np.stack(prompts["target_logits"].to_numpy()).astype(np.float64)[prompt]
-    out_cols = (prompt[:, None] * k + np.arange(k)).ravel()
-    outputs, has_output = _normalised_blocks(np.repeat(half_neuron, k), out_cols, out_values.ravel(), len(keys),
-                                             np.repeat(np.arange(n_prompts), k), n_prompts, divide_by_sum=False)
+    target_logits = np.stack(prompts["target_logits"].to_numpy()).astype(np.float64) if raw else None
+    inputs = units.view(widths, offsets[-1])
+    outputs = units.view(np.full(len(prompt_index), k), k * len(prompt_index))
+    by_length = np.argsort(lengths[prompt], kind="stable")
+    boundaries = np.flatnonzero(np.diff(lengths[prompt][by_length])) + 1
+    for members in np.split(by_length, boundaries):  # nodes of prompts of one length: blocks of one width
+        in_block = np.stack(nodes["input_profile"].to_numpy()[members]).astype(np.float64)[:, first:]
+        out_block = np.stack(nodes["output_profile"].to_numpy()[members]).astype(np.float64)
+        if raw:
+            in_block *= activation[members, None]
+            out_block *= target_logits[prompt[members]]
+        units.fill(inputs, members, in_block, offsets, divide_by_sum=True)
+        units.fill(outputs, members, out_block, np.arange(len(prompt_index) + 1) * k, divide_by_sum=False)
+    (inputs, has_input), (outputs, has_output) = units.finish(inputs), units.finish(outputs)
     return HalfNeuronProfiles(keys, inputs, outputs, has_input, has_output, half_neuron)
-
-
-def _flat(column: pd.Series) -> np.ndarray:
-    return np.concatenate(column.to_numpy()).astype(np.float64)
 
 
 def _unique_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -100,29 +94,68 @@ def _unique_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     return keys, codes
 
 
-def _normalised_blocks(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_rows: int, block_of_col: np.ndarray,
-                       n_blocks: int, divide_by_sum: bool) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Sum duplicate entries (several nodes of one half-neuron in a prompt), then scale each
-    (row, block) to unit length, first dividing by its sum if asked (a zero sum leaves it as is).
-    Returns the float32 matrix and the (row, block) indicator of its non-zero blocks."""
-    matrix = sp.csr_matrix((values, (rows, cols)), shape=(n_rows, len(block_of_col)))
-    matrix.sum_duplicates()
-    # In canonical CSR order the entries of one (row, block) are contiguous: reduce over runs.
-    entry_row = np.repeat(np.arange(n_rows), np.diff(matrix.indptr))
-    entry_block = block_of_col[matrix.indices]
-    new_run = np.ones(matrix.nnz, dtype=bool)
-    new_run[1:] = (entry_row[1:] != entry_row[:-1]) | (entry_block[1:] != entry_block[:-1])
-    starts = np.flatnonzero(new_run)
-    run_of_entry = np.cumsum(new_run) - 1
-    data = matrix.data
-    if divide_by_sum and len(starts):
-        sums = np.add.reduceat(data, starts)[run_of_entry]
-        data = np.divide(data, sums, out=data.copy(), where=sums != 0)
-    norms = np.sqrt(np.add.reduceat(data ** 2, starts)) if len(starts) else np.zeros(0)
-    data = np.divide(data, norms[run_of_entry], out=np.zeros_like(data), where=norms[run_of_entry] > 0)
-    views = sp.csr_matrix((data.astype(np.float32), matrix.indices, matrix.indptr), shape=matrix.shape)
-    views.eliminate_zeros()
-    nonzero = norms > 0
-    present = sp.csr_matrix((np.ones(int(nonzero.sum()), dtype=np.float32),
-                             (entry_row[starts][nonzero], entry_block[starts][nonzero])), shape=(n_rows, n_blocks))
-    return views, present
+@dataclass
+class _ViewArrays:
+    """The CSR arrays of one view matrix while its units are written."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    n_cols: int
+    unit_start: np.ndarray  # first entry of each unit
+    unit_norm: np.ndarray  # length of each unit's summed block before scaling
+
+
+class _Units:
+    """The (half-neuron, prompt) pairs that occur, in CSR order (by half-neuron, then prompt).
+
+    A view matrix has one row per half-neuron and one column block per prompt; a unit's block is
+    the sum of its nodes' rows, divided by its sum if asked, then scaled to unit length. Blocks are
+    written straight into the CSR arrays, one dense block of nodes at a time, so no per-entry index
+    array of the whole run is ever built.
+    """
+
+    def __init__(self, half_neuron: np.ndarray, prompt: np.ndarray, n_rows: int, n_prompts: int):
+        pair = half_neuron.astype(np.int64) * n_prompts + prompt
+        pairs, self.node_unit = np.unique(pair, return_inverse=True)
+        self.half_neuron, self.prompt = pairs // n_prompts, pairs % n_prompts
+        self.n_rows, self.n_prompts = n_rows, n_prompts
+
+    def view(self, widths: np.ndarray, n_cols: int) -> _ViewArrays:
+        """Room for every unit's block, prompt p's block being widths[p] wide."""
+        unit_width = widths[self.prompt]
+        ends = np.cumsum(unit_width)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(self.half_neuron, weights=unit_width,
+                                                            minlength=self.n_rows)).astype(np.int64)])
+        index_type = np.int32 if max(n_cols, indptr[-1]) < np.iinfo(np.int32).max else np.int64
+        return _ViewArrays(np.zeros(indptr[-1], np.float32), np.zeros(indptr[-1], index_type), indptr, n_cols,
+                           ends - unit_width, np.zeros(len(self.prompt)))
+
+    def fill(self, view: _ViewArrays, nodes: np.ndarray, block: np.ndarray, offsets: np.ndarray,
+             divide_by_sum: bool) -> None:
+        """Write the units of some nodes, whose rows (all of one width) are `block`; prompt p's
+        block starts at column offsets[p]."""
+        order = np.argsort(self.node_unit[nodes], kind="stable")
+        unit = self.node_unit[nodes][order]
+        starts = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit) else np.zeros(0, int)
+        unit = unit[starts]
+        summed = np.add.reduceat(block[order], starts, axis=0) if len(starts) else block[:0]
+        if divide_by_sum:
+            totals = summed.sum(axis=1, keepdims=True)
+            summed = np.divide(summed, totals, out=summed, where=totals != 0)
+        norms = np.linalg.norm(summed, axis=1)
+        view.unit_norm[unit] = norms
+        entries = view.unit_start[unit][:, None] + np.arange(block.shape[1])
+        view.data[entries] = np.divide(summed, norms[:, None], out=np.zeros_like(summed), where=norms[:, None] > 0)
+        view.indices[entries] = offsets[self.prompt[unit]][:, None] + np.arange(block.shape[1])
+
+    def finish(self, view: _ViewArrays) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """The view matrix without explicit zeros, and the (half-neuron, prompt) indicator of its
+        non-zero blocks."""
+        matrix = sp.csr_matrix((view.data, view.indices, view.indptr), shape=(self.n_rows, view.n_cols))
+        matrix.eliminate_zeros()
+        present = view.unit_norm > 0
+        indicator = sp.csr_matrix((np.ones(int(present.sum()), np.float32),
+                                   (self.half_neuron[present], self.prompt[present])),
+                                  shape=(self.n_rows, self.n_prompts))
+        return matrix, indicator

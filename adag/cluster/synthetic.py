@@ -32,11 +32,12 @@ def planted_tables(
     activation = rng.uniform(0.5, 2.0, size=n_nodes)
     node_lengths = lengths[prompt_of]
     offsets = np.concatenate([[0], np.cumsum(node_lengths)])
-    values = rng.normal(scale=noise, size=offsets[-1]) / np.sqrt(np.repeat(node_lengths, node_lengths))
+    values = rng.standard_normal(offsets[-1], dtype=np.float32)  # float32 keeps a 10k-prompt table small
+    values *= np.repeat((noise / np.sqrt(node_lengths)).astype(np.float32), node_lengths)
     input_offset = np.array([i for i, _ in groups])[truth[half_of]]
     values[offsets[:-1] + node_lengths - 1 - input_offset] += 1.0
-    values /= np.repeat(activation, node_lengths)
-    inputs = np.split(values.astype(np.float32), offsets[1:-1])
+    values /= np.repeat(activation.astype(np.float32), node_lengths)
+    inputs = np.split(values, offsets[1:-1])
 
     out_pattern = np.array([o for _, o in groups])[truth[half_of]]
     outputs = output_patterns[out_pattern] + rng.normal(scale=noise, size=(n_nodes, k)) * np.abs(
