@@ -8,17 +8,17 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from typer.testing import CliRunner
 
 from adag.cli import app
-from adag.cluster import ClusterConfig, ProfileClustering, cluster_run, combine_views, half_neuron_profiles, similarity
+from adag.cluster import (
+    ClusterConfig,
+    ProfileClustering,
+    cluster_run,
+    combine_views,
+    half_neuron_profiles,
+    similarity,
+    spectral,
+)
 from adag.cluster.graph import cluster_graph
 from adag.cluster.similarity import knn_similarity
-from adag.cluster.spectral import (
-    embedding_labels,
-    intra_inter_ratio,
-    normalised_affinity,
-    reference_affinity,
-    silhouette,
-    top_eigenvectors,
-)
 from adag.cluster.synthetic import planted_tables
 from adag.datasets import load_dataset
 from adag.errors import AdagError
@@ -169,11 +169,12 @@ def _planted_similarity(n, k, seed):
 def test_spectral_steps_match_numpy():
     s, k = _planted_similarity(80, 5, seed=1), 5
     values, vectors, labels = _numpy_spectral(s, k, seed=3)
-    ours_values, ours_vectors = top_eigenvectors(normalised_affinity(reference_affinity(s)), k, seed=3)
+    normalised = spectral.normalised_affinity(spectral.reference_affinity(s))
+    ours_values, ours_vectors = spectral.top_eigenvectors(normalised, k, seed=3)
     # float64 eigensolvers on an 80 x 80 matrix of norm ~2: differences ~ n * eps64 * 2 ~ 4e-14.
     np.testing.assert_allclose(ours_values, values, atol=1e-10)
     np.testing.assert_allclose(np.abs(ours_vectors.T @ vectors), np.eye(k), atol=1e-8)  # equal up to sign
-    assert adjusted_rand_score(embedding_labels(ours_vectors, k, seed=3), labels) == 1.0
+    assert adjusted_rand_score(spectral.embedding_labels(ours_vectors, k, seed=3), labels) == 1.0
 
 
 def test_profile_clustering_is_the_reference_algorithm_on_its_similarity():
@@ -189,7 +190,7 @@ def test_sparse_similarity_keeps_the_nearest_neighbours():
     nodes, prompts, _ = planted_tables([(0, 0), (3, 1), (6, 2)], per_group=20, n_prompts=30, noise=0.5)
     profiles = half_neuron_profiles(nodes, prompts)
     dense = similarity(profiles)
-    knn = knn_similarity(profiles, neighbors=7, strip_entries=500).toarray()  # several strips
+    knn = knn_similarity(profiles, neighbors=7, strip_entries=500, column_blocks=3).toarray()  # 8-row strips
     kept = knn != 0
     np.testing.assert_array_equal(knn[kept], dense[kept])
     assert np.array_equal(knn, knn.T) and not kept.diagonal().any()
@@ -213,7 +214,7 @@ def test_sparse_and_dense_clustering_agree_on_planted_groups():
 
 def test_diagnostics_equal_their_definitions_on_dense_and_sparse_affinity():
     rng = np.random.default_rng(0)
-    a = np.clip(reference_affinity(_planted_similarity(50, 4, seed=2)), 0, 1)  # similarities are at most 1
+    a = np.clip(spectral.reference_affinity(_planted_similarity(50, 4, seed=2)), 0, 1)  # similarities are at most 1
     a[rng.random(a.shape) < 0.5] = 0  # sparse-like, kept symmetric below
     a = np.minimum(a, a.T)
     np.fill_diagonal(a, 1)
@@ -224,8 +225,8 @@ def test_diagnostics_equal_their_definitions_on_dense_and_sparse_affinity():
     same, off = labels[:, None] == labels[None, :], ~np.eye(50, dtype=bool)
     ratio = a[same & off].mean() / a[~same].mean()
     for matrix in (a, sp.csr_matrix(a)):
-        assert silhouette(matrix, labels) == pytest.approx(expected, abs=1e-12)
-        assert intra_inter_ratio(matrix, labels) == pytest.approx(ratio, rel=1e-12)
+        assert spectral.silhouette(matrix, labels) == pytest.approx(expected, abs=1e-12)
+        assert spectral.intra_inter_ratio(matrix, labels) == pytest.approx(ratio, rel=1e-12)
 
 
 def _ari(profiles, truth, labels):

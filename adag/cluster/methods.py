@@ -10,7 +10,7 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, SpectralClustering
 from sklearn.decomposition import TruncatedSVD
 
 from adag.cluster.profiles import HalfNeuronProfiles
-from adag.cluster.similarity import Combine, knn_similarity, nearest_neighbours, similarity
+from adag.cluster.similarity import Combine, knn_graph, knn_similarity, similarity
 from adag.cluster.spectral import (
     eigengap,
     embedding_labels,
@@ -112,11 +112,9 @@ def leiden(affinity: np.ndarray | sp.csr_matrix, n_neighbors: int, seed: int) ->
 
     n = affinity.shape[0]
     if sp.issparse(affinity):
-        graph = affinity - sp.diags(affinity.diagonal())  # already the kNN graph
+        graph = sp.csr_matrix(affinity - sp.diags(affinity.diagonal())).tocoo()  # already the kNN graph
     else:
-        rows, cols, weights = nearest_neighbours(affinity, 0, n_neighbors)
-        graph = sp.csr_matrix((weights, (rows, cols)), shape=(n, n))
-    graph = sp.csr_matrix(graph.maximum(graph.T)).tocoo()
+        graph = knn_graph(affinity, n_neighbors).tocoo()
     upper = graph.row < graph.col
     g = igraph.Graph(n=n, edges=list(zip(graph.row[upper].tolist(), graph.col[upper].tolist())))
     g.es["weight"] = graph.data[upper].tolist()
