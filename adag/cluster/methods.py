@@ -25,6 +25,8 @@ Method = Literal["spectral", "agglomerative", "kmeans", "leiden"]
 METHODS: tuple[str, ...] = ("spectral", "agglomerative", "kmeans", "leiden")
 Embedding = Literal["reference", "sklearn"]
 DIAGNOSTICS_SAMPLE = 5000  # half-neurons whose dense similarity gives the diagnostics of a sparse clustering
+# Defaults, shared with ClusterConfig.
+CLUSTERS, MAX_CLUSTERS, NEIGHBORS, DENSE_LIMIT = 20, 64, 30, 5000
 
 
 class ProfileClustering:
@@ -41,9 +43,9 @@ class ProfileClustering:
     `suggested_k_` (largest eigengap), `diagnostics_` (dict: k, suggested_k, silhouette, intra_inter_ratio).
     """
 
-    def __init__(self, n_clusters: int | Literal["auto"] = 20, method: Method = "spectral",
+    def __init__(self, n_clusters: int | Literal["auto"] = CLUSTERS, method: Method = "spectral",
                  combine: Combine = "harmonic", embedding: Embedding = "reference", random_state: int = 0,
-                 max_clusters: int = 64, neighbors: int = 30, dense_limit: int = 5000):
+                 max_clusters: int = MAX_CLUSTERS, neighbors: int = NEIGHBORS, dense_limit: int = DENSE_LIMIT):
         self.n_clusters = n_clusters
         self.method = method
         self.combine = combine

@@ -9,7 +9,15 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from adag.cluster.graph import cluster_graph
-from adag.cluster.methods import Embedding, Method, ProfileClustering
+from adag.cluster.methods import (
+    CLUSTERS,
+    DENSE_LIMIT,
+    MAX_CLUSTERS,
+    NEIGHBORS,
+    Embedding,
+    Method,
+    ProfileClustering,
+)
 from adag.cluster.profiles import HALF_NEURON_KEY, Views, half_neuron_keys, half_neuron_profiles
 from adag.cluster.similarity import Combine
 from adag.errors import AdagError
@@ -24,7 +32,7 @@ class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     k: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
-        20, description="number of clusters (at least 2), or 'auto' for the eigengap's suggestion")
+        CLUSTERS, description="number of clusters (at least 2), or 'auto' for the eigengap's suggestion")
     method: Method = Field("spectral", description="spectral, agglomerative (Ward), kmeans or leiden")
     combine: Combine = Field("harmonic", description="harmonic or mean of the input and output views, "
                              "or one view alone: input, output")
@@ -33,10 +41,10 @@ class ClusterConfig(BaseModel):
     embedding: Embedding = Field("reference", description="spectral embedding: reference (the reference's "
                                  "normalised-affinity eigenvectors) or sklearn (SpectralClustering)")
     seed: int = Field(0, description="random seed of the eigensolver start and k-means")
-    max_k: int = Field(64, ge=2, description="largest k the eigengap may suggest")
-    dense_limit: int = Field(5000, ge=2, description="above this many half-neurons, use a sparse similarity "
+    max_k: int = Field(MAX_CLUSTERS, ge=2, description="largest k the eigengap may suggest")
+    dense_limit: int = Field(DENSE_LIMIT, ge=2, description="above this many half-neurons, use a sparse similarity "
                              "(nearest neighbours) and a sparse eigensolver instead of dense matrices")
-    neighbors: int = Field(30, ge=1, description="most similar half-neurons kept per half-neuron in the sparse "
+    neighbors: int = Field(NEIGHBORS, ge=1, description="most similar half-neurons kept per half-neuron in the sparse "
                            "similarity and in leiden's graph")
 
 
