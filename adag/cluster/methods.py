@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.cluster import AgglomerativeClustering, KMeans, SpectralClustering
 from sklearn.decomposition import TruncatedSVD
 
+from adag.cluster.config import CLUSTERS, DENSE_LIMIT, MAX_CLUSTERS, NEIGHBORS, Combine, Embedding, Method
 from adag.cluster.profiles import HalfNeuronProfiles
-from adag.cluster.similarity import Combine, knn_graph, knn_similarity, similarity
+from adag.cluster.similarity import knn_graph, knn_similarity, similarity
 from adag.cluster.spectral import (
     eigengap,
     embedding_labels,
@@ -21,12 +22,8 @@ from adag.cluster.spectral import (
     top_eigenvectors,
 )
 
-Method = Literal["spectral", "agglomerative", "kmeans", "leiden"]
-METHODS: tuple[str, ...] = ("spectral", "agglomerative", "kmeans", "leiden")
-Embedding = Literal["reference", "sklearn"]
+METHODS: tuple[str, ...] = get_args(Method)
 DIAGNOSTICS_SAMPLE = 5000  # half-neurons whose dense similarity gives the diagnostics of a sparse clustering
-# Defaults, shared with ClusterConfig.
-CLUSTERS, MAX_CLUSTERS, NEIGHBORS, DENSE_LIMIT = 20, 64, 30, 5000
 
 
 class ProfileClustering:

@@ -16,20 +16,13 @@ reproduced; the attention sink at position 0 then makes every half-neuron look a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-Views = Literal["raw", "share"]
-HALF_NEURON_KEY = ["layer", "neuron", "polarity"]
-
-
-def half_neuron_keys(nodes: pd.DataFrame) -> pd.DataFrame:
-    """Each node's half-neuron (layer, neuron, polarity); polarity is the activation's sign (+1 at 0)."""
-    return pd.DataFrame({"layer": nodes["layer"].to_numpy(), "neuron": nodes["neuron"].to_numpy(),
-                         "polarity": np.where(nodes["activation"].to_numpy() < 0, -1, 1)})
+from adag.cluster.config import Views
+from adag.cluster.keys import half_neuron_keys
 
 
 @dataclass

@@ -2,93 +2,59 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
+from adag.cluster.config import ClusterConfig
 from adag.cluster.graph import cluster_graph
-from adag.cluster.methods import (
-    CLUSTERS,
-    DENSE_LIMIT,
-    MAX_CLUSTERS,
-    NEIGHBORS,
-    Embedding,
-    Method,
-    ProfileClustering,
-)
-from adag.cluster.profiles import HALF_NEURON_KEY, Views, half_neuron_keys, half_neuron_profiles
-from adag.cluster.similarity import Combine
+from adag.cluster.methods import ProfileClustering
+from adag.cluster.profiles import half_neuron_profiles
 from adag.errors import AdagError
+from adag.stages import number, writing
 from adag.store import RunDir
 
 STAGE = "cluster"
 
 
-class ClusterConfig(BaseModel):
-    """Clustering settings; defaults reproduce the reference implementation (DESIGN.md section 7)."""
+def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> RunDir:
+    """Cluster the traced half-neurons and build the cluster graph."""
+    with writing(run_dir, STAGE, config) as (view, out):
+        nodes, prompts = view.nodes, view.prompts
+        if nodes.empty:
+            raise AdagError(f"{view.path} has no traced nodes to cluster; trace with a lower --threshold")
+        profiles = half_neuron_profiles(nodes, prompts, config.views,
+                                        keep_first_position=view.config("trace")["keep_first_position"])
+        if config.k != "auto" and config.k > len(profiles):
+            raise AdagError(f"--k {config.k} is more than the {len(profiles)} half-neurons traced in {view.path}; "
+                            f"choose k from 2 to {len(profiles)}, or 'auto'")
+        model = ProfileClustering(config.k, config.method, config.combine, config.embedding, config.seed,
+                                  config.max_k, config.neighbors, config.dense_limit).fit(profiles)
+        labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
+        node_cluster = labels[profiles.node_half_neuron]
 
-    model_config = ConfigDict(extra="forbid")
-
-    k: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
-        CLUSTERS, description="number of clusters (at least 2), or 'auto' for the eigengap's suggestion")
-    method: Method = Field("spectral", description="spectral, agglomerative (Ward), kmeans or leiden")
-    combine: Combine = Field("harmonic", description="harmonic or mean of the input and output views, "
-                             "or one view alone: input, output")
-    views: Views = Field("raw", description="raw: the reference's views, from raw contributions over the "
-                         "positions that can hold nodes; share: the stored shares over every position")
-    embedding: Embedding = Field("reference", description="spectral embedding: reference (the reference's "
-                                 "normalised-affinity eigenvectors) or sklearn (SpectralClustering)")
-    seed: int = Field(0, description="random seed of the eigensolver start and k-means")
-    max_k: int = Field(MAX_CLUSTERS, ge=2, description="largest k the eigengap may suggest")
-    dense_limit: int = Field(DENSE_LIMIT, ge=2, description="above this many half-neurons, use a sparse similarity "
-                             "(nearest neighbours) and a sparse eigensolver instead of dense matrices")
-    neighbors: int = Field(NEIGHBORS, ge=1, description="most similar half-neurons kept per half-neuron in the sparse "
-                           "similarity and in leiden's graph")
-
-
-def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
-    run = RunDir.open(run_dir)
-    run.require_stage("trace", "adag trace")
-    run.begin_stage(STAGE, config.model_dump(mode="json"), resume=False)
-    nodes = run.read_table("trace", "nodes")
-    prompts = run.read_table("trace", "prompts")
-    if nodes.empty:
-        raise AdagError(f"{run_dir} has no traced nodes to cluster; trace with a lower --threshold")
-    edges = run.read_table("trace", "edges") if run.stage_config("trace").get("edges") else None
-
-    profiles = half_neuron_profiles(nodes, prompts, config.views,
-                                    keep_first_position=run.stage_config("trace").get("keep_first_position", False))
-    if config.k != "auto" and config.k > len(profiles):
-        raise AdagError(f"--k {config.k} is more than the {len(profiles)} half-neurons traced in {run_dir}; "
-                        f"choose k from 2 to {len(profiles)}, or 'auto'")
-    model = ProfileClustering(config.k, config.method, config.combine, config.embedding, config.seed, config.max_k,
-                              config.neighbors, config.dense_limit).fit(profiles)
-    labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
-    node_cluster = labels[profiles.node_half_neuron]
-
-    half_neurons = profiles.keys.assign(
-        half_neuron=np.arange(len(profiles)), cluster=labels,
-        nodes=np.bincount(profiles.node_half_neuron, minlength=len(profiles)),
-        attribution=np.bincount(profiles.node_half_neuron, weights=nodes["attribution"], minlength=len(profiles)),
-    )
-    run.write_table(STAGE, "half_neurons", half_neurons)
-    run.write_table(STAGE, "clusters", _cluster_summary(half_neurons, len(prompts)))
-    for name, table in cluster_graph(nodes, edges, node_cluster, len(prompts)).items():
-        run.write_table(STAGE, name, table)
-    diagnostics = {**model.diagnostics_, "eigenvalues": [round(float(v), 6) for v in model.eigenvalues_]}
-    run.write_json(STAGE, "diagnostics", diagnostics)
-    run.finish_stage(STAGE, clusters=diagnostics["k"], half_neurons=len(profiles),
-                     suggested_k=diagnostics["suggested_k"], silhouette=diagnostics["silhouette"])
-    return run
+        half_neurons = profiles.keys.assign(
+            half_neuron=np.arange(len(profiles)), cluster=labels,
+            nodes=np.bincount(profiles.node_half_neuron, minlength=len(profiles)),
+            attribution=np.bincount(profiles.node_half_neuron, weights=nodes["attribution"], minlength=len(profiles)),
+        )
+        out.write_table("half_neurons", half_neurons)
+        out.write_table("clusters", _cluster_summary(half_neurons, len(prompts)))
+        for name, table in cluster_graph(nodes, view.edges, node_cluster, len(prompts)).items():
+            out.write_table(name, table)
+        diagnostics = {**model.diagnostics_, "eigenvalues": [round(float(v), 6) for v in model.eigenvalues_]}
+        out.write_json("diagnostics", diagnostics)
+        out.facts.update(clusters=diagnostics["k"], half_neurons=len(profiles),
+                         suggested_k=diagnostics["suggested_k"], silhouette=diagnostics["silhouette"])
+    return view.run
 
 
-def node_clusters(nodes: pd.DataFrame, half_neurons: pd.DataFrame) -> np.ndarray:
-    """The cluster of each row of the trace stage's nodes table (-1 for a half-neuron left unclustered)."""
-    merged = half_neuron_keys(nodes).merge(half_neurons[[*HALF_NEURON_KEY, "cluster"]], on=HALF_NEURON_KEY,
-                                           how="left")
-    return merged["cluster"].fillna(-1).astype(int).to_numpy()
+def cluster_summary(run: RunDir, run_dir: str) -> str:
+    facts = run.manifest["stages"][STAGE]
+    diagnostics = run.read_json(STAGE, "diagnostics")
+    return (f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
+            f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
+            f"silhouette {number(diagnostics['silhouette'])}, "
+            f"intra/inter similarity {number(diagnostics['intra_inter_ratio'])}")
 
 
 def _order_by_attribution(labels: np.ndarray, node_half_neuron: np.ndarray, attribution: np.ndarray) -> np.ndarray:

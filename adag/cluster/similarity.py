@@ -7,15 +7,13 @@ no dense (H, H) array ever exists.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from adag.cluster.config import Combine
 from adag.cluster.profiles import HalfNeuronProfiles
 
-Combine = Literal["harmonic", "mean", "input", "output"]
 STRIP_ENTRIES = 1 << 24  # similarity values held at once by knn_similarity (a few hundred MB)
 
 

@@ -129,13 +129,12 @@ class LocalBackend(Backend):
 
         inputs = self._encode(messages)
         seed = int(hashlib.sha256(json.dumps([messages, temperature]).encode()).hexdigest()[:8], 16)
-        with self._lock, torch.no_grad():
-            torch.manual_seed(seed)
+        with self._lock, torch.no_grad(), self.lm.seeded(seed):
             out = self.lm.model.generate(
                 **inputs, max_new_tokens=max_tokens, do_sample=temperature > 0,
                 temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
                 output_scores=logprobs, return_dict_in_generate=True,
-                pad_token_id=self.lm.tokenizer.pad_token_id)
+                pad_token_id=self.lm.pad_id)
         new = out.sequences[0, inputs["input_ids"].shape[1]:]
         text = self.lm.tokenizer.decode(new, skip_special_tokens=True)
         top = None

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from adag.cluster.run import node_clusters
+from adag.describe.config import DescribeConfig
 from adag.describe.explain import (
     EXPLAIN_INPUT,
     EXPLAIN_OUTPUT,
@@ -30,15 +28,16 @@ from adag.describe.records import (
     Record,
     exemplar_pool,
     highlight,
-    input_records,
+    load_cluster_records,
     normalised_scores,
-    output_records,
     quantile_walk_threshold,
     sign_part,
     top_k_mask,
 )
 from adag.models.loading import cache_dir
-from adag.store import RunDir
+from adag.stages import number, writing
+from adag.store import RunDir, StageWriter
+from adag.view import RunView
 
 STAGE = "describe"
 DESCRIPTIONS = pa.schema([
@@ -49,75 +48,69 @@ DESCRIPTIONS = pa.schema([
 ])
 
 
-class DescribeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    explainer: str = "local:smollm2-135m"
-    simulator: str = "embed:minilm"
-    samples: int = Field(5, ge=1, description="candidate descriptions per explanation")
-    subset_size: int = Field(15, ge=1, description="excerpts shown to the explainer per candidate")
-    top_records: int = 80
-    random_records: int = 20
-    output_records: int = 20
-    highlight: Literal["quantile", "topk"] = "quantile"
-    highlight_k: int = Field(1, ge=1)
-    temperature: float = 1.0
-    attempts: int = Field(3, ge=1, description="tries per LLM request before the cluster is marked failed")
-    concurrency: int = Field(4, ge=1)
-    clusters: list[int] | None = None
-    seed: int = 0
-
-
-def describe_run(run_dir: str, config: DescribeConfig, dry_run: bool = False, progress: bool = True) -> dict:
-    """Describe every cluster. With `dry_run`, only count the calls and estimate tokens."""
-    run = RunDir.open(run_dir)
-    run.require_stage("cluster", "adag cluster")
-    nodes = run.read_table("trace", "nodes")
-    prompts = run.read_table("trace", "prompts")
-    half = run.read_table("cluster", "half_neurons")
-    clusters = run.read_table("cluster", "clusters")
-    node_cluster = node_clusters(nodes, half)
-    inputs = input_records(nodes, prompts, node_cluster, run.stage_config("trace")["keep_first_position"])
-    outputs = output_records(nodes, prompts, node_cluster)
-    prompt_text = dict(zip(prompts["prompt"], prompts["text"]))
-    wanted = config.clusters if config.clusters is not None else clusters["cluster"].tolist()
-    inhibitory = dict(zip(clusters["cluster"], clusters["mean_attribution"] < 0))
-
+def describe_run(run_dir: str | RunDir, config: DescribeConfig, dry_run: bool = False,
+                 progress: bool = True) -> dict:
+    """Describe every cluster (one part per cluster: a rerun redoes only failed, missing or damaged
+    ones). With `dry_run`, only count the calls and estimate tokens; nothing is written."""
     if dry_run:
-        return _estimate(config, wanted, inputs, outputs)
+        view = RunView(run_dir) if isinstance(run_dir, RunDir) else RunView.open(run_dir)
+        view.require("cluster")
+        return _estimate(config, *_inputs(view, config))
+    with writing(run_dir, STAGE, config) as (view, out):
+        cache = cache_dir() / "llm-cache.sqlite"
+        explainer = CachedBackend(make_backend(config.explainer), cache)
+        simulator = explainer if config.simulator == config.explainer else CachedBackend(
+            make_backend(config.simulator), cache)
+        wanted, inputs, outputs = _inputs(view, config)
+        inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
+        todo = [c for c in wanted if not _done(out, c)]
 
-    resume = run.begin_stage(STAGE, config.model_dump(mode="json"))
-    cache = cache_dir() / "llm-cache.sqlite"
-    explainer = CachedBackend(make_backend(config.explainer), cache)
-    simulator = explainer if config.simulator == config.explainer else CachedBackend(make_backend(config.simulator),
-                                                                                    cache)
-    todo = [c for c in wanted if not (resume and _done(run, c))]
+        def work(cluster: int) -> None:
+            row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), view.prompt_text,
+                                   bool(inhibitory.get(cluster, False)), explainer, simulator, config)
+            out.write_part("descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
 
-    def work(cluster: int) -> None:
-        row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), prompt_text,
-                               bool(inhibitory.get(cluster, False)), explainer, simulator, config)
-        run.write_part(STAGE, "descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
-
-    bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=not progress)
-    with ThreadPoolExecutor(config.concurrency) as pool:
-        for _ in pool.map(work, todo):
-            bar.update()
-    bar.close()
-    ledger = pd.DataFrame([asdict(e) for e in explainer.ledger + (simulator.ledger if simulator is not explainer
-                                                                  else [])])
-    run.write_table(STAGE, "ledger", ledger)
-    table = run.read_table(STAGE, "descriptions")
-    failed = int((table["status"] != "ok").sum())
-    run.finish_stage(STAGE, clusters=len(table), failed=failed, calls=int((~ledger["cached"]).sum()) if len(ledger)
-                     else 0, cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
+        bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=not progress)
+        with ThreadPoolExecutor(config.concurrency) as pool:
+            for _ in pool.map(work, todo):
+                bar.update()
+        bar.close()
+        ledger = pd.DataFrame([asdict(e) for e in explainer.ledger + (simulator.ledger if simulator is not explainer
+                                                                      else [])])
+        out.write_table("ledger", ledger)
+        table = out.read_table("descriptions")
+        failed = int((table["status"] != "ok").sum())
+        out.facts.update(clusters=len(table), failed=failed,
+                         calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
+                         cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
     return {"clusters": len(table), "failed": failed}
 
 
-def _done(run: RunDir, cluster: int) -> bool:
-    if not run.has_part(STAGE, "descriptions", cluster):
-        return False
-    path = run.path / STAGE / "descriptions" / f"part-{cluster:06d}.parquet"
-    return pd.read_parquet(path)["status"].iloc[0] == "ok"
+def _inputs(view: RunView, config: DescribeConfig) -> tuple[list[int], dict, dict]:
+    """The clusters to describe, and every cluster's input and output records."""
+    wanted = config.clusters if config.clusters is not None else view.clusters["cluster"].tolist()
+    view.check_clusters(wanted)
+    return wanted, *load_cluster_records(view)
+
+
+def describe_summary(result: dict, run_dir: str) -> str:
+    if "calls" in result:
+        return (f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
+                f"{result['estimated_tokens']} tokens (explainer {result['explainer']}, simulator "
+                f"{result['simulator']}); cached calls cost nothing")
+    lines = []
+    for row in RunView.open(run_dir).table(STAGE, "descriptions").sort_values("cluster").itertuples():
+        if row.status != "ok":
+            lines.append(f"  cluster {row.cluster:3d}  FAILED: {row.failure}")
+            continue
+        lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={number(row.input_score)} "
+                     f"output r={number(row.output_score)}  | {row.input_description}")
+    lines.append(f"described {result['clusters']} clusters ({result['failed']} failed) -> {run_dir}/{STAGE}")
+    return "\n".join(lines)
+
+
+def _done(out: StageWriter, cluster: int) -> bool:
+    return out.has_part("descriptions", cluster) and out.read_part("descriptions", cluster)["status"].iloc[0] == "ok"
 
 
 def describe_cluster(cluster: int, inputs: list[Record], outputs: list[Record], prompt_text: dict[int, str],
