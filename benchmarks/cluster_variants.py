@@ -16,7 +16,7 @@ import itertools
 from sklearn.metrics import adjusted_rand_score
 
 from adag.cluster import ProfileClustering, half_neuron_profiles
-from adag.store import RunDir
+from adag.view import RunView
 
 
 def main() -> None:
@@ -26,9 +26,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    run = RunDir.open(args.run_dir)
-    nodes, prompts = run.read_table("trace", "nodes"), run.read_table("trace", "prompts")
-    keep_first = run.stage_config("trace").get("keep_first_position", False)
+    view = RunView.open(args.run_dir)
+    nodes, prompts = view.nodes, view.prompts
+    keep_first = view.config("trace")["keep_first_position"]
     labels = {}
     for views, embedding in itertools.product(("raw", "share"), ("reference", "sklearn")):
         profiles = half_neuron_profiles(nodes, prompts, views, keep_first_position=keep_first)
