@@ -182,9 +182,24 @@ def test_profile_clustering_is_the_reference_algorithm_on_its_similarity():
     nodes, prompts, _ = planted_tables([(0, 0), (3, 1), (6, 2), (9, 3)], per_group=15, n_prompts=30, noise=0.8)
     profiles = half_neuron_profiles(nodes, prompts)
     model = ProfileClustering(4).fit(profiles)
-    values, _, labels = _numpy_spectral(similarity(profiles).astype(np.float64), 4, seed=0)
+    s = similarity(profiles).astype(np.float64)
+    values, _, labels = _numpy_spectral(s, 4, seed=0)
     assert adjusted_rand_score(model.labels_, labels) == 1.0
     np.testing.assert_allclose(model.eigenvalues_[:4], values, atol=1e-8)
+
+    # The diagnostics read the same matrices: silhouette on the distance 1 - A, eigengap on N's spectrum.
+    a = np.maximum(s, 0)
+    np.fill_diagonal(a, 1)
+    distance = 1 - a
+    np.fill_diagonal(distance, 0)
+    expected = silhouette_score(distance, model.labels_, metric="precomputed")
+    assert model.diagnostics_["silhouette"] == pytest.approx(expected, abs=1e-12)
+    d = a.sum(1)
+    n = a / np.sqrt(d)[:, None] / np.sqrt(d)[None, :]
+    np.fill_diagonal(n, 1)
+    spectrum = np.sort(np.linalg.eigvalsh(n))[::-1][:model.max_clusters + 1]
+    gaps = {k: spectrum[k - 1] - spectrum[k] for k in range(2, len(spectrum))}
+    assert model.suggested_k_ == max(gaps, key=gaps.get)
 
 
 def test_sparse_similarity_keeps_the_nearest_neighbours():
