@@ -5,7 +5,9 @@ import scipy.sparse as sp
 from pydantic import ValidationError
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
+from typer.testing import CliRunner
 
+from adag.cli import app
 from adag.cluster import (
     ClusterConfig,
     ProfileClustering,
@@ -23,7 +25,7 @@ from adag.errors import AdagError
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
-from tests.test_cli import one_line_error
+from tests.test_faults import error_line
 from tests.test_store import snapshot
 
 # Profiles are stored as float32 and the similarity products run in float32: a handful of roundings
@@ -336,13 +338,6 @@ def test_cluster_stage_on_a_traced_run(traced_run):
     assert old.read_json("cluster", "diagnostics")["embedding"] == "sklearn"
 
 
-@pytest.mark.parametrize("k", ["0", "-3"])
-def test_cli_k_below_two_is_a_one_line_error(traced_run, k):
-    before = snapshot(traced_run)
-    one_line_error("cluster", traced_run, "--k", k, match="--k")
-    assert snapshot(traced_run) == before
-
-
 def test_cli_k_above_the_half_neurons_is_refused_before_any_eigensolve(traced_run, monkeypatch):
     view = RunView.open(traced_run)
     n = len(half_neuron_profiles(view.nodes, view.prompts))
@@ -352,7 +347,8 @@ def test_cli_k_above_the_half_neurons_is_refused_before_any_eigensolve(traced_ru
         raise AssertionError("similarity and eigensolve must not run for an impossible k")
 
     monkeypatch.setattr(ProfileClustering, "fit", no_clustering)
-    one_line_error("cluster", traced_run, "--k", "100000", match=f"--k 100000 is more than the {n} half-neurons")
+    result = CliRunner().invoke(app, ["cluster", str(traced_run), "--k", "100000"])
+    error_line(result, match=f"--k 100000 is more than the {n} half-neurons")
     assert snapshot(traced_run) == before
 
 
