@@ -113,7 +113,7 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
     todo = {part for part in mine if not all(stage.has_part(name, part) for name in tables)}
     timer = PhaseTimer(lm.device)
     keys, largest_score = None, 0.0
-    if config.aggregation != "none":
+    if todo and config.aggregation != "none":
         warn_if_unaligned(tokens, plan, config)
     if config.aggregation != "none" and config.aggregate_over == "dataset" and any_rank(bool(todo), distributed):
         with timer("select_keys"):
