@@ -75,15 +75,15 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
 
 
 def trace_command(run_dir: str, config: TraceConfig, model: str, dataset: str, limit: int | None = None,
-                  dtype: str = "float32", device: str = "cpu") -> RunDir:
-    """`adag trace`: load the dataset and the model, then trace."""
+                  dtype: str = "float32", device: str = "cpu", lm: LoadedModel | None = None) -> RunDir:
+    """`adag trace`: load the dataset and the model (unless `lm`, the model already loaded), then trace."""
     from adag.datasets import load_dataset
     from adag.models import load_model
     from adag.stages import command_line
 
     check_run_target(Path(run_dir))
     rows = load_dataset(dataset, limit=limit)
-    lm = load_model(model, dtype=dtype, device=device)
+    lm = lm or load_model(model, dtype=dtype, device=device)
     command = command_line(STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
                            dtype=dtype, device=device)
     return trace_dataset(lm, rows, config, run_dir, command=command)
