@@ -204,7 +204,7 @@ def datasets() -> None:
 
     typer.echo("Built-in datasets:")
     for name, (make, description) in BUILTIN_DATASETS.items():
-        typer.echo(f"  {name:18s} {len(make()):4d} prompts  {description}")
+        typer.echo(f"  {name:20s} {len(make()):4d} prompts  {description}")
     typer.echo("\nOr a .jsonl/.csv file with fields prompt, seed_response, labels (list) and metadata.")
 
 
