@@ -396,3 +396,9 @@ def test_a_study_refuses_a_run_of_another_dataset(model_dir, dataset_file, serve
     other.write_text("\n".join(json.dumps(row) for row in misleading_rows(countries=3)))
     study.write_text(study.read_text().replace(str(dataset_file), str(other)))
     one_line_error("run", study, match="holds a run of another dataset")
+
+
+@pytest.mark.parametrize("example", sorted(Path(__file__).parent.parent.glob("examples/*.toml")))
+def test_the_examples_are_valid_studies(example):
+    study = load_study(example)
+    assert list(study.configs)[:2] == ["trace", "cluster"] and "steer" in study.configs
