@@ -40,7 +40,9 @@ def run_payload(view: RunView) -> dict:
     controls = view.table("steer", "controls")
     members_of = dict(tuple(half.groupby("cluster")))
     steering_of = dict(tuple(steering.groupby("cluster"))) if steering is not None else {}
-    control_of = {int(r["cluster"]): r for r in controls.to_dict("records")} if controls is not None else {}
+    control_of: dict[int, list[dict]] = {}
+    for record in controls.to_dict("records") if controls is not None else []:
+        control_of.setdefault(int(record["cluster"]), []).append(record)
     inputs, outputs = load_cluster_records(view)
     texts = view.prompt_text
 
@@ -64,12 +66,12 @@ def run_payload(view: RunView) -> dict:
         item["members"] = members[["layer", "neuron", "polarity", "attribution"]].round(4).to_dict("records")
         if steering is not None:
             swept = steering_of.get(c, steering.iloc[:0])
-            item["steering"] = swept[["multiplier", "p_top", "kl"]].to_dict("records")
+            item["steering"] = swept[["multiplier", "p_top", "measure", "kl"]].to_dict("records")
             plot = view.path / "steer" / "plots" / f"cluster-{c:03d}.png"
             if plot.exists():
                 item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
         if c in control_of:
-            item["control"] = control_of[c]
+            item["controls"] = control_of[c]
         cluster_items.append(item)
 
     return _clean({

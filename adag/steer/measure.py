@@ -32,20 +32,22 @@ LABELS_NEEDED = {"p_correct": 1, "logit_diff": 2}
 class Measure:
     """The measure of `config` on a run's prompts, with or without an intervention.
 
-    For p_correct and logit_diff it is read off last-position logits (`of_logits`); for judge it
-    needs generations (`judged`). `values` computes it either way.
+    p_correct, logit_diff and p_top are read off last-position logits (`of_logits`); judge needs
+    generations (`judged`). `values` computes either kind.
     """
 
     def __init__(self, lm: LoadedModel, prompts: pd.DataFrame, config: MeasureConfig):
         self.lm, self.prompts, self.config = lm, prompts, config
         self.uses_logits = config.metric != "judge"
-        if config.metric == "p_top":
+        self.judge: CachedBackend | None = None
+        self.label_ids: dict[int, np.ndarray] = {}  # the tokens whose logits the measure reads, per prompt
+        if config.metric == "judge":
+            self.judge = CachedBackend(make_backend(config.judge), cache_dir() / "llm-cache.sqlite")
+        elif config.metric == "p_top":
             self.label_ids = {int(p): np.asarray(t[:1], dtype=np.int64)
                               for p, t in zip(prompts["prompt"], prompts["target_ids"])}
         else:
-            self.label_ids = _label_ids(lm, prompts, LABELS_NEEDED[config.metric]) if self.uses_logits else {}
-        self.judge = CachedBackend(make_backend(config.judge), cache_dir() / "llm-cache.sqlite") \
-            if not self.uses_logits else None
+            self.label_ids = _label_ids(lm, prompts, LABELS_NEEDED[config.metric])
 
     def of_logits(self, logits: torch.Tensor, rows: pd.DataFrame) -> np.ndarray:
         """The measure of each row from its last-position logits (B, V)."""
