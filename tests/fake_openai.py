@@ -1,8 +1,9 @@
 """A small HTTP server on 127.0.0.1 that speaks the OpenAI chat completions protocol, for tests.
 
 By default it answers like a cooperative model: a JSON list of the requested length for simulator
-prompts, yes or no to a judge (by the parity of the prompt's length), a short phrase otherwise. `script` holds replies to send first: (status, body) pairs, where
-a body of None means "answer normally".
+prompts, yes or no to a judge (by the parity of the prompt's length), a short phrase otherwise.
+`script` holds replies to send first: (status, body) pairs, where a body of None means "answer
+normally".
 """
 
 from __future__ import annotations
