@@ -122,6 +122,9 @@ def run_study(path: str | Path, echo: Callable[[str], None] = print) -> list[Sta
 
     study = load_study(path)
     inputs = study.inputs
+    device_type = _device_type(inputs.device)
+    study.configs = {stage: config.for_device(device_type) if hasattr(config, "for_device") else config
+                     for stage, config in study.configs.items()}  # as the stage records them
     dataset = load_dataset(inputs.dataset, limit=inputs.limit)
     if (study.run_dir / MANIFEST).exists():
         _check_identity(RunDir.open(study.run_dir), inputs, dataset)
@@ -159,6 +162,19 @@ def _run_stage(stage: str, config: BaseModel, study: Study, model: Callable) -> 
     if spec.run_dir_option:  # the stage that creates the run takes the run's identity
         options.update(study.inputs.model_dump(exclude={spec.run_dir_option}))
     return spec.function("run")(str(study.run_dir), config, **options)
+
+
+def _device_type(device: str) -> str:
+    """The kind of device ("cpu", "cuda", ...) the study's model will be on, before it is loaded."""
+    import torch
+
+    from adag.models.placement import AUTO, resolve_device
+
+    target = resolve_device(device)
+    if target != AUTO:
+        return target.type
+    accelerator = torch.accelerator.current_accelerator()
+    return accelerator.type if accelerator is not None else "cpu"
 
 
 def _check_identity(run, inputs: TraceInputs, dataset) -> None:

@@ -365,7 +365,7 @@ def test_study_files_are_checked_before_any_work(model_dir, dataset_file, server
     out = tmp_path / "never"
     good = write_study(tmp_path / "good.toml", model_dir, dataset_file, server, out).read_text()
     cases = [
-        (good + "\nbogus = 1\n", "[report] unknown key 'bogus'; it takes no keys"),
+        (good + "\nbogus = 1\n", "[report] unknown key 'bogus'; known keys: prompts"),
         ("colour = 'red'\n" + good, "unknown key 'colour'; known keys: model, dataset, out"),
         (good.replace("k = 3", "k = 'many'"), "[cluster] k (got 'many')"),
         (good.replace("controls = 2", "controls = -2"), "[steer] controls (got -2): input should be greater"),
