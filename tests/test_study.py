@@ -11,16 +11,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import PromptRow, encode_prompt, load_dataset
 from adag.errors import AdagError
+from adag.report.study import study_payload
 from adag.steer import CorrelateConfig, MeasureConfig, SteerConfig, correlate, correlate_run, measure_run, steer_run
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.correlate import adjusted
 from adag.store import MANIFEST, RunDir
 from adag.study import load_study, run_study
 from adag.trace import TraceConfig, trace_dataset
+from adag.view import RunView
+from tests.browser import chromium, console_errors, open_page
 from tests.fake_openai import FakeOpenAI, reply_body
 from tests.test_cli import adag, one_line_error
 from tests.tiny import tiny_model
@@ -193,6 +198,7 @@ def test_steer_top_needs_correlate(measured_run, tmp_path):
     cluster_run(str(fresh), ClusterConfig(k=2))
     with pytest.raises(AdagError, match="no finished 'correlate' stage"):
         steer_run(str(fresh), SteerConfig(top=1), lm=lm, progress=False)
+    assert study_payload(RunView.open(fresh)) is None  # and the report has no study section
     with pytest.raises(ValueError, match="not both"):
         SteerConfig(top=1, clusters=[0])
 
@@ -402,3 +408,84 @@ def test_a_study_refuses_a_run_of_another_dataset(model_dir, dataset_file, serve
 def test_the_examples_are_valid_studies(example):
     study = load_study(example)
     assert list(study.configs)[:2] == ["trace", "cluster"] and "steer" in study.configs
+
+
+# the report's study section
+
+
+@pytest.fixture(scope="module")
+def studied(model_dir, dataset_file, server, tmp_path_factory):
+    """A tiny study run through every stage, report included."""
+    folder = tmp_path_factory.mktemp("studied")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADAG_CACHE", str(folder / "cache"))
+        run_study(write_study(folder / "study.toml", model_dir, dataset_file, server, folder / "run"),
+                  echo=lambda line: None)
+    return folder / "run"
+
+
+def test_study_section_data_is_the_runs_tables(studied):
+    view = RunView.open(studied)
+    section = study_payload(view)
+    correlation = view.table("correlate", "correlation")
+    assert [r["cluster"] for r in section["correlations"]] == correlation["cluster"].tolist()
+    assert [r["q"] for r in section["correlations"]] == correlation["pearson_q"].tolist()
+    assert section["significant"] == int(correlation["significant"].sum())
+    assert section["measure_label"] == "P(correct answer)"
+    values = view.table("measure", "values")
+    assert [v["value"] for v in section["values"]] == values["value"].tolist()
+    framing = {m["framing"] for m in (r["metadata"] for r in misleading_rows())}
+    by_framing = next(p for p in section["parts"] if p["part"] == "framing")
+    assert {v["value"] for v in by_framing["values"]} == framing and {v["count"] for v in by_framing["values"]} == {4}
+    texts = view.prompt_text
+    sure = [v["value"] for v in section["values"] if texts[v["prompt"]].startswith("I am sure")]
+    assert next(v["mean"] for v in by_framing["values"] if v["value"] == "I am sure") == pytest.approx(np.mean(sure))
+
+    summary, draws = view.table("steer", "summary"), view.table("steer", "control_draws")
+    assert [s["cluster"] for s in section["steered"]] == list(dict.fromkeys(summary["cluster"]))
+    for steered in section["steered"]:
+        sweep = {r["multiplier"]: r["measure"] for r in steered["sweep"]}
+        assert sweep[1.0] == pytest.approx(values["value"].mean(), rel=1e-6)  # x1 steers nothing
+        assert {(r["kind"], r["multiplier"]) for r in steered["controls"]} == {(k, m) for k in ("traced", "layer")
+                                                                             for m in (0.0, 2.0)}
+        for row in steered["controls"]:
+            assert row["change"] == pytest.approx(sweep[row["multiplier"]] - sweep[1.0], abs=1e-9)
+            mine = draws[(draws["cluster"] == steered["cluster"]) & (draws["kind"] == row["kind"])
+                         & (draws["multiplier"] == row["multiplier"])]["change"].to_numpy()
+            assert len(mine) == row["controls"] == 2
+            assert row["percentile"] == percentile(row["change"], mine)
+            assert mine.min() <= row["control_low"] <= row["control_high"] <= mine.max()
+        assert steered["plot"].startswith("data:image/png;base64,")
+    described = {d["cluster"] for d in section["descriptions"]}
+    assert {r["cluster"] for r in section["correlations"][:5]} | {s["cluster"] for s in section["steered"]} == described
+
+
+def test_study_section_in_the_report(studied, tmp_path):
+    path = studied / "report" / "report.html"
+    view = RunView.open(studied)
+    section = study_payload(view)
+    with chromium() as driver:
+        open_page(driver, path.as_uri())
+        assert driver.find_element(By.ID, "study-section").is_displayed()
+        summary = driver.find_element(By.ID, "study-summary").text
+        assert summary.startswith(f"{section['significant']} of {len(section['correlations'])} clusters correlate")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#study-correlations tr")[1:]
+        assert [int(r.find_element(By.TAG_NAME, "td").text) for r in rows] == [c["cluster"]
+                                                                              for c in section["correlations"]]
+        significant = driver.find_elements(By.CSS_SELECTOR, "#study-correlations tr.significant")
+        assert len(significant) == section["significant"]
+        parts = driver.find_elements(By.CSS_SELECTOR, "#study-parts tr")[1:]
+        assert len(parts) == sum(len(p["values"]) for p in section["parts"])
+        for steered in section["steered"]:
+            table = driver.find_elements(By.CSS_SELECTOR, f"#study-steer-{steered['cluster']} tr")[1:]
+            assert sorted(r.find_elements(By.TAG_NAME, "td")[1].text for r in table) == ["layer", "layer", "traced",
+                                                                                        "traced"]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#study-section img")) == len(section["steered"])
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#study-values tr")) == len(section["values"]) + 1
+        last = section["correlations"][-1]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", rows[-1])
+        rows[-1].click()
+        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "panel-label").text == last["label"])
+        assert not console_errors(driver)
+        driver.save_screenshot(str(tmp_path / "study.png"))
+

@@ -16,6 +16,7 @@ from adag.errors import AdagError
 from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE
 from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
 from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
+from adag.report.study import study_payload
 from adag.view import RunView
 
 EXEMPLARS = 5
@@ -101,6 +102,7 @@ def run_payload(view: RunView, graph_prompts: list[int]) -> dict:
         "prompts": prompts,
         "clusters": _cluster_items(view),
         "cluster_graph": _cluster_graph(view),
+        "study": study_payload(view),
     }) | {"graphs": {str(p): prompt_payload(view, p) for p in sorted(embedded)}}
 
 

@@ -1,16 +1,19 @@
-"""The study section of the report: every cluster's correlation with the measure (corrected p-values),
-the descriptions of the most correlated clusters, and each steered cluster's measure against its
-random controls of each kind."""
+"""The study section of the report: each prompt's measure (and its mean over each value of the rows'
+parts), every cluster's correlation with the measure (corrected p-values), the descriptions of the
+most correlated clusters, and each steered cluster's measure against its random controls of each kind."""
 
 from __future__ import annotations
 
 import base64
+import json
 
 import pandas as pd
 
+from adag.steer.plots import MEASURE_LABELS
 from adag.view import RunView
 
 TOP_DESCRIBED = 5  # clusters whose descriptions the section shows, besides the steered ones
+MAX_PART_VALUES = 8  # a metadata field with more distinct values is not a part with variants (e.g. the country)
 
 
 def study_payload(view: RunView) -> dict | None:
@@ -29,13 +32,36 @@ def study_payload(view: RunView) -> dict | None:
     steered = _steered(view)
     described = _descriptions(view, [r["cluster"] for r in rows[:TOP_DESCRIBED]] + [s["cluster"] for s in steered])
     measure = view.config("measure") if view.has("measure") else None
+    values = view.table("measure", "values") if measure else None
     return {
         "field": config["field"], "method": method, "alpha": config["alpha"], "correction": "Benjamini-Hochberg",
         "measure": measure["metric"] if measure else None,
-        "mean_measure": float(view.table("measure", "values")["value"].mean()) if measure else None,
+        "measure_label": MEASURE_LABELS[measure["metric"]] if measure and config["field"] == "measure"
+        else config["field"],
+        "mean_measure": float(values["value"].mean()) if measure else None,
+        "values": values[["prompt", "value"]].to_dict("records") if measure else [],
+        "parts": _parts(view, values) if measure else [],
         "significant": sum(r["significant"] for r in rows), "correlations": rows,
         "descriptions": described, "steered": steered,
     }
+
+
+def _parts(view: RunView, values: pd.DataFrame) -> list[dict]:
+    """The mean measure over the prompts sharing each value of each part of the rows (a metadata field
+    with 2 to MAX_PART_VALUES distinct text values, e.g. the framing of a misleading claim): how the
+    behaviour depends on each part, as in the paper's substituted prompt parts."""
+    metadata = pd.DataFrame([json.loads(text) for text in view.prompts["metadata"]], index=view.prompts["prompt"])
+    measured = values.set_index("prompt")["value"]
+    out = []
+    for field in metadata.columns:
+        column = metadata[field]
+        if not column.map(lambda v: isinstance(v, str)).all() or not 2 <= column.nunique() <= MAX_PART_VALUES:
+            continue
+        grouped = measured.groupby(column.reindex(measured.index)).agg(["mean", "count"])
+        out.append({"part": field, "values": [{"value": str(value), "mean": float(row["mean"]),
+                                               "count": int(row["count"])}
+                                              for value, row in grouped.sort_values("mean").iterrows()]})
+    return out
 
 
 def _steered(view: RunView) -> list[dict]:
