@@ -4,6 +4,7 @@ import time
 import pytest
 import torch
 
+from tests.fake_openai import FakeOpenAI
 from tests.tiny import FAMILIES, in_float64, offline_tokenizer, tiny_model
 
 # ADAG_TEST_THREADS=N runs the suite with N torch threads (default: one per CPU). Every numeric
@@ -24,6 +25,23 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_models(tokenizer):
     return {family: tiny_model(family, tokenizer) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory, so that `--model DIR` loads it."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A fake OpenAI-compatible server that answers like a cooperative model."""
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 @pytest.fixture(params=FAMILIES)

@@ -15,9 +15,7 @@ from typer.testing import CliRunner
 from adag.cli import app
 from adag.datasets import load_dataset
 from adag.store import FORMAT_VERSION, RunDir
-from tests.fake_openai import FakeOpenAI
 from tests.test_store import snapshot
-from tests.tiny import tiny_model
 
 RUNNER = CliRunner()
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+")  # e.g. transformers' weight-loading bar: not an error line
@@ -40,16 +38,6 @@ def one_line_error(*args: str, match: str = ""):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    """A tiny Llama saved as a Hugging Face directory, so that `--model DIR` loads it."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama", tokenizer)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dataset_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "capitals.jsonl"
     rows = [r.model_dump() | {"metadata": {"score": float(i % 3)}} for i, r in
@@ -64,12 +52,6 @@ def cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ADAG_CACHE", str(path))
         yield path
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from adag.view import RunView
 from tests.browser import chromium, console_errors, open_page
 from tests.fake_openai import FakeOpenAI, reply_body
 from tests.test_cli import adag, one_line_error
-from tests.tiny import tiny_model
 
 FIRST_TOKENS = [" P", " B", " R", " M"]  # single tokens of the tiny tokenizer, standing in for city names
 SMALL_TRACE = TraceConfig(metric="logit_diff", selection="topk", top_nodes=24, aggregation="none", edges=False)
@@ -256,21 +255,6 @@ def test_layer_controls_and_percentiles():
 
 
 # studies: adag run
-
-
-@pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama", tokenizer)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server():
-    with FakeOpenAI() as fake:
-        yield fake
 
 
 def write_study(path: Path, model_dir, dataset_file, server, out: Path, k: int = 3, metric: str = "p_correct",
