@@ -210,7 +210,7 @@ def study_digest(run_dir: str | Path) -> str:
         for cluster, group in controls.groupby("cluster", sort=False):
             parts = []
             for multiplier, by_kind in group.groupby("multiplier"):
-                ranks = ", ".join(f"{row.percentile:.0f}th pct of {row.kind}" for row in by_kind.itertuples())
+                ranks = ", ".join(f"percentile {row.percentile:.0f} among {row.kind}" for row in by_kind.itertuples())
                 parts.append(f"x{multiplier:g}: {by_kind['change'].iloc[0]:+.4f} ({ranks})")
             lines.append(f"cluster {cluster} ({labels.get(int(cluster), '')}): change of mean {metric} "
                          + "; ".join(parts))

@@ -310,7 +310,7 @@ def test_a_study_runs_every_stage_once_and_reruns_only_what_a_change_touches(mod
 
     first = adag("run", study).stdout
     assert all(f"] {stage}: done" in first for stage in stages)
-    assert "clusters correlate significantly with measure" in first and "pct of traced" in first
+    assert "clusters correlate significantly with measure" in first and "among traced" in first
     run = RunDir.open(out)
     assert [s for s in run.manifest["stages"]] == stages and all(run.stage_done(s) for s in stages)
 
