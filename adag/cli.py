@@ -16,7 +16,7 @@ from pydantic.fields import FieldInfo
 from typer.core import TyperGroup
 
 from adag.errors import AdagError
-from adag.stages import STAGES, Stage, cli_fields, option_name
+from adag.stages import STAGES, Stage, cli_fields, option_name, validation_line
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -113,17 +113,6 @@ def settings(model: type[BaseModel], given: dict[str, Any]) -> BaseModel:
         raise AdagError(validation_line(error, given)) from None
 
 
-def validation_line(error: ValidationError, given: dict[str, Any] | None = None) -> str:
-    """A pydantic error as one line: the option, what was given, what is expected."""
-    problems: dict[str, list[str]] = {}
-    for item in error.errors():
-        field = str(item["loc"][0]) if item["loc"] else ""
-        problems.setdefault(field, []).append(item["msg"][0].lower() + item["msg"][1:])
-    field, messages = next(iter(problems.items()))
-    shown = f" (got '{given[field]}')" if given and given.get(field) is not None else ""
-    return f"{option_name(field)}{shown}: {' or '.join(dict.fromkeys(messages))}"
-
-
 class AdagGroup(TyperGroup):
     """The command group: every error becomes one line on stderr and exit status 2."""
 
@@ -179,6 +168,21 @@ app = typer.Typer(
 
 for _stage in STAGES.values():  # the pipeline first, in order
     app.command(_stage.name, help=_stage.help)(stage_command(_stage))
+
+
+@app.command("run", help="Run a whole study from one TOML file (model, dataset, each stage's settings); stages "
+             "already done with the same settings and inputs are skipped. Examples in examples/.")
+def run_study_command(
+    study: Annotated[str, typer.Argument(metavar="STUDY.toml", help="a study file (see examples/)")],
+) -> None:
+    """Run a whole study from one TOML file: model, dataset and each stage's settings. Stages run in
+    pipeline order; those already done with the same settings and inputs are skipped, so a rerun
+    resumes where it stopped and a changed setting reruns that stage and the ones that read it."""
+    from adag.study import run_study
+
+    status = max((outcome.status for outcome in run_study(study, echo=typer.echo)), default=0)
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()

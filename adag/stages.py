@@ -24,12 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from adag.cluster.config import ClusterConfig
 from adag.describe.config import DescribeConfig, DescribeOptions
 from adag.report.config import ExportConfig, ExportOptions, FigureConfig, FigureOptions, ReportConfig, ReportOptions
-from adag.steer.config import CorrelateConfig, FaithfulnessConfig, JudgeConfig, ModelOption, SteerConfig
+from adag.steer.config import (
+    CorrelateConfig,
+    FaithfulnessConfig,
+    JudgeConfig,
+    MeasureConfig,
+    ModelOption,
+    SteerConfig,
+)
 from adag.trace.config import TraceConfig, TraceInputs
 
 if TYPE_CHECKING:
@@ -59,6 +66,7 @@ class Stage:
     uses: tuple[str, ...] = ()
     options: type[BaseModel] | None = None
     resumable: bool = False
+    model: bool = False  # runs the run's model: `run` also accepts `lm=`, a model already loaded
     run_dir_option: str | None = None  # the option naming the run directory, if not the RUN argument
 
     def function(self, which: str = "run") -> Callable:
@@ -69,28 +77,31 @@ class Stage:
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("trace", "Trace attribution graphs, profiles and edges for every prompt of a dataset.",
           TraceConfig, "adag.trace.run:trace_command", "adag.trace.run:trace_summary", options=TraceInputs,
-          resumable=True, run_dir_option="out"),
+          resumable=True, run_dir_option="out", model=True),
     Stage("cluster", "Cluster traced half-neurons by their attribution profiles and build the cluster graph.",
           ClusterConfig, "adag.cluster.run:cluster_run", "adag.cluster.run:cluster_summary", requires=("trace",)),
     Stage("describe", "Describe each cluster (what makes it fire, what it makes the model say), score and label it.",
           DescribeConfig, "adag.describe.run:describe_run", "adag.describe.run:describe_summary",
           requires=("cluster",), options=DescribeOptions, resumable=True),
-    Stage("steer", "Scale clusters' half-neurons and measure the answer: probabilities, logit changes, KL, "
-          "top tokens.", SteerConfig, "adag.steer.run:steer_run", "adag.steer.run:steer_summary",
-          requires=("cluster",), options=ModelOption),
+    Stage("measure", "Measure each prompt's behaviour: P(correct answer), a logit difference, or a judge's "
+          "yes-rate on sampled generations.", MeasureConfig, "adag.steer.measure:measure_run",
+          "adag.steer.measure:measure_summary", requires=("trace",), options=ModelOption, model=True),
+    Stage("correlate", "Correlate each cluster's per-prompt attribution with the measure or a numeric metadata "
+          "field (Benjamini-Hochberg adjusted).", CorrelateConfig, "adag.steer.correlate:correlate_run",
+          "adag.steer.correlate:correlate_summary", requires=("cluster",)),
+    Stage("steer", "Scale clusters' half-neurons and measure the answer (the measure, probabilities, logit "
+          "changes, KL, top tokens) against random controls.", SteerConfig, "adag.steer.run:steer_run",
+          "adag.steer.run:steer_summary", requires=("cluster",), uses=("measure",), options=ModelOption, model=True),
     Stage("faithfulness", "Faithfulness and completeness of node circuits (top nodes kept, the rest ablated).",
           FaithfulnessConfig, "adag.steer.run:faithfulness_stage", "adag.steer.run:faithfulness_summary",
-          requires=("trace",), options=ModelOption),
-    Stage("correlate", "Correlate each cluster's per-prompt attribution with a numeric metadata field.",
-          CorrelateConfig, "adag.steer.correlate:correlate_run", "adag.steer.correlate:correlate_summary",
-          requires=("cluster",)),
+          requires=("trace",), options=ModelOption, model=True),
     Stage("judge", "Generate under steering and have a judge LLM answer a yes/no question; "
           "rate = yes / (yes + no).", JudgeConfig, "adag.steer.judge:judge_run", "adag.steer.judge:judge_summary",
-          requires=("cluster",), options=ModelOption),
+          requires=("cluster",), options=ModelOption, model=True),
     Stage("report", "Write the viewer with its data (cluster views, the attribution graphs of the prompts "
           "carrying the most attribution) as one self-contained HTML file.",
           ReportConfig, "adag.report.html:report_command", "adag.report.html:report_summary",
-          requires=("cluster",), uses=("describe", "steer"), options=ReportOptions),
+          requires=("cluster",), uses=("describe", "measure", "correlate", "steer"), options=ReportOptions),
     Stage("export", "Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON.",
           ExportConfig, "adag.report.export:export_command", "adag.report.export:export_summary",
           requires=("trace",), uses=("cluster", "describe"), options=ExportOptions),
@@ -141,13 +152,34 @@ def _quoted(word: str) -> str:
     return word if word and all(c.isalnum() or c in "-_.,:/@" for c in word) else "'" + word.replace("'", "'\\''") + "'"
 
 
+def needed(stage: str, config: BaseModel) -> tuple[str, ...]:
+    """The stages `stage` must find finished: its `requires` and those its settings add (a config
+    model may say which with a `needs()` method, e.g. steer --top needs correlate)."""
+    extra = config.needs() if hasattr(config, "needs") else ()
+    return tuple(dict.fromkeys((*STAGES[stage].requires, *extra)))
+
+
+def stage_inputs(run: RunDir, stage: str, config: BaseModel) -> dict[str, str]:
+    """The ids of the finished stages that `stage` with `config` reads: recorded as its inputs."""
+    names = (*needed(stage, config), *STAGES[stage].uses)
+    return {name: run.entry(name)["id"] for name in dict.fromkeys(names) if run.stage_done(name)}
+
+
+def is_current(run: RunDir, stage: str, config: BaseModel) -> bool:
+    """Whether `stage` is done, not stale, and was made with `config` from the results it would read
+    now, so that running it again would redo the same work."""
+    entry = run.entry(stage)
+    return (run.stage_done(stage) and entry["config"] == config.model_dump(mode="json")
+            and entry["inputs"] == stage_inputs(run, stage, config))
+
+
 @contextlib.contextmanager
 def writing(run: RunDir | str | Path, stage: str, config: BaseModel, command: str | None = None,
             shard: Shard | None = None) -> Iterator[tuple[RunView, StageWriter]]:
-    """Write one stage: hold the run's lock, check the stages it requires, give a fresh view of the
+    """Write one stage: hold the run's lock, check the stages it needs, give a fresh view of the
     run and a StageWriter. The results are committed when the block ends normally; on an exception
-    nothing finished changes. The stages read (`requires`, and `uses` that are done) are recorded as
-    the result's inputs. With `shard`, this process writes its share of a resumable stage's parts
+    nothing finished changes. The stages read (those needed, and `uses` that are done) are recorded
+    as the result's inputs. With `shard`, this process writes its share of a resumable stage's parts
     alongside the other shards and commits nothing (see StageWriter)."""
     from adag.store import RunDir
     from adag.view import RunView
@@ -157,9 +189,24 @@ def writing(run: RunDir | str | Path, stage: str, config: BaseModel, command: st
     with run.lock(shared=shard is not None):
         run.reload()
         view = RunView(run)
-        for needed in spec.requires:
-            view.require(needed)
-        inputs = {name: run.entry(name)["id"] for name in (*spec.requires, *spec.uses) if run.stage_done(name)}
-        with run.stage(stage, config.model_dump(mode="json"), inputs, spec.resumable,
+        for name in needed(stage, config):
+            view.require(name)
+        with run.stage(stage, config.model_dump(mode="json"), stage_inputs(run, stage, config), spec.resumable,
                        command or command_line(stage, run.path, config), shard) as out:
             yield view, out
+
+
+def validation_line(error: ValidationError, given: dict[str, Any] | None = None,
+                    name: Callable[[str], str] = option_name) -> str:
+    """A pydantic error as one line: the setting (as `name` spells it), what was given, what is
+    expected. A rule over several settings has no single name; its message names them."""
+    problems: dict[str, list[str]] = {}
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        message = "not a known setting" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.setdefault(field, []).append(message[0].lower() + message[1:])
+    field, messages = next(iter(problems.items()))
+    if not field:
+        return " or ".join(dict.fromkeys(messages))
+    shown = f" (got {given[field]!r})" if given and given.get(field) is not None else ""
+    return f"{name(field)}{shown}: {' or '.join(dict.fromkeys(messages))}"

@@ -1,8 +1,9 @@
 """A small HTTP server on 127.0.0.1 that speaks the OpenAI chat completions protocol, for tests.
 
 By default it answers like a cooperative model: a JSON list of the requested length for simulator
-prompts, a short phrase otherwise. `script` holds replies to send first: (status, body) pairs, where
-a body of None means "answer normally".
+prompts, yes or no to a judge (by the parity of the prompt's length), a short phrase otherwise.
+`script` holds replies to send first: (status, body) pairs, where a body of None means "answer
+normally".
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def cooperative(request: dict) -> dict:
         return reply_body(json.dumps([(i * 3) % 11 for i in range(n)]))
     if "label of one to three" in text:
         return reply_body("capital city")
+    if "Answer with yes or no only" in text:  # a judge: some yes, some no, deterministically
+        return reply_body("Yes" if len(text) % 2 else "No")
     return reply_body("names of countries")
 
 

@@ -16,6 +16,7 @@ from adag.errors import AdagError
 from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE
 from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
 from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
+from adag.report.study import study_payload
 from adag.view import RunView
 
 EXEMPLARS = 5
@@ -101,6 +102,7 @@ def run_payload(view: RunView, graph_prompts: list[int]) -> dict:
         "prompts": prompts,
         "clusters": _cluster_items(view),
         "cluster_graph": _cluster_graph(view),
+        "study": study_payload(view),
     }) | {"graphs": {str(p): prompt_payload(view, p) for p in sorted(embedded)}}
 
 
@@ -111,7 +113,9 @@ def _cluster_items(view: RunView) -> list[dict]:
     controls = view.table("steer", "controls")
     members_of = dict(tuple(view.half_neurons.groupby("cluster")))
     steering_of = dict(tuple(steering.groupby("cluster"))) if steering is not None else {}
-    control_of = {int(r["cluster"]): r for r in controls.to_dict("records")} if controls is not None else {}
+    control_of: dict[int, list[dict]] = {}
+    for record in controls.to_dict("records") if controls is not None else []:
+        control_of.setdefault(int(record["cluster"]), []).append(record)
     inputs, outputs = load_cluster_records(view)
     texts = view.prompt_text
     items = []
@@ -132,12 +136,12 @@ def _cluster_items(view: RunView) -> list[dict]:
         item["members"] = members[["layer", "neuron", "polarity", "attribution"]].round(4).to_dict("records")
         if steering is not None:
             swept = steering_of.get(c, steering.iloc[:0])
-            item["steering"] = swept[["multiplier", "p_top", "kl"]].to_dict("records")
+            item["steering"] = swept[["multiplier", "p_top", "measure", "kl"]].to_dict("records")
             plot = view.path / "steer" / "plots" / f"cluster-{c:03d}.png"
             if plot.exists():
                 item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
         if c in control_of:
-            item["control"] = control_of[c]
+            item["controls"] = control_of[c]
         items.append(item)
     return items
 

@@ -4,20 +4,41 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+ControlKind = Literal["traced", "layer"]
 
 
 class SteerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    clusters: list[int] | None = Field(None, description="comma-separated clusters (default: sweep all)")
+    clusters: list[int] | None = Field(None, description="comma-separated clusters (default: sweep all, or --top)")
+    top: int | None = Field(None, ge=1, description="steer the N clusters whose attribution correlates most "
+                            "strongly with the measure (|r| from the correlate stage) instead of --clusters")
     multipliers: list[float] = Field([0.0, 1.0, 2.0], min_length=1,
                                      description="comma-separated multipliers (0 ablates, 2 amplifies)")
     positions: Literal["all", "traced"] = Field("all", description="steer at all positions, or only where the "
-                                                "cluster's members were traced")
-    controls: int = Field(0, ge=0, description="random same-size, same-layer sets per cluster (ablation)")
+                                                "cluster's members were traced (its controls at the same positions)")
+    controls: int = Field(0, ge=0, description="random same-size sets per cluster and control kind, each steered "
+                          "by every multiplier; the cluster's change is ranked among theirs (a percentile)")
+    control_kinds: list[ControlKind] = Field(
+        ["traced"], min_length=1, description="traced: other traced half-neurons of the same layers and "
+        "|attribution| quantile bins (does the grouping matter beyond importance?); layer: any neurons of the "
+        "same layers")
+    control_bins: int = Field(4, ge=1, description="|attribution| quantile bins per layer that traced controls "
+                              "are matched on")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
-    seed: int = Field(0, description="random seed of the controls")
+    seed: int = Field(0, ge=0, description="random seed of the controls")
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> SteerConfig:
+        if self.clusters is not None and self.top is not None:
+            raise PydanticCustomError("choice", "give --clusters or --top, not both")
+        return self
+
+    def needs(self) -> tuple[str, ...]:
+        return ("correlate",) if self.top is not None else ()
 
 
 class FaithfulnessConfig(BaseModel):
@@ -32,20 +53,50 @@ class FaithfulnessConfig(BaseModel):
 class CorrelateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    field: str = Field(description="a numeric metadata field of the dataset rows")
+    field: str = Field("measure", min_length=1, description="the per-prompt value: 'measure' (the measure "
+                       "stage's values) or a numeric metadata field of the dataset rows")
+    method: Literal["pearson", "spearman"] = Field("pearson", description="the correlation that orders the "
+                                                   "table, decides significance and picks steer --top clusters")
+    alpha: float = Field(0.05, gt=0, lt=1, description="false discovery rate: a cluster is significant when its "
+                         "Benjamini-Hochberg adjusted p-value is below this")
+
+    def needs(self) -> tuple[str, ...]:
+        return ("measure",) if self.field == "measure" else ()
 
 
-class JudgeConfig(BaseModel):
+class Judged(BaseModel):
+    """How generations are sampled and judged (shared by the judge metric and the judge stage)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    cluster: int = Field(description="cluster to steer")
-    question: str = Field(min_length=1, description="yes/no question the judge answers about each generation")
+    question: str | None = Field(None, min_length=1, description="yes/no question the judge answers about "
+                                 "each generation")
     judge: str = Field("local:smollm2-135m", description="backend of the judge, KIND:MODEL[@URL]")
-    multipliers: list[float] = Field([0.0, 1.0, 2.0], min_length=1, description="comma-separated multipliers")
     samples: int = Field(4, ge=1, description="generations per prompt and setting")
     max_new_tokens: int = Field(40, ge=1, description="length of each generation")
-    coherence: bool = Field(False, description="also ask whether each generation is coherent")
     seed: int = Field(0, description="sampling seed")
+
+
+class MeasureConfig(Judged):
+    metric: Literal["p_correct", "logit_diff", "p_top", "judge"] = Field(
+        "p_correct", description="per prompt: the probability of the first label (the correct answer) at the "
+        "last position, the first label's logit minus the second's, the probability of the model's own top "
+        "answer (the first traced target), or the judge's yes-rate over sampled generations (--question)")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+
+    @model_validator(mode="after")
+    def _judge_needs_question(self) -> MeasureConfig:
+        if self.metric == "judge" and not self.question:
+            raise PydanticCustomError("question", "the judge metric needs --question, e.g. 'Does the text give "
+                                      "harmful advice?'")
+        return self
+
+
+class JudgeConfig(Judged):
+    cluster: int = Field(description="cluster to steer")
+    question: str = Field(min_length=1, description="yes/no question the judge answers about each generation")
+    multipliers: list[float] = Field([0.0, 1.0, 2.0], min_length=1, description="comma-separated multipliers")
+    coherence: bool = Field(False, description="also ask whether each generation is coherent")
 
 
 class ModelOption(BaseModel):

@@ -24,19 +24,21 @@ COHERENCE = "Is this text coherent?"
 
 @torch.no_grad()
 def generate(lm: LoadedModel, prompts, samples: int, max_new_tokens: int, seed: int,
-             intervention: AbstractContextManager | None = None) -> list[tuple[int, str]]:
+             intervention: AbstractContextManager | None = None, batch_size: int = 8) -> list[tuple[int, str]]:
     """`samples` sampled continuations of every prompt, as (prompt, text) pairs. Each batch samples
-    from its own seed, so the result does not depend on what ran before."""
+    from its own seed, so the result does not depend on what ran before. The intervention (entered
+    once) holds for every batch."""
     out = []
-    for rows, batch in prompt_batches(lm, prompts, batch_size=8):
-        with lm.seeded(seed), intervention or nullcontext():
-            sequences = lm.model.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True, temperature=1.0,
-                top_k=None, top_p=None, max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                pad_token_id=lm.pad_id)
-        texts = lm.tokenizer.batch_decode(sequences[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
-        prompt_ids = [int(p) for p in rows["prompt"] for _ in range(samples)]
-        out += list(zip(prompt_ids, texts))
+    with intervention or nullcontext():
+        for rows, batch in prompt_batches(lm, prompts, batch_size):
+            with lm.seeded(seed):
+                sequences = lm.model.generate(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True, temperature=1.0,
+                    top_k=None, top_p=None, max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                    pad_token_id=lm.pad_id)
+            texts = lm.tokenizer.batch_decode(sequences[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+            prompt_ids = [int(p) for p in rows["prompt"] for _ in range(samples)]
+            out += list(zip(prompt_ids, texts))
     return out
 
 

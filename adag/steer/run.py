@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -12,9 +12,11 @@ from tqdm.auto import tqdm
 from adag.errors import AdagError
 from adag.models import LoadedModel, load_model
 from adag.stages import writing
-from adag.steer.config import FaithfulnessConfig, SteerConfig
+from adag.steer.config import ControlKind, FaithfulnessConfig, MeasureConfig, SteerConfig
+from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
 from adag.steer.intervene import HalfNeuron, replaced, scaled
+from adag.steer.measure import Measure
 from adag.steer.plots import plot_sweep
 from adag.store import RunDir
 from adag.view import RunView
@@ -37,41 +39,99 @@ def cluster_members(run: RunDir) -> dict[int, list[HalfNeuron]]:
 
 def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = None, lm: LoadedModel | None = None,
               progress: bool = True) -> RunDir:
-    """Scale each chosen cluster by each multiplier; with `controls`, compare its ablation with random
-    same-size sets. `model` names another copy of the run's model, `lm` passes one already loaded."""
+    """Scale each chosen cluster by each multiplier and measure the answer; with `controls`, steer
+    random same-size sets the same way and rank the cluster's change of the measure among theirs.
+    The measure is the measure stage's where the run has one, else p_top. `model` names another copy
+    of the run's model, `lm` passes one already loaded."""
     with writing(run_dir, STAGE, config) as (view, out):
         members = view.cluster_members
-        clusters = config.clusters if config.clusters is not None else sorted(members)
-        view.check_clusters(clusters)
+        clusters = chosen_clusters(view, config)
+        measure_config = _measure_config(view)
+        if measure_config.metric == "judge" and config.positions == "traced":
+            raise AdagError("a judge measure steers generations, which have no traced positions; use --positions all")
         lm = lm or run_model(view.run, model)
+        measure = Measure(lm, view.prompts, measure_config)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         references = [last_logits(lm, batch) for _, batch in batches]
         traced = _traced_positions(view, batches) if config.positions == "traced" else None
+        unsteered = _unsteered(measure, batches, references).set_index("prompt")["value"]
 
         frames = []
         bar = tqdm(total=len(clusters) * len(config.multipliers), desc="steer", unit="setting",
                    disable=not progress)
         for cluster in clusters:
             for multiplier in config.multipliers:
-                for b, ((rows, batch), reference) in enumerate(zip(batches, references)):
-                    where = traced[cluster][b] if traced else None
-                    steered = last_logits(lm, batch, scaled(lm.model, lm.adapter, members[cluster], multiplier, where))
-                    frames.append(effect(lm, rows, reference, steered).assign(cluster=cluster, multiplier=multiplier))
+                frames.append(_sweep_setting(lm, measure, batches, references, unsteered, members[cluster],
+                                             multiplier, traced[cluster] if traced else None).assign(
+                    cluster=cluster, multiplier=multiplier))
                 bar.update()
         bar.close()
         results = pd.concat(frames, ignore_index=True)
         out.write_table("results", results)
         summary = results.groupby(["cluster", "multiplier"], as_index=False)[
-            ["p_top", "p_targets", "logit_change", "kl"]].mean()
+            ["p_top", "p_targets", "logit_change", "kl", "measure"]].mean()
         out.write_table("summary", summary)
-        plot_sweep(summary, out.file("plots"))
-        out.facts["settings"] = len(clusters) * len(config.multipliers)
+        out.facts.update(settings=len(clusters) * len(config.multipliers), measure=measure_config.metric)
+        draws = baseline = None
         if config.controls:
-            controls = ablation_controls(lm, batches, references, members, clusters, config.controls, config.seed,
-                                         progress)
+            baseline = float(unsteered.mean())
+            pool = TracedPool.from_nodes(view.node_keys, config.control_bins, lm.n_neurons) \
+                if "traced" in config.control_kinds else None
+            controls, draws = compare_controls(lm, measure, batches, baseline, summary, members, clusters, config,
+                                               pool, traced, progress)
             out.write_table("controls", controls)
+            out.write_table("control_draws", draws)
             out.facts["controls"] = config.controls
+        plot_sweep(summary, measure_config.metric, out.file("plots"), draws, baseline)
     return view.run
+
+
+def chosen_clusters(view: RunView, config: SteerConfig) -> list[int]:
+    """--clusters as given, the --top clusters most correlated with the measure, or every cluster."""
+    if config.clusters is not None:
+        view.check_clusters(config.clusters)
+        return config.clusters
+    if config.top is None:
+        return sorted(view.cluster_members)
+    table = view.table("correlate", "correlation")  # SteerConfig.needs it with --top
+    statistic = table[view.config("correlate")["method"]]
+    ranked = table.loc[statistic.abs().dropna().sort_values(ascending=False, kind="stable").index, "cluster"]
+    return [int(c) for c in ranked.head(config.top)]
+
+
+def _measure_config(view: RunView) -> MeasureConfig:
+    """The run's measure (refusing a stale one), or p_top where it has none."""
+    if view.run.entry("measure") is None:
+        return MeasureConfig(metric="p_top")
+    return MeasureConfig(**view.config("measure"))
+
+
+def _unsteered(measure: Measure, batches, references) -> pd.DataFrame:
+    if not measure.uses_logits:
+        return measure.values(batches)
+    return pd.DataFrame({"prompt": np.concatenate([rows["prompt"].to_numpy() for rows, _ in batches]),
+                         "value": np.concatenate([measure.of_logits(reference, rows)
+                                                  for (rows, _), reference in zip(batches, references)])})
+
+
+def _sweep_setting(lm: LoadedModel, measure: Measure, batches, references, unsteered: pd.Series,
+                   half_neurons: list[HalfNeuron], multiplier: float,
+                   positions: list[torch.Tensor] | None) -> pd.DataFrame:
+    """One cluster at one multiplier: the effects on every prompt and the measure. Multiplier 1 is the
+    unsteered model, so it reuses the reference logits and the `unsteered` measure."""
+    frames = []
+    for b, ((rows, batch), reference) in enumerate(zip(batches, references)):
+        steered = reference if multiplier == 1 else last_logits(
+            lm, batch, scaled(lm.model, lm.adapter, half_neurons, multiplier, positions[b] if positions else None))
+        frames.append(effect(lm, rows, reference, steered).assign(
+            measure=measure.of_logits(steered, rows) if measure.uses_logits and multiplier != 1 else np.nan))
+    results = pd.concat(frames, ignore_index=True)
+    if multiplier == 1:
+        results["measure"] = results["prompt"].map(unsteered).to_numpy()
+    elif not measure.uses_logits:
+        judged = measure.values(batches, half_neurons, multiplier).set_index("prompt")["value"]
+        results["measure"] = results["prompt"].map(judged).to_numpy()
+    return results
 
 
 def steer_summary(run: RunDir, run_dir: str) -> str:
@@ -99,41 +159,48 @@ def _traced_positions(view: RunView, batches) -> dict[int, list[torch.Tensor]]:
     return out
 
 
-def ablation_controls(lm: LoadedModel, batches, references, members: dict[int, list[HalfNeuron]],
-                      clusters: list[int], n_controls: int, seed: int, progress: bool = True) -> pd.DataFrame:
-    """Ablate each cluster and `n_controls` random half-neuron sets of the same size drawn from the same
-    layers (same polarity); report the drop in mean probability of the original top answer and the
-    cluster's percentile among the controls."""
-    rng = np.random.default_rng(seed)
-    baseline = _mean_p_top(lm, batches, references, None)
-    rows = []
-    for cluster in tqdm(clusters, desc="controls", unit="cluster", disable=not progress):
-        drop = baseline - _mean_p_top(lm, batches, references, members[cluster])
-        control_drops = np.array([baseline - _mean_p_top(lm, batches, references,
-                                                          _random_like(members[cluster], lm.n_neurons, rng))
-                                  for _ in range(n_controls)])
-        rows.append({"cluster": cluster, "size": len(members[cluster]), "drop": drop,
-                     "control_mean": control_drops.mean(), "control_std": control_drops.std(),
-                     "percentile": float((control_drops < drop).mean() * 100), "controls": n_controls})
-    return pd.DataFrame(rows)
-
-
-def _random_like(half_neurons: list[HalfNeuron], n_neurons: int, rng: np.random.Generator) -> list[HalfNeuron]:
-    out = []
-    for layer in sorted({h[0] for h in half_neurons}):
-        same_layer = [h for h in half_neurons if h[0] == layer]
-        neurons = rng.choice(n_neurons, size=len(same_layer), replace=False)
-        out += [(layer, int(n), h[2]) for n, h in zip(neurons, same_layer)]
-    return out
-
-
-def _mean_p_top(lm, batches, references, half_neurons: list[HalfNeuron] | None) -> float:
-    values = []
-    for (rows, batch), reference in zip(batches, references):
-        steered = reference if half_neurons is None else last_logits(
-            lm, batch, scaled(lm.model, lm.adapter, half_neurons, 0.0))
-        values.append(effect(lm, rows, reference, steered)["p_top"].to_numpy())
-    return float(np.concatenate(values).mean())
+def compare_controls(lm: LoadedModel, measure: Measure, batches, baseline: float, summary: pd.DataFrame,
+                     members: dict[int, list[HalfNeuron]], clusters: list[int], config: SteerConfig,
+                     pool: TracedPool | None, traced: dict[int, list[torch.Tensor]] | None,
+                     progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Steer `config.controls` random sets of each kind like each cluster (same size and layers, same
+    multipliers, the cluster's positions) and rank the cluster's change of the mean measure among
+    theirs. Returns one row per cluster, kind and multiplier (change, the controls' mean and spread,
+    percentile, and the share of traced-control draws that left their layer and bin), and every
+    draw's change. Multiplier 1 steers nothing and is left out."""
+    multipliers = [m for m in config.multipliers if m != 1]
+    cluster_mean = summary.set_index(["cluster", "multiplier"])["measure"]
+    rows, draws = [], []
+    bar = tqdm(total=len(clusters) * len(config.control_kinds) * config.controls, desc="controls", unit="set",
+               disable=not progress)
+    for cluster in clusters:
+        size = len(members[cluster])
+        for kind in config.control_kinds:
+            rng = np.random.default_rng([config.seed, cluster, get_args(ControlKind).index(kind)])
+            changes: dict[float, list[float]] = {m: [] for m in multipliers}
+            unmatched = 0
+            for draw in range(config.controls):
+                if kind == "traced":
+                    control, missed = pool.draw(members[cluster], rng)
+                    unmatched += missed
+                else:
+                    control = layer_control(members[cluster], lm.n_neurons, rng)
+                for multiplier in multipliers:
+                    value = measure.values(batches, control, multiplier, traced[cluster] if traced else None)
+                    changes[multiplier].append(float(value["value"].mean()) - baseline)
+                    draws.append({"cluster": cluster, "kind": kind, "multiplier": multiplier, "draw": draw,
+                                  "change": changes[multiplier][-1]})
+                bar.update()
+            for multiplier in multipliers:
+                control_changes = np.array(changes[multiplier])
+                change = float(cluster_mean[(cluster, multiplier)]) - baseline
+                rows.append({"cluster": cluster, "kind": kind, "multiplier": multiplier, "size": size,
+                             "baseline": baseline, "change": change, "control_mean": control_changes.mean(),
+                             "control_std": control_changes.std(),
+                             "percentile": percentile(change, control_changes), "controls": config.controls,
+                             "unmatched": unmatched / (size * config.controls)})
+    bar.close()
+    return pd.DataFrame(rows), pd.DataFrame(draws)
 
 
 def faithfulness_run(run_dir: str | RunDir, fractions: list[float], ablation: Literal["zero", "mean"] = "zero",

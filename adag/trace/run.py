@@ -209,9 +209,9 @@ def _listed(numbers: list[int], shown: int = 10) -> str:
 
 def trace_command(run_dir: str | None, config: TraceConfig, model: str | None = None, dataset: str | None = None,
                   limit: int | None = None, dtype: str = "float32", device: str = "cpu", shard: str | None = None,
-                  finish: str | None = None) -> RunDir:
-    """`adag trace`: load the dataset and the model, then trace (under torchrun: this rank's share);
-    or with `finish`, commit a run traced in shards."""
+                  finish: str | None = None, lm: LoadedModel | None = None) -> RunDir:
+    """`adag trace`: load the dataset and the model (unless `lm`, already loaded), then trace (under
+    torchrun: this rank's share); or with `finish`, commit a run traced in shards."""
     from adag.datasets import load_dataset
     from adag.models import load_model
     from adag.stages import command_line
@@ -231,7 +231,7 @@ def trace_command(run_dir: str | None, config: TraceConfig, model: str | None = 
     command = command_line(STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
                            dtype=dtype, device=device)
     with torchrun_group(device) as rank_device:
-        lm = load_model(model, dtype=dtype, device=rank_device)
+        lm = lm or load_model(model, dtype=dtype, device=rank_device)
         return trace_dataset(lm, rows, config, run_dir, command=command, shard=this_shard)
 
 
