@@ -162,13 +162,13 @@ def _maybe(value: float | None) -> str:
 @friendly
 def describe(
     run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
-    explainer: Annotated[str, typer.Option(help="KIND:MODEL[@URL]: openai:..., anthropic:..., local:...")]
-    = "local:smollm2-135m",
+    explainer: Annotated[str, typer.Option(help="stats (offline, no LLM) or KIND:MODEL[@URL]: openai:..., "
+                                           "anthropic:..., local:...")] = "stats",
     simulator: Annotated[str, typer.Option(help="backend that scores descriptions (embed:minilm is an offline "
                                            "sentence-embedding simulator)")] = "embed:minilm",
     samples: Annotated[int, typer.Option(help="candidate descriptions per explanation")] = 5,
     highlight: Annotated[str, typer.Option(help="quantile (quantile walk) or topk")] = "quantile",
-    highlight_k: Annotated[int, typer.Option(help="distinct highlighted strings (quantile) or tokens (topk)")] = 1,
+    highlight_k: Annotated[int, typer.Option(help="distinct highlighted strings (quantile) or tokens (topk)")] = 3,
     concurrency: Annotated[int, typer.Option(help="clusters described at once")] = 4,
     clusters: Annotated[str | None, typer.Option(help="comma-separated cluster ids (default: all)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="count calls and tokens; send nothing")] = False,
@@ -182,7 +182,11 @@ def describe(
         chosen = [int(c) for c in clusters.split(",")] if clusters else None
         config = DescribeConfig(explainer=explainer, simulator=simulator, samples=samples, highlight=highlight,
                                 highlight_k=highlight_k, concurrency=concurrency, clusters=chosen)
-    except (ValueError, ValidationError):
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-")
+        raise AdagError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
+    except ValueError:
         raise AdagError("bad describe options; see `adag describe --help`") from None
     result = describe_run(run_dir, config, dry_run=dry_run)
     if dry_run:

@@ -1,4 +1,4 @@
-"""Descriptions: an explainer LLM describes each cluster, a simulator LLM scores the descriptions."""
+"""Descriptions: an explainer describes each cluster, a simulator scores the descriptions."""
 
 from adag.describe.llm import CachedBackend, Completion, make_backend
 from adag.describe.run import DescribeConfig, describe_run
