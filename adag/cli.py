@@ -1,42 +1,187 @@
-"""The `adag` command: one subcommand per pipeline stage, plus a few to look around."""
+"""The `adag` command: one subcommand per pipeline stage, built from the stage registry (adag.stages),
+plus a few commands to look around. Every error is one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
-import functools
-import json
+import inspect
+import logging
 import sys
+import typing
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from typer.core import TyperGroup
 
 from adag.errors import AdagError
+from adag.stages import STAGES, Stage, cli_fields, option_name
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
+
+def stage_command(stage: Stage) -> Callable[..., None]:
+    """A typer command whose options are the fields of the stage's settings models: one source for
+    names, defaults, help and validation (pydantic validates what the user typed)."""
+    fields = {**cli_fields(stage.config), **cli_fields(stage.options)}
+    parameters = [] if stage.run_dir_option else [inspect.Parameter(
+        "run_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=Annotated[str, typer.Argument(metavar="RUN", help="the run directory", show_default=False)])]
+    parameters += [_parameter(name, field) for name, field in fields.items()]
+
+    def command(run_dir: str | None = None, **given: Any) -> None:
+        config = settings(stage.config, given)
+        options = settings(stage.options, given).model_dump() if stage.options else {}
+        if stage.run_dir_option:
+            run_dir = options.pop(stage.run_dir_option)
+        result = stage.function("run")(run_dir, config, **options)
+        summary = stage.function("summary")(result, run_dir)
+        text, code = summary if isinstance(summary, tuple) else (summary, 0)
+        typer.echo(text)
+        if code:
+            raise typer.Exit(code)
+
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__doc__ = stage.help
+    return command
+
+
+def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
+    """An option typed as text (None when not given), so that pydantic alone parses and validates."""
+    help_text = field.description or ""
+    choices = _choices(field.annotation)
+    if choices:
+        help_text += f" (one of: {', '.join(choices)})"
+    if not field.is_required():
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text += f"  [default: {shown}]" if default is not None else ""
+    if field.annotation is bool:
+        option = typer.Option(f"{option_name(name)}/--no-{name.replace('_', '-')}", help=help_text,
+                              show_default=False)
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation=Annotated[bool | None, option])
+    option = typer.Option(option_name(name), help=help_text, show_default=False,
+                          metavar=_metavar(field.annotation, choices))
+    if field.is_required():
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[str, option])
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[str | None, option])
+
+
+def _choices(annotation: Any) -> list[str]:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return [c for arg in typing.get_args(annotation) for c in _choices(arg)]
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list or any(_is_list(a) for a in typing.get_args(annotation))
+
+
+def _metavar(annotation: Any, choices: list[str]) -> str:
+    if _is_list(annotation):
+        return "A,B,..."
+    if choices and all(typing.get_origin(a) is typing.Literal for a in typing.get_args(annotation) or [annotation]):
+        return "[" + "|".join(choices) + "]"
+    kinds = {int: "INTEGER", float: "NUMBER"}
+    for arg in (annotation, *typing.get_args(annotation)):
+        if arg in kinds:
+            return kinds[arg] + ("|" + "|".join(choices) if choices else "")
+    return "TEXT"
+
+
+def settings(model: type[BaseModel], given: dict[str, Any]) -> BaseModel:
+    """Validate the options the user gave (the rest keep the model's defaults). Lists are typed
+    comma-separated. A problem is an AdagError naming the option."""
+    values = {}
+    for name, field in cli_fields(model).items():
+        value = given.get(name)
+        if value is None:
+            continue
+        if _is_list(field.annotation) and isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        values[name] = value
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise AdagError(validation_line(error, given)) from None
+
+
+def validation_line(error: ValidationError, given: dict[str, Any] | None = None) -> str:
+    """A pydantic error as one line: the option, what was given, what is expected."""
+    problems: dict[str, list[str]] = {}
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        problems.setdefault(field, []).append(item["msg"][0].lower() + item["msg"][1:])
+    field, messages = next(iter(problems.items()))
+    shown = f" (got '{given[field]}')" if given and given.get(field) is not None else ""
+    return f"{option_name(field)}{shown}: {' or '.join(dict.fromkeys(messages))}"
+
+
+class AdagGroup(TyperGroup):
+    """The command group: every error becomes one line on stderr and exit status 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        notes = StderrNotes()
+        logging.getLogger("adag").addHandler(notes)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            typer.echo(error.ctx.get_help())
+            result = 0
+        except click_errors.ClickException as error:
+            _fail(" ".join(error.format_message().split()))
+        except (typer.Abort, KeyboardInterrupt):
+            _fail("interrupted; rerun the same command to resume where it stopped", code=130)
+        except AdagError as error:
+            _fail(str(error))
+        except ValidationError as error:
+            _fail(validation_line(error))
+        finally:
+            logging.getLogger("adag").removeHandler(notes)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+
+class StderrNotes(logging.Handler):
+    """Warnings from the library (e.g. damaged parts being redone), one line each on stderr."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def _fail(message: str, code: int = 2) -> typing.NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
 
 app = typer.Typer(
+    cls=AdagGroup,
     help="Trace and describe circuits of MLP neurons in transformer language models (ADAG).\n\n"
-    "Pipeline: adag trace -> adag cluster -> adag info. Start with `adag models` and `adag datasets`.",
+    f"Pipeline, in order: {' -> '.join(STAGES)}. Start with `adag models` and `adag datasets`; "
+    "`adag info RUN` shows what a run holds.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 
-def friendly(command: Callable) -> Callable:
-    """Print an AdagError as one line on stderr and exit 2, instead of a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except AdagError as error:
-            typer.echo(f"error: {error}", err=True)
-            sys.exit(2)
-
-    return wrapper
+for _stage in STAGES.values():  # the pipeline first, in order
+    app.command(_stage.name, help=_stage.help)(stage_command(_stage))
 
 
 @app.command()
-@friendly
 def models() -> None:
     """List the built-in models and the supported model families."""
     from adag.models import ADAPTERS, BUILTIN_MODELS
@@ -49,294 +194,56 @@ def models() -> None:
 
 
 @app.command()
-@friendly
 def datasets() -> None:
     """List the built-in datasets with their sizes."""
     from adag.datasets import BUILTIN_DATASETS
 
     typer.echo("Built-in datasets:")
     for name, (make, description) in BUILTIN_DATASETS.items():
-        typer.echo(f"  {name:18s} {len(make()):4d} prompts  {description}")
+        typer.echo(f"  {name:20s} {len(make()):4d} prompts  {description}")
     typer.echo("\nOr a .jsonl/.csv file with fields prompt, seed_response, labels (list) and metadata.")
 
 
 @app.command()
-@friendly
-def info(run_dir: Annotated[str, typer.Argument(help="a run directory")]) -> None:
-    """Summarise a run directory: model, dataset, stages with their status and timings."""
-    from adag.store import RunDir
+def info(
+    run_dir: Annotated[str, typer.Argument(help="a run directory")],
+    verify: Annotated[bool, typer.Option("--verify", help="also check every file's SHA-256 (reads them all)")]
+    = False,
+) -> None:
+    """Summarise a run: model, dataset, stages with status, timings and facts; check the files.
+    Exit status 1 when a file is missing or damaged."""
+    import json
 
-    manifest = RunDir.open(run_dir).manifest
+    from adag.store import ENTRY_KEYS, RunDir
+
+    run = RunDir.open(run_dir)
+    manifest = run.manifest
     model, dataset = manifest["model"], manifest["dataset"]
     typer.echo(f"run      {run_dir}  (adag {manifest['adag_version']}, created {manifest['created']})")
-    typer.echo(f"model    {model['spec']}  family={model['family']} layers={model['layers']} "
-               f"neurons/layer={model['neurons']} weights={model['weights']}")
-    typer.echo(f"dataset  {dataset['name']}  rows={dataset['rows']} sha256={dataset['sha256']}")
+    typer.echo(f"model    {model.get('spec')}  family={model.get('family')} layers={model.get('layers')} "
+               f"neurons/layer={model.get('neurons')} weights={model.get('weights')}")
+    typer.echo(f"dataset  {dataset.get('name')}  rows={dataset.get('rows')} sha256={dataset.get('sha256')}")
     for stage, entry in manifest["stages"].items():
-        facts = {k: v for k, v in entry.items() if k not in ("status", "started", "seconds")}
+        facts = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
         seconds = entry.get("seconds")
-        timing = f"{seconds:.1f}s" if seconds is not None else "-"
-        typer.echo(f"stage    {stage:8s} {entry['status']:8s} {timing:>8s}  {json.dumps(facts)}")
+        timing = f"{seconds:.1f}s" if isinstance(seconds, int | float) else "-"
+        typer.echo(f"stage    {stage:12s} {run.stage_state(stage):6s} {timing:>8s}  {json.dumps(facts)}")
+    for stage in STAGES:
+        attempt = run.staged_attempt(stage)
+        if attempt:
+            typer.echo(f"staged   {stage:12s} an unfinished attempt with finished parts; rerun it to resume")
+    problems = run.verify(hashes=verify)
+    for problem in problems:
+        typer.echo(f"damaged  {problem}")
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()
-@friendly
-def trace(
-    model: Annotated[str, typer.Option(help="built-in name, local model directory or hub id")],
-    dataset: Annotated[str, typer.Option(help="built-in dataset name or a .jsonl/.csv file")],
-    out: Annotated[str, typer.Option(help="run directory to create (or resume)")],
-    limit: Annotated[int | None, typer.Option(help="trace only the first N prompts")] = None,
-    metric: Annotated[str, typer.Option(help="topk, labels or logit_diff")] = "topk",
-    k: Annotated[int, typer.Option(help="top-k next tokens in the metric")] = 5,
-    threshold: Annotated[float, typer.Option(help="keep nodes with |RelP| >= threshold * |m|")] = 0.005,
-    selection: Annotated[str, typer.Option(help="threshold or topk")] = "threshold",
-    top_nodes: Annotated[int, typer.Option(help="nodes kept with --selection topk")] = 200,
-    aggregation: Annotated[str, typer.Option(help="none, any or mean over the dataset")] = "any",
-    rules: Annotated[str, typer.Option(help="half, no_half or plain")] = "half",
-    profiles: Annotated[str, typer.Option(help="total or direct effects in profiles")] = "total",
-    batch_size: Annotated[int, typer.Option(help="prompts per batch")] = 4,
-    chunk_size: Annotated[int, typer.Option(help="nodes per batched VJP (bounds memory)")] = 64,
-    edge_threshold: Annotated[float, typer.Option(help="drop edges with |w| below this")] = 0.01,
-    no_edges: Annotated[bool, typer.Option("--no-edges", help="skip the edge pass")] = False,
-    keep_first_position: Annotated[bool, typer.Option(help="allow nodes at position 0")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (spread over GPUs)")] = "cpu",
-) -> None:
-    """Trace attribution graphs, profiles and edges for every prompt of a dataset."""
-    from pydantic import ValidationError
-
-    from adag.datasets import load_dataset
-    from adag.models import load_model
-    from adag.trace import TraceConfig, trace_dataset
-
-    try:
-        config = TraceConfig(metric=metric, k=k, threshold=threshold, selection=selection, top_nodes=top_nodes,
-                             aggregation=aggregation, rules=rules, profiles=profiles, batch_size=batch_size,
-                             chunk_size=chunk_size, edge_threshold=edge_threshold, edges=not no_edges,
-                             keep_first_position=keep_first_position)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise AdagError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    rows = load_dataset(dataset, limit=limit)
-    lm = load_model(model, dtype=dtype, device=device)
-    run = trace_dataset(lm, rows, config, out)
-    facts = run.manifest["stages"]["trace"]
-    typer.echo(f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['edges']} edges "
-               f"in {facts['seconds']:.1f}s -> {out}")
-
-
-@app.command()
-@friendly
-def cluster(
-    run_dir: Annotated[str, typer.Argument(help="a traced run directory")],
-    k: Annotated[str, typer.Option(help="number of clusters, or 'auto' for the eigengap's suggestion")] = "20",
-    method: Annotated[str, typer.Option(help="spectral, agglomerative, kmeans or leiden")] = "spectral",
-    combine: Annotated[str, typer.Option(help="harmonic or mean of the input and output views, "
-                                         "or one view alone: input, output")] = "harmonic",
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-) -> None:
-    """Cluster traced half-neurons by their attribution profiles and build the cluster graph."""
-    from pydantic import ValidationError
-
-    from adag.cluster import ClusterConfig, cluster_run
-
-    try:
-        config = ClusterConfig(k=k if k == "auto" else int(k), method=method, combine=combine, seed=seed)
-    except (ValueError, ValidationError):
-        raise AdagError(f"bad clustering options (--k {k} --method {method} --combine {combine}); "
-                        "--k takes a number or 'auto'") from None
-    run = cluster_run(run_dir, config)
-    facts = run.manifest["stages"]["cluster"]
-    diagnostics = run.read_json("cluster", "diagnostics")
-    typer.echo(f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
-               f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
-               f"silhouette {_maybe(diagnostics['silhouette'])}, "
-               f"intra/inter similarity {_maybe(diagnostics['intra_inter_ratio'])}")
-
-
-def _maybe(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-@app.command()
-@friendly
-def describe(
-    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
-    explainer: Annotated[str, typer.Option(help="stats (offline, no LLM) or KIND:MODEL[@URL]: openai:..., "
-                                           "anthropic:..., local:...")] = "stats",
-    simulator: Annotated[str, typer.Option(help="backend that scores descriptions (embed:minilm is an offline "
-                                           "sentence-embedding simulator)")] = "embed:minilm",
-    samples: Annotated[int, typer.Option(help="candidate descriptions per explanation")] = 5,
-    highlight: Annotated[str, typer.Option(help="quantile (quantile walk) or topk")] = "quantile",
-    highlight_k: Annotated[int, typer.Option(help="distinct highlighted strings (quantile) or tokens (topk)")] = 3,
-    concurrency: Annotated[int, typer.Option(help="clusters described at once")] = 4,
-    clusters: Annotated[str | None, typer.Option(help="comma-separated cluster ids (default: all)")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="count calls and tokens; send nothing")] = False,
-) -> None:
-    """Describe each cluster (what makes it fire, what it makes the model say), score and label it."""
-    from pydantic import ValidationError
-
-    from adag.describe import DescribeConfig, describe_run
-
-    try:
-        chosen = [int(c) for c in clusters.split(",")] if clusters else None
-        config = DescribeConfig(explainer=explainer, simulator=simulator, samples=samples, highlight=highlight,
-                                highlight_k=highlight_k, concurrency=concurrency, clusters=chosen)
-    except ValidationError as error:
-        first = error.errors()[0]
-        option = "--" + str(first["loc"][0]).replace("_", "-")
-        raise AdagError(f"{option}: {first['msg'].removeprefix('Value error, ')}") from None
-    except ValueError:
-        raise AdagError("bad describe options; see `adag describe --help`") from None
-    result = describe_run(run_dir, config, dry_run=dry_run)
-    if dry_run:
-        typer.echo(f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
-                   f"{result['estimated_tokens']} tokens (explainer {explainer}, simulator {simulator}); "
-                   "cached calls cost nothing")
-        return
-    table = _describe_summary(run_dir)
-    typer.echo(table)
-    typer.echo(f"described {result['clusters']} clusters ({result['failed']} failed) -> {run_dir}/describe")
-
-
-def _describe_summary(run_dir: str) -> str:
-    from adag.store import RunDir
-
-    table = RunDir.open(run_dir).read_table("describe", "descriptions")
-    lines = []
-    for row in table.sort_values("cluster").itertuples():
-        if row.status != "ok":
-            lines.append(f"  cluster {row.cluster:3d}  FAILED: {row.failure}")
-            continue
-        lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={_maybe(row.input_score)} "
-                     f"output r={_maybe(row.output_score)}  | {row.input_description}")
-    return "\n".join(lines)
-
-
-def _numbers(text: str, cast=float) -> list:
-    try:
-        return [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise AdagError(f"expected a comma-separated list of numbers, got '{text}'") from None
-
-
-@app.command()
-@friendly
-def steer(
-    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
-    clusters: Annotated[str | None, typer.Option(help="comma-separated clusters (default: sweep all)")] = None,
-    multipliers: Annotated[str, typer.Option(help="comma-separated multipliers (0 ablates)")] = "0,1,2",
-    positions: Annotated[str, typer.Option(help="all, or traced (only where members were traced)")] = "all",
-    controls: Annotated[int, typer.Option(help="random same-size same-layer sets per cluster")] = 0,
-    model: Annotated[str | None, typer.Option(help="model spec if not the run's own")] = None,
-) -> None:
-    """Scale clusters' half-neurons and measure the answer: probabilities, logit changes, KL, top tokens."""
-    from adag.steer import SteerConfig, steer_run
-    from adag.steer.run import run_model
-    from adag.store import RunDir
-
-    config = SteerConfig(clusters=_numbers(clusters, int) if clusters else None,
-                         multipliers=_numbers(multipliers), positions=positions, controls=controls)
-    run = steer_run(run_dir, config, lm=run_model(RunDir.open(run_dir), model))
-    summary = run.read_table("steer", "summary")
-    typer.echo(summary.round(4).to_string(index=False))
-    if controls:
-        typer.echo(run.read_table("steer", "controls").round(4).to_string(index=False))
-    typer.echo(f"plots in {run.path / 'steer' / 'plots'}")
-
-
-@app.command()
-@friendly
-def correlate(
-    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
-    metric: Annotated[str, typer.Option(help="a numeric metadata field of the dataset rows")],
-) -> None:
-    """Correlate each cluster's per-prompt attribution with a per-prompt metric (Pearson, Spearman)."""
-    import pandas as pd
-
-    from adag.steer import correlate as correlate_clusters
-    from adag.store import RunDir
-
-    run = RunDir.open(run_dir)
-    run.require_stage("cluster", "adag cluster")
-    prompts = run.read_table("trace", "prompts")
-    values = prompts["metadata"].map(lambda m: json.loads(m).get(metric))
-    if values.isna().all():
-        raise AdagError(f"no prompt has metadata field '{metric}'")
-    numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.isna().any():
-        raise AdagError(f"metadata field '{metric}' is missing or not a number on some prompts")
-    table = correlate_clusters(run.read_table("cluster", "prompt_clusters"),
-                               pd.Series(numbers.to_numpy(), index=prompts["prompt"]))
-    run.write_table("steer", f"correlation_{metric}", table)
-    typer.echo(table.round(4).to_string(index=False))
-
-
-@app.command()
-@friendly
-def faithfulness(
-    run_dir: Annotated[str, typer.Argument(help="a traced run directory")],
-    fractions: Annotated[str, typer.Option(help="fractions of traced nodes kept")] = "0.01,0.05,0.1,0.2,0.5,1",
-    ablation: Annotated[str, typer.Option(help="zero or mean")] = "zero",
-) -> None:
-    """Faithfulness and completeness of node circuits (top nodes kept, the rest ablated)."""
-    from adag.steer import faithfulness_run
-
-    if ablation not in ("zero", "mean"):
-        raise AdagError("--ablation takes zero or mean")
-    typer.echo(faithfulness_run(run_dir, _numbers(fractions), ablation).round(4).to_string(index=False))
-
-
-@app.command()
-@friendly
-def judge(
-    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
-    cluster: Annotated[int, typer.Option(help="cluster to steer")],
-    question: Annotated[str, typer.Option(help="yes/no question the judge answers about each generation")],
-    judge_backend: Annotated[str, typer.Option("--judge", help="KIND:MODEL[@URL] of the judge")]
-    = "local:smollm2-135m",
-    multipliers: Annotated[str, typer.Option(help="comma-separated multipliers")] = "0,1,2",
-    samples: Annotated[int, typer.Option(help="generations per prompt and setting")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="length of each generation")] = 40,
-    coherence: Annotated[bool, typer.Option(help="also ask whether each generation is coherent")] = False,
-) -> None:
-    """Generate under steering and have a judge LLM answer a yes/no question; rate = yes / (yes + no)."""
-    import pandas as pd
-
-    from adag.describe.llm import CachedBackend, make_backend
-    from adag.models.loading import cache_dir
-    from adag.steer import scaled
-    from adag.steer.judge import generate, judge_rate
-    from adag.steer.run import cluster_members, run_model
-    from adag.store import RunDir
-
-    run = RunDir.open(run_dir)
-    run.require_stage("cluster", "adag cluster")
-    lm = run_model(run)
-    members = cluster_members(run)
-    if cluster not in members:
-        raise AdagError(f"no cluster {cluster} in {run_dir}")
-    judge_llm = CachedBackend(make_backend(judge_backend), cache_dir() / "llm-cache.sqlite")
-    prompts = run.read_table("trace", "prompts")
-    questions = [question] + (["Is this text coherent?"] if coherence else [])
-    rows = []
-    for multiplier in _numbers(multipliers):
-        texts = [t for _, t in generate(lm, prompts, samples, max_new_tokens, 0,
-                                        scaled(lm.model, lm.adapter, members[cluster], multiplier))]
-        for asked in questions:
-            rows.append({"cluster": cluster, "multiplier": multiplier, "question": asked,
-                         **judge_rate(judge_llm, asked, texts)})
-    table = pd.DataFrame(rows)
-    run.write_table("steer", f"judged_cluster{cluster}", table)
-    typer.echo(table.round(3).to_string(index=False))
-
-
-@app.command()
-@friendly
 def serve(
     run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
     host: Annotated[str, typer.Option(help="address to bind (127.0.0.1 keeps it on this machine)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 picks a free one)")] = 8000,
 ) -> None:
     """Browse a run: cluster graph, cluster panels, per-prompt neuron graphs."""
     from adag.report import make_server
@@ -350,28 +257,3 @@ def serve(
         server.serve_forever()
     except KeyboardInterrupt:
         server.server_close()
-
-
-@app.command()
-@friendly
-def report(
-    run_dir: Annotated[str, typer.Argument(help="a clustered run directory")],
-    out: Annotated[str | None, typer.Option(help="output file (default RUN_DIR/report.html)")] = None,
-) -> None:
-    """Write the viewer with all its data as one self-contained HTML file."""
-    from adag.report import write_report
-
-    typer.echo(f"report written to {write_report(run_dir, out)}")
-
-
-@app.command()
-@friendly
-def export(
-    run_dir: Annotated[str, typer.Argument(help="a traced run directory")],
-    prompt: Annotated[int, typer.Option(help="prompt id")],
-    out: Annotated[str, typer.Option(help="output .json file")],
-) -> None:
-    """Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON (cluster labels as supernodes)."""
-    from adag.report import write_neuronpedia
-
-    typer.echo(f"graph written to {write_neuronpedia(run_dir, prompt, out)}")

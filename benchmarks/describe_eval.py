@@ -21,8 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adag.describe.config import DescribeConfig, DescribeOptions  # noqa: E402
 from adag.describe.evaluate import RULES, CaseResult, evaluate_rule  # noqa: E402
-from adag.describe.run import DescribeConfig, make_llms  # noqa: E402
+from adag.describe.run import make_llms  # noqa: E402
 from adag.models import load_model  # noqa: E402
 
 HIGHLIGHTS = [("quantile", 1), ("quantile", 2), ("quantile", 3), ("topk", 1), ("topk", 3)]
@@ -46,7 +47,7 @@ def table(title: str, results: list[CaseResult]) -> str:
 
 
 def run(config: DescribeConfig, tokenizer, cache: Path, rules) -> list[CaseResult]:
-    explainer, simulator = make_llms(config, cache)
+    explainer, simulator = make_llms(config, DescribeOptions(), cache)
     return [evaluate_rule(rule, tokenizer, explainer, simulator, config) for rule in rules]
 
 

@@ -1,34 +1,165 @@
+import hashlib
 import json
+import logging
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from adag.errors import AdagError
-from adag.store import FORMAT_VERSION, RunDir
+from adag.store import FORMAT_VERSION, DamagedFile, RunDir
 
 MODEL = {"spec": "m", "weights": "w"}
 DATASET = {"name": "d", "sha256": "s", "rows": 1}
 
 
-def test_create_write_read_roundtrip(tmp_path):
+def snapshot(path):
+    """Every file under `path` with its SHA-256 (the lock file aside: it only exists while held)."""
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file() and f.name != ".lock"}
+
+
+def _commit(run, stage, config, tables, inputs=None):
+    with run.stage(stage, config, inputs=inputs) as out:
+        for name, table in tables.items():
+            out.write_table(name, table)
+        out.facts["rows"] = sum(len(t) for t in tables.values())
+
+
+def test_commit_records_files_and_reads_back(tmp_path):
     run = RunDir.create(tmp_path / "run", MODEL, DATASET)
-    assert run.begin_stage("trace", {"k": 5}) is False  # a first attempt has nothing to keep
-    run.write_part("trace", "nodes", 0, pd.DataFrame({"a": [1, 2]}))
-    run.write_part("trace", "nodes", 1, pd.DataFrame({"a": [3]}))
-    run.finish_stage("trace", nodes=3)
+    with run.stage("trace", {"k": 5}, resumable=True) as out:
+        out.write_part("nodes", 0, pd.DataFrame({"a": [1, 2]}))
+        out.write_part("nodes", 1, pd.DataFrame({"a": [3]}))
+        out.facts["nodes"] = 3
     reopened = RunDir.open(tmp_path / "run")
     assert reopened.read_table("trace", "nodes")["a"].tolist() == [1, 2, 3]
-    assert reopened.stage_done("trace")
+    entry = reopened.entry("trace")
+    assert reopened.stage_done("trace") and entry["nodes"] == 3 and entry["config"] == {"k": 5}
+    record = entry["files"]["nodes/part-000000.parquet"]
+    part = tmp_path / "run" / "trace" / "nodes" / "part-000000.parquet"
+    assert record == {"size": part.stat().st_size, "sha256": hashlib.sha256(part.read_bytes()).hexdigest()}
     assert reopened.manifest["format_version"] == FORMAT_VERSION
-    assert not list((tmp_path / "run").rglob("*.tmp")) and not list((tmp_path / "run").rglob("*.pkl"))
+    left = [p.name for p in (tmp_path / "run").rglob("*")]
+    assert not [n for n in left if n.endswith((".tmp", ".pkl")) or n in (".staging", ".lock", ".parts.jsonl")]
 
 
-def test_changed_config_clears_the_stage(tmp_path):
+def test_a_failed_stage_leaves_results_and_manifest_as_they_were(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
-    run.begin_stage("trace", {"k": 5})
-    run.write_part("trace", "nodes", 0, pd.DataFrame({"a": [1]}))
-    assert run.begin_stage("trace", {"k": 5}) is True and run.has_part("trace", "nodes", 0)
-    assert run.begin_stage("trace", {"k": 3}) is False and not run.has_part("trace", "nodes", 0)
+    _commit(run, "trace", {}, {"nodes": pd.DataFrame({"a": [1]})})
+    _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})}, {"trace": run.entry("trace")["id"]})
+    before = snapshot(tmp_path)
+    with pytest.raises(RuntimeError), run.stage("cluster", {"k": 6}) as out:
+        out.write_table("clusters", pd.DataFrame({"c": range(6)}))
+        raise RuntimeError("interrupted")
+    assert snapshot(tmp_path) == before
+    assert RunDir.open(tmp_path).read_table("cluster", "clusters")["c"].tolist() == [0, 1, 2]
+
+
+def test_resumable_stage_keeps_finished_parts_for_the_same_settings_only(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    with pytest.raises(RuntimeError), run.stage("trace", {"k": 5}, resumable=True) as out:
+        out.write_part("nodes", 0, pd.DataFrame({"a": [1]}))
+        raise RuntimeError("interrupted")
+    assert "trace" not in RunDir.open(tmp_path).manifest["stages"]
+    assert run.staged_attempt("trace")["config"] == {"k": 5}
+    with run.stage("trace", {"k": 5}, resumable=True) as out:
+        assert out.has_part("nodes", 0) and not out.has_part("nodes", 1)
+        out.write_part("nodes", 1, pd.DataFrame({"a": [2]}))
+    assert run.read_table("trace", "nodes")["a"].tolist() == [1, 2]
+    with pytest.raises(RuntimeError), run.stage("describe", {"x": 1}, resumable=True) as out:
+        out.write_part("d", 0, pd.DataFrame({"a": [1]}))
+        raise RuntimeError("interrupted")
+    with run.stage("describe", {"x": 2}, resumable=True) as out:
+        assert not out.has_part("d", 0)  # other settings start over
+        out.cancel()
+
+
+def test_a_damaged_part_is_redone_in_place_and_said_once(tmp_path, caplog):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    with run.stage("trace", {"k": 5}, resumable=True) as out:
+        for part in range(3):
+            out.write_part("nodes", part, pd.DataFrame({"a": [part] * 50}))
+    part = tmp_path / "trace" / "nodes" / "part-000001.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(DamagedFile, match=r"part-000001.parquet is damaged .* rewrite it with `adag trace"):
+        run.read_table("trace", "nodes")
+    assert len(run.verify()) == 1
+    with caplog.at_level(logging.WARNING, logger="adag"), run.stage("trace", {"k": 5}, resumable=True) as out:
+        assert out.has_part("nodes", 0) and not out.has_part("nodes", 1) and out.has_part("nodes", 2)
+        out.write_part("nodes", 1, pd.DataFrame({"a": [1] * 50}))
+    assert len([r for r in caplog.records if "damaged" in r.message]) == 1
+    assert run.read_table("trace", "nodes")["a"].tolist() == [0] * 50 + [1] * 50 + [2] * 50
+    assert run.verify(hashes=True) == []
+
+
+def test_same_content_keeps_dependents_current_other_content_makes_them_stale(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
+    _commit(run, "describe", {}, {"d": pd.DataFrame({"c": [0]})}, {"cluster": run.entry("cluster")["id"]})
+    _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
+    assert run.stage_state("describe") == "done"
+    _commit(run, "cluster", {"k": 2}, {"clusters": pd.DataFrame({"c": [0, 1]})})
+    assert run.stage_state("describe") == "stale"
+    assert (tmp_path / "describe" / "d.parquet").exists()  # kept until describe is rerun
+    with pytest.raises(AdagError, match="'describe' results .* are stale"):
+        run.require_stage("describe", "adag describe")
+    with run.stage("describe", {}, inputs={"cluster": run.entry("cluster")["id"]}, resumable=True) as out:
+        assert not out.repairing and not out.has_part("d", 0)  # stale parts are never resumed
+        out.write_part("d", 0, pd.DataFrame({"c": [1]}))
+    assert run.stage_state("describe") == "done" and not (tmp_path / "describe" / "d.parquet").exists()
+
+
+def test_an_interrupted_commit_is_finished_by_the_next_open(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
+    out = run.stage("cluster", {"k": 2}).__enter__()
+    out.write_table("clusters", pd.DataFrame({"c": [0, 1]}))
+    run.manifest["pending"] = {"stage": "cluster", "entry": {**run.entry("cluster"), "config": {"k": 2}}}
+    run._save_manifest()  # the process dies here, between recording the commit and the renames
+    out._lock.close()
+    reopened = RunDir.open(tmp_path)
+    assert "pending" not in reopened.manifest and reopened.stage_config("cluster") == {"k": 2}
+    assert (tmp_path / "cluster" / "clusters.parquet").exists() and not (tmp_path / ".staging").exists()
+
+
+HOLD = """
+import sys, time
+from adag.store import RunDir
+with RunDir.open(sys.argv[1]).lock():
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(AdagError, match=rf"being written by another adag process \(pid {holder.pid}, started "):
+            run.stage("cluster", {}).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock").exists()  # left behind by the killed holder
+    _commit(run, "cluster", {}, {"clusters": pd.DataFrame({"c": [0]})})
+    assert run.stage_done("cluster") and not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "holds a JSON list, not an object"),
+    (json.dumps({"format_version": FORMAT_VERSION}).encode(), "lacks 'adag_version'"),
+    (bytes(range(256)), "is not valid JSON"),
+    (b"{", "is not valid JSON"),
+    (json.dumps({"format_version": 999}).encode(), "run format 999"),
+])
+def test_a_damaged_manifest_is_one_clear_error(tmp_path, content, message):
+    RunDir.create(tmp_path, MODEL, DATASET)
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(AdagError, match=message):
+        RunDir.open(tmp_path)
 
 
 def test_not_a_run_directory(tmp_path):
@@ -37,18 +168,8 @@ def test_not_a_run_directory(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(AdagError, match="is not empty and is not an adag run"):
         RunDir.create(tmp_path, MODEL, DATASET)
-
-
-def test_incompatible_version_and_damaged_manifest(tmp_path):
-    RunDir.create(tmp_path, MODEL, DATASET)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["format_version"] = 999
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(AdagError, match="run format 999"):
-        RunDir.open(tmp_path)
-    (tmp_path / "manifest.json").write_text("{")
-    with pytest.raises(AdagError, match="not valid JSON"):
-        RunDir.open(tmp_path)
+    with pytest.raises(AdagError, match="is a file, not a directory"):
+        RunDir.create(tmp_path / "file", MODEL, DATASET)
 
 
 def test_reopening_with_another_model_is_refused(tmp_path):
@@ -65,13 +186,8 @@ def test_missing_stage_and_table(tmp_path):
         run.read_table("trace", "nodes")
 
 
-def test_rerunning_a_stage_clears_the_stages_built_on_it(tmp_path):
+def test_lock_is_reentrant_within_a_process(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
-    for stage in ("trace", "cluster", "describe"):
-        run.begin_stage(stage, {})
-        run.write_table(stage, "t", pd.DataFrame({"a": [1]}))
-        run.finish_stage(stage)
-    run.begin_stage("cluster", {"k": 3}, resume=False)
-    assert run.stage_done("trace") and (tmp_path / "trace" / "t.parquet").exists()
-    assert "describe" not in run.manifest["stages"] and not (tmp_path / "describe" / "t.parquet").exists()
-    assert not (tmp_path / "cluster" / "t.parquet").exists()
+    with run.lock(), run.lock():
+        assert run.is_locked_here()
+    assert not run.is_locked_here() and not (tmp_path / ".lock").exists()

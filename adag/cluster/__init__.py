@@ -1,9 +1,13 @@
 """Clustering: multi-view similarity of attribution profiles, spectral clustering, cluster graph."""
 
-from adag.cluster.methods import METHODS, ProfileClustering
-from adag.cluster.profiles import HalfNeuronProfiles, half_neuron_profiles
-from adag.cluster.run import ClusterConfig, cluster_run, node_clusters
-from adag.cluster.similarity import combine_views, similarity
+import lazy_loader
 
-__all__ = ["METHODS", "ClusterConfig", "HalfNeuronProfiles", "ProfileClustering", "cluster_run", "combine_views",
-           "half_neuron_profiles", "node_clusters", "similarity"]
+# Lazy: the CLI imports cluster.config at start-up without paying for scikit-learn.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "config": ["ClusterConfig"],
+    "keys": ["half_neuron_keys", "node_clusters", "polarity"],
+    "methods": ["METHODS", "ProfileClustering"],
+    "profiles": ["HalfNeuronProfiles", "half_neuron_profiles"],
+    "run": ["cluster_run"],
+    "similarity": ["combine_views", "similarity"],
+})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
@@ -12,11 +12,11 @@ from sklearn.cluster import AgglomerativeClustering, KMeans, SpectralClustering
 from sklearn.decomposition import TruncatedSVD
 from sklearn.metrics import silhouette_score
 
+from adag.cluster.config import Combine, Method
 from adag.cluster.profiles import HalfNeuronProfiles
-from adag.cluster.similarity import Combine, similarity
+from adag.cluster.similarity import similarity
 
-Method = Literal["spectral", "agglomerative", "kmeans", "leiden"]
-METHODS: tuple[str, ...] = ("spectral", "agglomerative", "kmeans", "leiden")
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 class ProfileClustering:

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from adag.cluster.keys import half_neuron_keys
+
 
 @dataclass
 class HalfNeuronProfiles:
@@ -31,10 +33,7 @@ class HalfNeuronProfiles:
 
 def half_neuron_profiles(nodes: pd.DataFrame, prompts: pd.DataFrame) -> HalfNeuronProfiles:
     """Build the profiles from the trace stage's `nodes` and `prompts` tables."""
-    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
-    key_frame = pd.DataFrame({"layer": nodes["layer"].to_numpy(), "neuron": nodes["neuron"].to_numpy(),
-                              "polarity": polarity})
-    keys, half_neuron = _unique_rows(key_frame)
+    keys, half_neuron = _unique_rows(half_neuron_keys(nodes))
     prompt_index = pd.Index(prompts["prompt"].to_numpy())
     p = prompt_index.get_indexer(nodes["prompt"].to_numpy())
     n_prompts = len(prompt_index)

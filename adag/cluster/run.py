@@ -2,70 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
+from adag.cluster.config import ClusterConfig
 from adag.cluster.graph import cluster_graph
-from adag.cluster.methods import Method, ProfileClustering
+from adag.cluster.methods import ProfileClustering
 from adag.cluster.profiles import half_neuron_profiles
-from adag.cluster.similarity import Combine
 from adag.errors import AdagError
+from adag.stages import number, writing
 from adag.store import RunDir
 
 STAGE = "cluster"
 
 
-class ClusterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> RunDir:
+    """Cluster the traced half-neurons and build the cluster graph."""
+    with writing(run_dir, STAGE, config) as (view, out):
+        nodes, prompts = view.nodes, view.prompts
+        if nodes.empty:
+            raise AdagError(f"{view.path} has no traced nodes to cluster; trace with a lower --threshold")
+        profiles = half_neuron_profiles(nodes, prompts)
+        model = ProfileClustering(config.k, config.method, config.combine, config.seed, config.max_k).fit(profiles)
+        labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
+        node_cluster = labels[profiles.node_half_neuron]
 
-    k: int | Literal["auto"] = 20
-    method: Method = "spectral"
-    combine: Combine = "harmonic"
-    seed: int = 0
-    max_k: int = Field(64, ge=2, description="largest k the eigengap may suggest")
-
-
-def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
-    run = RunDir.open(run_dir)
-    run.require_stage("trace", "adag trace")
-    run.begin_stage(STAGE, config.model_dump(mode="json"), resume=False)
-    nodes = run.read_table("trace", "nodes")
-    prompts = run.read_table("trace", "prompts")
-    if nodes.empty:
-        raise AdagError(f"{run_dir} has no traced nodes to cluster; trace with a lower --threshold")
-    edges = run.read_table("trace", "edges") if run.stage_config("trace").get("edges") else None
-
-    profiles = half_neuron_profiles(nodes, prompts)
-    model = ProfileClustering(config.k, config.method, config.combine, config.seed, config.max_k).fit(profiles)
-    labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
-    node_cluster = labels[profiles.node_half_neuron]
-
-    half_neurons = profiles.keys.assign(
-        half_neuron=np.arange(len(profiles)), cluster=labels,
-        nodes=np.bincount(profiles.node_half_neuron, minlength=len(profiles)),
-        attribution=np.bincount(profiles.node_half_neuron, weights=nodes["attribution"], minlength=len(profiles)),
-    )
-    run.write_table(STAGE, "half_neurons", half_neurons)
-    run.write_table(STAGE, "clusters", _cluster_summary(half_neurons, len(prompts)))
-    for name, table in cluster_graph(nodes, edges, node_cluster, len(prompts)).items():
-        run.write_table(STAGE, name, table)
-    diagnostics = {**model.diagnostics_, "eigenvalues": [round(float(v), 6) for v in model.eigenvalues_]}
-    run.write_json(STAGE, "diagnostics", diagnostics)
-    run.finish_stage(STAGE, clusters=diagnostics["k"], half_neurons=len(profiles),
-                     suggested_k=diagnostics["suggested_k"], silhouette=diagnostics["silhouette"])
-    return run
+        half_neurons = profiles.keys.assign(
+            half_neuron=np.arange(len(profiles)), cluster=labels,
+            nodes=np.bincount(profiles.node_half_neuron, minlength=len(profiles)),
+            attribution=np.bincount(profiles.node_half_neuron, weights=nodes["attribution"], minlength=len(profiles)),
+        )
+        out.write_table("half_neurons", half_neurons)
+        out.write_table("clusters", _cluster_summary(half_neurons, len(prompts)))
+        for name, table in cluster_graph(nodes, view.edges, node_cluster, len(prompts)).items():
+            out.write_table(name, table)
+        diagnostics = {**model.diagnostics_, "eigenvalues": [round(float(v), 6) for v in model.eigenvalues_]}
+        out.write_json("diagnostics", diagnostics)
+        out.facts.update(clusters=diagnostics["k"], half_neurons=len(profiles),
+                         suggested_k=diagnostics["suggested_k"], silhouette=diagnostics["silhouette"])
+    return view.run
 
 
-def node_clusters(nodes: pd.DataFrame, half_neurons: pd.DataFrame) -> np.ndarray:
-    """The cluster of each row of the trace stage's nodes table (-1 for a half-neuron left unclustered)."""
-    keys = ["layer", "neuron", "polarity"]
-    polarity = np.where(nodes["activation"].to_numpy() < 0, -1, 1)
-    merged = nodes[["layer", "neuron"]].assign(polarity=polarity).merge(half_neurons[[*keys, "cluster"]], on=keys,
-                                                                         how="left")
-    return merged["cluster"].fillna(-1).astype(int).to_numpy()
+def cluster_summary(run: RunDir, run_dir: str) -> str:
+    facts = run.manifest["stages"][STAGE]
+    diagnostics = run.read_json(STAGE, "diagnostics")
+    return (f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
+            f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
+            f"silhouette {number(diagnostics['silhouette'])}, "
+            f"intra/inter similarity {number(diagnostics['intra_inter_ratio'])}")
 
 
 def _order_by_attribution(labels: np.ndarray, node_half_neuron: np.ndarray, attribution: np.ndarray) -> np.ndarray:

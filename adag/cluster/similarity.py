@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
+from adag.cluster.config import Combine
 from adag.cluster.profiles import HalfNeuronProfiles
-
-Combine = Literal["harmonic", "mean", "input", "output"]
 
 
 def view_similarity(blocks, present) -> tuple[np.ndarray, np.ndarray]:

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adag.datasets.builtin import BUILTIN_DATASETS
+from adag.datasets.builtin import addition, antonyms, country_capitals, state_capitals
+from adag.datasets.misleading import misleading_capitals
 from adag.errors import AdagError
+
+BUILTIN_DATASETS: dict[str, tuple[Callable[[], list[dict]], str]] = {
+    "country-capitals": (country_capitals, "one-hop: 'What is the capital of {country}?'"),
+    "state-capitals": (state_capitals, "two-hop: 'What is the capital of the state containing {city}?'"),
+    "addition": (addition, "'What is x + y?' for 100 random pairs of two-digit numbers"),
+    "antonyms": (antonyms, "'What is the opposite of \"{word}\"?'"),
+    "misleading-capitals": (misleading_capitals, "study: a false claim in 5 framings, or none, before the capital "
+                            "question; 6 rows a country, labels [correct, misleading]"),
+}
+
+ROW_FIELDS = ("prompt", "seed_response", "labels")
 
 
 class PromptRow(BaseModel):
@@ -32,6 +47,25 @@ class PromptRow(BaseModel):
             raise ValueError("prompt is empty")
         return value
 
+    @field_validator("metadata")
+    @classmethod
+    def _finite_numbers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """NaN and infinities would poison every statistic computed from metadata (correlate, measure)."""
+        for key, item in value.items():
+            if not _all_finite(item):
+                raise ValueError(f"metadata '{key}' holds {item!r}, not a finite number; use null for a missing value")
+        return value
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_all_finite(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(item) for item in value)
+    return True
+
 
 @dataclass
 class Dataset:
@@ -48,7 +82,9 @@ class Dataset:
 
 
 def load_dataset(name_or_path: str, limit: int | None = None) -> Dataset:
-    """A built-in dataset by name, or a .jsonl / .csv file."""
+    """A built-in dataset by name, or a .jsonl / .csv file; `limit` keeps the first rows."""
+    if limit is not None and limit < 1:
+        raise AdagError(f"limit must be at least 1 (got {limit}); leave it out to use every row")
     if name_or_path in BUILTIN_DATASETS:
         make, _ = BUILTIN_DATASETS[name_or_path]
         rows = [PromptRow(**raw) for raw in make()]
@@ -62,7 +98,7 @@ def load_dataset(name_or_path: str, limit: int | None = None) -> Dataset:
         rows = _read_file(path)
     if not rows:
         raise AdagError(f"dataset '{name_or_path}' has no rows")
-    return Dataset(name_or_path, rows[:limit] if limit else rows)
+    return Dataset(name_or_path, rows[:limit])
 
 
 def _read_file(path: Path) -> list[PromptRow]:
@@ -80,15 +116,29 @@ def _read_file(path: Path) -> list[PromptRow]:
             rows.append(PromptRow(**record))
         except ValidationError as error:
             first = error.errors()[0]
+            if first["type"] == "value_error":
+                raise AdagError(f"{path} {where}: {first['ctx']['error']}") from None
             field = ".".join(str(part) for part in first["loc"]) or "row"
             problem = "missing field" if first["type"] == "missing" else first["msg"].lower()
             raise AdagError(f"{path} {where}: {problem} '{field}'") from None
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise AdagError(f"{path} line {line}: not valid UTF-8 (byte {error.start} is {data[error.start]:#04x}); "
+                        "save the file as UTF-8") from None
+
+
 def _jsonl_records(path: Path) -> list[tuple[str, Any]]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split on newlines only: str.splitlines would also break JSON strings holding U+2028 and the like.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -100,20 +150,73 @@ def _jsonl_records(path: Path) -> list[tuple[str, Any]]:
 
 def _csv_records(path: Path) -> list[tuple[str, dict]]:
     """CSV: `prompt`, optional `seed_response` and `labels` (a JSON list or one label); other columns
-    become metadata."""
+    become metadata.
+
+    Quoting is parsed strictly: a field that opens with a quote must close with a quote followed by a
+    comma or the end of its line, and every row must have the header's number of fields. A forgotten
+    closing quote would otherwise swallow the following rows into one field; it is almost never both
+    closed again by a later quote in that position and left with the right field count. Line breaks
+    inside a properly quoted field stay allowed (multi-line prompts).
+    """
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    header = next(reader, [])
+    duplicates = sorted({column for column in header if header.count(column) > 1})
+    if duplicates:
+        raise AdagError(f"{path} line 1: column '{duplicates[0]}' appears more than once in the header; "
+                        "keep one of them")
     records = []
-    with path.open(newline="", encoding="utf-8") as f:
-        for number, row in enumerate(csv.DictReader(f), start=2):
-            record: dict[str, Any] = {"metadata": {}}
-            for key, value in row.items():
-                if key in ("prompt", "seed_response"):
-                    record[key] = value
-                elif key == "labels":
-                    record["labels"] = _csv_labels(value, path, number)
-                else:
-                    record["metadata"][key] = value
-            records.append((f"line {number}", record))
-    return records
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as error:
+            raise AdagError(
+                f"{path} line {start}: malformed quoting ({error}); a field that opens with a quote must close "
+                'with one before the next comma or line end, and a quote inside it is written ""'
+            ) from None
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise AdagError(f"{path} line {start}: {len(fields)} fields but the header has {len(header)}; "
+                            "quote fields that contain commas")
+        records.append((start, dict(zip(header, fields))))
+    for column in header:
+        if column not in ROW_FIELDS:
+            _check_numeric_column(path, column, [(start, row[column]) for start, row in records])
+    return [(f"line {start}", _csv_record(row, path, start)) for start, row in records]
+
+
+def _csv_record(row: dict[str, str], path: Path, line: int) -> dict[str, Any]:
+    record: dict[str, Any] = {"metadata": {}}
+    for key, value in row.items():
+        if key == "labels":
+            record["labels"] = _csv_labels(value, path, line)
+        elif key in ROW_FIELDS:
+            record[key] = value
+        else:
+            record["metadata"][key] = value
+    return record
+
+
+def _check_numeric_column(path: Path, column: str, cells: list[tuple[int, str]]) -> None:
+    """A metadata column whose filled cells all read as numbers, some finite, is numeric: NaN or inf there
+    is refused, as in JSON. A column of words may hold the words "nan" or "infinity"."""
+    numbers = [(line, _as_number(cell)) for line, cell in cells if cell.strip()]
+    if any(number is None for _, number in numbers) or not any(math.isfinite(n) for _, n in numbers):
+        return
+    for line, number in numbers:
+        if not math.isfinite(number):
+            raise AdagError(f"{path} line {line}: column '{column}' is numeric but holds {number}; "
+                            "leave the cell empty for a missing value")
+
+
+def _as_number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
 
 
 def _csv_labels(value: str, path: Path, number: int) -> list[str]:

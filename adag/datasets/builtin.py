@@ -56,11 +56,12 @@ ANTONYMS = {
 }
 
 SEED = "Answer:"
+CAPITAL_QUESTION = "What is the capital of {country}?"
 
 
 def country_capitals() -> list[dict]:
     return [
-        {"prompt": f"What is the capital of {country}?", "seed_response": SEED,
+        {"prompt": CAPITAL_QUESTION.format(country=country), "seed_response": SEED,
          "metadata": {"country": country, "answer": capital}}
         for country, capital in COUNTRY_CAPITALS.items()
     ]
@@ -90,11 +91,3 @@ def antonyms() -> list[dict]:
          "metadata": {"word": word, "answer": opposite}}
         for word, opposite in ANTONYMS.items()
     ]
-
-
-BUILTIN_DATASETS = {
-    "country-capitals": (country_capitals, "one-hop: 'What is the capital of {country}?'"),
-    "state-capitals": (state_capitals, "two-hop: 'What is the capital of the state containing {city}?'"),
-    "addition": (addition, "'What is x + y?' for 100 random pairs of two-digit numbers"),
-    "antonyms": (antonyms, "'What is the opposite of \"{word}\"?'"),
-}

@@ -1,6 +1,10 @@
 """Descriptions: an explainer describes each cluster, a simulator scores the descriptions."""
 
-from adag.describe.llm import CachedBackend, Completion, make_backend
-from adag.describe.run import DescribeConfig, describe_run
+import lazy_loader
 
-__all__ = ["CachedBackend", "Completion", "DescribeConfig", "describe_run", "make_backend"]
+# Lazy: the CLI imports describe.config at start-up without loading the LLM backends.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "config": ["DescribeConfig"],
+    "llm": ["CachedBackend", "Completion", "make_backend"],
+    "run": ["describe_run"],
+})

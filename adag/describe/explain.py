@@ -20,7 +20,8 @@ from typing import Literal, TypeVar
 import numpy as np
 from scipy.stats import pearsonr
 
-from adag.describe.llm import CachedBackend, Simulation, make_backend, parse_spec
+from adag.describe.config import parse_spec
+from adag.describe.llm import CachedBackend, Simulation, make_backend
 from adag.describe.prompts import (
     UnusableReply,
     explain_messages,

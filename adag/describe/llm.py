@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from adag.describe.config import Role, parse_spec
 from adag.describe.prompts import Messages, UnusableReply, parse_scores, simulate_messages
 from adag.errors import AdagError
 
@@ -39,12 +40,6 @@ if TYPE_CHECKING:
     from adag.models import LoadedModel
 
 SCORE_TOKENS = [str(i) for i in range(11)]
-Role = Literal["explainer", "simulator"]
-# Kinds that can play each role. `stats` is the offline explainer (adag.describe.explain), not an LLM.
-ROLES: dict[str, tuple[str, ...]] = {"explainer": ("stats", "local", "openai", "anthropic"),
-                                     "simulator": ("embed", "local", "openai", "anthropic")}
-
-
 class TransientError(Exception):
     """A failure on the server's side that may pass: timeout, refused connection, 408/409/429, 5xx, 529."""
 
@@ -84,35 +79,6 @@ class Prediction:
     values: list[float]
     input_tokens: int = 0
     output_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    kind: str
-    model: str
-    base_url: str | None = None
-
-
-def parse_spec(spec: str, role: Role) -> BackendSpec:
-    """Check `KIND[:MODEL][@URL]` for a role without loading anything; ValueError says what to write instead."""
-    kind, _, rest = spec.partition(":")
-    model, _, base_url = rest.partition("@")
-    if kind == "embed" and role == "explainer":
-        raise ValueError(f"'{spec}' cannot be the explainer: an embedding model scores descriptions but cannot "
-                         "write them; use stats (offline), local:MODEL, openai:MODEL[@URL] or anthropic:MODEL")
-    if kind == "stats" and role == "simulator":
-        raise ValueError("'stats' writes descriptions but cannot score them; use embed:minilm (offline), "
-                         "local:MODEL, openai:MODEL[@URL] or anthropic:MODEL as the simulator")
-    if kind not in ROLES[role]:
-        raise ValueError(f"unknown {role} '{spec}'; use " + ", ".join(
-            {"stats": "stats", "embed": "embed[:minilm]", "local": "local[:MODEL]", "openai": "openai:MODEL[@URL]",
-             "anthropic": "anthropic:MODEL[@URL]"}[k] for k in ROLES[role]))
-    if kind in ("openai", "anthropic") and not model:
-        raise ValueError(f"'{spec}' names no model; use {kind}:MODEL, e.g. openai:gpt-4o-mini")
-    if base_url and kind not in ("openai", "anthropic"):
-        raise ValueError(f"'{spec}': only openai: and anthropic: backends take an @URL")
-    default = {"local": "smollm2-135m", "embed": "minilm"}.get(kind, "")
-    return BackendSpec(kind, model or default, base_url or None)
 
 
 class Backend(ABC):
@@ -275,7 +241,7 @@ class LocalBackend(Backend):
             out = self.lm.model.generate(
                 torch.tensor([prompt], device=self.lm.device), max_new_tokens=max_tokens, do_sample=False,
                 logits_processor=sampler, temperature=None, top_p=None, top_k=None, output_logits=logprobs,
-                return_dict_in_generate=True, pad_token_id=self.lm.tokenizer.pad_token_id)
+                return_dict_in_generate=True, pad_token_id=self.lm.pad_id)
         new = out.sequences[0, len(prompt):]
         text = self.lm.tokenizer.decode(new, skip_special_tokens=True)
         top = None

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from adag.view import RunView
 
 QUANTILES = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
@@ -40,6 +44,13 @@ def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.n
         records.setdefault(int(cluster), []).append(
             Record(int(prompt), list(tokens[prompt]), group["value"].to_numpy()))
     return records
+
+
+def load_cluster_records(view: RunView) -> tuple[dict[int, list[Record]], dict[int, list[Record]]]:
+    """Every cluster's input records and output records, from a clustered run."""
+    keep_first = view.config("trace")["keep_first_position"]
+    return (input_records(view.nodes, view.prompts, view.node_cluster, keep_first),
+            output_records(view.nodes, view.prompts, view.node_cluster))
 
 
 def output_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray) -> dict[int, list[Record]]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from adag.cluster.run import node_clusters
+from adag.describe.config import DescribeConfig, DescribeOptions, parse_spec
 from adag.describe.explain import (
     Excerpt,
     Explainer,
@@ -23,20 +23,21 @@ from adag.describe.explain import (
     retry,
     simulated_score,
 )
-from adag.describe.llm import CachedBackend, make_backend, parse_spec
+from adag.describe.llm import CachedBackend, make_backend
 from adag.describe.records import (
     Record,
     exemplar_pool,
-    input_records,
+    load_cluster_records,
     normalised_scores,
-    output_records,
     quantile_walk_threshold,
     sign_part,
     top_k_mask,
 )
 from adag.errors import AdagError
 from adag.models.loading import cache_dir
-from adag.store import RunDir
+from adag.stages import number, writing
+from adag.store import RunDir, StageWriter
+from adag.view import RunView
 
 STAGE = "describe"
 DESCRIPTIONS = pa.schema([
@@ -47,126 +48,92 @@ DESCRIPTIONS = pa.schema([
 ])
 
 
-class DescribeConfig(BaseModel):
-    """How clusters are described; every field is also a CLI option of `adag describe`."""
+def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool = True, **options: Any) -> dict:
+    """Describe every cluster (one part per cluster: a rerun redoes only failed, missing or damaged
+    ones). `options` are DescribeOptions: with `dry_run`, only count the calls and estimate tokens;
+    nothing is written. If any cluster failed, this raises after saving the others, and the stage stays
+    unfinished until a rerun describes the rest."""
+    limits = DescribeOptions(**options)
+    if limits.dry_run:
+        view = RunView(run_dir) if isinstance(run_dir, RunDir) else RunView.open(run_dir)
+        view.require("cluster")
+        return _estimate(config, *_inputs(view, config))
+    explainer, simulator = make_llms(config, limits, cache_dir() / "llm-cache.sqlite")
+    with writing(run_dir, STAGE, config) as (view, out):
+        wanted, inputs, outputs = _inputs(view, config)
+        inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
+        todo = [c for c in wanted if not _done(out, c)]
 
-    model_config = ConfigDict(extra="forbid")
+        def work(cluster: int) -> None:
+            row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), view.prompt_text,
+                                   bool(inhibitory.get(cluster, False)), explainer, simulator, config,
+                                   limits.cluster_timeout)
+            out.write_part("descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
 
-    explainer: str = Field("stats", description=(
-        "who writes descriptions: stats (offline summary of the highlighted tokens, no LLM), local[:MODEL], "
-        "openai:MODEL[@URL] (also vLLM, Ollama, llama.cpp server) or anthropic:MODEL[@URL]"))
-    simulator: str = Field("embed:minilm", description=(
-        "who scores descriptions on held-out records: embed:minilm (offline sentence embeddings), "
-        "local[:MODEL], openai:MODEL[@URL] or anthropic:MODEL[@URL]"))
-    samples: int = Field(5, ge=1, description="candidate descriptions per explanation (an LLM explainer)")
-    subset_size: int = Field(15, ge=1, description="excerpts shown to an LLM explainer per candidate")
-    top_records: int = Field(80, ge=1, description="records with the largest values in each pool")
-    random_records: int = Field(20, ge=0, description="random further records in each pool, as negatives")
-    output_records: int = Field(20, ge=2, description="prompts with the largest push used for output descriptions")
-    highlight: Literal["quantile", "topk"] = Field("quantile", description=(
-        "how tokens are highlighted: quantile (quantile walk) or topk (each record's k largest)"))
-    highlight_k: int = Field(3, ge=1, description=(
-        "distinct highlighted strings (quantile) or tokens per record (topk); 3 scores best in "
-        "benchmarks/describe_eval.py, where k=1 highlights too few tokens"))
-    temperature: float = Field(1.0, ge=0, description="sampling temperature of an LLM explainer")
-    attempts: int = Field(3, ge=1, description="tries for an unusable LLM reply before the cluster is marked failed")
-    request_timeout: float = Field(120.0, gt=0, description="seconds to wait for one LLM reply")
-    retries: int = Field(3, ge=0, description=(
-        "resends of a request that failed on the server's side (timeout, refused, 429, 5xx) before the "
-        "endpoint counts as down and the remaining clusters fail at once"))
-    cluster_timeout: float = Field(900.0, gt=0, description=(
-        "seconds after which a cluster is given up (marked failed, retried on the next run)"))
-    concurrency: int = Field(4, ge=1, description="clusters described at once")
-    clusters: list[int] | None = Field(None, description="cluster ids to describe (default: all)")
-    seed: int = Field(0, description="seed of the record pools and the explainer's excerpt subsets")
-
-    @field_validator("explainer")
-    @classmethod
-    def _can_explain(cls, spec: str) -> str:
-        parse_spec(spec, "explainer")
-        return spec
-
-    @field_validator("simulator")
-    @classmethod
-    def _can_simulate(cls, spec: str) -> str:
-        parse_spec(spec, "simulator")
-        return spec
-
-
-def describe_run(run_dir: str, config: DescribeConfig, dry_run: bool = False, progress: bool = True) -> dict:
-    """Describe every cluster. With `dry_run`, only count the calls and estimate tokens. Clusters that
-    fail are left to the next run; if any did, this raises after the others are saved."""
-    run = RunDir.open(run_dir)
-    run.require_stage("cluster", "adag cluster")
-    nodes = run.read_table("trace", "nodes")
-    prompts = run.read_table("trace", "prompts")
-    half = run.read_table("cluster", "half_neurons")
-    clusters = run.read_table("cluster", "clusters")
-    node_cluster = node_clusters(nodes, half)
-    inputs = input_records(nodes, prompts, node_cluster, run.stage_config("trace")["keep_first_position"])
-    outputs = output_records(nodes, prompts, node_cluster)
-    prompt_text = dict(zip(prompts["prompt"], prompts["text"]))
-    wanted = config.clusters if config.clusters is not None else clusters["cluster"].tolist()
-    inhibitory = dict(zip(clusters["cluster"], clusters["mean_attribution"] < 0))
-
-    if dry_run:
-        return _estimate(config, wanted, inputs, outputs)
-
-    resume = run.begin_stage(STAGE, config.model_dump(mode="json"))
-    explainer, simulator = make_llms(config, cache_dir() / "llm-cache.sqlite")
-    todo = [c for c in wanted if not (resume and _done(run, c))]
-
-    def work(cluster: int) -> None:
-        row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), prompt_text,
-                               bool(inhibitory.get(cluster, False)), explainer, simulator, config)
-        run.write_part(STAGE, "descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
-
-    bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=None if progress else True)  # None: a tty
-    with ThreadPoolExecutor(config.concurrency) as pool:
-        for _ in pool.map(work, todo):
-            bar.update()
-    bar.close()
-    ledger = pd.DataFrame([asdict(e) for e in _ledger(explainer) + (simulator.ledger if simulator is not
-                                                                   getattr(explainer, "llm", None) else [])])
-    run.write_table(STAGE, "ledger", ledger)
-    table = run.read_table(STAGE, "descriptions")
-    failed = table[table["status"] != "ok"].sort_values("cluster")
-    if len(failed):
-        raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
-                        f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
-    run.finish_stage(STAGE, clusters=len(table), failed=0, calls=int((~ledger["cached"]).sum()) if len(ledger)
-                     else 0, cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
+        bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=None if progress else True)  # None: tty
+        with ThreadPoolExecutor(config.concurrency) as pool:
+            for _ in pool.map(work, todo):
+                bar.update()
+        bar.close()
+        ledger = pd.DataFrame([asdict(e) for e in _ledger(explainer, simulator)])
+        out.write_table("ledger", ledger)
+        table = out.read_table("descriptions")
+        failed = table[table["status"] != "ok"].sort_values("cluster")
+        if len(failed):
+            raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
+                            f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
+        out.facts.update(clusters=len(table), failed=0,
+                         calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
+                         cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
     return {"clusters": len(table), "failed": 0}
 
 
-def make_llms(config: DescribeConfig, cache_path) -> tuple[Explainer, CachedBackend]:
+def make_llms(config: DescribeConfig, limits: DescribeOptions, cache_path: Path) -> tuple[Explainer, CachedBackend]:
     """The explainer and the simulator; one backend (one ledger, one endpoint state) when both are the same."""
-    explainer = make_explainer(config.explainer, cache_path, config.temperature, config.request_timeout,
-                               config.retries)
+    explainer = make_explainer(config.explainer, cache_path, config.temperature, limits.request_timeout,
+                               limits.retries)
     if isinstance(explainer, LLMExplainer) and config.simulator == config.explainer:
         return explainer, explainer.llm
-    return explainer, CachedBackend(make_backend(config.simulator, "simulator"), cache_path, config.request_timeout,
-                                    config.retries)
+    return explainer, CachedBackend(make_backend(config.simulator, "simulator"), cache_path, limits.request_timeout,
+                                    limits.retries)
 
 
-def _ledger(explainer: Explainer) -> list:
-    return explainer.llm.ledger if isinstance(explainer, LLMExplainer) else []
+def _ledger(explainer: Explainer, simulator: CachedBackend) -> list:
+    llms = [explainer.llm] if isinstance(explainer, LLMExplainer) else []
+    return [entry for llm in dict.fromkeys([*llms, simulator]) for entry in llm.ledger]
 
 
-def _done(run: RunDir, cluster: int) -> bool:
-    if not run.has_part(STAGE, "descriptions", cluster):
-        return False
-    path = run.path / STAGE / "descriptions" / f"part-{cluster:06d}.parquet"
-    return pd.read_parquet(path)["status"].iloc[0] == "ok"
+def _inputs(view: RunView, config: DescribeConfig) -> tuple[list[int], dict, dict]:
+    """The clusters to describe, and every cluster's input and output records."""
+    wanted = config.clusters if config.clusters is not None else view.clusters["cluster"].tolist()
+    view.check_clusters(wanted)
+    return wanted, *load_cluster_records(view)
+
+
+def describe_summary(result: dict, run_dir: str) -> str:
+    if "calls" in result:
+        return (f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
+                f"{result['estimated_tokens']} tokens (explainer {result['explainer']}, simulator "
+                f"{result['simulator']}); cached calls cost nothing")
+    lines = []
+    for row in RunView.open(run_dir).table(STAGE, "descriptions").sort_values("cluster").itertuples():
+        lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={number(row.input_score)} "
+                     f"output r={number(row.output_score)}  | {row.input_description}")
+    lines.append(f"described {result['clusters']} clusters ({result['failed']} failed) -> {run_dir}/{STAGE}")
+    return "\n".join(lines)
+
+
+def _done(out: StageWriter, cluster: int) -> bool:
+    return out.has_part("descriptions", cluster) and out.read_part("descriptions", cluster)["status"].iloc[0] == "ok"
 
 
 def describe_cluster(cluster: int, inputs: list[Record], outputs: list[Record], prompt_text: dict[int, str],
-                     inhibitory: bool, explainer: Explainer, simulator: CachedBackend,
-                     config: DescribeConfig) -> dict:
-    """One cluster's descriptions, within `config.cluster_timeout`; an unusable reply after all attempts,
-    a server that is down or the time running out marks the cluster failed."""
+                     inhibitory: bool, explainer: Explainer, simulator: CachedBackend, config: DescribeConfig,
+                     seconds: float) -> dict:
+    """One cluster's descriptions within `seconds`; an unusable reply after all attempts, a server that
+    is down or the time running out marks the cluster failed."""
     row: dict = dict.fromkeys(DESCRIPTIONS.names) | {"cluster": cluster, "status": "ok"}
-    explainer, simulator = explainer.bounded(config.cluster_timeout), simulator.bounded(config.cluster_timeout)
+    explainer, simulator = explainer.bounded(seconds), simulator.bounded(seconds)
     try:
         shown: dict[str, list] = {"input": [], "output": []}
         for sign, name in ((1, "input"), (-1, "negative_input")):

@@ -8,14 +8,18 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from adag.errors import AdagError
 from adag.models.families import FamilyAdapter, adapter_for
+from adag.models.placement import device_map_for, resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,8 +61,25 @@ class LoadedModel:
         return self.adapter.neuron_count(self.model)
 
     @property
+    def pad_id(self) -> int:
+        """The token that fills padding: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+        for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if token_id is not None:
+                return token_id
+        return 0
+
+    @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (the first of several under a device map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @contextmanager
+    def seeded(self, seed: int) -> Iterator[None]:
+        """Sample with this seed on a fork of torch's RNG: the global RNG state is restored on exit."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
 
 
 def cache_dir() -> Path:
@@ -68,40 +89,122 @@ def cache_dir() -> Path:
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load `spec`: a built-in name (see BUILTIN_MODELS), a local Hugging Face directory or a hub id.
 
-    `device="auto"` spreads a large model over the available GPUs with accelerate's device map.
+    Every input is checked before weights are read, so a bad one is a one-line AdagError.
+    `device="auto"` spreads whole layers over the visible GPUs (see `plan_device_map`).
     """
     if dtype not in DTYPES:
         raise AdagError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
-    if spec in BUILTIN_MODELS:
-        directory = _builtin_directory(spec, BUILTIN_MODELS[spec])
-    elif Path(spec).is_dir():
-        directory = Path(spec)
-    elif _looks_like_hub_id(spec):
-        directory = _hub_directory(spec)
-    else:
-        raise AdagError(
-            f"unknown model '{spec}': use a built-in ({', '.join(BUILTIN_MODELS)}), "
-            "a local Hugging Face model directory, or a hub id such as org/name"
-        )
-    config = AutoConfig.from_pretrained(directory)
+    target = resolve_device(device)
+    directory = model_directory(spec)
+    config = read_config(directory)
     adapter = adapter_for(config.model_type)
-    placement = {"device_map": "auto"} if device == "auto" else {}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **placement)
-    if device != "auto":
-        model = model.to(device)
+    weights = weight_files(directory)
+    model = _load_weights(directory, DTYPES[dtype], device_map_for(target, config, DTYPES[dtype]))
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    return LoadedModel(spec, model, tokenizer, adapter, weights_fingerprint(directory))
+    return LoadedModel(spec, model, _load_tokenizer(directory), adapter, weights_fingerprint(weights))
 
 
-def weights_fingerprint(directory: Path) -> str:
-    """A cheap, stable hash of a model directory's weights: safetensors headers and file sizes.
+def model_directory(spec: str) -> Path:
+    """The local directory for a built-in name, an existing directory or an org/name hub id."""
+    if spec in BUILTIN_MODELS:
+        return _builtin_directory(spec, BUILTIN_MODELS[spec])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise AdagError(f"model '{spec}' is a file; pass the directory that holds config.json and the weights")
+    if _looks_like_hub_id(spec):
+        return _hub_directory(spec)
+    builtins = ", ".join(BUILTIN_MODELS)
+    if "/" in spec or spec.startswith((".", "~")):
+        raise AdagError(f"unknown model '{spec}': no such directory; use a built-in ({builtins}), "
+                        "an existing model directory, or a hub id such as org/name")
+    raise AdagError(
+        f"unknown model '{spec}': not a built-in ({builtins}) or a directory here; hub ids name the "
+        "organisation too, as in org/name (e.g. HuggingFaceTB/SmolLM2-135M), or pass a local model directory"
+    )
+
+
+def read_config(directory: Path) -> PretrainedConfig:
+    """The model's config.json, checked to be a JSON object naming a model family."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise AdagError(f"{directory} has no config.json, so it is not a Hugging Face model directory; "
+                        "point --model at the directory that model.save_pretrained() wrote")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f" (line {error.lineno})" if isinstance(error, json.JSONDecodeError) else ""
+        raise AdagError(f"{path} is not valid JSON{where}; restore it from the model's source") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise AdagError(f"{path} has no 'model_type'; restore it from the model's source")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, TypeError) as error:
+        raise AdagError(f"{path} could not be read: {_first_line(error)}") from None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The directory's safetensors files, each checked to be whole (header and size agree).
+
+    Pickled PyTorch weights (*.bin) are never loaded: unpickling can run arbitrary code.
+    """
+    files = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise AdagError(f"{index} is not a valid safetensors index; restore it from the model's source") from None
+        missing = sorted(shard for shard in shards if not (directory / shard).is_file())
+        if missing:
+            raise AdagError(f"{directory} lacks the weight shard {missing[0]} named in {index.name}; "
+                            "download the model again")
+    if not files:
+        pickled = [p.name for p in directory.glob("*.bin")]
+        found = f" (only pickled {pickled[0]}, which adag does not load)" if pickled else ""
+        raise AdagError(f"{directory} has config.json but no *.safetensors weights{found}; save the model "
+                        "with model.save_pretrained(directory), which writes safetensors")
+    for path in files:
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise AdagError(f"{path} is damaged ({_first_line(error)}); download or save the model again") from None
+    return files
+
+
+def _load_weights(directory: Path, dtype: torch.dtype, device_map: dict) -> PreTrainedModel:
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, device_map=device_map, use_safetensors=True, output_loading_info=True)
+    except RuntimeError as error:  # tensors whose shapes differ from what config.json describes
+        raise AdagError(f"{directory}: the weights do not fit config.json ({_first_line(error)}); "
+                        "the checkpoint does not match its config") from None
+    missing = info.get("missing_keys") or []
+    if missing:
+        example = sorted(missing)[0]
+        raise AdagError(f"{directory}: the weights lack {len(missing)} tensor(s) the config needs (e.g. {example}); "
+                        "the checkpoint does not match its config.json")
+    return model
+
+
+def _load_tokenizer(directory: Path) -> object:
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as error:
+        raise AdagError(f"{directory}: could not load the tokenizer ({_first_line(error)}); "
+                        "save it next to the model with tokenizer.save_pretrained(directory)") from None
+
+
+def weights_fingerprint(files: list[Path]) -> str:
+    """A cheap, stable hash of a model's safetensors files: their headers and sizes.
 
     Headers name every tensor with its dtype, shape and byte range; with the sizes this tells
     checkpoints apart without reading gigabytes.
     """
     digest = hashlib.sha256()
-    for path in sorted(Path(directory).glob("*.safetensors")):
+    for path in sorted(files):
         with path.open("rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             digest.update(path.name.encode())
@@ -110,9 +213,14 @@ def weights_fingerprint(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/"))
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
 
 
 def _hub_directory(spec: str) -> Path:

@@ -1,6 +1,9 @@
 """Results to look at: the interactive viewer, a self-contained HTML report, Neuronpedia export."""
 
-from adag.report.export import neuronpedia_graph, write_neuronpedia
-from adag.report.html import make_server, serve_in_background, write_report
+import lazy_loader
 
-__all__ = ["make_server", "neuronpedia_graph", "serve_in_background", "write_neuronpedia", "write_report"]
+# Lazy: the CLI imports report.config at start-up without reading any run.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "export": ["neuronpedia_graph", "write_neuronpedia"],
+    "html": ["make_server", "serve_in_background", "write_report"],
+})

@@ -7,20 +7,13 @@ import json
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from adag.cluster.run import node_clusters
-from adag.describe.records import input_records, output_records
-from adag.store import RunDir
+from adag.describe.records import load_cluster_records
+from adag.view import RunView
 
 EXEMPLARS = 5
 PUSHED = 8
 NEURON_EDGES = 400
-
-
-def _table(run: RunDir, stage: str, name: str) -> pd.DataFrame | None:
-    path, parts = run.table_path(stage, name), run.path / stage / name
-    return run.read_table(stage, name) if path.exists() or parts.is_dir() else None
 
 
 def _clean(value: Any) -> Any:
@@ -36,22 +29,20 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_payload(run: RunDir) -> dict:
+def run_payload(view: RunView) -> dict:
     """The viewer's data: prompts, clusters with descriptions and exemplars, cluster graphs (dataset
     average and per prompt), and each prompt's neuron-level graph (strongest edges)."""
-    run.require_stage("cluster", "adag cluster")
-    prompts = run.read_table("trace", "prompts")
-    nodes = run.read_table("trace", "nodes")
-    half = run.read_table("cluster", "half_neurons")
-    clusters = run.read_table("cluster", "clusters")
-    node_cluster = node_clusters(nodes, half)
-    descriptions = _table(run, "describe", "descriptions")
+    view.require("cluster")
+    prompts, half, clusters = view.prompts, view.half_neurons, view.clusters
+    descriptions = view.table("describe", "descriptions")
     described = descriptions.set_index("cluster") if descriptions is not None else None
-    steering = _table(run, "steer", "summary")
-    controls = _table(run, "steer", "controls")
-    inputs = input_records(nodes, prompts, node_cluster, run.stage_config("trace")["keep_first_position"])
-    outputs = output_records(nodes, prompts, node_cluster)
-    texts = dict(zip(prompts["prompt"], prompts["text"]))
+    steering = view.table("steer", "summary")
+    controls = view.table("steer", "controls")
+    members_of = dict(tuple(half.groupby("cluster")))
+    steering_of = dict(tuple(steering.groupby("cluster"))) if steering is not None else {}
+    control_of = {int(r["cluster"]): r for r in controls.to_dict("records")} if controls is not None else {}
+    inputs, outputs = load_cluster_records(view)
+    texts = view.prompt_text
 
     cluster_items = []
     for row in clusters.itertuples():
@@ -69,24 +60,25 @@ def run_payload(run: RunDir) -> dict:
         item["exemplars"] = [{"prompt": r.prompt, "text": texts[r.prompt], "tokens": r.tokens,
                               "values": r.values.round(4).tolist()} for r in records]
         item["pushed"], item["suppressed"] = _pushed(outputs.get(c, []))
-        members = half[half["cluster"] == c].sort_values("attribution", key=abs, ascending=False)
+        members = members_of[c].sort_values("attribution", key=abs, ascending=False)
         item["members"] = members[["layer", "neuron", "polarity", "attribution"]].round(4).to_dict("records")
         if steering is not None:
-            item["steering"] = steering[steering["cluster"] == c][["multiplier", "p_top", "kl"]].to_dict("records")
-            plot = run.path / "steer" / "plots" / f"cluster-{c:03d}.png"
+            swept = steering_of.get(c, steering.iloc[:0])
+            item["steering"] = swept[["multiplier", "p_top", "kl"]].to_dict("records")
+            plot = view.path / "steer" / "plots" / f"cluster-{c:03d}.png"
             if plot.exists():
                 item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
-        if controls is not None and c in set(controls["cluster"]):
-            item["control"] = controls[controls["cluster"] == c].iloc[0].to_dict()
+        if c in control_of:
+            item["control"] = control_of[c]
         cluster_items.append(item)
 
     return _clean({
-        "run": {"model": run.manifest["model"], "dataset": run.manifest["dataset"]},
+        "run": {"model": view.model, "dataset": view.dataset},
         "prompts": [{"id": int(p.prompt), "text": p.text, "tokens": list(p.tokens),
                      "targets": list(p.target_tokens), "metric": float(p.metric)} for p in prompts.itertuples()],
         "clusters": cluster_items,
-        "graph": _graphs(run),
-        "neurons": _neuron_graphs(run, nodes, node_cluster),
+        "graph": _graphs(view),
+        "neurons": _neuron_graphs(view),
     })
 
 
@@ -102,16 +94,15 @@ def _pushed(records) -> tuple[list, list]:
     return up, down
 
 
-def _graphs(run: RunDir) -> dict:
-    mean_nodes = run.read_table("cluster", "mean_clusters")
-    mean_edges = _table(run, "cluster", "mean_cluster_edges")
-    prompt_nodes = run.read_table("cluster", "prompt_clusters")
-    prompt_edges = _table(run, "cluster", "cluster_edges")
-    graph = {"mean": {"nodes": mean_nodes.to_dict("records"),
+def _graphs(view: RunView) -> dict:
+    mean_edges = view.table("cluster", "mean_cluster_edges")
+    prompt_edges = view.table("cluster", "cluster_edges")
+    edges_by_prompt = dict(tuple(prompt_edges.groupby("prompt"))) if prompt_edges is not None else {}
+    graph = {"mean": {"nodes": view.table("cluster", "mean_clusters").to_dict("records"),
                       "edges": mean_edges.to_dict("records") if mean_edges is not None else []},
              "prompts": {}}
-    for prompt, group in prompt_nodes.groupby("prompt"):
-        edges = prompt_edges[prompt_edges["prompt"] == prompt] if prompt_edges is not None else None
+    for prompt, group in view.table("cluster", "prompt_clusters").groupby("prompt"):
+        edges = edges_by_prompt.get(prompt)
         graph["prompts"][str(int(prompt))] = {
             "nodes": group[["cluster", "attribution"]].to_dict("records"),
             "edges": edges[["source_cluster", "target_cluster", "attribution"]].to_dict("records")
@@ -119,19 +110,20 @@ def _graphs(run: RunDir) -> dict:
     return graph
 
 
-def _neuron_graphs(run: RunDir, nodes: pd.DataFrame, node_cluster: np.ndarray) -> dict:
-    edges = _table(run, "trace", "edges")
-    frame = nodes[["prompt", "node", "layer", "position", "neuron", "activation", "attribution"]].assign(
-        cluster=node_cluster)
+def _neuron_graphs(view: RunView) -> dict:
     out = {}
-    for prompt, group in frame.groupby("prompt"):
-        entry = {"nodes": group.drop(columns="prompt").round(4).to_dict("records"), "edges": []}
+    columns = ["node", "layer", "position", "neuron", "activation", "attribution", "cluster"]
+    for prompt, nodes in view.nodes_by_prompt.items():
+        if nodes.empty:
+            continue
+        entry = {"nodes": nodes[columns].round(4).to_dict("records"), "edges": []}
+        edges = view.edges_by_prompt.get(prompt)
         if edges is not None:
-            mine = edges[(edges["prompt"] == prompt) & (edges["source_kind"].astype(str) == "neuron")
-                         & (edges["target_kind"].astype(str) == "neuron")]
+            inner = (edges["source_kind"].astype(str) == "neuron") & (edges["target_kind"].astype(str) == "neuron")
+            mine = edges[inner]
             mine = mine.reindex(mine["attribution"].abs().sort_values(ascending=False).index).head(NEURON_EDGES)
             entry["edges"] = mine[["source", "target", "attribution"]].round(5).to_dict("records")
-        out[str(int(prompt))] = entry
+        out[str(prompt)] = entry
     return out
 
 

@@ -8,24 +8,24 @@ from importlib import resources
 from pathlib import Path
 
 from adag import __version__
-from adag.cluster.run import node_clusters
 from adag.errors import AdagError
-from adag.store import RunDir, atomic_write_bytes
+from adag.report.config import ReportConfig
+from adag.store import atomic_write_bytes
+from adag.view import RunView
 
 
-def neuronpedia_graph(run_dir: str, prompt: int) -> dict:
+def neuronpedia_graph(run_dir: str | Path, prompt: int) -> dict:
     """Nodes are MLP neurons ("layer_neuron_position"), embeddings ("E_token_position") and logits;
     links carry attributions; cluster labels become node `clerp`s and `qParams.supernodes`."""
-    run = RunDir.open(run_dir)
-    run.require_stage("trace", "adag trace")
-    prompts = run.read_table("trace", "prompts").set_index("prompt")
+    view = RunView.open(run_dir)
+    prompts = view.prompts.set_index("prompt")
     if prompt not in prompts.index:
         raise AdagError(f"no prompt {prompt} in {run_dir}; prompts are {prompts.index.min()}..{prompts.index.max()}")
     info = prompts.loc[prompt]
-    nodes = run.read_table("trace", "nodes")
-    nodes = nodes[nodes["prompt"] == prompt]
-    labels = _cluster_labels(run, nodes)
-    n_layers = run.manifest["model"]["layers"]
+    nodes = view.nodes_by_prompt[prompt]
+    labels = ({int(node): view.labels[int(c)] for node, c in zip(nodes["node"], nodes["cluster"]) if c >= 0}
+              if "cluster" in nodes else {})
+    n_layers = view.model["layers"]
     token_ids, tokens = list(info["token_ids"]), list(info["tokens"])
     last = len(tokens) - 1
 
@@ -52,21 +52,20 @@ def neuronpedia_graph(run_dir: str, prompt: int) -> dict:
                             "clerp": f"output {token!r} (logit {logit:.2f})"})
 
     links = []
-    if run.table_path("trace", "edges").exists() or (run.path / "trace" / "edges").is_dir():
-        edges = run.read_table("trace", "edges")
-        for edge in edges[edges["prompt"] == prompt].itertuples():
-            source = (f"E_{int(token_ids[edge.source])}_{int(edge.source)}" if edge.source_kind == "embedding"
-                      else node_ids[int(edge.source)])
-            target = logit_ids[int(edge.target)] if edge.target_kind == "logit" else node_ids[int(edge.target)]
-            links.append({"source": source, "target": target, "weight": float(edge.attribution)})
+    edges = view.edges_by_prompt.get(prompt)
+    for edge in (edges.itertuples() if edges is not None else ()):
+        source = (f"E_{int(token_ids[edge.source])}_{int(edge.source)}" if edge.source_kind == "embedding"
+                  else node_ids[int(edge.source)])
+        target = logit_ids[int(edge.target)] if edge.target_kind == "logit" else node_ids[int(edge.target)]
+        links.append({"source": source, "target": target, "weight": float(edge.attribution)})
 
     supernodes = {}
     for node, label in labels.items():
         supernodes.setdefault(label, []).append(node_ids[node])
     return {
-        "metadata": {"slug": f"adag-{Path(run_dir).name}-prompt{prompt}", "scan": run.manifest["model"]["spec"],
+        "metadata": {"slug": f"adag-{Path(run_dir).name}-prompt{prompt}", "scan": view.model["spec"],
                      "prompt_tokens": tokens, "prompt": "".join(tokens),
-                     "node_threshold": run.stage_config("trace").get("threshold", 0.0),
+                     "node_threshold": view.config("trace").get("threshold", 0.0),
                      "info": {"description": info["text"], "creator_name": "adag",
                               "generator": {"name": "adag", "version": __version__},
                               "create_time_ms": int(time.time() * 1000)}},
@@ -77,23 +76,12 @@ def neuronpedia_graph(run_dir: str, prompt: int) -> dict:
     }
 
 
-def _cluster_labels(run: RunDir, nodes) -> dict[int, str]:
-    if not run.stage_done("cluster"):
-        return {}
-    cluster_of = node_clusters(nodes, run.read_table("cluster", "half_neurons"))
-    names = {}
-    if run.stage_done("describe"):
-        described = run.read_table("describe", "descriptions")
-        names = {int(c): label for c, label in zip(described["cluster"], described["label"]) if label}
-    return {int(node): names.get(int(c), f"cluster {int(c)}") for node, c in zip(nodes["node"], cluster_of) if c >= 0}
-
-
 def graph_schema() -> dict:
     """The Neuronpedia graph schema (a copy of shared/schemas/neuronpedia-graph.schema.json)."""
     return json.loads(resources.files("adag.report").joinpath("neuronpedia-graph.schema.json").read_text())
 
 
-def write_neuronpedia(run_dir: str, prompt: int, out: str) -> Path:
+def write_neuronpedia(run_dir: str | Path, prompt: int, out: str | Path) -> Path:
     """Write one prompt's graph, checked against the schema first."""
     import jsonschema
 
@@ -102,3 +90,12 @@ def write_neuronpedia(run_dir: str, prompt: int, out: str) -> Path:
     path = Path(out)
     atomic_write_bytes(path, json.dumps(graph, indent=1).encode())
     return path
+
+
+def export_command(run_dir: str, config: ReportConfig, prompt: int, out: str) -> Path:
+    """`adag export`."""
+    return write_neuronpedia(run_dir, prompt, out)
+
+
+def export_summary(path: Path, run_dir: str) -> str:
+    return f"graph written to {path}"

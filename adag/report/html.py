@@ -8,9 +8,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
+from adag.report.config import ReportConfig
 from adag.report.data import payload_json, run_payload
-from adag.store import RunDir, atomic_write_bytes
+from adag.stages import writing
+from adag.store import atomic_write_bytes
+from adag.view import RunView
 
+STAGE = "report"
 PLACEHOLDER = "__ADAG_DATA__"
 
 
@@ -18,19 +22,33 @@ def page_template() -> str:
     return resources.files("adag.report").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def write_report(run_dir: str, out: str | None = None) -> Path:
-    """One self-contained HTML file (no network needed to open it); default RUN_DIR/report.html."""
-    run = RunDir.open(run_dir)
-    html = page_template().replace(PLACEHOLDER, payload_json(run_payload(run)))
-    path = Path(out) if out else run.path / "report.html"
-    atomic_write_bytes(path, html.encode("utf-8"))
-    return path
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """One self-contained HTML file (no network needed to open it): RUN/report/report.html, or `out`."""
+    if out is not None:
+        path = Path(out)
+        atomic_write_bytes(path, report_html(RunView.open(run_dir)))
+        return path
+    with writing(run_dir, STAGE, ReportConfig()) as (view, stage):
+        atomic_write_bytes(stage.file("report.html"), report_html(view))
+    return view.path / STAGE / "report.html"
 
 
-def make_server(run_dir: str, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+def report_html(view: RunView) -> bytes:
+    return page_template().replace(PLACEHOLDER, payload_json(run_payload(view))).encode("utf-8")
+
+
+def report_command(run_dir: str, config: ReportConfig, out: str | None = None) -> Path:
+    """`adag report`."""
+    return write_report(run_dir, out)
+
+
+def report_summary(path: Path, run_dir: str) -> str:
+    return f"report written to {path}"
+
+
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """An HTTP server for the viewer: the page at /, the run's data at /api/data."""
-    run = RunDir.open(run_dir)
-    data = json.dumps(run_payload(run)).encode("utf-8")
+    data = json.dumps(run_payload(RunView.open(run_dir))).encode("utf-8")
     page = page_template().encode("utf-8")
 
     class Handler(BaseHTTPRequestHandler):

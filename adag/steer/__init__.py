@@ -1,7 +1,13 @@
-"""Steering and causal checks: interventions, sweeps, random controls, faithfulness, judged generation."""
+"""Steering and causal checks: interventions, sweeps, random controls, faithfulness, correlation, judged
+generation."""
 
-from adag.steer.correlate import correlate
-from adag.steer.intervene import replaced, scaled
-from adag.steer.run import SteerConfig, faithfulness_run, steer_run
+import lazy_loader
 
-__all__ = ["SteerConfig", "correlate", "faithfulness_run", "replaced", "scaled", "steer_run"]
+# Lazy: the CLI imports steer.config at start-up without paying for torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "config": ["CorrelateConfig", "FaithfulnessConfig", "JudgeConfig", "SteerConfig"],
+    "correlate": ["correlate", "correlate_run"],
+    "intervene": ["replaced", "scaled"],
+    "judge": ["judge_run"],
+    "run": ["faithfulness_run", "steer_run"],
+})

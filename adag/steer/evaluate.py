@@ -15,12 +15,11 @@ from adag.trace.attribute import PromptBatch
 
 def prompt_batches(lm: LoadedModel, prompts: pd.DataFrame, batch_size: int) -> list[tuple[pd.DataFrame, PromptBatch]]:
     """Left-padded batches of a run's traced prompts (token ids from the trace tables)."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(prompts), batch_size):
         rows = prompts.iloc[start:start + batch_size]
         tokens = [list(map(int, t)) for t in rows["token_ids"]]
-        out.append((rows, PromptBatch.left_pad(tokens, [[] for _ in tokens], pad, lm.device)))
+        out.append((rows, PromptBatch.left_pad(tokens, [[] for _ in tokens], lm.pad_id, lm.device)))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The steer stage: sweeps over clusters and multipliers, random controls, faithfulness, judged generation."""
+"""The steer and faithfulness stages: sweeps over clusters and multipliers, random controls, circuit faithfulness."""
 
 from __future__ import annotations
 
@@ -7,29 +7,19 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from adag.cluster.run import node_clusters
 from adag.errors import AdagError
 from adag.models import LoadedModel, load_model
+from adag.stages import writing
+from adag.steer.config import FaithfulnessConfig, SteerConfig
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
 from adag.steer.intervene import HalfNeuron, replaced, scaled
 from adag.steer.plots import plot_sweep
 from adag.store import RunDir
+from adag.view import RunView
 
 STAGE = "steer"
-
-
-class SteerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    clusters: list[int] | None = None  # None: every cluster (a sweep)
-    multipliers: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0])
-    positions: Literal["all", "traced"] = "all"
-    controls: int = Field(0, ge=0, description="random same-size, same-layer sets per cluster (ablation)")
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
 
 
 def run_model(run: RunDir, spec: str | None = None) -> LoadedModel:
@@ -42,66 +32,70 @@ def run_model(run: RunDir, spec: str | None = None) -> LoadedModel:
 
 
 def cluster_members(run: RunDir) -> dict[int, list[HalfNeuron]]:
-    half = run.read_table("cluster", "half_neurons")
-    return {int(c): list(zip(g["layer"].tolist(), g["neuron"].tolist(), g["polarity"].tolist()))
-            for c, g in half.groupby("cluster")}
+    return RunView(run).cluster_members
 
 
-def steer_run(run_dir: str, config: SteerConfig, lm: LoadedModel | None = None, progress: bool = True) -> RunDir:
-    run = RunDir.open(run_dir)
-    run.require_stage("cluster", "adag cluster")
-    lm = lm or run_model(run)
-    run.begin_stage(STAGE, config.model_dump(mode="json"), resume=False)
-    prompts = run.read_table("trace", "prompts")
-    members = cluster_members(run)
-    clusters = config.clusters if config.clusters is not None else sorted(members)
-    unknown = set(clusters) - set(members)
-    if unknown:
-        raise AdagError(f"no cluster {sorted(unknown)} in {run_dir}; clusters are 0..{max(members)}")
-    batches = prompt_batches(lm, prompts, config.batch_size)
-    references = [last_logits(lm, batch) for _, batch in batches]
-    traced = _traced_positions(run, batches) if config.positions == "traced" else None
+def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = None, lm: LoadedModel | None = None,
+              progress: bool = True) -> RunDir:
+    """Scale each chosen cluster by each multiplier; with `controls`, compare its ablation with random
+    same-size sets. `model` names another copy of the run's model, `lm` passes one already loaded."""
+    with writing(run_dir, STAGE, config) as (view, out):
+        members = view.cluster_members
+        clusters = config.clusters if config.clusters is not None else sorted(members)
+        view.check_clusters(clusters)
+        lm = lm or run_model(view.run, model)
+        batches = prompt_batches(lm, view.prompts, config.batch_size)
+        references = [last_logits(lm, batch) for _, batch in batches]
+        traced = _traced_positions(view, batches) if config.positions == "traced" else None
 
-    frames = []
-    bar = tqdm(total=len(clusters) * len(config.multipliers), desc="steer", unit="setting", disable=not progress)
-    for cluster in clusters:
-        for multiplier in config.multipliers:
-            for b, ((rows, batch), reference) in enumerate(zip(batches, references)):
-                where = traced[cluster][b] if traced else None
-                steered = last_logits(lm, batch, scaled(lm.model, lm.adapter, members[cluster], multiplier, where))
-                frames.append(effect(lm, rows, reference, steered).assign(cluster=cluster, multiplier=multiplier))
-            bar.update()
-    bar.close()
-    results = pd.concat(frames, ignore_index=True)
-    run.write_table(STAGE, "results", results)
-    summary = results.groupby(["cluster", "multiplier"], as_index=False)[
-        ["p_top", "p_targets", "logit_change", "kl"]].mean()
-    run.write_table(STAGE, "summary", summary)
-    plot_sweep(summary, run.path / STAGE / "plots")
-    facts = {"settings": len(clusters) * len(config.multipliers)}
-    if config.controls:
-        controls = ablation_controls(lm, batches, references, members, clusters, config.controls, config.seed,
-                                     progress)
-        run.write_table(STAGE, "controls", controls)
-        facts["controls"] = config.controls
-    run.finish_stage(STAGE, **facts)
-    return run
+        frames = []
+        bar = tqdm(total=len(clusters) * len(config.multipliers), desc="steer", unit="setting",
+                   disable=not progress)
+        for cluster in clusters:
+            for multiplier in config.multipliers:
+                for b, ((rows, batch), reference) in enumerate(zip(batches, references)):
+                    where = traced[cluster][b] if traced else None
+                    steered = last_logits(lm, batch, scaled(lm.model, lm.adapter, members[cluster], multiplier, where))
+                    frames.append(effect(lm, rows, reference, steered).assign(cluster=cluster, multiplier=multiplier))
+                bar.update()
+        bar.close()
+        results = pd.concat(frames, ignore_index=True)
+        out.write_table("results", results)
+        summary = results.groupby(["cluster", "multiplier"], as_index=False)[
+            ["p_top", "p_targets", "logit_change", "kl"]].mean()
+        out.write_table("summary", summary)
+        plot_sweep(summary, out.file("plots"))
+        out.facts["settings"] = len(clusters) * len(config.multipliers)
+        if config.controls:
+            controls = ablation_controls(lm, batches, references, members, clusters, config.controls, config.seed,
+                                         progress)
+            out.write_table("controls", controls)
+            out.facts["controls"] = config.controls
+    return view.run
 
 
-def _traced_positions(run: RunDir, batches) -> dict[int, list[torch.Tensor]]:
+def steer_summary(run: RunDir, run_dir: str) -> str:
+    view = RunView(run)
+    lines = [view.table(STAGE, "summary").round(4).to_string(index=False)]
+    if view.has(STAGE, "controls"):
+        lines.append(view.table(STAGE, "controls").round(4).to_string(index=False))
+    lines.append(f"plots in {run.path / STAGE / 'plots'}")
+    return "\n".join(lines)
+
+
+def _traced_positions(view: RunView, batches) -> dict[int, list[torch.Tensor]]:
     """Per cluster and batch, a (B, T) mask of the positions where a member was traced."""
-    nodes = run.read_table("trace", "nodes", columns=["prompt", "layer", "neuron", "position", "activation"])
-    half = run.read_table("cluster", "half_neurons")
-    nodes = nodes.assign(cluster=node_clusters(nodes, half))
-    out: dict[int, list[torch.Tensor]] = {int(c): [] for c in half["cluster"].unique()}
+    by_cluster = dict(tuple(view.node_keys.groupby("cluster")))
+    out: dict[int, list[torch.Tensor]] = {cluster: [] for cluster in view.cluster_members}
     for rows, batch in batches:
         row_of = {int(p): i for i, p in enumerate(rows["prompt"])}
-        for cluster in out:
+        for cluster, masks in out.items():
             mask = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
-            hits = nodes[(nodes["cluster"] == cluster) & nodes["prompt"].isin(row_of)]
+            hits = by_cluster[cluster]
+            hits = hits[hits["prompt"].isin(row_of)]
             r = torch.as_tensor(hits["prompt"].map(row_of).to_numpy(copy=True))
             mask[r, batch.offsets.cpu()[r] + torch.as_tensor(hits["position"].to_numpy(copy=True))] = True
-            out[cluster].append(mask)
+            masks.append(mask)
     return out
 
 
@@ -142,44 +136,52 @@ def _mean_p_top(lm, batches, references, half_neurons: list[HalfNeuron] | None) 
     return float(np.concatenate(values).mean())
 
 
-def faithfulness_run(run_dir: str, fractions: list[float], ablation: Literal["zero", "mean"] = "zero",
+def faithfulness_run(run_dir: str | RunDir, fractions: list[float], ablation: Literal["zero", "mean"] = "zero",
                      lm: LoadedModel | None = None, batch_size: int = 8) -> pd.DataFrame:
     """Faithfulness and completeness of node circuits made of the top fraction of traced nodes by
-    |attribution|; every other neuron is zero- or mean-ablated."""
-    run = RunDir.open(run_dir)
-    run.require_stage("trace", "adag trace")
-    lm = lm or run_model(run)
-    prompts = run.read_table("trace", "prompts")
-    nodes = run.read_table("trace", "nodes", columns=["prompt", "layer", "position", "neuron", "attribution"])
-    batches = prompt_batches(lm, prompts, batch_size)
-    means = _mean_activations(lm, batches) if ablation == "mean" else None
+    |attribution|; every other neuron is zero- or mean-ablated. Written to RUN/faithfulness/."""
+    config = FaithfulnessConfig(fractions=fractions, ablation=ablation, batch_size=batch_size)
+    return faithfulness_stage(run_dir, config, lm=lm)
 
-    def value_of(fraction: float | None, complement: bool) -> float:
-        total = 0.0
-        for rows, batch in batches:
-            if fraction is None:
-                total += metric_value(last_logits(lm, batch), rows).sum()
-                continue
-            keep = _circuit_mask(lm, nodes, rows, batch, fraction, complement)
-            base = {layer: (means[layer] if means is not None else torch.zeros(())) for layer in keep}
-            total += metric_value(last_logits(lm, batch, replaced(lm.model, lm.adapter, keep, base)), rows).sum()
-        return total
 
-    curve = faithfulness_curve(fractions, value_of)
-    if run.stage_done("trace"):
-        run.write_table(STAGE, f"faithfulness_{ablation}", curve)
+def faithfulness_stage(run_dir: str | RunDir, config: FaithfulnessConfig, model: str | None = None,
+                       lm: LoadedModel | None = None) -> pd.DataFrame:
+    with writing(run_dir, "faithfulness", config) as (view, out):
+        lm = lm or run_model(view.run, model)
+        batches = prompt_batches(lm, view.prompts, config.batch_size)
+        means = _mean_activations(lm, batches) if config.ablation == "mean" else None
+        ranked = {prompt: nodes.reindex(nodes["attribution"].abs().sort_values(ascending=False).index)
+                  for prompt, nodes in view.nodes_by_prompt.items()}
+
+        def value_of(fraction: float | None, complement: bool) -> float:
+            total = 0.0
+            for rows, batch in batches:
+                if fraction is None:
+                    total += metric_value(last_logits(lm, batch), rows).sum()
+                    continue
+                keep = _circuit_mask(lm, ranked, rows, batch, fraction, complement)
+                base = {layer: (means[layer] if means is not None else torch.zeros(())) for layer in keep}
+                total += metric_value(last_logits(lm, batch, replaced(lm.model, lm.adapter, keep, base)), rows).sum()
+            return total
+
+        curve = faithfulness_curve(config.fractions, value_of)
+        out.write_table("curve", curve)
     return curve
 
 
-def _circuit_mask(lm, nodes, rows, batch, fraction, complement) -> dict[int, torch.Tensor]:
+def faithfulness_summary(curve: pd.DataFrame, run_dir: str) -> str:
+    return curve.round(4).to_string(index=False)
+
+
+def _circuit_mask(lm, ranked: dict[int, pd.DataFrame], rows, batch, fraction, complement) -> dict[int, torch.Tensor]:
     """Per layer, (B, T, N) True where a neuron stays: the prompt's top `fraction` of traced nodes by
-    |attribution| (or, for the complement, everything else)."""
+    |attribution| (`ranked` holds each prompt's nodes in that order), or, for the complement,
+    everything else."""
     keep = {layer: torch.zeros((*batch.input_ids.shape, lm.n_neurons), dtype=torch.bool)
             for layer in range(lm.n_layers)}
     for row, prompt in enumerate(rows["prompt"]):
-        mine = nodes[nodes["prompt"] == prompt]
-        count = int(round(fraction * len(mine)))
-        top = mine.reindex(mine["attribution"].abs().sort_values(ascending=False).index).head(count)
+        mine = ranked[int(prompt)]
+        top = mine.head(int(round(fraction * len(mine))))
         offset = int(batch.offsets[row])
         for layer, group in top.groupby("layer"):
             positions = offset + group["position"].to_numpy(copy=True)

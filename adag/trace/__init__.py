@@ -1,8 +1,11 @@
 """Tracing: linearised (RelP) attribution graphs, attribution profiles and direct edges."""
 
-from adag.trace.attribute import PromptBatch, attribute, node_scores, select_nodes
-from adag.trace.config import TraceConfig
-from adag.trace.rules import linearised
-from adag.trace.run import trace_dataset
+import lazy_loader
 
-__all__ = ["PromptBatch", "TraceConfig", "attribute", "linearised", "node_scores", "select_nodes", "trace_dataset"]
+# Lazy: the CLI imports trace.config at start-up without paying for torch.
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "attribute": ["PromptBatch", "attribute", "node_scores", "select_nodes"],
+    "config": ["TraceConfig"],
+    "rules": ["linearised"],
+    "run": ["trace_dataset"],
+})

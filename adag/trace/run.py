@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
 from adag.datasets import Dataset, encode_prompt, label_token_ids
 from adag.errors import AdagError
 from adag.models import LoadedModel
-from adag.store import RunDir
+from adag.stages import writing
+from adag.store import RunDir, StageWriter, check_run_target
 from adag.trace.attribute import Nodes, PromptBatch, attribute, node_scores, nodes_from_keys, select_nodes
 from adag.trace.config import TraceConfig
 from adag.trace.tables import batch_tables
@@ -22,23 +25,36 @@ def run_manifest_facts(lm: LoadedModel, dataset: Dataset) -> tuple[dict, dict]:
     return model, {"name": dataset.name, "sha256": dataset.sha256, "rows": len(dataset)}
 
 
-def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: str, progress: bool = True) -> RunDir:
-    """Trace every prompt of `dataset` into the run directory `out`; an interrupted run resumes."""
-    model_facts, dataset_facts = run_manifest_facts(lm, dataset)
-    run = RunDir.create(out, model_facts, dataset_facts)
-    settings = config.model_dump(mode="json")
-    if run.stage_config(STAGE) not in (None, settings):
-        raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
-                        "(or delete this one) so that no finished work is lost")
-    resume = run.begin_stage(STAGE, settings)
+def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: str | Path, progress: bool = True,
+                  command: str | None = None) -> RunDir:
+    """Trace every prompt of `dataset` into the run directory `out`; an interrupted run resumes, and a
+    rerun with the same settings redoes only missing or damaged parts."""
+    check_targets(lm, config)
     tokens, labels = encode_dataset(lm, dataset, config)
-    plan = batch_plan(tokens, config.batch_size)
-    keys = _dataset_keys(lm, config, tokens, labels, plan, progress) if config.aggregation != "none" else None
+    run = RunDir.create(out, *run_manifest_facts(lm, dataset))
+    settings = config.model_dump(mode="json")
+    with run.lock():
+        run.reload()
+        unfinished = run.staged_attempt(STAGE)
+        if run.stage_config(STAGE) not in (None, settings) or (unfinished and unfinished["config"] != settings):
+            raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
+                            "(or delete this one) so that no finished work is lost")
+        with writing(run, STAGE, config, command) as (_, stage):
+            _trace_parts(lm, dataset, config, tokens, labels, stage, progress)
+    return run
 
-    totals = {"nodes": 0, "edges": 0}
+
+def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens: list[list[int]],
+                 labels: list[list[int]], stage: StageWriter, progress: bool) -> None:
+    tables = ["nodes", "edges", "prompts"] if config.edges else ["nodes", "prompts"]
+    plan = batch_plan(tokens, config.batch_size)
+    todo = {part for part in range(len(plan)) if not all(stage.has_part(name, part) for name in tables)}
+    keys = None
+    if todo and config.aggregation != "none":
+        keys = _dataset_keys(lm, config, tokens, labels, plan, progress)
     bar = tqdm(total=len(dataset), unit="prompt", desc="trace", disable=not progress)
     for part, prompt_ids in enumerate(plan):
-        if resume and run.has_part(STAGE, "prompts", part):
+        if part not in todo:
             bar.update(len(prompt_ids))
             continue
         batch = _batch(lm, tokens, labels, prompt_ids)
@@ -48,18 +64,43 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
         else:
             nodes = nodes_from_keys(keys, batch, config)
         result = attribute(lm, config, batch, nodes)
-        tables = batch_tables(result, batch, prompt_ids, [dataset.rows[i] for i in prompt_ids], lm.tokenizer,
-                              config.edge_threshold)
-        for name in ("nodes", "edges", "prompts"):  # prompts last: its presence marks the part done
-            if name in tables:
-                run.write_part(STAGE, name, part, tables[name])
+        batch_result = batch_tables(result, batch, prompt_ids, [dataset.rows[i] for i in prompt_ids], lm.tokenizer,
+                                    config.edge_threshold)
+        for name in tables:
+            stage.write_part(name, part, batch_result[name])
         bar.update(len(prompt_ids))
     bar.close()
-    for name in totals:
-        if name != "edges" or config.edges:
-            totals[name] = len(run.read_table(STAGE, name, columns=["prompt"]))
-    run.finish_stage(STAGE, prompts=len(dataset), **totals)
-    return run
+    totals = {name: len(stage.read_table(name, columns=["prompt"])) for name in tables if name != "prompts"}
+    stage.facts.update(prompts=len(dataset), **{"edges": 0, **totals})
+
+
+def trace_command(run_dir: str, config: TraceConfig, model: str, dataset: str, limit: int | None = None,
+                  dtype: str = "float32", device: str = "cpu") -> RunDir:
+    """`adag trace`: load the dataset and the model, then trace."""
+    from adag.datasets import load_dataset
+    from adag.models import load_model
+    from adag.stages import command_line
+
+    check_run_target(Path(run_dir))
+    rows = load_dataset(dataset, limit=limit)
+    lm = load_model(model, dtype=dtype, device=device)
+    command = command_line(STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
+                           dtype=dtype, device=device)
+    return trace_dataset(lm, rows, config, run_dir, command=command)
+
+
+def trace_summary(run: RunDir, run_dir: str) -> str:
+    facts = run.manifest["stages"][STAGE]
+    return (f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['edges']} edges "
+            f"in {facts['seconds']:.1f}s -> {run_dir}")
+
+
+def check_targets(lm: LoadedModel, config: TraceConfig) -> None:
+    """The metric's k top tokens must exist in the vocabulary."""
+    vocabulary = lm.model.get_output_embeddings().weight.shape[0]
+    if config.metric == "topk" and config.k > vocabulary:
+        raise AdagError(f"--k {config.k} is more than the model's vocabulary of {vocabulary} tokens; "
+                        f"choose --k between 1 and {vocabulary}")
 
 
 def encode_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig) -> tuple[list[list[int]], list[list[int]]]:
@@ -83,9 +124,8 @@ def batch_plan(tokens: list[list[int]], batch_size: int) -> list[list[int]]:
 
 
 def _batch(lm: LoadedModel, tokens: list[list[int]], labels: list[list[int]], prompt_ids: list[int]) -> PromptBatch:
-    pad = lm.tokenizer.pad_token_id
-    pad = pad if pad is not None else 0
-    return PromptBatch.left_pad([tokens[i] for i in prompt_ids], [labels[i] for i in prompt_ids], pad, lm.device)
+    return PromptBatch.left_pad([tokens[i] for i in prompt_ids], [labels[i] for i in prompt_ids], lm.pad_id,
+                                lm.device)
 
 
 def _dataset_keys(lm: LoadedModel, config: TraceConfig, tokens: list[list[int]], labels: list[list[int]],

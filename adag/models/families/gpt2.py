@@ -3,13 +3,9 @@
 from adag.models.families.base import FamilyAdapter, NormKind
 
 ADAPTER = FamilyAdapter(
-    model_types=("gpt2",),
-    layers="transformer.h",
-    mlp_act="mlp.act",
-    mlp_out="mlp.c_proj",
+    model_types=("gpt2",), norm_kind=NormKind.LAYER,
+    layers="transformer.h", final_norm="transformer.ln_f", unembedding="lm_head",
+    mlp_act="mlp.act", mlp_out="mlp.c_proj",
     attention_fused_qkv="attn.c_attn",
     norms=("ln_1", "ln_2"),
-    final_norm="transformer.ln_f",
-    unembedding="lm_head",
-    norm_kind=NormKind.LAYER,
 )
