@@ -22,6 +22,7 @@ from adag.describe.config import DescribeOptions
 from adag.describe.evaluate import RULES, evaluate_rule
 from adag.describe.explain import (
     Excerpt,
+    HeldOut,
     LLMExplainer,
     StatsExplainer,
     TargetExcerpt,
@@ -114,9 +115,14 @@ def test_expected_score_from_logprobs():
 
 
 def test_simulator_sees_tokens_one_per_line_with_indices():
-    content = simulate_messages("input", "digits", ["What", " is", " 4", "\n"])[-1]["content"]
+    content = simulate_messages(Simulation("input", "digits", ("What", " is", " 4", "\n")))[-1]["content"]
     assert content.splitlines()[-4:] == ['0\t"What"', '1\t" is"', '2\t" 4"', '3\t"\\n"']
     assert "JSON list of 4 integers, the i-th for token i" in content
+
+
+def test_output_simulator_sees_the_prompt():
+    content = simulate_messages(Simulation("output", "capitals", (" Paris", " The"), "Capital of France?"))[-1]
+    assert 'Prompt: "Capital of France?"\n\n0\t" Paris"\n1\t" The"' in content["content"]
 
 
 def test_explainer_sees_worked_examples_before_the_excerpts():
@@ -501,9 +507,9 @@ def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
         tokens = [(" " if j else "") + w for j, w in enumerate(text.split())]
         records.append(Record(i, tokens, np.array([10.0 if t.strip().isdigit() else 0.0 for t in tokens])))
     simulator = CachedBackend(make_backend("embed:minilm"), tmp_path / "cache.sqlite")
-    truth = [r.values for r in records]
-    right = simulated_score(simulator, "input", "numbers and digits", records, truth, 1)
-    wrong = [simulated_score(simulator, "input", d, records, truth, 1) for d in ("animals", "verbs", "fruit")]
+    held_out = HeldOut([r.tokens for r in records], [r.values for r in records])
+    right = simulated_score(simulator, "input", "numbers and digits", held_out, 1)
+    wrong = [simulated_score(simulator, "input", d, held_out, 1) for d in ("animals", "verbs", "fruit")]
     assert right > 0.6 and right > max(wrong) + 0.5
 
 

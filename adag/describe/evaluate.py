@@ -172,10 +172,9 @@ def evaluate_rule(rule: PlantedRule, tokenizer: Any, explainer: Explainer, simul
     records = planted_records(rule, prompts, tokenizer, config.seed)
     if rule.kind == "input":
         excerpts, held_out = input_split(records, config)
-        truth = [r.values for r in held_out]
     else:
-        excerpts, held_out, truth = output_split(records, {p.id: p.row.prompt for p in prompts}, config)
-    best = best_description(explainer, simulator, rule.kind, excerpts, held_out, truth, config, rule.name)
-    true_score, wrong_score = (simulated_score(simulator, rule.kind, d, held_out, truth, config.attempts)
+        excerpts, held_out = output_split(records, {p.id: p.row.prompt for p in prompts}, config)
+    best = best_description(explainer, simulator, rule.kind, excerpts, held_out, config, rule.name)
+    true_score, wrong_score = (simulated_score(simulator, rule.kind, d, held_out, config.attempts)
                                for d in (rule.truth, rule.wrong))
     return CaseResult(rule.name, rule.kind, best.description, best.score, true_score, wrong_score)

@@ -29,7 +29,7 @@ from adag.describe.prompts import (
     parse_description,
     parse_label,
 )
-from adag.describe.records import Record, highlight
+from adag.describe.records import highlight
 
 Kind = Literal["input", "output"]
 T = TypeVar("T")
@@ -64,6 +64,19 @@ class TargetExcerpt:
         return f"Prompt: {self.prompt!r} -> " + ", ".join(f"{t!r}: {int(s)}" for t, s in zip(self.targets, self.scores))
 
 
+@dataclass
+class HeldOut:
+    """What descriptions are scored on: records the explainer never saw, with the true value of each
+    unit (token or target) and, for output records, the prompt the targets follow."""
+
+    units: list[list[str]]
+    truth: list[np.ndarray]
+    prompts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+
 def retry(attempts: int, ask: Callable[[int], T]) -> T:
     """Ask again (with the attempt number, so nothing cached is replayed) while the reply is unusable."""
     for attempt in range(attempts - 1):
@@ -75,7 +88,6 @@ def retry(attempts: int, ask: Callable[[int], T]) -> T:
 
 
 class Explainer(ABC):
-    name: str
     # A deterministic explainer writes one description from all excerpts instead of samples on subsets.
     deterministic: bool = False
 
@@ -95,7 +107,6 @@ class Explainer(ABC):
 class LLMExplainer(Explainer):
     def __init__(self, llm: CachedBackend, temperature: float):
         self.llm, self.temperature = llm, temperature
-        self.name = llm.name
 
     def bounded(self, seconds: float) -> LLMExplainer:
         return LLMExplainer(self.llm.bounded(seconds), self.temperature)
@@ -113,14 +124,14 @@ class LLMExplainer(Explainer):
 
 
 class StatsExplainer(Explainer):
-    """No model: the token strings highlighted most often (with counts, and the text before them when it
-    is always the same), the targets promoted and suppressed most, and a label from the dominant strings."""
+    """No model: the token strings highlighted most often (with counts, and the text just before or after
+    them when it is always the same), the targets promoted and suppressed most, and a label from the
+    dominant strings."""
 
-    name = "stats"
     deterministic = True
     SHOWN = 4  # token strings listed in a description, at most
     SHARE = 0.25  # listed only if highlighted (or pushed) at least this share as much as the top one
-    CONTEXT = 2  # tokens of constant preceding text looked for
+    CONTEXT = 2  # tokens of constant neighbouring text looked for, on each side
 
     def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
         return self._inputs(excerpts) if kind == "input" else self._outputs(excerpts)
@@ -228,9 +239,11 @@ def correlation(true: np.ndarray, predicted: np.ndarray) -> float | None:
     return float(pearsonr(true, predicted).statistic)
 
 
-def simulated_score(simulator: CachedBackend, kind: Kind, description: str, held_out: list[Record],
-                    truth: list[np.ndarray], attempts: int) -> float | None:
+def simulated_score(simulator: CachedBackend, kind: Kind, description: str, held_out: HeldOut,
+                    attempts: int) -> float | None:
     """Pearson r between the true values of held-out records and the simulator's predictions."""
-    predicted = [retry(attempts, lambda attempt, r=record: simulator.predict(
-        Simulation(kind, description, tuple(r.tokens)), f"simulate-{kind}", attempt)) for record in held_out]
-    return correlation(np.concatenate(truth).astype(float), np.concatenate(predicted))
+    prompts = held_out.prompts or [""] * len(held_out)
+    predicted = [retry(attempts, lambda attempt, u=units, p=prompt: simulator.predict(
+        Simulation(kind, description, tuple(u), p), f"simulate-{kind}", attempt))
+        for units, prompt in zip(held_out.units, prompts)]
+    return correlation(np.concatenate(held_out.truth).astype(float), np.concatenate(predicted))

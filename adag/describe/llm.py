@@ -72,6 +72,7 @@ class Simulation:
     kind: Literal["input", "output"]
     description: str
     units: tuple[str, ...]
+    prompt: str = ""  # outputs: the prompt the candidate tokens would follow
 
 
 @dataclass
@@ -107,7 +108,7 @@ class Backend(ABC):
         """A chat model answers a JSON list; where log-probabilities come back, the expected value of each
         score token is used instead of the integer."""
         n = len(simulation.units)
-        reply = self.complete(simulate_messages(simulation.kind, simulation.description, list(simulation.units)),
+        reply = self.complete(simulate_messages(simulation),
                               0.0, 8 * n + 20, True, seed, timeout)
         try:
             values = parse_scores(reply.text, n)
@@ -257,7 +258,7 @@ class LocalBackend(Backend):
         each score slot from one forward pass; the prediction is its expected value."""
         import torch
 
-        messages = simulate_messages(simulation.kind, simulation.description, list(simulation.units))
+        messages = simulate_messages(simulation)
         tokenizer = self.lm.tokenizer
         prompt = self._encode(messages)
         ids, slots = list(prompt), []

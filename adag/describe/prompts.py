@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from adag.describe.llm import Simulation
 
 Messages = list[dict[str, str]]
 MAX_DESCRIPTION = 160
@@ -61,8 +65,8 @@ SIMULATE_INPUT = (
     "one text, one per line as index and token. For each token, predict how strongly the group fires on it, "
     "from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
 SIMULATE_OUTPUT = (
-    "A group of neurons inside a language model is described as: \"{description}\". Below are candidate next "
-    "tokens for one prompt, one per line as index and token. For each, predict how strongly the group pushes "
+    "A group of neurons inside a language model is described as: \"{description}\". Below are a prompt, then "
+    "candidate next tokens for it, one per line as index and token. For each, predict how strongly the group pushes "
     "the model to say it, from 0 (strongly suppresses) through 5 (no effect) to 10 (strongly promotes). "
     "Reply with a JSON list of {n} integers, the i-th for token i.")
 LABEL = (
@@ -85,10 +89,13 @@ def explain_messages(kind: str, excerpts: list[str]) -> Messages:
     return [*messages, {"role": "user", "content": f"Excerpts:\n{numbered(excerpts)}"}]
 
 
-def simulate_messages(kind: str, description: str, units: list[str]) -> Messages:
-    template = SIMULATE_INPUT if kind == "input" else SIMULATE_OUTPUT
-    listing = "\n".join(f"{i}\t{json.dumps(unit)}" for i, unit in enumerate(units))
-    return [{"role": "user", "content": f"{template.format(description=description, n=len(units))}\n\n{listing}"}]
+def simulate_messages(simulation: Simulation) -> Messages:
+    template = SIMULATE_INPUT if simulation.kind == "input" else SIMULATE_OUTPUT
+    text = template.format(description=simulation.description, n=len(simulation.units))
+    if simulation.prompt:
+        text += f"\n\nPrompt: {json.dumps(simulation.prompt, ensure_ascii=False)}"
+    listing = "\n".join(f"{i}\t{json.dumps(unit, ensure_ascii=False)}" for i, unit in enumerate(simulation.units))
+    return [{"role": "user", "content": f"{text}\n\n{listing}"}]
 
 
 def label_messages(inputs: str, outputs: str) -> Messages:

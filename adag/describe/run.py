@@ -16,6 +16,7 @@ from adag.describe.config import DescribeConfig, DescribeOptions, parse_spec
 from adag.describe.explain import (
     Excerpt,
     Explainer,
+    HeldOut,
     LLMExplainer,
     Scored,
     TargetExcerpt,
@@ -138,12 +139,11 @@ def describe_cluster(cluster: int, inputs: list[Record], outputs: list[Record], 
         shown: dict[str, list] = {"input": [], "output": []}
         for sign, name in ((1, "input"), (-1, "negative_input")):
             excerpts, held_out = input_split(sign_part(inputs, sign), config)
-            best = best_description(explainer, simulator, "input", excerpts, held_out,
-                                    [r.values for r in held_out], config, f"{cluster}{name}")
+            best = best_description(explainer, simulator, "input", excerpts, held_out, config, f"{cluster}{name}")
             row[f"{name}_description"], row[f"{name}_score"] = best.description or None, best.score
             shown["input"] = shown["input"] or excerpts
-        excerpts, held_out, truth = output_split(outputs, prompt_text, config)
-        best = best_description(explainer, simulator, "output", excerpts, held_out, truth, config, f"{cluster}output")
+        excerpts, held_out = output_split(outputs, prompt_text, config)
+        best = best_description(explainer, simulator, "output", excerpts, held_out, config, f"{cluster}output")
         row["output_description"], row["output_score"] = best.description or None, best.score
         shown["output"] = excerpts
         descriptions = {"input": row["input_description"] or "", "output": row["output_description"] or ""}
@@ -154,31 +154,32 @@ def describe_cluster(cluster: int, inputs: list[Record], outputs: list[Record], 
     return row
 
 
-def input_split(records: list[Record], config: DescribeConfig) -> tuple[list[Excerpt], list[Record]]:
+def input_split(records: list[Record], config: DescribeConfig) -> tuple[list[Excerpt], HeldOut]:
     """Highlighted excerpts for the explainer and held-out records for scoring (none without values)."""
     if not any(r.values.max(initial=0) > 0 for r in records):
-        return [], []
+        return [], HeldOut([], [])
     explain, held_out = exemplar_pool(records, config.top_records, config.random_records, config.seed)
     if config.highlight == "quantile":
         threshold = quantile_walk_threshold(explain + held_out, config.highlight_k)
         masks = [(r.values >= threshold) & (r.values > 0) for r in explain]
     else:
         masks = [top_k_mask(r, config.highlight_k) for r in explain]
-    return [Excerpt(r.tokens, mask) for r, mask in zip(explain, masks)], held_out
+    return ([Excerpt(r.tokens, mask) for r, mask in zip(explain, masks)],
+            HeldOut([r.tokens for r in held_out], [r.values for r in held_out]))
 
 
 def output_split(records: list[Record], prompt_text: dict[int, str],
-                 config: DescribeConfig) -> tuple[list[TargetExcerpt], list[Record], list[np.ndarray]]:
+                 config: DescribeConfig) -> tuple[list[TargetExcerpt], HeldOut]:
     """The prompts pushed hardest, alternately shown to the explainer and held out, with scores in [-10, 10]."""
     top = sorted(records, key=lambda r: (-float(np.abs(r.values).max(initial=0)), r.prompt))[:config.output_records]
     scores = normalised_scores(top)
     excerpts = [TargetExcerpt(prompt_text[r.prompt], r.tokens, s) for r, s in zip(top[0::2], scores[0::2])]
-    return excerpts, top[1::2], scores[1::2]
+    held_out = HeldOut([r.tokens for r in top[1::2]], scores[1::2], [prompt_text[r.prompt] for r in top[1::2]])
+    return excerpts, held_out
 
 
 def best_description(explainer: Explainer, simulator: CachedBackend, kind: Literal["input", "output"],
-                     excerpts: list, held_out: list[Record], truth: list[np.ndarray], config: DescribeConfig,
-                     seed_key: str) -> Scored:
+                     excerpts: list, held_out: HeldOut, config: DescribeConfig, seed_key: str) -> Scored:
     """Candidates on random subsets of the excerpts (one from all of them for a deterministic explainer),
     each scored on the held-out records; the best one."""
     if not excerpts:
@@ -192,7 +193,7 @@ def best_description(explainer: Explainer, simulator: CachedBackend, kind: Liter
                    for _ in range(config.samples)]
     candidates = [retry(config.attempts, lambda attempt, s=sample, shown=shown: explainer.describe(
         kind, shown, s, attempt)) for sample, shown in enumerate(subsets)]
-    scored = [Scored(d, simulated_score(simulator, kind, d, held_out, truth, config.attempts) if held_out and d
+    scored = [Scored(d, simulated_score(simulator, kind, d, held_out, config.attempts) if len(held_out) and d
                      else None) for d in dict.fromkeys(candidates)]
     return max(scored, key=lambda s: -2.0 if s.score is None else s.score)
 
