@@ -56,11 +56,11 @@ class DescribeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     explainer: str = Field("stats", description=(
-        "who writes descriptions: stats (offline summary of the highlighted tokens, no LLM), local[:MODEL], "
-        "openai:MODEL[@URL] (also vLLM, Ollama, llama.cpp server) or anthropic:MODEL[@URL]"))
+        "who writes descriptions: stats (offline summary of the highlighted tokens, no LLM), local:MODEL, "
+        "openai:MODEL, openai:MODEL@URL (a vLLM, Ollama or llama.cpp server) or anthropic:MODEL"))
     simulator: str = Field("embed:minilm", description=(
         "who scores descriptions on held-out records: embed:minilm (offline sentence embeddings), "
-        "local[:MODEL], openai:MODEL[@URL] or anthropic:MODEL[@URL]"))
+        "local:MODEL, openai:MODEL, openai:MODEL@URL or anthropic:MODEL"))
     samples: int = Field(5, ge=1, description="candidate descriptions per explanation (LLM explainers)")
     subset_size: int = Field(15, ge=1, description="excerpts shown to an LLM explainer per candidate")
     top_records: int = Field(80, ge=1, description="strongest records in each cluster's exemplar pool")
