@@ -245,13 +245,10 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind (127.0.0.1 keeps it on this machine)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 picks a free one)")] = 8000,
 ) -> None:
-    """Browse a run: cluster graph, cluster panels, per-prompt neuron graphs."""
+    """Browse a run: cluster graph, cluster panels, every prompt's attribution graph (loaded on demand)."""
     from adag.report import make_server
 
-    try:
-        server = make_server(run_dir, host, port)
-    except OSError as error:
-        raise AdagError(f"cannot listen on {host}:{port} ({error.strerror}); try another --port") from None
+    server = make_server(run_dir, host, port)
     typer.echo(f"serving {run_dir} at http://{host}:{server.server_port}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from adag.cluster.config import ClusterConfig
 from adag.describe.config import DescribeConfig, DescribeOptions
-from adag.report.config import ExportOptions, ReportConfig, ReportOptions
+from adag.report.config import ExportConfig, ExportOptions, FigureConfig, FigureOptions, ReportConfig, ReportOptions
 from adag.steer.config import CorrelateConfig, FaithfulnessConfig, JudgeConfig, ModelOption, SteerConfig
 from adag.trace.config import TraceConfig, TraceInputs
 
@@ -87,12 +87,17 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("judge", "Generate under steering and have a judge LLM answer a yes/no question; "
           "rate = yes / (yes + no).", JudgeConfig, "adag.steer.judge:judge_run", "adag.steer.judge:judge_summary",
           requires=("cluster",), options=ModelOption),
-    Stage("report", "Write the viewer with all its data as one self-contained HTML file.",
+    Stage("report", "Write the viewer with its data (cluster views, the attribution graphs of the prompts "
+          "carrying the most attribution) as one self-contained HTML file.",
           ReportConfig, "adag.report.html:report_command", "adag.report.html:report_summary",
           requires=("cluster",), uses=("describe", "steer"), options=ReportOptions),
     Stage("export", "Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON.",
-          ReportConfig, "adag.report.export:export_command", "adag.report.export:export_summary",
+          ExportConfig, "adag.report.export:export_command", "adag.report.export:export_summary",
           requires=("trace",), uses=("cluster", "describe"), options=ExportOptions),
+    Stage("figure", "Draw a prompt's attribution graph (or with --clusters the cluster graph) as a static "
+          "picture for papers: .svg, .png or .pdf.", FigureConfig, "adag.report.figure:figure_command",
+          "adag.report.figure:figure_summary", requires=("trace",), uses=("cluster", "describe"),
+          options=FigureOptions),
 )}
 
 

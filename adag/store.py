@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from adag import __version__
 from adag.errors import AdagError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2: staged stages and file records; 3: trace embeddings table, direct embedding edges
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 STAGING = ".staging"

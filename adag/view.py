@@ -106,6 +106,19 @@ class RunView:
         return {int(prompt): group for prompt, group in self.edges.groupby("prompt", sort=True)}
 
     @cached_property
+    def embeddings(self) -> pd.DataFrame:
+        """The kept embedding nodes: prompt, position, token_id, token, relevance."""
+        self.require("trace")
+        return self.run.read_table("trace", "embeddings")
+
+    @cached_property
+    def embeddings_by_prompt(self) -> dict[int, pd.DataFrame]:
+        """`embeddings` grouped by prompt (every traced prompt has an entry, possibly empty)."""
+        groups = {int(prompt): group for prompt, group in self.embeddings.groupby("prompt", sort=True)}
+        empty = self.embeddings.iloc[:0]
+        return {int(prompt): groups.get(int(prompt), empty) for prompt in self.prompts["prompt"]}
+
+    @cached_property
     def nodes_by_prompt(self) -> dict[int, pd.DataFrame]:
         """`node_keys` grouped by prompt (every traced prompt has an entry, possibly empty)."""
         groups = {int(prompt): group for prompt, group in self.node_keys.groupby("prompt", sort=True)}

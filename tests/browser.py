@@ -1,4 +1,5 @@
-"""Headless Chromium (Debian's chromium and chromium-driver, installed by `make install`) via Selenium."""
+"""Headless Chromium (Debian's chromium and chromium-driver, installed by `make install`) via Selenium,
+and what the viewer tests measure in the page."""
 
 from __future__ import annotations
 
@@ -15,6 +16,21 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-u
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
          "--window-size=1400,1100"]
 
+# Boxes in page pixels: circles as (cx, cy, r), texts as (left, top, right, bottom) with their own text.
+GEOMETRY = """
+const svg = document.getElementById(arguments[0]);
+const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+const texts = (selector) => [...svg.querySelectorAll(selector)].map(t => ({text: t.firstChild.nodeValue,
+  full: t.querySelector("title") ? t.querySelector("title").textContent : null, box: box(t)}));
+return {
+  svg: box(svg),
+  circles: [...svg.querySelectorAll("circle")].map(c => { const r = c.getBoundingClientRect();
+    return [(r.left + r.right) / 2, (r.top + r.bottom) / 2, r.width / 2]; }),
+  tokens: texts(".token-label"), clusters: texts(".cluster-label"),
+  others: texts("text:not(.token-label):not(.cluster-label)"),
+};
+"""
+
 
 @contextmanager
 def chromium():
@@ -23,6 +39,7 @@ def chromium():
         options.binary_location = "/usr/bin/chromium"
         for flag in [*FLAGS, f"--user-data-dir={profile}"]:
             options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:
             yield driver
@@ -32,9 +49,30 @@ def chromium():
 
 def open_page(driver, url: str) -> None:
     driver.get(url)
-    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
 
 
 def click_cluster(driver, cluster: int) -> None:
-    driver.find_element(By.CSS_SELECTOR, f'g.cluster-node[data-cluster="{cluster}"]').click()
+    driver.find_element(By.CSS_SELECTOR, f'g.cluster-node[data-cluster="{cluster}"] circle').click()
     WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "panel-label"))
+
+
+def geometry(driver, svg_id: str) -> dict:
+    return driver.execute_script(GEOMETRY, svg_id)
+
+
+def redraw(driver, action) -> None:
+    """Run `action` (which changes the prompt graph's settings) and wait until the graph is redrawn."""
+    before = driver.find_element(By.ID, "neurons").get_attribute("data-drawn")
+    action()
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "neurons").get_attribute("data-drawn") != before)
+
+
+def set_range(driver, element_id: str, value: int) -> None:
+    """Move a range input and fire its input event, as dragging it does."""
+    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                          "e.dispatchEvent(new Event('input'));", element_id, value)
+
+
+def console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]

@@ -4,9 +4,16 @@ import time
 import pytest
 import torch
 
-from tests.tiny import FAMILIES, offline_tokenizer, tiny_model
+from tests.tiny import FAMILIES, in_float64, offline_tokenizer, tiny_model
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# ADAG_TEST_THREADS=N runs the suite with N torch threads (default: one per CPU). Every numeric
+# tolerance must hold for any N, since the thread count changes the order of floating-point sums.
+torch.set_num_threads(int(os.environ.get("ADAG_TEST_THREADS") or os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: checks of the built-in model on the device named by "
+                            "ADAG_TEST_DEVICE (run by benchmarks/device_check.sh; skipped otherwise)")
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +29,17 @@ def tiny_models(tokenizer):
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def float64_models(tokenizer):
+    """Float64 copies of every family, for comparisons with slow references and exact identities."""
+    return {family: in_float64(tiny_model(family, tokenizer)) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny64(request, float64_models):
+    return float64_models[request.param]
 
 
 @pytest.fixture(scope="session")

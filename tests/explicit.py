@@ -1,7 +1,7 @@
 """An independent, slow reference: the linearised model written out as a forward pass.
 
-A reference run records every quantity the linearisation freezes (norm scales, attention queries
-and keys, activation ratios act(z)/z, both gate factors, soft-cap ratios). `run` then computes a
+A reference pass records every quantity the linearisation freezes (norm scales, attention queries
+and keys, activation ratios act(z)/z, both gate factors, soft-cap ratios). `forward` then computes a
 forward pass in which each nonlinearity is replaced by its frozen linear version, with the gated
 product written as 0.5 * (g * u_ref + g_ref * u). That forward is affine in the embeddings and in
 every neuron activation, so ablating a quantity measures exactly `value * gradient` of the
@@ -115,7 +115,7 @@ class ExplicitLinearModel:
         return logits, {li: seen[("a", li)] for li in range(len(self._layers()))}
 
     @torch.no_grad()
-    def run(self, zero_embedding=None, zero_neuron=None, hold_mlps=False):
+    def forward(self, zero_embedding=None, zero_neuron=None, hold_mlps=False):
         """Last-position logits and every layer's activations, with an embedding position
         (row, position) or a neuron (layer, row, position, neuron) set to zero."""
         return self._forward(False, zero_embedding, zero_neuron, hold_mlps)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from adag.cli import app
 from adag.datasets import load_dataset
-from adag.store import RunDir
+from adag.store import FORMAT_VERSION, RunDir
 from tests.fake_openai import FakeOpenAI
 from tests.test_store import snapshot
 from tests.tiny import tiny_model
@@ -169,7 +169,7 @@ def test_a_damaged_trace_part_is_named_before_cluster_and_repaired_by_trace(buil
 
 
 @pytest.mark.parametrize("content, match", [
-    (b"[]", "holds a JSON list"), (b'{"format_version": 2}', "lacks 'adag_version'"),
+    (b"[]", "holds a JSON list"), (json.dumps({"format_version": FORMAT_VERSION}).encode(), "lacks 'adag_version'"),
     (bytes(range(256)), "is not valid JSON")])
 def test_a_damaged_manifest(built_run, tmp_path, content, match):
     run = tmp_path / "run"
@@ -183,8 +183,8 @@ def test_trace_input_errors_come_before_any_work(model_dir, dataset_file, tmp_pa
     a_file = tmp_path / "file"
     a_file.write_text("x")
     one_line_error("trace", "--model", model_dir, "--dataset", dataset_file, "--out", a_file, match="is a file")
-    one_line_error("trace", "--model", model_dir, "--dataset", dataset_file, "--out", tmp_path / "r", "--k", "100000",
-                   match="--k 100000 is more than the model's vocabulary")
+    one_line_error("trace", "--model", model_dir, "--dataset", dataset_file, "--out", tmp_path / "r",
+                   "--n-targets", "100000", match="--n-targets 100000 is more than the model's vocabulary")
     one_line_error("trace", "--model", model_dir, "--dataset", dataset_file, "--out", tmp_path / "r", "--limit", "0",
                    match="--limit")
     assert not (tmp_path / "r").exists()
@@ -199,7 +199,7 @@ def test_a_trace_that_finished_no_batch_accepts_new_settings(model_dir, dataset_
         raise RuntimeError("out of memory")
 
     with monkeypatch.context() as patch:
-        patch.setattr(trace_module, "attribute", broken)
+        patch.setattr(trace_module, "profiles_pass", broken)
         assert isinstance(adag(*args, "--threshold", "0.03", code=1).exception, RuntimeError)
     assert "trace" not in RunDir.open(run).manifest["stages"]
     adag(*args, "--threshold", "0.05")

@@ -1,24 +1,42 @@
+import http.client
 import json
+import os
 from pathlib import Path
 
 import jsonschema
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+from typer.testing import CliRunner
 
+from adag.cli import app
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
 from adag.errors import AdagError
 from adag.report import neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
+from adag.report.config import FigureConfig, ReportConfig
+from adag.report.data import chosen_prompts, graph_of, prompt_row, round_significant
 from adag.report.export import graph_schema
+from adag.report.figure import write_figure
+from adag.report.graph import collapse_clusters, pruning_order
+from adag.report.html import allowed_host
+from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
+from adag.report.synthetic import synthetic_run
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
-from tests.browser import chromium, click_cluster, open_page
+from adag.view import RunView
+from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range
 from tests.fake_openai import FakeOpenAI
 
 HOSTILE = "<script>window.pwned=1</script><b>bold</b> What is the capital of France?"
+LABELS = ["capital cities of Europe", "say a capital", "France / French", "question words",
+          "the token ' of' before a place name", "<b>markup</b> & 'quotes'", "country", "answer format"]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +56,260 @@ def described_run(tiny_models, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory):
+    """Shaped like the demo: 30 layers, chat-template-length prompts, most nodes late, labelled clusters."""
+    path = tmp_path_factory.mktemp("demo-like") / "run"
+    synthetic_run(path, prompts=6, layers=30, nodes=110, last_share=0.6, length=(36, 44), neurons=60, clusters=8,
+                  edge_density=0.08, labels=LABELS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """Hundreds of nodes, nearly all at the last position."""
+    path = tmp_path_factory.mktemp("crowded") / "run"
+    synthetic_run(path, prompts=2, layers=30, nodes=320, last_share=0.95, length=(12, 16), neurons=40, clusters=6,
+                  edge_density=0.02, labels=LABELS[::-1], seed=1)
+    return path
+
+
 def _not_blank(png: str) -> None:
     pixels = np.asarray(Image.open(png).convert("RGB"), dtype=float)
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+
+
+def _overlap(a, b, tolerance: float = 0.5) -> bool:
+    return (a[0] < b[2] - tolerance and b[0] < a[2] - tolerance and a[1] < b[3] - tolerance
+            and b[1] < a[3] - tolerance)
+
+
+def _circle_box(circle) -> list[float]:
+    x, y, r = circle
+    return [x - r, y - r, x + r, y + r]
+
+
+def _assert_no_circle_overlaps(circles) -> None:
+    c = np.array(circles)
+    distance = np.hypot(c[:, None, 0] - c[None, :, 0], c[:, None, 1] - c[None, :, 1])
+    touching = distance < (c[:, None, 2] + c[None, :, 2]) - 0.5  # 0.5 px: coordinates are rounded to 0.1 unit
+    np.fill_diagonal(touching, False)
+    assert not touching.any(), f"{touching.sum() // 2} pairs of node circles overlap"
+
+
+def _assert_cluster_labels_clear(shape) -> None:
+    """No cluster label overlaps another label or a circle."""
+    labels = [t["box"] for t in shape["clusters"]]
+    others = [t["box"] for t in shape["tokens"] + shape["others"]] + [_circle_box(c) for c in shape["circles"]]
+    for i, a in enumerate(labels):
+        assert not any(_overlap(a, b) for b in labels[i + 1:] + others), shape["clusters"][i]["full"]
+
+
+def _check_prompt_graph(driver, tokens: list[str]) -> None:
+    shape = geometry(driver, "neurons")
+    left, _, right, _ = shape["svg"]
+    xs = [(c[0] - c[2], c[0] + c[2]) for c in shape["circles"]]
+    span = (max(x for _, x in xs) - min(x for x, _ in xs)) / (right - left)
+    assert span >= 0.7, f"nodes span {span:.0%} of the graph's width"
+    _assert_no_circle_overlaps(shape["circles"])
+    assert [t["full"] for t in shape["tokens"]] == tokens
+    assert [t["text"] for t in shape["tokens"]] == [visible(t, 14) for t in tokens]
+    boxes = [t["box"] for t in shape["tokens"]]
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    _assert_cluster_labels_clear(shape)
+
+
+def _count(driver) -> str:
+    return driver.find_element(By.ID, "neuron-count").text
+
+
+def _check_controls(driver) -> None:
+    """Pruning and supernodes change what is drawn, and the counts say so."""
+    count = _count(driver)
+    assert " of " in count and "nodes" in count and "edges" in count
+    redraw(driver, lambda: set_range(driver, "prune", 30))
+    pruned = _count(driver)
+    assert int(pruned.split()[0]) < int(count.split()[0])
+    redraw(driver, lambda: set_range(driver, "edge-weight", 0))
+    every = int(_count(driver).split()[4])
+    redraw(driver, lambda: set_range(driver, "edge-weight", 70))  # |weight| >= 0.63
+    assert int(_count(driver).split()[4]) < every
+    redraw(driver, lambda: set_range(driver, "edge-weight", 50))  # the default, 0.1
+    redraw(driver, lambda: set_range(driver, "prune", 80))
+    assert _count(driver) == count
+    redraw(driver, lambda: driver.find_element(By.ID, "supernodes").click())
+    assert _count(driver) != count
+    shape = geometry(driver, "neurons")
+    _assert_no_circle_overlaps(shape["circles"])
+    _assert_cluster_labels_clear(shape)
+    assert shape["clusters"], "supernodes carry their cluster labels"
+    redraw(driver, lambda: driver.find_element(By.ID, "supernodes").click())
+    assert _count(driver) == count
+
+
+def _check_hover_and_click(driver) -> None:
+    neuron = driver.find_element(By.CSS_SELECTOR, '#neurons circle[data-kind="neuron"]')
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", neuron)
+    ActionChains(driver).move_to_element(neuron).perform()
+    tooltip = driver.find_element(By.ID, "tooltip")
+    WebDriverWait(driver, 10).until(lambda d: tooltip.is_displayed())
+    assert all(word in tooltip.text for word in ("layer", "position", "neuron", "activation", "attribution",
+                                                 "cluster"))
+    redraw(driver, lambda: driver.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', "
+                                                 "{bubbles: true}))", neuron))
+    assert driver.find_elements(By.CSS_SELECTOR, "#neurons circle.highlight")
+    faded = driver.find_elements(By.CSS_SELECTOR, "#neurons path.faded")
+    lit = driver.find_elements(By.CSS_SELECTOR, "#neurons path.edge:not(.faded)")
+    assert faded and lit is not None
+    assert driver.find_element(By.ID, "panel-label").text
+
+
+def _check_viewer_layout(run: Path, out: Path, every_prompt: bool = False) -> None:
+    path, _, _ = write_report(str(run), str(out / "report.html"))
+    view = RunView.open(run)
+    with chromium() as driver:
+        open_page(driver, path.as_uri())
+        options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
+        for option in (options if every_prompt else options[:2])[::-1]:
+            redraw(driver, option.click)
+            _check_prompt_graph(driver, list(prompt_row(view, int(option.get_attribute("value")))["tokens"]))
+        _assert_cluster_labels_clear(geometry(driver, "graph"))
+        ticks = [t["text"] for t in geometry(driver, "graph")["others"]]
+        assert "layer" in ticks and any(t.isdigit() for t in ticks)
+        _check_controls(driver)
+        redraw(driver, lambda: driver.find_element(By.CSS_SELECTOR, '#color-by option[value="cluster"]').click())
+        legend = driver.find_element(By.ID, "legend").text
+        assert any(f"{c}: {label}" in legend for c, label in view.labels.items())
+        _check_hover_and_click(driver)
+        assert not console_errors(driver)
+        driver.save_screenshot(str(out / "page.png"))
+        _not_blank(str(out / "page.png"))
+
+
+@pytest.mark.parametrize("which", ["demo_like", "crowded"])
+def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
+    _check_viewer_layout(request.getfixturevalue(which), tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("ADAG_VIEWER_RUN"), reason="set ADAG_VIEWER_RUN to a clustered run, "
+                    "e.g. runs/demo after `make demo`")
+def test_viewer_layout_on_a_given_run(tmp_path):
+    """The same checks on every prompt of a real run: ADAG_VIEWER_RUN=runs/demo pytest -k given_run."""
+    _check_viewer_layout(Path(os.environ["ADAG_VIEWER_RUN"]), tmp_path, every_prompt=True)
+
+
+def test_layouts_leave_no_overlaps(crowded, demo_like):
+    """The layout itself (before any browser): circles apart, labels clear of circles and each other."""
+    for run in (crowded, demo_like):
+        view = RunView.open(run)
+        for prompt in view.prompts["prompt"]:
+            graph = graph_of(view, int(prompt))
+            layout = prompt_layout(graph)
+            for drawn, placed in ((graph, layout),
+                                  (collapse_clusters(graph), None)):
+                placed = placed or prompt_layout(drawn, grid=layout.grid)
+                circles = np.c_[placed.x, placed.y, placed.r]
+                _assert_no_circle_overlaps(circles)
+                boxes = [[lab.x, lab.y - 7, lab.x + lab.length, lab.y + 7] for lab in placed.labels
+                         if lab.kind == "cluster"]
+                assert not any(_overlap(a, b) for i, a in enumerate(boxes)
+                               for b in boxes[i + 1:] + [_circle_box(c) for c in circles])
+                assert placed.x.min() - placed.r.max() >= 0 and placed.x.max() + placed.r.max() <= placed.width
+
+
+def test_cluster_layout_spreads_clusters_that_share_a_layer():
+    mean_layer = np.array([5.0] * 12 + [5.2, 9.0])
+    labels = [f"a label of some length {i}" for i in range(14)]
+    layout = cluster_layout(mean_layer, np.linspace(1, 2, 14), labels)
+    boxes = [[x - 13, y - 13, x + 13 + GAP + text_width(lab.text), y + 13]
+             for x, y, lab in zip(layout.x, layout.y, layout.labels)]
+    assert not any(_overlap(a, b, tolerance=0) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(lab.text.endswith("\u2026") for lab in layout.labels)  # cut, the full text is a tooltip
+    order = np.argsort(layout.y)  # later layers higher up
+    assert layout.y[13] == layout.y[order[0]]
+
+
+def test_prompt_graph_matches_the_tables(demo_like):
+    view = RunView.open(demo_like)
+    for prompt in view.prompts["prompt"]:
+        graph = graph_of(view, int(prompt))
+        nodes, edges = graph.nodes, graph.edges
+        mine = view.edges_by_prompt[int(prompt)]
+        assert len(edges) == len(mine)
+        assert (nodes["kind"] == "embedding").sum() == len(view.embeddings_by_prompt[int(prompt)])
+        assert (nodes["kind"] == "logit").sum() == len(prompt_row(view, int(prompt))["target_tokens"])
+        source_kind = nodes["kind"].to_numpy()[edges["source"]]
+        assert (source_kind == mine["source_kind"].astype(str).to_numpy()).all()
+        embedding = mine["source_kind"].astype(str).to_numpy() == "embedding"
+        assert (nodes["position"].to_numpy()[edges["source"][embedding]] == mine["source"][embedding]).all()
+        np.testing.assert_array_equal(edges["attribution"], mine["attribution"].astype(float))
+
+
+def test_supernodes_are_the_prompts_cluster_graph(demo_like):
+    """Supernode attributions and edges equal the cluster stage's per-prompt cluster graph; edges into
+    an ungrouped node keep their summed weights."""
+    view = RunView.open(demo_like)
+    run = RunDir.open(demo_like)
+    prompt_clusters, cluster_edges = run.read_table("cluster", "prompt_clusters"), run.read_table("cluster",
+                                                                                                  "cluster_edges")
+    for prompt in view.prompts["prompt"]:
+        graph = graph_of(view, int(prompt))
+        collapsed = collapse_clusters(graph)
+        nodes = collapsed.nodes
+        supers = nodes[nodes["kind"] == "supernode"].set_index("cluster")
+        expected = prompt_clusters[prompt_clusters["prompt"] == prompt].set_index("cluster")["attribution"]
+        np.testing.assert_allclose(supers["attribution"].sort_index(), expected.sort_index(), rtol=1e-5)
+        edges = collapsed.edges
+        both = (nodes["kind"].to_numpy()[edges["source"]] == "supernode") & (
+            nodes["kind"].to_numpy()[edges["target"]] == "supernode")
+        mine = pd.DataFrame({"source_cluster": nodes["cluster"].to_numpy()[edges["source"][both]],
+                             "target_cluster": nodes["cluster"].to_numpy()[edges["target"][both]],
+                             "attribution": edges["attribution"][both].to_numpy()})
+        stage = cluster_edges[cluster_edges["prompt"] == prompt].drop(columns="prompt")
+        merged = mine.merge(stage, on=["source_cluster", "target_cluster"], suffixes=("", "_stage"), how="outer")
+        np.testing.assert_allclose(merged["attribution"], merged["attribution_stage"], rtol=1e-4, atol=1e-6)
+        assert (supers["members"].sum() == ((graph.nodes["kind"] == "neuron") & (graph.nodes["cluster"] >= 0)).sum())
+        # logits are never grouped: the weight into a logit is the sum of its members' weights
+        logit = np.flatnonzero(graph.nodes["kind"] == "logit")[0]
+        into = graph.edges[graph.edges["target"] == logit]
+        new_logit = np.flatnonzero(nodes["kind"] == "logit")[0]
+        np.testing.assert_allclose(edges[edges["target"] == new_logit]["weight"].sum(), into["weight"].sum(),
+                                   rtol=1e-9)
+
+
+def test_pruning_keeps_the_fewest_nodes_that_carry_the_share(demo_like):
+    graph = graph_of(RunView.open(demo_like), 0)
+    for drawn in (graph, collapse_clusters(graph)):
+        order = pruning_order(drawn)
+        strength = drawn.nodes["attribution"].abs().to_numpy()
+        features = drawn.nodes["kind"].isin(["neuron", "supernode"]).to_numpy()
+        for share in (0.1, 0.5, 0.8, 0.95):
+            kept = features & (order < share)
+            total = strength[features].sum()
+            assert strength[kept].sum() >= share * total - 1e-9
+            weakest = np.flatnonzero(kept)[np.argmin(strength[kept])]
+            assert strength[kept].sum() - strength[weakest] < share * total
+        assert (order[~features] == 0).all()  # token and logit nodes are always drawn
+
+
+def test_report_embeds_the_strongest_prompts_and_says_how_many_are_left_out(demo_like, tmp_path):
+    view = RunView.open(demo_like)
+    totals = view.node_keys.assign(s=view.node_keys["attribution"].abs()).groupby("prompt")["s"].sum()
+    assert chosen_prompts(view, 2) == sorted(totals.sort_values(ascending=False).index[:2].tolist())
+    assert chosen_prompts(view, 2, [5, 1]) == [1, 5]
+    with pytest.raises(AdagError, match="no prompt 99"):
+        chosen_prompts(view, 2, [99])
+    path, embedded, total = write_report(str(demo_like), str(tmp_path / "r.html"), ReportConfig(prompts=2))
+    assert (embedded, total) == (2, 6)
+    with chromium() as driver:
+        open_page(driver, path.as_uri())
+        options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
+        assert sorted(int(o.get_attribute("value")) for o in options) == chosen_prompts(view, 2)
+        assert "2 of 6 prompts" in driver.find_element(By.ID, "left-out").text
+        assert "4 left out" in driver.find_element(By.ID, "left-out").text
+    result = CliRunner().invoke(app, ["report", str(demo_like), "--out", str(tmp_path / "c.html"),
+                                      "--prompt-ids", "0,3"])
+    assert result.exit_code == 0 and "2 of 6 prompts; 4 left out" in result.output
 
 
 def _check_viewer(driver, run_path, screenshot):
@@ -54,22 +323,54 @@ def _check_viewer(driver, run_path, screenshot):
     _not_blank(str(screenshot))
 
 
-def test_served_viewer(described_run, tmp_path):
+def _get(server, path: str, host: str | None = None) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+    connection.putrequest("GET", path, skip_host=True)
+    connection.putheader("Host", f"127.0.0.1:{server.server_port}" if host is None else host)
+    connection.endheaders()
+    return connection.getresponse()
+
+
+def test_served_viewer_loads_graphs_on_demand_and_is_hardened(described_run, tmp_path):
     server = serve_in_background(str(described_run))
     try:
+        page = _get(server, "/")
+        assert page.status == 200
+        assert page.getheader("X-Content-Type-Options") == "nosniff"
+        assert page.getheader("X-Frame-Options") == "DENY"
+        policy = page.getheader("Content-Security-Policy")
+        assert "default-src 'none'" in policy and "script-src 'sha256-" in policy and "unsafe" not in policy
+        assert page.getheader("Server") == "adag"
+        data = json.loads(_get(server, "/api/data").read())
+        assert data["graphs"] == {} and len(data["prompts"]) == 6
+        graph = json.loads(_get(server, "/api/prompt/1").read())
+        assert graph["prompt"] == 1 and graph["neurons"]["kind"]
+        assert _get(server, "/api/prompt/999").status == 404
+        assert _get(server, "/../manifest.json").status == 404
+        for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example", ""):
+            response = _get(server, "/api/data", host)
+            assert response.status == 403, host
+            assert b"prompt" not in response.read()
+        assert _get(server, "/", f"localhost:{server.server_port}").status == 200
         with chromium() as driver:
             open_page(driver, f"http://127.0.0.1:{server.server_port}/")
             _check_viewer(driver, described_run, tmp_path / "served.png")
+            options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
+            assert len(options) == 6  # every prompt, fetched when chosen
+            redraw(driver, options[3].click)
+            assert driver.find_elements(By.CSS_SELECTOR, "#neurons circle")
+            assert not [e for e in console_errors(driver) if "favicon" not in e]
     finally:
         server.shutdown()
         server.server_close()
 
 
 def test_report_is_self_contained_and_escapes_prompts(described_run, tmp_path):
-    path = write_report(str(described_run), str(tmp_path / "report.html"))
+    path, _, _ = write_report(str(described_run), str(tmp_path / "report.html"))
     html = path.read_text()
     assert "https://" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert "<script>window.pwned" not in html
+    assert 'http-equiv="Content-Security-Policy"' in html and "__ADAG_CSP__" not in html
     with chromium() as driver:
         open_page(driver, path.as_uri())
         _check_viewer(driver, described_run, tmp_path / "report.png")
@@ -77,10 +378,12 @@ def test_report_is_self_contained_and_escapes_prompts(described_run, tmp_path):
         prompts = RunDir.open(described_run).read_table("trace", "prompts")
         hostile = int(prompts[prompts["text"] == HOSTILE]["prompt"].iloc[0])
         options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
-        next(o for o in options if o.get_attribute("value") == str(hostile)).click()
+        redraw(driver, next(o for o in options if o.get_attribute("value") == str(hostile)).click)
         shown = driver.find_element(By.ID, "neuron-prompt-text").text
         assert "<script>window.pwned=1</script><b>bold</b>" in shown  # rendered as text
         assert not driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt-text b")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#neurons b, #neurons script")
+        assert not console_errors(driver)  # nothing the page needs is blocked by its own policy
 
 
 def test_neuronpedia_export_validates(described_run, tmp_path):
@@ -89,11 +392,81 @@ def test_neuronpedia_export_validates(described_run, tmp_path):
     ids = {n["node_id"] for n in graph["nodes"]}
     assert all(link["source"] in ids and link["target"] in ids for link in graph["links"])
     assert graph["qParams"]["supernodes"] and all(s[0] for s in graph["qParams"]["supernodes"])
-    assert any(n["feature_type"] == "embedding" for n in graph["nodes"])
+    view = RunView.open(described_run)
+    kept = view.embeddings_by_prompt[0]
+    embedded = [n for n in graph["nodes"] if n["feature_type"] == "embedding"]
+    assert sorted(n["ctx_idx"] for n in embedded) == sorted(kept["position"].tolist())  # the kept ones only
+    edges = view.edges_by_prompt[0]
+    assert len(graph["links"]) == len(edges)
+    from_embeddings = [link for link in graph["links"] if link["source"].startswith("E_")]
+    assert len(from_embeddings) == int((edges["source_kind"].astype(str) == "embedding").sum())
     with pytest.raises(AdagError, match="no prompt 999"):
         neuronpedia_graph(str(described_run), 999)
     written = json.loads(write_neuronpedia(str(described_run), 1, str(tmp_path / "g.json")).read_text())
     assert written["metadata"]["prompt_tokens"]
+
+
+def test_figures(demo_like, tmp_path):
+    png = write_figure(str(demo_like), str(tmp_path / "g.png"), FigureConfig(prompt=1))
+    _not_blank(str(png))
+    svg = write_figure(str(demo_like), str(tmp_path / "s.svg"), FigureConfig(prompt=1, supernodes=True,
+                                                                             color_by="cluster"))
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    clusters = write_figure(str(demo_like), str(tmp_path / "c.png"), FigureConfig(clusters=True))
+    _not_blank(str(clusters))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["figure", str(demo_like), "--prompt", "2", "--out", str(tmp_path / "cli.svg")])
+    assert ok.exit_code == 0 and (tmp_path / "cli.svg").exists()
+    for args, message in ((["--prompt", "2", "--out", str(tmp_path / "x.gif")], ".svg, .png, .pdf"),
+                          (["--out", str(tmp_path / "x.png")], "either --prompt"),
+                          (["--prompt", "1", "--clusters", "--out", str(tmp_path / "x.png")], "either --prompt"),
+                          (["--prompt", "77", "--out", str(tmp_path / "x.png")], "no prompt 77"),
+                          (["--prompt", "1", "--share", "2", "--out", str(tmp_path / "x.png")], "--share")):
+        bad = runner.invoke(app, ["figure", str(demo_like), *args])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
+        assert len(bad.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("header", "bound", "allowed"), [
+    ("127.0.0.1:8000", "127.0.0.1", True), ("localhost:8000", "127.0.0.1", True), ("[::1]:8000", "::1", True),
+    ("LOCALHOST", "127.0.0.1", True), ("myhost.lan:8000", "myhost.lan", True), ("192.168.1.5:8000", "0.0.0.0", True),
+    ("evil.example", "127.0.0.1", False), ("evil.example", "0.0.0.0", False), ("192.168.1.5", "127.0.0.1", False),
+    ("127.0.0.1.nip.io", "127.0.0.1", False), (None, "127.0.0.1", False), ("[::1", "127.0.0.1", False),
+])
+def test_only_the_bound_address_or_localhost_may_ask(header, bound, allowed):
+    assert allowed_host(header, bound) is allowed
+
+
+def test_serve_names_the_bad_option(demo_like):
+    runner = CliRunner()
+    for args, wanted in ((["--host", "no-such-host.invalid"], "--host"), (["--host", "192.0.2.1"], "--host"),
+                         (["--port", "70000"], "--port"), (["--port", "-1"], "--port")):
+        result = runner.invoke(app, ["serve", str(demo_like), *args])
+        assert result.exit_code == 2 and wanted in result.output and "Traceback" not in result.output
+        if wanted == "--host":
+            assert "--port" not in result.output
+
+
+def test_trace_records_the_targets_probabilities(described_run, tiny_models):
+    """The viewer labels target logits with these: the plain model's softmax at the last position."""
+    lm = tiny_models["llama"]
+    prompts = RunDir.open(described_run).read_table("trace", "prompts")
+    for row in prompts.itertuples():
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([list(row.token_ids)])).logits[0, -1].double()
+        expected = logits.softmax(-1)[list(row.target_ids)].numpy()
+        # float32 logits of a left-padded batch differ from this unpadded pass by ~1e-6 relative; a
+        # probability moves by at most p * |change in logit|, well under 1e-4
+        np.testing.assert_allclose(row.target_probs, expected, atol=1e-4)
+        assert np.all(np.diff(row.target_probs) <= 1e-7)  # top-k targets, most likely first
+
+
+def test_payload_numbers_keep_their_significant_digits():
+    values = np.random.default_rng(0).normal(size=1000) * 10.0 ** np.random.default_rng(1).integers(-8, 8, 1000)
+    rounded = np.array(round_significant(values, 3))
+    np.testing.assert_allclose(rounded, values, rtol=5e-3)  # 3 significant digits: within half a unit of the 3rd
+    assert all(len(repr(v).lstrip("-")) <= 10 for v in rounded.tolist())  # no 0.30000000000000004 tails
+    assert round_significant([np.nan, np.inf, 0.0]) == [None, None, 0.0]
 
 
 def test_packaged_schema_matches_the_shared_one():

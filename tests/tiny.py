@@ -87,3 +87,31 @@ def tiny_model(family: str, tokenizer: PreTrainedTokenizerFast | None = None, se
             param.data.normal_(0, 0.1)
     adapter: FamilyAdapter = adapter_for(config.model_type)
     return LoadedModel(f"tiny-{family}", model, tokenizer, adapter, f"tiny-{family}-{seed}")
+
+
+def in_float64(lm: LoadedModel) -> LoadedModel:
+    """Convert a tiny model to float64 in place, so that comparisons with a slow reference test the
+    method rather than rounding.
+
+    Eager attention (Gemma 2's, which soft-caps attention scores) builds its additive mask with
+    finfo(float64).min and then runs the softmax in float32, where that value becomes -inf. With
+    left padding, a padded query position has every key masked, so its softmax is NaN; the next
+    layer multiplies those NaN values by exactly-zero attention weights (0 * NaN = NaN) and every
+    position is lost. In float32 the same row is a harmless uniform distribution that no real
+    position reads. Clamping the mask to finfo(float32).min before each layer restores exactly
+    that: the weights of real positions are unchanged (exp of the masked scores is 0 either way).
+    No dtype that adag loads is affected (bf16 and fp16 minima stay finite in float32), so this
+    belongs to the float64 test models, not to adag.
+    """
+    lm.model.double()
+    floor = torch.finfo(torch.float32).min
+
+    def finite_mask(_module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+            kwargs = {**kwargs, "attention_mask": mask.clamp_min(floor)}
+        return args, kwargs
+
+    for layer in lm.adapter.layer_list(lm.model):
+        layer.register_forward_pre_hook(finite_mask, with_kwargs=True)
+    return lm

@@ -1,19 +1,47 @@
-"""Everything the viewer shows, gathered from a run directory into one JSON-able dict."""
+"""Everything the viewer and figures show, read through the run view (adag.view) and turned into
+JSON-able dicts."""
 
 from __future__ import annotations
 
 import base64
+import colorsys
 import json
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from adag.describe.records import load_cluster_records
+from adag.errors import AdagError
+from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE
+from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
+from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
 from adag.view import RunView
 
 EXEMPLARS = 5
 PUSHED = 8
-NEURON_EDGES = 400
+EDGE_COLUMNS = ["prompt", "source_kind", "source", "target_kind", "target", "weight", "attribution"]
+KIND_CODES = {"embedding": "e", "neuron": "n", "supernode": "s", "logit": "l"}
+
+
+def prompt_row(view: RunView, prompt: int) -> pd.Series:
+    """One row of the prompts table."""
+    prompts = view.prompts
+    found = np.flatnonzero(prompts["prompt"].to_numpy() == prompt)
+    if not len(found):
+        ids = prompts["prompt"]
+        raise AdagError(f"no prompt {prompt} in {view.path}; prompts are {ids.min()}..{ids.max()}")
+    return prompts.iloc[found[0]]
+
+
+def graph_of(view: RunView, prompt: int) -> PromptGraph:
+    """One prompt's attribution graph (nodes with their clusters once the run is clustered)."""
+    row = prompt_row(view, prompt)
+    nodes = view.nodes_by_prompt[prompt]
+    if "cluster" not in nodes:
+        nodes = nodes.assign(cluster=-1)
+    edges = view.edges_by_prompt.get(prompt, pd.DataFrame(columns=EDGE_COLUMNS))
+    return prompt_graph(row, nodes, view.embeddings_by_prompt[prompt], edges, view.model["layers"], view.labels)
 
 
 def _clean(value: Any) -> Any:
@@ -29,33 +57,73 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def run_payload(view: RunView) -> dict:
-    """The viewer's data: prompts, clusters with descriptions and exemplars, cluster graphs (dataset
-    average and per prompt), and each prompt's neuron-level graph (strongest edges)."""
+def cluster_color(cluster: int) -> str:
+    """A distinct colour per cluster: hues a golden angle apart."""
+    red, green, blue = colorsys.hls_to_rgb((0.55 + cluster * 0.381966) % 1.0, 0.5, 0.65)
+    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+
+
+def _total_attribution(view: RunView) -> pd.Series:
+    """Each prompt's summed |attribution| over its nodes."""
+    nodes = view.node_keys
+    totals = nodes.assign(strength=nodes["attribution"].abs()).groupby("prompt")["strength"].sum()
+    return totals.reindex(view.prompts["prompt"], fill_value=0.0)
+
+
+def chosen_prompts(view: RunView, count: int, ids: list[int] | None = None) -> list[int]:
+    """The prompts whose graphs a report embeds: the given ids, or the `count` prompts with the largest
+    total |attribution| over their nodes."""
+    if ids is not None:
+        known = set(view.prompts["prompt"].tolist())
+        missing = sorted(set(ids) - known)
+        if missing:
+            raise AdagError(f"no prompt {missing[0]} in {view.path}; prompts are {min(known)}..{max(known)}")
+        return sorted(set(ids))
+    totals = _total_attribution(view)
+    ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+    return sorted(int(p) for p, _ in ranked[:max(count, 0)])
+
+
+def run_payload(view: RunView, graph_prompts: list[int]) -> dict:
+    """The viewer's data: prompts, clusters with descriptions and exemplars, the dataset cluster graph
+    and the attribution graphs of `graph_prompts` (others are left out, or served on demand)."""
     view.require("cluster")
-    prompts, half, clusters = view.prompts, view.half_neurons, view.clusters
+    totals = _total_attribution(view)
+    embedded = set(graph_prompts)
+    prompts = [{"id": int(p.prompt), "text": p.text, "metric": float(p.metric),
+                "total_attribution": float(totals.get(p.prompt, 0.0)), "embedded": int(p.prompt) in embedded,
+                "targets": [{"token": t, "logit": float(logit), "probability": float(prob)}
+                            for t, logit, prob in zip(p.target_tokens, p.target_logits, p.target_probs)]}
+               for p in view.prompts.itertuples()]
+    return _clean({
+        "run": {"model": view.model, "dataset": view.dataset, "prompts": len(prompts), "embedded": len(embedded)},
+        "defaults": {"share": DEFAULT_SHARE, "min_weight": DEFAULT_MIN_WEIGHT},
+        "prompts": prompts,
+        "clusters": _cluster_items(view),
+        "cluster_graph": _cluster_graph(view),
+    }) | {"graphs": {str(p): prompt_payload(view, p) for p in sorted(embedded)}}
+
+
+def _cluster_items(view: RunView) -> list[dict]:
     descriptions = view.table("describe", "descriptions")
     described = descriptions.set_index("cluster") if descriptions is not None else None
     steering = view.table("steer", "summary")
     controls = view.table("steer", "controls")
-    members_of = dict(tuple(half.groupby("cluster")))
+    members_of = dict(tuple(view.half_neurons.groupby("cluster")))
     steering_of = dict(tuple(steering.groupby("cluster"))) if steering is not None else {}
     control_of = {int(r["cluster"]): r for r in controls.to_dict("records")} if controls is not None else {}
     inputs, outputs = load_cluster_records(view)
     texts = view.prompt_text
-
-    cluster_items = []
-    for row in clusters.itertuples():
+    items = []
+    for row in view.clusters.itertuples():
         c = int(row.cluster)
-        item = {"id": c, "size": int(row.size), "mean_layer": float(row.mean_layer),
-                "mean_attribution": float(row.mean_attribution), "label": f"cluster {c}"}
+        item = {"id": c, "size": int(row.size), "mean_layer": float(row.mean_layer), "color": cluster_color(c),
+                "mean_attribution": float(row.mean_attribution), "label": view.labels[c]}
         if described is not None and c in described.index:
             d = described.loc[c]
             item.update({key: d[key] for key in ("status", "failure", "input_description", "input_score",
                                                  "negative_input_description", "negative_input_score",
                                                  "output_description", "output_score")})
-            if d["label"]:
-                item["label"] = d["label"]
         records = sorted(inputs.get(c, []), key=lambda r: -float(r.values.max(initial=0)))[:EXEMPLARS]
         item["exemplars"] = [{"prompt": r.prompt, "text": texts[r.prompt], "tokens": r.tokens,
                               "values": r.values.round(4).tolist()} for r in records]
@@ -70,16 +138,8 @@ def run_payload(view: RunView) -> dict:
                 item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
         if c in control_of:
             item["control"] = control_of[c]
-        cluster_items.append(item)
-
-    return _clean({
-        "run": {"model": view.model, "dataset": view.dataset},
-        "prompts": [{"id": int(p.prompt), "text": p.text, "tokens": list(p.tokens),
-                     "targets": list(p.target_tokens), "metric": float(p.metric)} for p in prompts.itertuples()],
-        "clusters": cluster_items,
-        "graph": _graphs(view),
-        "neurons": _neuron_graphs(view),
-    })
+        items.append(item)
+    return items
 
 
 def _pushed(records) -> tuple[list, list]:
@@ -94,40 +154,72 @@ def _pushed(records) -> tuple[list, list]:
     return up, down
 
 
-def _graphs(view: RunView) -> dict:
-    mean_edges = view.table("cluster", "mean_cluster_edges")
-    prompt_edges = view.table("cluster", "cluster_edges")
-    edges_by_prompt = dict(tuple(prompt_edges.groupby("prompt"))) if prompt_edges is not None else {}
-    graph = {"mean": {"nodes": view.table("cluster", "mean_clusters").to_dict("records"),
-                      "edges": mean_edges.to_dict("records") if mean_edges is not None else []},
-             "prompts": {}}
-    for prompt, group in view.table("cluster", "prompt_clusters").groupby("prompt"):
-        edges = edges_by_prompt.get(prompt)
-        graph["prompts"][str(int(prompt))] = {
-            "nodes": group[["cluster", "attribution"]].to_dict("records"),
-            "edges": edges[["source_cluster", "target_cluster", "attribution"]].to_dict("records")
-            if edges is not None else []}
-    return graph
+def dataset_cluster_layout(view: RunView) -> Layout:
+    """The dataset cluster graph's layout, in the order of `view.clusters`."""
+    clusters = view.clusters["cluster"]
+    mean = view.table("cluster", "mean_clusters").set_index("cluster")["attribution"].reindex(clusters, fill_value=0)
+    return cluster_layout(view.clusters["mean_layer"].to_numpy(), mean.to_numpy(),
+                          [view.labels[int(c)] for c in clusters])
 
 
-def _neuron_graphs(view: RunView) -> dict:
-    out = {}
-    columns = ["node", "layer", "position", "neuron", "activation", "attribution", "cluster"]
-    for prompt, nodes in view.nodes_by_prompt.items():
-        if nodes.empty:
-            continue
-        entry = {"nodes": nodes[columns].round(4).to_dict("records"), "edges": []}
-        edges = view.edges_by_prompt.get(prompt)
-        if edges is not None:
-            inner = (edges["source_kind"].astype(str) == "neuron") & (edges["target_kind"].astype(str) == "neuron")
-            mine = edges[inner]
-            mine = mine.reindex(mine["attribution"].abs().sort_values(ascending=False).index).head(NEURON_EDGES)
-            entry["edges"] = mine[["source", "target", "attribution"]].round(5).to_dict("records")
-        out[str(prompt)] = entry
-    return out
+def _cluster_graph(view: RunView) -> dict:
+    """Clusters placed by mean layer, sized by mean attribution over prompts; edges are mean summed
+    direct edge attributions between clusters."""
+    layout = dataset_cluster_layout(view)
+    mean = view.table("cluster", "mean_clusters").set_index("cluster")["attribution"]
+    edges = view.table("cluster", "mean_cluster_edges")
+    if edges is None:
+        edges = pd.DataFrame({"source_cluster": [], "target_cluster": [], "attribution": []})
+    return {"layout": layout.to_json(), "radius": [CLUSTER_R_MIN, CLUSTER_R_MAX],
+            "clusters": view.clusters["cluster"].astype(int).tolist(),
+            "attribution": [float(mean.get(c, 0.0)) for c in view.clusters["cluster"]],
+            "edges": {"source": edges["source_cluster"].astype(int).tolist(),
+                      "target": edges["target_cluster"].astype(int).tolist(),
+                      "attribution": round_significant(edges["attribution"])}}
+
+
+def round_significant(values, digits: int = 4) -> list:
+    """Floats to `digits` significant digits each (short in JSON); NaN becomes None. Each value is
+    an integer times a power of ten, divided or multiplied exactly once, so it prints short."""
+    array = np.asarray(values, dtype=float)
+    finite = np.isfinite(array)
+    nonzero = finite & (array != 0)
+    decimals = np.zeros(len(array))
+    decimals[nonzero] = digits - 1 - np.floor(np.log10(np.abs(array[nonzero])))
+    up, down = 10.0 ** np.maximum(decimals, 0), 10.0 ** np.maximum(-decimals, 0)
+    rounded = (np.round(np.where(finite, array, 0.0) * up / down) * down / up).tolist()
+    return rounded if finite.all() else [v if ok else None for v, ok in zip(rounded, finite)]
+
+
+def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> dict:
+    """A graph with its layout as columns (compact JSON): nodes, edges, labels, axis. Edge
+    attributions are left out unless asked for (the viewer draws edges by weight)."""
+    nodes = graph.nodes
+    edges = {"source": graph.edges["source"].astype(int).tolist(), "target": graph.edges["target"].astype(int).tolist(),
+             "weight": round_significant(graph.edges["weight"], 3)}
+    if edge_attribution:
+        edges["attribution"] = round_significant(graph.edges["attribution"], 4)
+    return {
+        "kind": [KIND_CODES[k] for k in nodes["kind"]],
+        "layer": round_significant(nodes["layer"], 4), "position": nodes["position"].astype(int).tolist(),
+        "neuron": nodes["neuron"].astype(int).tolist(), "activation": round_significant(nodes["activation"], 4),
+        "attribution": round_significant(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
+        "members": nodes["members"].astype(int).tolist(), "prune": round_significant(pruning_order(graph), 4),
+        "edges": edges, "layout": layout.to_json(),
+    }
+
+
+def prompt_payload(view: RunView, prompt: int) -> dict:
+    """One prompt's attribution graph and its supernode graph (whose edges between clusters, with
+    their attributions, are the prompt's cluster graph), each with its layout."""
+    graph = graph_of(view, prompt)
+    layout = prompt_layout(graph)
+    supernodes = collapse_clusters(graph)
+    return {"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, False),
+            "supernodes": graph_json(supernodes, prompt_layout(supernodes, grid=layout.grid), True)}
 
 
 def payload_json(payload: dict) -> str:
     """JSON safe to embed in a <script> element: '<', '>' and '&' are escaped."""
-    return (json.dumps(payload, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
-            .replace("&", "\\u0026"))
+    return (json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
+            .replace(">", "\\u003e").replace("&", "\\u0026"))

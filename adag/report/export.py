@@ -8,68 +8,59 @@ from importlib import resources
 from pathlib import Path
 
 from adag import __version__
-from adag.errors import AdagError
-from adag.report.config import ReportConfig
+from adag.report.config import ExportConfig
+from adag.report.data import graph_of, prompt_row
 from adag.store import atomic_write_bytes
 from adag.view import RunView
 
 
 def neuronpedia_graph(run_dir: str | Path, prompt: int) -> dict:
-    """Nodes are MLP neurons ("layer_neuron_position"), embeddings ("E_token_position") and logits;
-    links carry attributions; cluster labels become node `clerp`s and `qParams.supernodes`."""
+    """Nodes are MLP neurons ("layer_neuron_position"), the kept embedding nodes ("E_token_position")
+    and the target logits; links are the direct edges with their attributions; cluster labels become
+    node `clerp`s and `qParams.supernodes`."""
     view = RunView.open(run_dir)
-    prompts = view.prompts.set_index("prompt")
-    if prompt not in prompts.index:
-        raise AdagError(f"no prompt {prompt} in {run_dir}; prompts are {prompts.index.min()}..{prompts.index.max()}")
-    info = prompts.loc[prompt]
-    nodes = view.nodes_by_prompt[prompt]
-    labels = ({int(node): view.labels[int(c)] for node, c in zip(nodes["node"], nodes["cluster"]) if c >= 0}
-              if "cluster" in nodes else {})
-    n_layers = view.model["layers"]
-    token_ids, tokens = list(info["token_ids"]), list(info["tokens"])
-    last = len(tokens) - 1
+    graph = graph_of(view, prompt)
+    info = prompt_row(view, prompt)
+    n_layers = graph.n_layers
+    token_ids, target_ids = [int(t) for t in info["token_ids"]], [int(t) for t in info["target_ids"]]
+    last = len(graph.tokens) - 1
 
-    def neuron_id(row) -> str:
-        return f"{int(row.layer)}_{int(row.neuron)}_{int(row.position)}"
+    ids, graph_nodes = [], []
+    logit_rank = 0
+    for row in graph.nodes.itertuples():
+        position = int(row.position)
+        if row.kind == "embedding":
+            node = f"E_{token_ids[position]}_{position}"
+            entry = {"feature": None, "layer": "E", "feature_type": "embedding", "clerp": row.token,
+                     "influence": abs(float(row.attribution))}
+        elif row.kind == "logit":
+            target = target_ids[logit_rank]
+            logit_rank += 1
+            node = f"{n_layers + 1}_{target}_{last}"
+            entry = {"feature": target, "layer": str(n_layers + 1), "feature_type": "logit",
+                     "clerp": f"output {row.token!r} (p={row.probability:.3f})", "token_prob": float(row.probability)}
+        else:
+            node = f"{int(row.layer)}_{int(row.neuron)}_{position}"
+            entry = {"feature": int(row.neuron), "layer": str(int(row.layer)), "feature_type": "mlp neuron",
+                     "clerp": row.label, "influence": abs(float(row.attribution)),
+                     "activation": float(row.activation)}
+        ids.append(node)
+        graph_nodes.append({"node_id": node, "ctx_idx": position, "jsNodeId": node, **entry})
+    links = [{"source": ids[s], "target": ids[t], "weight": float(a)}
+             for s, t, a in zip(graph.edges["source"], graph.edges["target"], graph.edges["attribution"])]
 
-    graph_nodes, node_ids = [], {}
-    for row in nodes.itertuples():
-        node_ids[int(row.node)] = neuron_id(row)
-        graph_nodes.append({"node_id": neuron_id(row), "feature": int(row.neuron), "layer": str(int(row.layer)),
-                            "ctx_idx": int(row.position), "feature_type": "mlp neuron",
-                            "jsNodeId": neuron_id(row), "clerp": labels.get(int(row.node), ""),
-                            "influence": float(abs(row.attribution)), "activation": float(row.activation)})
-    for position, (token_id, token) in enumerate(zip(token_ids, tokens)):
-        node = f"E_{int(token_id)}_{position}"
-        graph_nodes.append({"node_id": node, "feature": None, "layer": "E", "ctx_idx": position,
-                            "feature_type": "embedding", "jsNodeId": node, "clerp": token})
-    logit_ids = []
-    for target_id, token, logit in zip(info["target_ids"], info["target_tokens"], info["target_logits"]):
-        node = f"{n_layers + 1}_{int(target_id)}_{last}"
-        logit_ids.append(node)
-        graph_nodes.append({"node_id": node, "feature": int(target_id), "layer": str(n_layers + 1),
-                            "ctx_idx": last, "feature_type": "logit", "jsNodeId": node,
-                            "clerp": f"output {token!r} (logit {logit:.2f})"})
-
-    links = []
-    edges = view.edges_by_prompt.get(prompt)
-    for edge in (edges.itertuples() if edges is not None else ()):
-        source = (f"E_{int(token_ids[edge.source])}_{int(edge.source)}" if edge.source_kind == "embedding"
-                  else node_ids[int(edge.source)])
-        target = logit_ids[int(edge.target)] if edge.target_kind == "logit" else node_ids[int(edge.target)]
-        links.append({"source": source, "target": target, "weight": float(edge.attribution)})
-
-    supernodes = {}
-    for node, label in labels.items():
-        supernodes.setdefault(label, []).append(node_ids[node])
+    supernodes: dict[str, list[str]] = {}
+    for node, label in zip(ids, graph.nodes["label"]):
+        if label:
+            supernodes.setdefault(label, []).append(node)
     return {
         "metadata": {"slug": f"adag-{Path(run_dir).name}-prompt{prompt}", "scan": view.model["spec"],
-                     "prompt_tokens": tokens, "prompt": "".join(tokens),
+                     "prompt_tokens": graph.tokens, "prompt": "".join(graph.tokens),
                      "node_threshold": view.config("trace").get("threshold", 0.0),
                      "info": {"description": info["text"], "creator_name": "adag",
                               "generator": {"name": "adag", "version": __version__},
                               "create_time_ms": int(time.time() * 1000)}},
-        "qParams": {"pinnedIds": [], "supernodes": [[label, *ids] for label, ids in supernodes.items()],
+        "qParams": {"pinnedIds": [], "supernodes": [[label, *members] for label, members in supernodes.items()],
                     "linkType": "both"},
         "nodes": graph_nodes,
         "links": links,
@@ -92,7 +83,7 @@ def write_neuronpedia(run_dir: str | Path, prompt: int, out: str | Path) -> Path
     return path
 
 
-def export_command(run_dir: str, config: ReportConfig, prompt: int, out: str) -> Path:
+def export_command(run_dir: str, config: ExportConfig, prompt: int, out: str) -> Path:
     """`adag export`."""
     return write_neuronpedia(run_dir, prompt, out)
 

@@ -2,64 +2,181 @@
 
 from __future__ import annotations
 
+import base64
+import errno
+import functools
+import hashlib
+import ipaddress
 import json
+import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from adag.errors import AdagError
 from adag.report.config import ReportConfig
-from adag.report.data import payload_json, run_payload
+from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
 from adag.stages import writing
 from adag.store import atomic_write_bytes
 from adag.view import RunView
 
 STAGE = "report"
-PLACEHOLDER = "__ADAG_DATA__"
+DATA_PLACEHOLDER = "__ADAG_DATA__"
+CSP_PLACEHOLDER = "__ADAG_CSP__"
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+CACHED_GRAPHS = 256
 
 
 def page_template() -> str:
     return resources.files("adag.report").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """One self-contained HTML file (no network needed to open it): RUN/report/report.html, or `out`."""
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def content_security_policy(template: str) -> str:
+    """Allow only the page's own inline script and style (by hash), data: images and requests to the
+    page's own origin."""
+    script = re.search(r"<script>(.*?)</script>", template, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", template, re.S).group(1)
+    return (f"default-src 'none'; script-src {_sha256_source(script)}; style-src {_sha256_source(style)}; "
+            "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+def render_page(data_json: str = DATA_PLACEHOLDER) -> str:
+    template = page_template()
+    return template.replace(CSP_PLACEHOLDER, content_security_policy(template)).replace(DATA_PLACEHOLDER, data_json)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None,
+                 config: ReportConfig | None = None) -> tuple[Path, int, int]:
+    """One self-contained HTML file (no network needed to open it): RUN/report/report.html, or `out`.
+    Returns its path, the number of prompt graphs embedded and the number of prompts."""
+    config = config or ReportConfig()
     if out is not None:
         path = Path(out)
-        atomic_write_bytes(path, report_html(RunView.open(run_dir)))
-        return path
-    with writing(run_dir, STAGE, ReportConfig()) as (view, stage):
-        atomic_write_bytes(stage.file("report.html"), report_html(view))
-    return view.path / STAGE / "report.html"
+        html, embedded, total = report_html(RunView.open(run_dir), config)
+        atomic_write_bytes(path, html)
+        return path, embedded, total
+    with writing(run_dir, STAGE, config) as (view, stage):
+        html, embedded, total = report_html(view, config)
+        atomic_write_bytes(stage.file("report.html"), html)
+        stage.facts.update(embedded=embedded, prompts=total)
+    return view.path / STAGE / "report.html", embedded, total
 
 
-def report_html(view: RunView) -> bytes:
-    return page_template().replace(PLACEHOLDER, payload_json(run_payload(view))).encode("utf-8")
+def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
+    view.require("cluster")
+    chosen = chosen_prompts(view, config.prompts, config.prompt_ids)
+    return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
 
 
-def report_command(run_dir: str, config: ReportConfig, out: str | None = None) -> Path:
+def report_command(run_dir: str, config: ReportConfig, out: str | None = None) -> tuple[Path, int, int]:
     """`adag report`."""
-    return write_report(run_dir, out)
+    return write_report(run_dir, out, config)
 
 
-def report_summary(path: Path, run_dir: str) -> str:
-    return f"report written to {path}"
+def report_summary(result: tuple[Path, int, int], run_dir: str) -> str:
+    path, embedded, total = result
+    left_out = f"; {total - embedded} left out, `adag serve` shows them all" if embedded < total else ""
+    return f"report written to {path} (attribution graphs of {embedded} of {total} prompts{left_out})"
+
+
+def allowed_host(header: str | None, bound: str) -> bool:
+    """Only the bound address or localhost, so that a page from another site cannot read the data by
+    pointing its own name at this machine (DNS rebinding). A server bound to every interface also
+    answers to any IP address, which no rebinding can forge."""
+    if not header:
+        return False
+    try:
+        name = urlsplit("//" + header).hostname
+    except ValueError:
+        return False
+    if name is None:
+        return False
+    if name in LOCAL_HOSTS or name == bound.lower().strip("[]"):
+        return True
+    if bound in WILDCARD_HOSTS:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise AdagError(f"--port {port} is out of range; use 1024..65535 (or 0 for any free port)")
+
+
+def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    try:
+        return ThreadingHTTPServer((host, port), handler)
+    except socket.gaierror:
+        raise AdagError(f"--host {host} is not a known address; use 127.0.0.1 (this machine only), "
+                        "0.0.0.0 (every interface) or an address of this machine") from None
+    except OSError as error:
+        if error.errno == errno.EADDRNOTAVAIL:
+            raise AdagError(f"--host {host} is not an address of this machine; use 127.0.0.1 (this machine "
+                            "only) or 0.0.0.0 (every interface)") from None
+        if error.errno == errno.EADDRINUSE:
+            raise AdagError(f"port {port} on {host} is in use; choose another --port (or --port 0 for any "
+                            "free port)") from None
+        if error.errno == errno.EACCES:
+            raise AdagError(f"not allowed to listen on port {port}; choose --port 1024 or above") from None
+        raise AdagError(f"cannot listen on {host}:{port} ({error.strerror})") from None
 
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for the viewer: the page at /, the run's data at /api/data."""
-    data = json.dumps(run_payload(RunView.open(run_dir))).encode("utf-8")
-    page = page_template().encode("utf-8")
+    """An HTTP server for the viewer: the page at /, the run's cluster views at /api/data and each
+    prompt's attribution graph at /api/prompt/ID, computed when first asked for."""
+    check_port(port)
+    view = RunView.open(run_dir)
+    data = json.dumps(run_payload(view, [])).encode("utf-8")
+    for grouped in ("nodes_by_prompt", "embeddings_by_prompt", "edges_by_prompt"):  # once, before serving
+        getattr(view, grouped)
+    template = page_template()
+    page = render_page().encode("utf-8")
+    policy = content_security_policy(template) + "; frame-ancestors 'none'"
+    known = set(view.prompts["prompt"].tolist())
+    lock = threading.Lock()
+
+    @functools.lru_cache(maxsize=CACHED_GRAPHS)
+    def prompt_json(prompt: int) -> bytes:
+        with lock:  # pandas reads of shared frames from several threads
+            return json.dumps(prompt_payload(view, prompt)).encode("utf-8")
 
     class Handler(BaseHTTPRequestHandler):
+        def version_string(self) -> str:
+            return "adag"
+
         def do_GET(self):  # noqa: N802 - http.server naming
-            route = self.path.split("?")[0]
+            if not allowed_host(self.headers.get("Host"), host):
+                self.send_error(403, "unexpected Host header")
+                return
+            route = urlsplit(self.path).path
+            match = re.fullmatch(r"/api/prompt/(\d+)", route)
             if route in ("/", "/index.html"):
                 self._send(page, "text/html; charset=utf-8")
             elif route == "/api/data":
                 self._send(data, "application/json")
+            elif match and int(match.group(1)) in known:
+                self._send(prompt_json(int(match.group(1))), "application/json")
             else:
                 self.send_error(404)
+
+        def end_headers(self) -> None:
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", policy)
+            self.send_header("Referrer-Policy", "no-referrer")
+            super().end_headers()
 
         def _send(self, body: bytes, kind: str) -> None:
             self.send_response(200)
@@ -71,10 +188,10 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) 
         def log_message(self, *args):
             pass
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return _listen(host, port, Handler)
 
 
-def serve_in_background(run_dir: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def serve_in_background(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     server = make_server(run_dir, host, port)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

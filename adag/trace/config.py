@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
+# built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
+# (benchmarks/device_check.sh prints the figures that settle it).
+DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 8}
 
 
 class TraceConfig(BaseModel):
@@ -16,28 +21,51 @@ class TraceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: Literal["topk", "labels", "logit_diff"] = Field(
-        "topk", description="what the graph explains: the top-k next tokens, the rows' labels, or the "
-        "difference of the first two labels' logits")
-    k: int = Field(5, ge=1, description="number of top next tokens in the topk metric")
+        "topk", description="what the graph explains: the top --n-targets next tokens, the rows' labels, or "
+        "the difference of the first two labels' logits")
+    n_targets: int = Field(5, ge=1, description="number of top next tokens summed in the topk metric")
     selection: Literal["threshold", "topk"] = Field(
         "threshold", description="keep nodes by relative score (--threshold) or the top --top-nodes")
-    threshold: float = Field(0.005, gt=0, allow_inf_nan=False,
-                             description="keep a node when |RelP| >= threshold * |m|")
+    threshold: float = Field(0.005, gt=0, allow_inf_nan=False, description="keep a neuron or embedding node "
+                             "when |RelP| >= threshold * |m|")
     top_nodes: int = Field(200, ge=1, description="nodes kept per prompt (or in all) with --selection topk")
     aggregation: Literal["none", "any", "mean"] = Field(
         "any", description="none: select per prompt; any/mean: select (layer, position from the end, neuron) "
-        "keys by their max/mean score over the dataset and keep them in every prompt")
-    keep_first_position: bool = Field(False, description="allow nodes at the first position (an attention sink)")
+        "keys by their max/mean score over the dataset and keep them in every prompt (meant for prompts "
+        "built from one template)")
+    keep_first_position: bool = Field(False, description="allow nodes at each prompt's first position "
+                                      "(an attention sink)")
     blacklist: list[tuple[int, int, int]] = Field(
         default_factory=list, description="(layer, neuron, polarity) half-neurons never kept",
         json_schema_extra={"cli": False})
     rules: Literal["half", "no_half", "plain"] = Field(
-        "half", description="linearisation rules of the backward pass")
-    profiles: Literal["total", "direct"] = Field("total", description="total or direct effects in profiles")
-    edges: bool = Field(True, description="compute edges between nodes (the edge pass)")
+        "half", description="gradient rules: half (RelP with the half rule), no_half, or plain gradients")
+    profiles: Literal["total", "direct"] = Field(
+        "total", description="total: profiles, attributions and embedding relevance in the linearised model; "
+        "direct: all of them with every MLP output held constant")
+    input_profiles: Literal["auto", "forward", "vjp"] = Field(
+        "auto", description="how input profiles are computed: forward (one tangent forward per source "
+        "position), vjp (one backward row per kept node) or auto (the cheaper one, per batch); "
+        "forward needs --rules half")
+    edges: bool = Field(True, description="compute direct edges (a second, cut forward pass)")
     edge_threshold: float = Field(0.01, ge=0, allow_inf_nan=False, description="drop edges with |w| below this")
-    batch_size: int = Field(4, ge=1, description="prompts per batch (one part of the tables per batch)")
-    chunk_size: int = Field(64, ge=1, description="nodes per batched vector-Jacobian product (bounds memory)")
+    batch_size: int | None = Field(None, ge=1, description="prompts per batch (one part of the tables per batch); "
+                                   "default by device: " + ", ".join(f"{device} {size}" for device, size in
+                                                                    DEFAULT_BATCH_SIZE.items()))
+    chunk_size: int | None = Field(None, ge=1, description="rows per batched pass (vector-Jacobian "
+                                   "products or tangent rows); default: as many as fit the working memory")
+
+    def for_device(self, device_type: str) -> TraceConfig:
+        """This config with the batch size resolved for a device type ("cpu", "cuda", ...)."""
+        if self.batch_size is not None:
+            return self
+        return self.model_copy(update={"batch_size": DEFAULT_BATCH_SIZE.get(device_type, 1)})
+
+    @model_validator(mode="after")
+    def _forward_mode_needs_half_rule(self) -> TraceConfig:
+        if self.input_profiles == "forward" and self.rules != "half":
+            raise ValueError("--input-profiles forward needs --rules half (use vjp or auto with other rules)")
+        return self
 
 
 class TraceInputs(BaseModel):

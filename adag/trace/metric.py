@@ -48,4 +48,9 @@ def target_logits(
     """The target logits (B, k), with soft-capping linearised like any other activation function."""
     if softcap:
         last_logits = linear_through_origin(unembedded[:, -1], last_logits)
-    return last_logits.gather(-1, targets.ids).float()
+    return at_least_float32(last_logits.gather(-1, targets.ids))
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Results are kept in float32 (bf16/fp16 models) or in the model's own wider dtype (float64 tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

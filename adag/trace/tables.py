@@ -1,12 +1,18 @@
 """The trace stage's Parquet tables, one part per batch under RUN_DIR/trace/<table>/.
 
-prompts  one row per prompt: prompt, text, metadata (JSON), n_tokens, tokens, token_ids, metric,
-         target_ids, target_tokens, target_coeffs, target_logits, embedding_relevance (per position).
-nodes    one row per kept node: prompt, node (id within the prompt, ordered by layer, position,
-         neuron), layer, position (unpadded), neuron, activation, attribution (RelP),
-         input_profile (one value per prompt position), output_profile (one value per target).
-edges    one row per edge: prompt, source_kind ("embedding" | "neuron"), source (position or node),
-         target_kind ("neuron" | "logit"), target (node or target rank), weight, attribution.
+prompts     one row per prompt: prompt, text, metadata (JSON), n_tokens, tokens, token_ids, metric,
+            target_ids, target_tokens, target_coeffs, target_logits, target_probs (the model's
+            next-token probabilities), embedding_relevance (one value per position: r_j = e_j . dm/de_j,
+            total effect).
+nodes       one row per kept neuron node: prompt, node (id within the prompt, ordered by layer,
+            position, neuron), layer, position (unpadded), neuron, activation, attribution (RelP),
+            input_profile (one value per prompt position), output_profile (one value per target).
+embeddings  one row per kept embedding node (|r_j| >= threshold * |m|): prompt, position
+            (unpadded), token_id, token, relevance (r_j).
+edges       one row per direct edge with |weight| >= the edge threshold: prompt, source_kind
+            ("embedding" | "neuron"), source (position or node), target_kind ("neuron" | "logit"),
+            target (node or target rank), weight, attribution (weight * RelP of the target node, or
+            weight * c_i * logit_i for a logit).
 
 Profiles are list<float32> columns, so a prompt with K nodes and T tokens costs about 4*K*(T+k)
 bytes before compression; kinds are dictionary-encoded.
@@ -20,7 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from adag.datasets import PromptRow
-from adag.trace.attribute import BatchAttribution, PromptBatch
+from adag.trace.attribute import EMBEDDING, LOGIT, NEURON, BatchAttribution, Edges, PromptBatch
+
+KIND_NAMES = {NEURON: "neuron", EMBEDDING: "embedding", LOGIT: "logit"}
 
 
 def _lists(values: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -29,20 +37,25 @@ def _lists(values: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
-def _kinds(values: list[str]) -> pa.Array:
-    return pa.array(values, type=pa.string()).dictionary_encode()
+def _kinds(codes: np.ndarray) -> pa.Array:
+    return pa.array([KIND_NAMES[int(code)] for code in codes], type=pa.string()).dictionary_encode()
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy()
 
 
 def batch_tables(result: BatchAttribution, batch: PromptBatch, prompt_ids: list[int], rows: list[PromptRow],
-                 tokenizer, edge_threshold: float) -> dict[str, pa.Table]:
-    """Turn one batch's attribution into the three tables, in unpadded per-prompt coordinates."""
-    nodes = result.nodes
-    offsets = batch.offsets.cpu().numpy()
+                 tokenizer) -> dict[str, pa.Table]:
+    """Turn one batch's attribution into the trace tables, in unpadded per-prompt coordinates."""
+    profiles = result.profiles
+    nodes = profiles.nodes
+    offsets = _numpy(batch.offsets)
     width = batch.input_ids.shape[1]
-    row = nodes.row.cpu().numpy()
-    layer = nodes.layer.cpu().numpy()
-    position = nodes.position.cpu().numpy() - offsets[row]
-    neuron = nodes.neuron.cpu().numpy()
+    row = _numpy(nodes.row)
+    layer = _numpy(nodes.layer)
+    position = _numpy(nodes.position) - offsets[row]
+    neuron = _numpy(nodes.neuron)
 
     # Node ids: rank within the prompt by (layer, position, neuron). Batch order is (layer, row, ...).
     order = np.lexsort([neuron, position, layer, row])
@@ -51,24 +64,23 @@ def batch_tables(result: BatchAttribution, batch: PromptBatch, prompt_ids: list[
     node_id[order] = np.arange(len(row)) - starts[row[order]]
     prompt = np.asarray(prompt_ids, dtype=np.int32)
 
-    attribution = result.attribution.cpu().numpy()
-    input_profile = result.input_profile.cpu().numpy()
-    profiles = [input_profile[i, offsets[r]:] for i, r in enumerate(row)]
+    input_profile = _numpy(profiles.input_profile)
     nodes_table = pa.table({
         "prompt": prompt[row[order]],
         "node": node_id[order],
         "layer": layer[order].astype(np.int16),
         "position": position[order].astype(np.int32),
         "neuron": neuron[order].astype(np.int32),
-        "activation": result.activation.cpu().numpy()[order].astype(np.float32),
-        "attribution": attribution[order].astype(np.float32),
-        "input_profile": _lists([profiles[i].astype(np.float32) for i in order], pa.float32()),
-        "output_profile": _lists(list(result.output_profile.cpu().numpy()[order].astype(np.float32)), pa.float32()),
+        "activation": _numpy(profiles.activation)[order].astype(np.float32),
+        "attribution": _numpy(profiles.attribution)[order].astype(np.float32),
+        "input_profile": _lists([input_profile[i, offsets[row[i]]:].astype(np.float32) for i in order], pa.float32()),
+        "output_profile": _lists(list(_numpy(profiles.output_profile)[order].astype(np.float32)), pa.float32()),
     })
 
-    tokens = [batch.input_ids[b, offsets[b]:].tolist() for b in range(len(prompt_ids))]
-    target_ids = result.targets.ids.cpu().numpy()
-    relevance = result.embedding_relevance.cpu().numpy()
+    token_ids = _numpy(batch.input_ids)
+    tokens = [token_ids[b, offsets[b]:].tolist() for b in range(len(prompt_ids))]
+    target_ids = _numpy(profiles.targets.ids)
+    relevance = _numpy(profiles.embedding_relevance)
     prompts_table = pa.table({
         "prompt": prompt,
         "text": [r.prompt for r in rows],
@@ -76,56 +88,54 @@ def batch_tables(result: BatchAttribution, batch: PromptBatch, prompt_ids: list[
         "n_tokens": np.array([width - o for o in offsets], dtype=np.int32),
         "tokens": [[tokenizer.decode([t]) for t in ids] for ids in tokens],
         "token_ids": tokens,
-        "metric": result.metric.cpu().numpy().astype(np.float32),
+        "metric": _numpy(profiles.metric).astype(np.float32),
         "target_ids": target_ids.tolist(),
         "target_tokens": [[tokenizer.decode([t]) for t in ids] for ids in target_ids],
-        "target_coeffs": result.targets.coeffs.cpu().numpy().tolist(),
-        "target_logits": result.target_logits.cpu().numpy().tolist(),
+        "target_coeffs": _numpy(profiles.targets.coeffs).tolist(),
+        "target_logits": _numpy(profiles.target_logits).tolist(),
+        "target_probs": _numpy(profiles.target_probs).tolist(),
         "embedding_relevance": [relevance[b, offsets[b]:].astype(np.float32) for b in range(len(prompt_ids))],
     })
-    tables = {"prompts": prompts_table, "nodes": nodes_table}
+
+    embedding_row = _numpy(profiles.embedding_nodes.row)
+    embedding_position = _numpy(profiles.embedding_nodes.position)
+    embedding_token = token_ids[embedding_row, embedding_position]
+    embeddings_table = pa.table({
+        "prompt": prompt[embedding_row],
+        "position": (embedding_position - offsets[embedding_row]).astype(np.int32),
+        "token_id": embedding_token.astype(np.int32),
+        "token": [tokenizer.decode([t]) for t in embedding_token.tolist()],
+        "relevance": relevance[embedding_row, embedding_position].astype(np.float32),
+    })
+    tables = {"prompts": prompts_table, "nodes": nodes_table, "embeddings": embeddings_table}
     if result.edges is not None:
-        tables["edges"] = _edges_table(result, row, position, node_id, prompt, profiles, edge_threshold)
+        source_position = embedding_position - offsets[embedding_row]
+        tables["edges"] = _edges_table(result.edges, prompt, node_id, source_position)
     return tables
 
 
-def _edges_table(result: BatchAttribution, row: np.ndarray, position: np.ndarray, node_id: np.ndarray,
-                 prompt: np.ndarray, profiles: list[np.ndarray], threshold: float) -> pa.Table:
-    attribution = result.attribution.cpu().numpy()
-    parts: list[dict[str, np.ndarray]] = []
+def _ids(kind: np.ndarray, index: np.ndarray, lookups: dict[int, np.ndarray]) -> np.ndarray:
+    """Per-prompt ids of edge ends: `lookups[kind]` maps a batch index to the id stored."""
+    ids = index.copy()
+    for code, table in lookups.items():
+        chosen = kind == code
+        ids[chosen] = table[index[chosen]]
+    return ids
 
-    edges = result.edges.cpu().numpy()
-    source, target = edges[:, 0].astype(np.int64), edges[:, 1].astype(np.int64)
-    parts.append({"prompt": prompt[row[target]], "source_kind": ["neuron"] * len(edges), "source": node_id[source],
-                  "target_kind": ["neuron"] * len(edges), "target": node_id[target], "weight": edges[:, 2],
-                  "attribution": edges[:, 2] * attribution[target]})
 
-    lengths = [len(p) for p in profiles]
-    node_of_entry = np.repeat(np.arange(len(profiles)), lengths)
-    source_position = np.concatenate([np.arange(n) for n in lengths]) if profiles else np.zeros(0, int)
-    weight = np.concatenate(profiles) if profiles else np.zeros(0)
-    keep = np.abs(weight) >= threshold
-    node_of_entry, source_position, weight = node_of_entry[keep], source_position[keep], weight[keep]
-    parts.append({"prompt": prompt[row[node_of_entry]], "source_kind": ["embedding"] * len(weight),
-                  "source": source_position, "target_kind": ["neuron"] * len(weight),
-                  "target": node_id[node_of_entry], "weight": weight,
-                  "attribution": weight * attribution[node_of_entry]})
-
-    logit_weight = result.logit_edges.cpu().numpy()
-    signed_logits = (result.target_logits * result.targets.coeffs).cpu().numpy()
-    node, rank = np.nonzero(np.abs(logit_weight) >= threshold)
-    parts.append({"prompt": prompt[row[node]], "source_kind": ["neuron"] * len(node), "source": node_id[node],
-                  "target_kind": ["logit"] * len(node), "target": rank, "weight": logit_weight[node, rank],
-                  "attribution": logit_weight[node, rank] * signed_logits[row[node], rank]})
-
-    columns = {key: np.concatenate([np.asarray(p[key]) for p in parts]) for key in parts[0]}
-    order = np.lexsort([columns["source"], columns["target"], columns["prompt"]])
+def _edges_table(edges: Edges, prompt: np.ndarray, node_id: np.ndarray, embedding_position: np.ndarray) -> pa.Table:
+    """Edges with batch indices replaced by per-prompt ids: node ids, unpadded positions, target ranks."""
+    source_kind, target_kind = _numpy(edges.source_kind), _numpy(edges.target_kind)
+    source_id = _ids(source_kind, _numpy(edges.source), {NEURON: node_id, EMBEDDING: embedding_position})
+    target_id = _ids(target_kind, _numpy(edges.target), {NEURON: node_id})  # logit targets keep their rank
+    edge_prompt = prompt[_numpy(edges.row)]
+    order = np.lexsort([source_id, source_kind, target_id, target_kind, edge_prompt])
     return pa.table({
-        "prompt": columns["prompt"][order].astype(np.int32),
-        "source_kind": _kinds(list(columns["source_kind"][order])),
-        "source": columns["source"][order].astype(np.int32),
-        "target_kind": _kinds(list(columns["target_kind"][order])),
-        "target": columns["target"][order].astype(np.int32),
-        "weight": columns["weight"][order].astype(np.float32),
-        "attribution": columns["attribution"][order].astype(np.float32),
+        "prompt": edge_prompt[order].astype(np.int32),
+        "source_kind": _kinds(source_kind[order]),
+        "source": source_id[order].astype(np.int32),
+        "target_kind": _kinds(target_kind[order]),
+        "target": target_id[order].astype(np.int32),
+        "weight": _numpy(edges.weight)[order].astype(np.float32),
+        "attribution": _numpy(edges.attribution)[order].astype(np.float32),
     })
