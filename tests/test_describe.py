@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from adag.cli import app
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import CachedBackend, DescribeConfig, describe_run
+from adag.describe import run as describe_run_module
 from adag.describe.config import DescribeOptions
 from adag.describe.evaluate import RULES, evaluate_rule
 from adag.describe.explain import (
@@ -27,6 +29,7 @@ from adag.describe.explain import (
     StatsExplainer,
     TargetExcerpt,
     correlation,
+    label_words,
     retry,
     simulated_score,
 )
@@ -44,6 +47,7 @@ from adag.describe.records import (
     Record,
     exemplar_pool,
     highlight,
+    load_cluster_records,
     normalised_scores,
     quantile_walk_threshold,
     sign_part,
@@ -53,6 +57,7 @@ from adag.describe.run import make_llms
 from adag.errors import AdagError
 from adag.store import STAGING, RunDir
 from adag.trace import TraceConfig, trace_dataset
+from adag.view import RunView
 from tests.fake_openai import HANG, FakeOpenAI, error_body, reading_model, reply_body
 
 REPO = Path(__file__).resolve().parents[1]
@@ -373,10 +378,10 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     with FakeOpenAI() as server:
         spec = f"openai:fake@{server.url}"
-        config = DescribeConfig(explainer=spec, simulator=spec, samples=2, concurrency=2)
+        config = DescribeConfig(explainer=spec, simulator=spec, samples=2)
         estimate = describe_run(str(clustered_run), config, dry_run=True)
         assert estimate["calls"] > 0 and not server.requests
-        result = describe_run(str(clustered_run), config, progress=False)
+        result = describe_run(str(clustered_run), config, progress=False, concurrency=2)
         assert result == {"clusters": 3, "failed": 0}
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")
         assert set(table["input_description"]) == {"names of countries"}
@@ -388,11 +393,25 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
         assert len(server.requests) == sent  # a rerun is served from the cache
 
 
-def test_offline_default_describes_every_cluster(clustered_run, tmp_path, monkeypatch):
+def test_offline_default_labels_name_tokens_of_the_cluster(clustered_run, tmp_path, monkeypatch):
+    """`adag describe` with defaults on a demo-shaped run (country-capitals prompts): every label is
+    1-3 words, each the name of a token string in that cluster's own records (highlighted input tokens
+    or targets), never a filler phrase; every input description quotes such token strings."""
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
-    assert describe_run(str(clustered_run), DescribeConfig(), progress=False) == {"clusters": 3, "failed": 0}
-    table = RunDir.open(clustered_run).read_table("describe", "descriptions")
-    assert table["input_description"].str.contains(r'"').all() and table["label"].str.len().gt(0).all()
+    result = CliRunner().invoke(app, ["describe", str(clustered_run)])
+    assert result.exit_code == 0, result.output
+    table = RunDir.open(clustered_run).read_table("describe", "descriptions").set_index("cluster")
+    inputs, outputs = load_cluster_records(RunView.open(clustered_run))
+    assert len(table) == 3 and (table["status"] == "ok").all()
+    for cluster, row in table.iterrows():
+        tokens = {t for r in inputs.get(cluster, []) + outputs.get(cluster, []) for t in r.tokens}
+        names = {word for token in tokens for word in label_words(token)}
+        label = row["label"].removeprefix("not[").removesuffix("]")
+        assert 1 <= len(label.split()) <= 3 and set(label.split()) <= names, (label, sorted(names))
+        assert not re.search(r"\bgroup of\b|\bneurons?\b", label), label
+        quoted = [json.loads(f'"{q}"') for q in re.findall(r'"((?:[^"\\]|\\.)*)" \(\d+\)', row["input_description"])]
+        texts = ["".join(r.tokens) for r in inputs[cluster]]
+        assert quoted and all(any(q in text for text in texts) for q in quoted), row["input_description"]
 
 
 def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(clustered_run, tmp_path, monkeypatch):
@@ -400,13 +419,18 @@ def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(c
     refusal = reply_body("I'm sorry, I cannot help with that.")
     with FakeOpenAI([(200, refusal)] * 3) as server:
         spec = f"openai:fake@{server.url}"
-        config = DescribeConfig(explainer=spec, simulator=spec, samples=1, concurrency=1, attempts=3, clusters=[0, 1])
+        config = DescribeConfig(explainer=spec, simulator=spec, samples=1, attempts=3, clusters=[0, 1])
         with pytest.raises(AdagError, match=r"^1 of 2 clusters failed \(cluster 0: UnusableReply"):
-            describe_run(str(clustered_run), config, progress=False)
+            describe_run(str(clustered_run), config, progress=False, concurrency=1)
         entry = RunDir.open(clustered_run).entry("describe")  # an earlier test's result, or none: not this one
         assert entry is None or entry["config"] != config.model_dump(mode="json")
-        sent = len(server.requests)
-        assert describe_run(str(clustered_run), config, progress=False) == {"clusters": 2, "failed": 0}
+        sent, described = len(server.requests), []
+        original = describe_run_module.describe_cluster
+        monkeypatch.setattr(describe_run_module, "describe_cluster",
+                            lambda cluster, *args: described.append(cluster) or original(cluster, *args))
+        # Another concurrency changes no description, so the finished cluster is kept.
+        assert describe_run(str(clustered_run), config, progress=False, concurrency=2) == {"clusters": 2, "failed": 0}
+        assert described == [0]
         assert len(server.requests) > sent  # the refusals were not cached: asked again
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")
         assert sorted(table["cluster"]) == [0, 1] and (table["status"] == "ok").all()
@@ -416,11 +440,12 @@ def test_a_dead_server_fails_every_cluster_once_then_a_rerun_finishes(clustered_
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     with FakeOpenAI([(500, {"error": {"message": "down"}})] * 2) as server:
         spec = f"openai:fake@{server.url}"
-        config = DescribeConfig(explainer=spec, simulator=spec, samples=1, concurrency=1)
+        config = DescribeConfig(explainer=spec, simulator=spec, samples=1)
         with pytest.raises(AdagError, match=r"3 of 3 clusters failed .*HTTP 500.*rerun the same command"):
-            describe_run(str(clustered_run), config, progress=False, retries=1)
+            describe_run(str(clustered_run), config, progress=False, retries=1, concurrency=1)
         assert len(server.requests) == 2  # detected once, not once per cluster
-        assert describe_run(str(clustered_run), config, progress=False, retries=1) == {"clusters": 3, "failed": 0}
+        assert describe_run(str(clustered_run), config, progress=False, retries=1,
+                            concurrency=1) == {"clusters": 3, "failed": 0}
 
 
 def test_cli_describe_exits_2_with_one_line(clustered_run, tmp_path, monkeypatch):
@@ -432,6 +457,20 @@ def test_cli_describe_exits_2_with_one_line(clustered_run, tmp_path, monkeypatch
         result = CliRunner().invoke(app, ["describe", str(clustered_run), *options])
         assert result.exit_code == 2, result.output
         assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_cli_cluster_timeout_bounds_each_cluster_against_a_server_that_never_answers(clustered_run, tmp_path,
+                                                                                    monkeypatch):
+    """--cluster-timeout reaches every request: with 600 s allowed per reply, each cluster still gives up
+    at its deadline (the test would hang otherwise), and describe exits 2 counting the failed clusters."""
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
+    with FakeOpenAI([(200, HANG)] * 20) as server:
+        spec = f"openai:fake@{server.url}"
+        result = CliRunner().invoke(app, ["describe", str(clustered_run), "--explainer", spec, "--simulator", spec,
+                                          "--request-timeout", "600", "--cluster-timeout", "0.5"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: 3 of 3 clusters failed (cluster 0: TimeoutError: gave up")
+    assert result.stderr.count("\n") == 1 and len(server.requests) == 3  # one hanging request per cluster
 
 
 def _cached_replies(cache: Path) -> int:

@@ -73,7 +73,6 @@ class DescribeConfig(BaseModel):
         "benchmarks/describe_eval.py, where k=1 highlights too few tokens"))
     temperature: float = Field(1.0, ge=0, description="sampling temperature of an LLM explainer")
     attempts: int = Field(3, ge=1, description="tries for an unusable LLM reply before the cluster is marked failed")
-    concurrency: int = Field(4, ge=1, description="clusters described at once")
     clusters: list[int] | None = Field(None, description="comma-separated cluster ids (default: all)")
     seed: int = Field(0, description="random seed for exemplar pools and subsets")
 
@@ -94,6 +93,7 @@ class DescribeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dry_run: bool = Field(False, description="count calls and tokens; send nothing, write nothing")
+    concurrency: int = Field(4, ge=1, description="clusters described at once")
     request_timeout: float = Field(120.0, gt=0, description="seconds to wait for one LLM reply")
     retries: int = Field(3, ge=0, description=(
         "resends of a request that failed on the server's side (timeout, refused, 429, 5xx) before the "

@@ -72,7 +72,7 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
             out.write_part("descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
 
         bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=None if progress else True)  # None: tty
-        with ThreadPoolExecutor(config.concurrency) as pool:
+        with ThreadPoolExecutor(limits.concurrency) as pool:
             for _ in pool.map(work, todo):
                 bar.update()
         bar.close()
