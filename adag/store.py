@@ -496,6 +496,8 @@ class StageWriter:
         """A path inside the stage's folder for a file written by other means (e.g. a plot)."""
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        with self._guard:  # rewritten (e.g. a whole table while repairing): recorded afresh
+            self._records.pop(name, None)
         return path
 
     def write_table(self, name: str, table: pd.DataFrame | pa.Table) -> None:

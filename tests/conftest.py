@@ -1,9 +1,12 @@
+import json
 import os
 import time
 
 import pytest
 import torch
 
+from adag.datasets import load_dataset
+from tests.fake_openai import FakeOpenAI
 from tests.tiny import FAMILIES, in_float64, offline_tokenizer, tiny_model
 
 # ADAG_TEST_THREADS=N runs the suite with N torch threads (default: one per CPU). Every numeric
@@ -29,6 +32,33 @@ def tiny_models(tokenizer):
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory, so that `--model DIR` loads it."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory):
+    """Six country-capital prompts as a .jsonl file, with a numeric metadata field."""
+    path = tmp_path_factory.mktemp("data") / "capitals.jsonl"
+    rows = [r.model_dump() | {"metadata": {"score": float(i % 3)}} for i, r in
+            enumerate(load_dataset("country-capitals", limit=6).rows)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A fake OpenAI-compatible LLM server that answers every request."""
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def test_a_damaged_part_is_redone_in_place_and_said_once(tmp_path, caplog):
     with run.stage("trace", {"k": 5}, resumable=True) as out:
         for part in range(3):
             out.write_part("nodes", part, pd.DataFrame({"a": [part] * 50}))
+        out.write_table("ledger", pd.DataFrame({"calls": [1]}))
     part = tmp_path / "trace" / "nodes" / "part-000001.parquet"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     with pytest.raises(DamagedFile, match=r"part-000001.parquet is damaged .* rewrite it with `adag trace"):
@@ -89,6 +90,7 @@ def test_a_damaged_part_is_redone_in_place_and_said_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="adag"), run.stage("trace", {"k": 5}, resumable=True) as out:
         assert out.has_part("nodes", 0) and not out.has_part("nodes", 1) and out.has_part("nodes", 2)
         out.write_part("nodes", 1, pd.DataFrame({"a": [1] * 50}))
+        out.write_table("ledger", pd.DataFrame({"calls": range(20)}))  # a whole table rewritten by the repair
     assert len([r for r in caplog.records if "damaged" in r.message]) == 1
     assert run.read_table("trace", "nodes")["a"].tolist() == [0] * 50 + [1] * 50 + [2] * 50
     assert run.verify(hashes=True) == []
