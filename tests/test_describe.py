@@ -1,13 +1,6 @@
 import json
-import os
 import re
-import shutil
-import signal
 import socket
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +48,7 @@ from adag.describe.records import (
 )
 from adag.describe.run import make_llms
 from adag.errors import AdagError
-from adag.store import STAGING, RunDir
+from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
 from tests.fake_openai import HANG, FakeOpenAI, error_body, reading_model, reply_body
@@ -434,75 +427,6 @@ def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(c
         assert len(server.requests) > sent  # the refusals were not cached: asked again
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")
         assert sorted(table["cluster"]) == [0, 1] and (table["status"] == "ok").all()
-
-
-def test_a_dead_server_fails_every_cluster_once_then_a_rerun_finishes(clustered_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
-    with FakeOpenAI([(500, {"error": {"message": "down"}})] * 2) as server:
-        spec = f"openai:fake@{server.url}"
-        config = DescribeConfig(explainer=spec, simulator=spec, samples=1)
-        with pytest.raises(AdagError, match=r"3 of 3 clusters failed .*HTTP 500.*rerun the same command"):
-            describe_run(str(clustered_run), config, progress=False, retries=1, concurrency=1)
-        assert len(server.requests) == 2  # detected once, not once per cluster
-        assert describe_run(str(clustered_run), config, progress=False, retries=1,
-                            concurrency=1) == {"clusters": 3, "failed": 0}
-
-
-def test_cli_describe_exits_2_with_one_line(clustered_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
-    dead = f"openai:fake@http://127.0.0.1:{_closed_port()}/v1"
-    for options, message in ((["--explainer", "embed:minilm"], "error: --explainer (got 'embed:minilm'): "
-                                                                 "'embed:minilm' cannot be the explainer"),
-                             (["--explainer", dead, "--simulator", dead], "error: 3 of 3 clusters failed")):
-        result = CliRunner().invoke(app, ["describe", str(clustered_run), *options])
-        assert result.exit_code == 2, result.output
-        assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
-
-
-def test_cli_cluster_timeout_bounds_each_cluster_against_a_server_that_never_answers(clustered_run, tmp_path,
-                                                                                    monkeypatch):
-    """--cluster-timeout reaches every request: with 600 s allowed per reply, each cluster still gives up
-    at its deadline (the test would hang otherwise), and describe exits 2 counting the failed clusters."""
-    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
-    with FakeOpenAI([(200, HANG)] * 20) as server:
-        spec = f"openai:fake@{server.url}"
-        result = CliRunner().invoke(app, ["describe", str(clustered_run), "--explainer", spec, "--simulator", spec,
-                                          "--request-timeout", "600", "--cluster-timeout", "0.5"])
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: 3 of 3 clusters failed (cluster 0: TimeoutError: gave up")
-    assert result.stderr.count("\n") == 1 and len(server.requests) == 3  # one hanging request per cluster
-
-
-def _cached_replies(cache: Path) -> int:
-    with sqlite3.connect(cache) as db:
-        return db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
-
-
-def test_kill_during_describe_then_rerun_loses_nothing_and_repeats_no_cached_request(clustered_run, tmp_path,
-                                                                                      monkeypatch):
-    run_dir = tmp_path / "run"
-    shutil.copytree(clustered_run, run_dir, ignore=shutil.ignore_patterns("describe"))  # other tests' descriptions
-    parts = run_dir / STAGING / "describe" / "descriptions"  # an unfinished stage's parts
-    with FakeOpenAI(delay=0.1) as server:
-        spec = f"openai:fake@{server.url}"
-        options = ["describe", str(run_dir), "--explainer", spec, "--simulator", spec, "--samples", "2",
-                   "--concurrency", "1"]
-        env = os.environ | {"ADAG_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
-        process = subprocess.Popen([sys.executable, "-c", "from adag.cli import app; app()", *options], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while process.poll() is None and not list(parts.glob("part-*.parquet")):
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        assert len(list(parts.glob("part-*.parquet"))) < 3  # killed with clusters left to do
-        cached, sent = _cached_replies(tmp_path / "cache" / "llm-cache.sqlite"), len(server.requests)
-        monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
-        result = CliRunner().invoke(app, options)
-        assert result.exit_code == 0, result.output
-        table = RunDir.open(run_dir).read_table("describe", "descriptions")
-        assert sorted(table["cluster"]) == [0, 1, 2] and (table["status"] == "ok").all()
-        # Every request of the rerun added a new reply to the cache: none had been cached already.
-        assert len(server.requests) - sent == _cached_replies(tmp_path / "cache" / "llm-cache.sqlite") - cached
 
 
 @pytest.fixture(scope="module")
