@@ -45,7 +45,6 @@ TRACE = "trace --model {model} --dataset {data} --out {new} --threshold 0.03 --b
 LLM = "--explainer openai:fake@{llm} --simulator openai:fake@{llm} --samples 1 --concurrency 1"
 # Describe options that keep a failing server's rows short.
 FAST_FAILURE = "--retries 1 --request-timeout 1 --cluster-timeout 5"
-BRANCH_CLUSTER = pytest.mark.xfail(strict=True, reason="lands with branch cluster")
 
 
 @dataclass
@@ -166,7 +165,7 @@ ERRORS = [
     Row("trace --threshold inf", TRACE.replace("0.03", "inf"), "--threshold (got 'inf')"),
     Row("cluster --k 0", "cluster {run} --k 0", "--k (got '0')"),
     Row("cluster --k -3", "cluster {run} --k -3", "--k (got '-3')"),
-    Row("cluster --k 100000", "cluster {run} --k 100000", "--k 100000 is more than the", marks=(BRANCH_CLUSTER,)),
+    Row("cluster --k 100000", "cluster {run} --k 100000", "--k 100000 is more than the"),
     Row("describe --explainer embed:minilm", "describe {run} --explainer embed:minilm", "cannot be the explainer"),
     # Tracebacks before.
     Row("model dir without config.json", TRACE, "has no config.json", spoiled_model("no config")),

@@ -9,5 +9,5 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "methods": ["METHODS", "ProfileClustering"],
     "profiles": ["HalfNeuronProfiles", "half_neuron_profiles"],
     "run": ["cluster_run"],
-    "similarity": ["combine_views", "similarity"],
+    "similarity": ["combine_views", "knn_similarity", "similarity"],
 })

@@ -1,4 +1,9 @@
-"""The cluster graph: node and edge attributions summed over each cluster's members (DESIGN.md section 7)."""
+"""The cluster graph: node and edge attributions summed over each cluster's members (DESIGN.md section 7).
+
+Every edge of the trace is a direct effect (DESIGN.md section 6): neuron -> neuron, embedding ->
+neuron (from the kept embedding nodes; the source is the position) and neuron -> logit. Embedding ->
+logit edges touch no cluster and are left to the trace's tables.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import pandas as pd
 def cluster_graph(nodes: pd.DataFrame, edges: pd.DataFrame | None, node_cluster: np.ndarray,
                   n_prompts: int) -> dict[str, pd.DataFrame]:
     """Per prompt: cluster attribution, cluster -> cluster edges (intra-cluster edges removed),
-    attachments to input positions and to target logits; and the same averaged over prompts
+    attachments from input positions (embedding -> neuron edges) and to target logits (neuron ->
+    logit edges); and the same averaged over prompts
     (a cluster absent from a prompt counts as 0 there)."""
     nodes = nodes.assign(cluster=node_cluster)
     per_prompt = nodes.groupby(["prompt", "cluster"], as_index=False)["attribution"].sum()
@@ -34,12 +40,12 @@ def cluster_graph(nodes: pd.DataFrame, edges: pd.DataFrame | None, node_cluster:
     tables["mean_cluster_edges"] = (tables["cluster_edges"].groupby(["source_cluster", "target_cluster"])
                                     ["attribution"].sum().div(n_prompts).reset_index())
 
-    inputs = edges[kinds[0] == "embedding"]
+    inputs = edges[(kinds[0] == "embedding") & (kinds[1] == "neuron")]
     inputs = inputs.assign(cluster=cluster_of(inputs["prompt"], inputs["target"]))
     tables["input_attachments"] = (inputs.groupby(["prompt", "cluster", "source"], as_index=False)["attribution"]
                                    .sum().rename(columns={"source": "position"}))
 
-    logits = edges[kinds[1] == "logit"]
+    logits = edges[(kinds[0] == "neuron") & (kinds[1] == "logit")]
     logits = logits.assign(cluster=cluster_of(logits["prompt"], logits["source"]))
     tables["logit_attachments"] = (logits.groupby(["prompt", "cluster", "target"], as_index=False)["attribution"]
                                    .sum().rename(columns={"target": "target_rank"}))

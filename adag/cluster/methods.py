@@ -6,62 +6,92 @@ from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg import eigh
-from scipy.sparse.linalg import eigsh
 from sklearn.cluster import AgglomerativeClustering, KMeans, SpectralClustering
 from sklearn.decomposition import TruncatedSVD
-from sklearn.metrics import silhouette_score
 
-from adag.cluster.config import Combine, Method
+from adag.cluster.config import CLUSTERS, DENSE_LIMIT, MAX_CLUSTERS, NEIGHBORS, Combine, Embedding, Method
 from adag.cluster.profiles import HalfNeuronProfiles
-from adag.cluster.similarity import similarity
+from adag.cluster.similarity import knn_graph, knn_similarity, similarity
+from adag.cluster.spectral import (
+    eigengap,
+    embedding_labels,
+    intra_inter_ratio,
+    normalised_affinity,
+    reference_affinity,
+    silhouette,
+    top_eigenvectors,
+)
 
 METHODS: tuple[str, ...] = get_args(Method)
+DIAGNOSTICS_SAMPLE = 5000  # half-neurons whose dense similarity gives the diagnostics of a sparse clustering
 
 
 class ProfileClustering:
     """Cluster half-neurons; parameters in the constructor, results as attributes after `fit`.
 
-    Attributes after fit: `labels_` (one cluster per half-neuron), `similarity_` (H, H),
-    `eigenvalues_` (top eigenvalues of the normalised affinity), `suggested_k_` (largest eigengap),
-    `diagnostics_` (dict: k, suggested_k, silhouette, intra_inter_ratio).
+    Up to `dense_limit` half-neurons the similarity S is a dense matrix and the spectral embedding a
+    dense eigendecomposition (the reference algorithm). Above it, S keeps each half-neuron's
+    `neighbors` most similar others (symmetrised, sparse) and ARPACK finds the eigenvectors; the
+    silhouette and intra/inter ratio are then measured on the dense S of a fixed random sample of
+    DIAGNOSTICS_SAMPLE half-neurons, so they stay comparable with smaller runs.
+
+    Attributes after fit: `labels_` (one cluster per half-neuron), `affinity_` (A = max(S, 0) with
+    diagonal 1, dense or sparse), `eigenvalues_` (top eigenvalues of the normalised affinity N),
+    `suggested_k_` (largest eigengap), `diagnostics_` (dict: k, suggested_k, silhouette, intra_inter_ratio).
     """
 
-    def __init__(self, n_clusters: int | Literal["auto"] = 20, method: Method = "spectral",
-                 combine: Combine = "harmonic", random_state: int = 0, max_clusters: int = 64, n_neighbors: int = 15):
+    def __init__(self, n_clusters: int | Literal["auto"] = CLUSTERS, method: Method = "spectral",
+                 combine: Combine = "harmonic", embedding: Embedding = "reference", random_state: int = 0,
+                 max_clusters: int = MAX_CLUSTERS, neighbors: int = NEIGHBORS, dense_limit: int = DENSE_LIMIT):
         self.n_clusters = n_clusters
         self.method = method
         self.combine = combine
+        self.embedding = embedding
         self.random_state = random_state
         self.max_clusters = max_clusters
-        self.n_neighbors = n_neighbors
+        self.neighbors = neighbors
+        self.dense_limit = dense_limit
 
     def fit(self, profiles: HalfNeuronProfiles) -> ProfileClustering:
         if self.method not in METHODS:
             raise ValueError(f"unknown clustering method {self.method!r}; use one of {', '.join(METHODS)}")
-        self.similarity_ = similarity(profiles, self.combine)
-        affinity = np.clip(self.similarity_, 0, None).astype(np.float64)
-        np.fill_diagonal(affinity, 1.0)
-        n = len(affinity)
-        self.eigenvalues_, self.suggested_k_ = eigengap(affinity, self.max_clusters)
-        k = self.suggested_k_ if self.n_clusters == "auto" else int(self.n_clusters)
-        k = max(1, min(k, n))
+        n = len(profiles)
+        if self.n_clusters != "auto" and not 2 <= self.n_clusters <= n:
+            raise ValueError(f"cannot make {self.n_clusters} clusters of {n} half-neurons; "
+                             f"choose k from 2 to {n}, or 'auto'")
+        sparse = n > self.dense_limit
+        if sparse:
+            self.affinity_ = reference_affinity(knn_similarity(profiles, self.neighbors, self.combine))
+        else:
+            self.affinity_ = reference_affinity(similarity(profiles, self.combine))
+        wanted = self.max_clusters + 1 if self.n_clusters == "auto" else max(self.n_clusters, self.max_clusters + 1)
+        self.eigenvalues_, vectors = top_eigenvectors(normalised_affinity(self.affinity_), wanted, self.random_state)
+        self.suggested_k_ = eigengap(self.eigenvalues_, self.max_clusters)
+        k = min(self.suggested_k_, n) if self.n_clusters == "auto" else self.n_clusters
         if k == 1:
             self.labels_ = np.zeros(n, dtype=int)
+        elif self.method == "spectral" and self.embedding == "reference":
+            self.labels_ = embedding_labels(vectors, k, self.random_state)
         elif self.method == "spectral":
             self.labels_ = SpectralClustering(k, affinity="precomputed", random_state=self.random_state,
-                                              assign_labels="kmeans").fit_predict(affinity)
+                                              assign_labels="kmeans").fit_predict(self.affinity_)
         elif self.method == "agglomerative":
             self.labels_ = AgglomerativeClustering(k, linkage="ward").fit_predict(self._features(profiles))
         elif self.method == "kmeans":
             self.labels_ = KMeans(k, random_state=self.random_state, n_init=10).fit_predict(self._features(profiles))
         else:
-            self.labels_ = leiden(affinity, self.n_neighbors, self.random_state)
+            self.labels_ = leiden(self.affinity_, self.neighbors, self.random_state)
+        affinity, labels = self.affinity_, self.labels_
+        if sparse:
+            sample = np.sort(np.random.default_rng(self.random_state).choice(n, min(n, DIAGNOSTICS_SAMPLE),
+                                                                             replace=False))
+            affinity, labels = reference_affinity(similarity(profiles.subset(sample), self.combine)), labels[sample]
         self.diagnostics_ = {
-            "method": self.method, "combine": self.combine, "half_neurons": n,
+            "method": self.method, "combine": self.combine, "embedding": self.embedding, "half_neurons": n,
+            "similarity": f"sparse, {self.neighbors} nearest neighbours" if sparse else "dense",
             "k": int(self.labels_.max()) + 1, "suggested_k": self.suggested_k_,
-            "silhouette": silhouette(self.similarity_, self.labels_),
-            "intra_inter_ratio": intra_inter_ratio(self.similarity_, self.labels_),
+            "silhouette": silhouette(affinity, labels),
+            "intra_inter_ratio": intra_inter_ratio(affinity, labels),
         }
         return self
 
@@ -74,55 +104,16 @@ class ProfileClustering:
         return TruncatedSVD(components, random_state=self.random_state).fit_transform(stacked)
 
 
-def eigengap(affinity: np.ndarray, max_k: int) -> tuple[np.ndarray, int]:
-    """Top eigenvalues of D^-1/2 A D^-1/2 and the k (2..max_k) after which the gap is largest."""
-    n = len(affinity)
-    scale = 1 / np.sqrt(affinity.sum(1))
-    normalised = affinity * scale[:, None] * scale[None, :]
-    count = min(max_k + 1, n)
-    if n <= 500 or count >= n - 1:
-        values = eigh(normalised, eigvals_only=True)[::-1][:count]
-    else:
-        values = np.sort(eigsh(normalised, k=count, which="LA", return_eigenvectors=False))[::-1]
-    if len(values) < 3:
-        return values, 1
-    gaps = values[1:-1] - values[2:]  # gap after the k-th eigenvalue, k = 2..count-1
-    return values, int(np.argmax(gaps)) + 2
-
-
-def silhouette(similarity_matrix: np.ndarray, labels: np.ndarray) -> float | None:
-    if not 2 <= len(set(labels.tolist())) <= len(labels) - 1:
-        return None
-    distance = np.clip(1 - similarity_matrix, 0, 2).astype(np.float64)
-    np.fill_diagonal(distance, 0)
-    return float(silhouette_score(distance, labels, metric="precomputed"))
-
-
-def intra_inter_ratio(similarity_matrix: np.ndarray, labels: np.ndarray) -> float | None:
-    """Mean similarity of pairs in one cluster over the mean of pairs across clusters."""
-    same = labels[:, None] == labels[None, :]
-    off_diagonal = ~np.eye(len(labels), dtype=bool)
-    intra, inter = similarity_matrix[same & off_diagonal], similarity_matrix[~same]
-    if not len(intra) or not len(inter) or inter.mean() == 0:
-        return None
-    return float(intra.mean() / inter.mean())
-
-
-def leiden(affinity: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray:
+def leiden(affinity: np.ndarray | sp.csr_matrix, n_neighbors: int, seed: int) -> np.ndarray:
     """Leiden communities of the symmetrised k-nearest-neighbour graph of the affinity."""
     import igraph
     import leidenalg
 
-    n = len(affinity)
-    off = affinity.copy()
-    np.fill_diagonal(off, 0)
-    neighbours = np.argsort(-off, axis=1)[:, :min(n_neighbors, n - 1)]
-    rows = np.repeat(np.arange(n), neighbours.shape[1])
-    cols = neighbours.ravel()
-    weights = off[rows, cols]
-    keep = weights > 0
-    graph = sp.coo_matrix((weights[keep], (rows[keep], cols[keep])), shape=(n, n)).tocsr()
-    graph = graph.maximum(graph.T).tocoo()
+    n = affinity.shape[0]
+    if sp.issparse(affinity):
+        graph = sp.csr_matrix(affinity - sp.diags(affinity.diagonal())).tocoo()  # already the kNN graph
+    else:
+        graph = knn_graph(affinity, n_neighbors).tocoo()
     upper = graph.row < graph.col
     g = igraph.Graph(n=n, edges=list(zip(graph.row[upper].tolist(), graph.col[upper].tolist())))
     g.es["weight"] = graph.data[upper].tolist()

@@ -2,9 +2,15 @@
 
 A half-neuron is (layer, neuron, polarity). For each prompt it occurs in, its nodes' profiles are
 summed over token positions. Row h of `inputs` holds, in prompt p's column block (one column per
-token of p), h's input profile for p divided by its sum and scaled to unit length; `outputs` does
-the same with one column per target logit, without the division. Dot products of rows are then
-sums of per-prompt cosines over the prompts where both half-neurons occur.
+token of p), h's summed input view for p divided by its sum and scaled to unit length; `outputs`
+does the same with one column per target logit, without the division. Dot products of rows are
+then sums of per-prompt cosines over the prompts where both half-neurons occur.
+
+The views (DESIGN.md section 7) are built from the raw contributions by default, as the reference
+does: the input profile times the activation, over the positions that can hold nodes (position 0 is
+left out unless the trace kept it), and the output profile times the target logit. `views="share"`
+clusters the stored shares over every position instead (the behaviour before the reference was
+reproduced; the attention sink at position 0 then makes every half-neuron look alike).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from adag.cluster.config import Views
 from adag.cluster.keys import half_neuron_keys
 
 
@@ -30,31 +37,48 @@ class HalfNeuronProfiles:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def subset(self, rows: np.ndarray) -> HalfNeuronProfiles:
+        """The profiles of some half-neurons (nodes of the others map to -1)."""
+        new_index = np.full(len(self), -1)
+        new_index[rows] = np.arange(len(rows))
+        return HalfNeuronProfiles(self.keys.iloc[rows].reset_index(drop=True), self.inputs[rows], self.outputs[rows],
+                                  self.has_input[rows], self.has_output[rows], new_index[self.node_half_neuron])
 
-def half_neuron_profiles(nodes: pd.DataFrame, prompts: pd.DataFrame) -> HalfNeuronProfiles:
-    """Build the profiles from the trace stage's `nodes` and `prompts` tables."""
+
+def half_neuron_profiles(nodes: pd.DataFrame, prompts: pd.DataFrame, views: Views = "raw",
+                         keep_first_position: bool = False) -> HalfNeuronProfiles:
+    """Build the profiles from the trace stage's `nodes` and `prompts` tables.
+
+    `keep_first_position` is the trace's setting: with raw views, position 0 enters the input view
+    only if the trace could keep nodes there.
+    """
     keys, half_neuron = _unique_rows(half_neuron_keys(nodes))
     prompt_index = pd.Index(prompts["prompt"].to_numpy())
-    p = prompt_index.get_indexer(nodes["prompt"].to_numpy())
-    n_prompts = len(prompt_index)
+    prompt = prompt_index.get_indexer(nodes["prompt"].to_numpy())
+    units = _Units(half_neuron, prompt, len(keys), len(prompt_index))
+    raw = views == "raw"
+    activation = nodes["activation"].to_numpy().astype(np.float64)
 
-    lengths = prompts["n_tokens"].to_numpy()
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    in_values = np.concatenate(nodes["input_profile"].to_numpy())
-    in_counts = nodes["input_profile"].map(len).to_numpy()
-    in_rows = np.repeat(half_neuron, in_counts)
-    in_prompt = np.repeat(p, in_counts)
-    in_cols = offsets[in_prompt] + np.concatenate([np.arange(n) for n in in_counts])
-    inputs = _normalised_blocks(in_rows, in_cols, in_values, len(keys), np.repeat(np.arange(n_prompts), lengths),
-                                n_prompts, divide_by_sum=True)
-
+    lengths = prompts["n_tokens"].to_numpy().astype(np.int64)
+    first = 1 if raw and not keep_first_position else 0
+    widths = np.maximum(lengths - first, 0)
+    offsets = np.concatenate([[0], np.cumsum(widths)])
     k = len(nodes["output_profile"].iloc[0])
-    out_values = np.concatenate(nodes["output_profile"].to_numpy())
-    out_rows = np.repeat(half_neuron, k)
-    out_cols = np.repeat(p, k) * k + np.tile(np.arange(k), len(nodes))
-    outputs = _normalised_blocks(out_rows, out_cols, out_values, len(keys), np.repeat(np.arange(n_prompts), k),
-                                 n_prompts, divide_by_sum=False)
-    return HalfNeuronProfiles(keys, inputs[0], outputs[0], inputs[1], outputs[1], half_neuron)
+    target_logits = np.stack(prompts["target_logits"].to_numpy()).astype(np.float64) if raw else None
+    inputs = units.view(widths, offsets[-1])
+    outputs = units.view(np.full(len(prompt_index), k), k * len(prompt_index))
+    by_length = np.argsort(lengths[prompt], kind="stable")
+    boundaries = np.flatnonzero(np.diff(lengths[prompt][by_length])) + 1
+    for members in np.split(by_length, boundaries):  # nodes of prompts of one length: blocks of one width
+        in_block = np.stack(nodes["input_profile"].to_numpy()[members]).astype(np.float64)[:, first:]
+        out_block = np.stack(nodes["output_profile"].to_numpy()[members]).astype(np.float64)
+        if raw:
+            in_block *= activation[members, None]
+            out_block *= target_logits[prompt[members]]
+        units.fill(inputs, members, in_block, offsets, divide_by_sum=True)
+        units.fill(outputs, members, out_block, np.arange(len(prompt_index) + 1) * k, divide_by_sum=False)
+    (inputs, has_input), (outputs, has_output) = units.finish(inputs), units.finish(outputs)
+    return HalfNeuronProfiles(keys, inputs, outputs, has_input, has_output, half_neuron)
 
 
 def _unique_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -63,27 +87,68 @@ def _unique_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     return keys, codes
 
 
-def _normalised_blocks(rows, cols, values, n_rows, block_of_col, n_blocks, divide_by_sum):
-    """Sum duplicate entries (several positions of one half-neuron in a prompt), then scale each
-    (row, block) to unit length, first dividing by its sum if asked. Returns the matrix and the
-    (row, block) indicator of non-zero blocks."""
-    matrix = sp.csr_matrix((values.astype(np.float64), (rows, cols)), shape=(n_rows, len(block_of_col)))
-    matrix.sum_duplicates()
-    blocks = sp.csr_matrix((np.ones(len(block_of_col)), (np.arange(len(block_of_col)), block_of_col)),
-                           shape=(len(block_of_col), n_blocks))
-    coo = matrix.tocoo()
-    entry_block = block_of_col[coo.col]
-    if divide_by_sum:
-        block_sum = _block_lookup(matrix @ blocks, coo.row, entry_block)
-        coo.data = np.divide(coo.data, block_sum, out=coo.data.copy(), where=block_sum != 0)
-        matrix = coo.tocsr()
-        coo = matrix.tocoo()
-    squared = sp.csr_matrix((coo.data ** 2, (coo.row, coo.col)), shape=matrix.shape) @ blocks
-    norms = np.sqrt(_block_lookup(squared, coo.row, entry_block))
-    coo.data = np.divide(coo.data, norms, out=np.zeros_like(coo.data), where=norms > 0)
-    present = (squared > 0).astype(np.float64).tocsr()
-    return coo.tocsr().astype(np.float32), present
+@dataclass
+class _ViewArrays:
+    """The CSR arrays of one view matrix while its units are written."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+    n_cols: int
+    unit_start: np.ndarray  # first entry of each unit
+    unit_norm: np.ndarray  # length of each unit's summed block before scaling
 
 
-def _block_lookup(matrix: sp.spmatrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    return np.asarray(sp.csr_matrix(matrix)[rows, cols]).ravel()
+class _Units:
+    """The (half-neuron, prompt) pairs that occur, in CSR order (by half-neuron, then prompt).
+
+    A view matrix has one row per half-neuron and one column block per prompt; a unit's block is
+    the sum of its nodes' rows, divided by its sum if asked, then scaled to unit length. Blocks are
+    written straight into the CSR arrays, one dense block of nodes at a time, so no per-entry index
+    array of the whole run is ever built.
+    """
+
+    def __init__(self, half_neuron: np.ndarray, prompt: np.ndarray, n_rows: int, n_prompts: int):
+        pair = half_neuron.astype(np.int64) * n_prompts + prompt
+        pairs, self.node_unit = np.unique(pair, return_inverse=True)
+        self.half_neuron, self.prompt = pairs // n_prompts, pairs % n_prompts
+        self.n_rows, self.n_prompts = n_rows, n_prompts
+
+    def view(self, widths: np.ndarray, n_cols: int) -> _ViewArrays:
+        """Room for every unit's block, prompt p's block being widths[p] wide."""
+        unit_width = widths[self.prompt]
+        ends = np.cumsum(unit_width)
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(self.half_neuron, weights=unit_width,
+                                                            minlength=self.n_rows)).astype(np.int64)])
+        index_type = np.int32 if max(n_cols, indptr[-1]) < np.iinfo(np.int32).max else np.int64
+        return _ViewArrays(np.zeros(indptr[-1], np.float32), np.zeros(indptr[-1], index_type), indptr, n_cols,
+                           ends - unit_width, np.zeros(len(self.prompt)))
+
+    def fill(self, view: _ViewArrays, nodes: np.ndarray, block: np.ndarray, offsets: np.ndarray,
+             divide_by_sum: bool) -> None:
+        """Write the units of some nodes, whose rows (all of one width) are `block`; prompt p's
+        block starts at column offsets[p]."""
+        order = np.argsort(self.node_unit[nodes], kind="stable")
+        unit = self.node_unit[nodes][order]
+        starts = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit) else np.zeros(0, int)
+        unit = unit[starts]
+        summed = np.add.reduceat(block[order], starts, axis=0) if len(starts) else block[:0]
+        if divide_by_sum:
+            totals = summed.sum(axis=1, keepdims=True)
+            summed = np.divide(summed, totals, out=summed, where=totals != 0)
+        norms = np.linalg.norm(summed, axis=1)
+        view.unit_norm[unit] = norms
+        entries = view.unit_start[unit][:, None] + np.arange(block.shape[1])
+        view.data[entries] = np.divide(summed, norms[:, None], out=np.zeros_like(summed), where=norms[:, None] > 0)
+        view.indices[entries] = offsets[self.prompt[unit]][:, None] + np.arange(block.shape[1])
+
+    def finish(self, view: _ViewArrays) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """The view matrix without explicit zeros, and the (half-neuron, prompt) indicator of its
+        non-zero blocks."""
+        matrix = sp.csr_matrix((view.data, view.indices, view.indptr), shape=(self.n_rows, view.n_cols))
+        matrix.eliminate_zeros()
+        present = view.unit_norm > 0
+        indicator = sp.csr_matrix((np.ones(int(present.sum()), np.float32),
+                                   (self.half_neuron[present], self.prompt[present])),
+                                  shape=(self.n_rows, self.n_prompts))
+        return matrix, indicator

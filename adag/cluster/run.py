@@ -22,8 +22,13 @@ def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> RunDir:
         nodes, prompts = view.nodes, view.prompts
         if nodes.empty:
             raise AdagError(f"{view.path} has no traced nodes to cluster; trace with a lower --threshold")
-        profiles = half_neuron_profiles(nodes, prompts)
-        model = ProfileClustering(config.k, config.method, config.combine, config.seed, config.max_k).fit(profiles)
+        profiles = half_neuron_profiles(nodes, prompts, config.views,
+                                        keep_first_position=view.config("trace")["keep_first_position"])
+        if config.k != "auto" and config.k > len(profiles):
+            raise AdagError(f"--k {config.k} is more than the {len(profiles)} half-neurons traced in {view.path}; "
+                            f"choose k from 2 to {len(profiles)}, or 'auto'")
+        model = ProfileClustering(config.k, config.method, config.combine, config.embedding, config.seed,
+                                  config.max_k, config.neighbors, config.dense_limit).fit(profiles)
         labels = _order_by_attribution(model.labels_, profiles.node_half_neuron, nodes["attribution"].to_numpy())
         node_cluster = labels[profiles.node_half_neuron]
 
