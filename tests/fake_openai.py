@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,16 @@ def reading_model(text: str) -> str:
     return "the tokens " + ", ".join(f"'{m}'" for m in marked[:5]) if marked else "nothing in particular"
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Says nothing when a client went away mid-reply (a killed describe): that is what tests do to it."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeOpenAI:
     def __init__(self, script: list[tuple[int, object]] | None = None, respond: Callable[[str], str] = cooperative,
                  delay: float = 0.0):
@@ -78,7 +89,11 @@ class FakeOpenAI:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                length = int(self.headers["Content-Length"])
+                raw = self.rfile.read(length)
+                if len(raw) < length:  # the client went away while sending
+                    return
+                body = json.loads(raw)
                 outer.requests.append(body)
                 status, payload = outer.script.pop(0) if outer.script else (200, None)
                 time.sleep(delay)
@@ -100,8 +115,7 @@ class FakeOpenAI:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
