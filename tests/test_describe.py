@@ -1,24 +1,60 @@
+import json
+import re
+import socket
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
+from typer.testing import CliRunner
 
+from adag.cli import app
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import CachedBackend, DescribeConfig, describe_run
-from adag.describe.explain import UnusableReply, correlation, simulate
-from adag.describe.llm import OpenAIBackend, expected_score, make_backend
+from adag.describe import run as describe_run_module
+from adag.describe.config import DescribeOptions
+from adag.describe.evaluate import RULES, evaluate_rule
+from adag.describe.explain import (
+    Excerpt,
+    HeldOut,
+    LLMExplainer,
+    StatsExplainer,
+    TargetExcerpt,
+    correlation,
+    label_words,
+    retry,
+    simulated_score,
+)
+from adag.describe.llm import (
+    AnthropicBackend,
+    EndpointDown,
+    LocalBackend,
+    OpenAIBackend,
+    Simulation,
+    expected_score,
+    make_backend,
+)
+from adag.describe.prompts import UnusableReply, explain_messages, simulate_messages
 from adag.describe.records import (
     Record,
     exemplar_pool,
     highlight,
+    load_cluster_records,
     normalised_scores,
     quantile_walk_threshold,
     sign_part,
     top_k_mask,
 )
+from adag.describe.run import make_llms
 from adag.errors import AdagError
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
-from tests.fake_openai import FakeOpenAI, reply_body
+from adag.view import RunView
+from tests.fake_openai import HANG, FakeOpenAI, error_body, reading_model, reply_body
+
+REPO = Path(__file__).resolve().parents[1]
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def test_highlight_merges_consecutive_tokens():
@@ -76,52 +112,250 @@ def test_expected_score_from_logprobs():
     assert expected_score({"cat": 0.0}) is None
 
 
-def _backend(server, tmp_path, **kw):
-    return CachedBackend(OpenAIBackend("fake", base_url=server.url, max_retries=2, **kw), tmp_path / "cache.sqlite")
+def test_simulator_sees_tokens_one_per_line_with_indices():
+    content = simulate_messages(Simulation("input", "digits", ("What", " is", " 4", "\n")))[-1]["content"]
+    assert content.splitlines()[-4:] == ['0\t"What"', '1\t" is"', '2\t" 4"', '3\t"\\n"']
+    assert "JSON list of 4 integers, the i-th for token i" in content
+
+
+def test_output_simulator_sees_the_prompt():
+    content = simulate_messages(Simulation("output", "capitals", (" Paris", " The"), "Capital of France?"))[-1]
+    assert 'Prompt: "Capital of France?"\n\n0\t" Paris"\n1\t" The"' in content["content"]
+
+
+def test_explainer_sees_worked_examples_before_the_excerpts():
+    messages = explain_messages("input", ["the {{cat}} sat"])
+    assert messages[0]["role"] == "system" and "in common" in messages[0]["content"]
+    assert [m["role"] for m in messages[1:3]] == ["user", "assistant"]  # a worked example
+    assert messages[-1] == {"role": "user", "content": "Excerpts:\n1. the {{cat}} sat"}
+
+
+def test_stats_explainer_counts_highlighted_strings_and_their_constant_context():
+    def excerpt(country):
+        tokens = ["What", " is", " the", " capital", " of", country, "?"]
+        return Excerpt(tokens, np.array([t == country for t in tokens]))
+
+    excerpts = [excerpt(" France")] * 3 + [excerpt(" Japan")] * 2
+    assert StatsExplainer().describe("input", excerpts, 0, 0) == \
+        '" France" (3), " Japan" (2) after "capital of" before "?"'
+    varied = [Excerpt(["a", " x", " France"], np.array([0, 0, 1], bool)), Excerpt(["b", " y", " France"],
+                                                                              np.array([0, 0, 1], bool))]
+    assert StatsExplainer().describe("input", varied, 0, 0) == '" France" (2)'
+
+
+def test_stats_labels_differ_unless_the_top_tokens_are_the_same():
+    def label(inputs, promoted, symbol="?"):
+        excerpts = [Excerpt(["What", " is", token, symbol], np.array([0, 0, 1, 0], bool)) for token in inputs]
+        outputs = [TargetExcerpt("What is it?", [promoted, " The"], np.array([8, -1]))]
+        return StatsExplainer().label({}, {"input": excerpts, "output": outputs}, 0)
+
+    france_japan = [" France"] * 3 + [" Japan"] * 2
+    labels = {"a": label(france_japan, " Paris"), "same top tokens": label(france_japan, " Paris", symbol="!"),
+              "another second token": label([" France"] * 3 + [" Italy"] * 2, " Paris"),
+              "another output": label(france_japan, " Rome"), "symbols": label(["?"] * 2, " Paris")}
+    assert labels["a"] == labels["same top tokens"] == "france japan paris"
+    assert len(set(labels.values())) == 4
+    assert labels["symbols"] == "question-mark paris"
+    assert all(1 <= len(v.split()) <= 3 and "group of" not in v for v in labels.values())
+
+
+def test_stats_explainer_output_lists_promoted_and_suppressed_targets():
+    excerpts = [TargetExcerpt("capital of France?", [" Paris", " The", " It"], np.array([9, -4, 0])),
+                TargetExcerpt("capital of Japan?", [" Tokyo", " The"], np.array([7, -2]))]
+    assert StatsExplainer().describe("output", excerpts, 0, 0) == 'promotes " Paris", " Tokyo"; suppresses " The"'
+
+
+def _openai(server, tmp_path, **kw):
+    return CachedBackend(OpenAIBackend("fake", base_url=server.url), tmp_path / "cache.sqlite", **{"retries": 2, **kw})
 
 
 def test_rate_limit_then_success_and_cache_hit(tmp_path):
     with FakeOpenAI([(429, {"error": {"message": "slow down"}}), (200, reply_body("hello"))]) as server:
-        backend = _backend(server, tmp_path)
-        messages = [{"role": "user", "content": "hi"}]
-        assert backend.complete(messages, "test").text == "hello"
+        backend = _openai(server, tmp_path)
+        assert backend.complete(MESSAGES, "test").text == "hello"
         assert len(server.requests) == 2  # the 429 was retried
-        assert backend.complete(messages, "test").text == "hello"
+        assert backend.complete(MESSAGES, "test").text == "hello"
         assert len(server.requests) == 2  # served from the cache: no request sent
         assert [e.cached for e in backend.ledger] == [False, True]
         assert backend.ledger[0].input_tokens == 10
+
+
+def test_server_errors_are_retried(tmp_path):
+    with FakeOpenAI([(500, {"error": {"message": "boom"}}), (200, reply_body("fine"))]) as server:
+        assert _openai(server, tmp_path).complete(MESSAGES, "test").text == "fine"
+        assert len(server.requests) == 2
 
 
 def test_simulator_uses_logprobs_when_present_and_integers_when_absent(tmp_path):
     tokens = [("[", {"[": 0.0}), ("2", {"2": np.log(0.5), "4": np.log(0.5)}), (",", {",": 0.0}),
               ("8", {"8": 0.0}), ("]", {"]": 0.0})]
     with FakeOpenAI([(200, reply_body("[2, 8]", tokens)), (200, reply_body("[2, 8]"))]) as server:
-        backend = _backend(server, tmp_path)
-        with_logprobs = simulate(backend, "numbers", ["a", "b"], "input", sample=0)
+        backend = _openai(server, tmp_path)
+        with_logprobs = backend.predict(Simulation("input", "numbers", ("a", "b")), "simulate")
         assert with_logprobs.tolist() == pytest.approx([3.0, 8.0])
         assert server.requests[0]["logprobs"] is True
-        without = simulate(backend, "numbers", ["a", "b"], "input", sample=1)
+        without = backend.predict(Simulation("input", "digits", ("a", "b")), "simulate")
         assert without.tolist() == [2.0, 8.0]
 
 
-def test_malformed_and_wrong_length_replies_are_unusable(tmp_path):
-    with FakeOpenAI([(200, reply_body("I think they are all high")), (200, reply_body("[1, 2, 3]"))]) as server:
-        backend = _backend(server, tmp_path)
+def test_malformed_and_wrong_length_replies_are_unusable_and_never_cached(tmp_path):
+    script = [(200, reply_body("I think they are all high")), (200, reply_body("[1, 2, 3]")),
+              (200, reply_body("[1, 2"))]  # the last one cut off mid-list
+    with FakeOpenAI(script) as server:
+        backend = _openai(server, tmp_path)
+        simulation = Simulation("input", "x", ("a", "b"))
         with pytest.raises(UnusableReply, match="no JSON list"):
-            simulate(backend, "x", ["a", "b"], "input", sample=0)
+            backend.predict(simulation, "simulate")
         with pytest.raises(UnusableReply, match="3 values for 2"):
-            simulate(backend, "x", ["a", "b"], "input", sample=1)
+            backend.predict(simulation, "simulate", attempt=1)
+        with pytest.raises(UnusableReply, match="no JSON list"):
+            backend.predict(simulation, "simulate", attempt=2)
+        assert backend.predict(simulation, "simulate").tolist() == [0, 3]  # asked again, not replayed
+        assert len(server.requests) == 4
+        assert [e.accepted for e in backend.ledger] == [False, False, False, True]
+        assert backend.ledger[0].input_tokens == 10  # a rejected reply's tokens are still counted
 
 
-def test_missing_key_and_unknown_backend(monkeypatch):
+EXCERPTS = [Excerpt(["The", " capital", " of", " France"], np.array([0, 0, 0, 1], bool))]
+
+
+def test_a_refused_reply_is_not_cached_so_a_rerun_asks_again(tmp_path):
+    """Cache bug: replies were cached before they were checked, so after three refusals a rerun against
+    a healthy server sent no request and failed again."""
+    refusal = reply_body("I'm sorry, I cannot help with that.")
+    with FakeOpenAI([(200, refusal)] * 3) as server:
+        first = LLMExplainer(_openai(server, tmp_path), temperature=1.0)
+        with pytest.raises(UnusableReply):
+            retry(3, lambda attempt: first.describe("input", EXCERPTS, 0, attempt))
+        assert len(server.requests) == 3
+        rerun = LLMExplainer(_openai(server, tmp_path), temperature=1.0)
+        assert retry(3, lambda attempt: rerun.describe("input", EXCERPTS, 0, attempt)) == "names of countries"
+        assert len(server.requests) == 4
+
+
+def test_label_retries_send_a_new_request(tmp_path):
+    """Cache bug: every attempt at a label sent the same key, so a cached refusal was replayed."""
+    with FakeOpenAI([(200, reply_body("I'm sorry, I can't."))]) as server:
+        explainer = LLMExplainer(_openai(server, tmp_path), temperature=1.0)
+        label = retry(3, lambda attempt: explainer.label({"input": "x", "output": "y"}, {}, attempt))
+        assert label == "capital city" and len(server.requests) == 2
+
+
+def test_cache_key_holds_the_full_endpoint(tmp_path):
+    """Cache bug: the key held openai:MODEL only, so a second server with the same model name got the
+    first server's replies."""
+    with FakeOpenAI([(200, reply_body("first"))]) as one, FakeOpenAI([(200, reply_body("second"))]) as two:
+        assert _openai(one, tmp_path).complete(MESSAGES, "test").text == "first"
+        assert _openai(two, tmp_path).complete(MESSAGES, "test").text == "second"
+        assert _openai(two, tmp_path).name == f"openai:fake@{two.url}"
+
+
+def test_local_samples_differ_are_reproducible_and_leave_the_global_rng_alone(tiny_models, tmp_path):
+    """Cache bug: the local backend seeded from (messages, temperature) only, so all samples were equal."""
+    backend = CachedBackend(LocalBackend("tiny", lm=tiny_models["llama"]), tmp_path / "cache.sqlite")
+    state = torch.random.get_rng_state()
+    texts = [backend.complete(MESSAGES, "test", temperature=1.0, max_tokens=8, sample=s).text for s in range(5)]
+    assert len(set(texts)) > 1
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = CachedBackend(LocalBackend("tiny", lm=tiny_models["llama"]), tmp_path / "other.sqlite")
+    assert again.complete(MESSAGES, "test", temperature=1.0, max_tokens=8, sample=3).text == texts[3]
+
+
+def test_every_simulator_goes_through_cache_and_ledger(tiny_models, tmp_path):
+    """Cache bug: local and embedding simulators bypassed the cache and the ledger."""
+    simulation = Simulation("input", "digits", ("What", " is", " 4"))
+    for backend in (LocalBackend("tiny", lm=tiny_models["llama"]), make_backend("embed:minilm")):
+        llm = CachedBackend(backend, tmp_path / "cache.sqlite")
+        first, second = (llm.predict(simulation, "simulate-input") for _ in range(2))
+        assert first.tolist() == second.tolist() and len(first) == 3 and ((first >= 0) & (first <= 10)).all()
+        assert [e.cached for e in llm.ledger] == [False, True]
+
+
+def test_anthropic_backend_success_429_529_and_malformed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    script = [(429, error_body("rate_limit_error", "slow down")), (529, error_body("overloaded_error", "Overloaded")),
+              (200, None), (200, '{"id": "msg_x", "type": "mess'), (200, {"type": "message", "content": []})]
+    with FakeOpenAI(script) as server:
+        backend = CachedBackend(AnthropicBackend("fake", base_url=server.url.removesuffix("/v1")),
+                                tmp_path / "cache.sqlite", retries=2)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a label of one to three"}]
+        assert backend.complete(messages, "test").text == "capital city"
+        assert len(server.requests) == 3  # 429 and 529 were retried
+        assert server.requests[-1]["system"] == "Be brief."
+        assert [m["role"] for m in server.requests[-1]["messages"]] == ["user"]
+        assert backend.ledger[-1].input_tokens == 10 and backend.ledger[-1].output_tokens == 5
+        with pytest.raises(UnusableReply, match="malformed"):
+            backend.complete(messages, "test", attempt=1)
+        with pytest.raises(UnusableReply, match="without content"):
+            backend.complete(messages, "test", attempt=2)
+        assert backend.complete(messages, "test", attempt=3).text == "capital city"
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_refused_connection_is_detected_once(tmp_path):
+    backend = CachedBackend(OpenAIBackend("fake", base_url=f"http://127.0.0.1:{_closed_port()}/v1"),
+                            tmp_path / "cache.sqlite", retries=1)
+    sent = []
+    send = backend.backend.complete
+    backend.backend.complete = lambda *args: sent.append(1) or send(*args)
+    with pytest.raises(EndpointDown, match="failed 2 times in a row"):
+        backend.complete(MESSAGES, "test")
+    with pytest.raises(EndpointDown):
+        backend.complete(MESSAGES, "test", sample=1)
+    assert len(sent) == 2  # the second call did not try again
+
+
+def test_a_server_that_never_answers_times_out_and_counts_as_down(tmp_path):
+    with FakeOpenAI([(200, HANG)] * 5) as server:
+        backend = _openai(server, tmp_path, request_timeout=0.3, retries=1)
+        with pytest.raises(EndpointDown, match="timed out"):
+            backend.complete(MESSAGES, "test")
+        with pytest.raises(EndpointDown):
+            backend.complete(MESSAGES, "test", sample=1)
+        assert len(server.requests) == 2
+
+
+def test_the_time_per_cluster_is_bounded(tmp_path):
+    with FakeOpenAI([(200, HANG)] * 5) as server:
+        backend = _openai(server, tmp_path, request_timeout=600, retries=5).bounded(0.3)
+        with pytest.raises(TimeoutError, match="time allowed per cluster ran out"):
+            backend.complete(MESSAGES, "test")
+        assert len(server.requests) == 1 and backend.state.down is None  # cut at the deadline, not after 600 s
+
+
+def test_empty_choices_and_a_body_cut_mid_json_are_retried_and_never_cached(tmp_path):
+    empty = reply_body("x") | {"choices": []}
+    cut = json.dumps(reply_body("names of countries"))[:60]
+    with FakeOpenAI([(200, empty), (200, cut)]) as server:
+        explainer = LLMExplainer(_openai(server, tmp_path), temperature=1.0)
+        with pytest.raises(UnusableReply, match="without choices"):
+            explainer.describe("input", EXCERPTS, 0, 0)
+        with pytest.raises(UnusableReply, match="malformed"):
+            explainer.describe("input", EXCERPTS, 0, 1)
+        assert retry(3, lambda attempt: explainer.describe("input", EXCERPTS, 0, attempt)) == "names of countries"
+        assert [e.accepted for e in explainer.llm.ledger] == [False, False, True]
+
+
+def test_backend_specs_are_checked_for_their_role(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(AdagError, match="set OPENAI_API_KEY"):
         make_backend("openai:gpt-4o-mini")
     with pytest.raises(AdagError, match="set ANTHROPIC_API_KEY"):
         make_backend("anthropic:claude")
-    with pytest.raises(AdagError, match="unknown backend 'gemini:x'"):
+    with pytest.raises(AdagError, match="unknown backend 'gemini:x'; as simulator"):
         make_backend("gemini:x")
+    with pytest.raises(AdagError, match="cannot be the explainer"):
+        make_backend("embed:minilm", "explainer")
+    with pytest.raises(ValueError, match="cannot be the explainer"):
+        DescribeConfig(explainer="embed:minilm")
+    with pytest.raises(ValueError, match="cannot score them"):
+        DescribeConfig(simulator="stats")
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +371,10 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     with FakeOpenAI() as server:
         spec = f"openai:fake@{server.url}"
-        config = DescribeConfig(explainer=spec, simulator=spec, samples=2, concurrency=2)
+        config = DescribeConfig(explainer=spec, simulator=spec, samples=2)
         estimate = describe_run(str(clustered_run), config, dry_run=True)
         assert estimate["calls"] > 0 and not server.requests
-        result = describe_run(str(clustered_run), config, progress=False)
+        result = describe_run(str(clustered_run), config, progress=False, concurrency=2)
         assert result == {"clusters": 3, "failed": 0}
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")
         assert set(table["input_description"]) == {"names of countries"}
@@ -152,17 +386,75 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
         assert len(server.requests) == sent  # a rerun is served from the cache
 
 
-def test_a_failing_cluster_is_recorded_and_the_run_goes_on(clustered_run, tmp_path, monkeypatch):
+def test_offline_default_labels_name_tokens_of_the_cluster(clustered_run, tmp_path, monkeypatch):
+    """`adag describe` with defaults on a demo-shaped run (country-capitals prompts): every label is
+    1-3 words, each the name of a token string in that cluster's own records (highlighted input tokens
+    or targets), never a filler phrase; every input description quotes such token strings."""
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
+    result = CliRunner().invoke(app, ["describe", str(clustered_run)])
+    assert result.exit_code == 0, result.output
+    table = RunDir.open(clustered_run).read_table("describe", "descriptions").set_index("cluster")
+    inputs, outputs = load_cluster_records(RunView.open(clustered_run))
+    assert len(table) == 3 and (table["status"] == "ok").all()
+    for cluster, row in table.iterrows():
+        tokens = {t for r in inputs.get(cluster, []) + outputs.get(cluster, []) for t in r.tokens}
+        names = {word for token in tokens for word in label_words(token)}
+        label = row["label"].removeprefix("not[").removesuffix("]")
+        assert 1 <= len(label.split()) <= 3 and set(label.split()) <= names, (label, sorted(names))
+        assert not re.search(r"\bgroup of\b|\bneurons?\b", label), label
+        quoted = [json.loads(f'"{q}"') for q in re.findall(r'"((?:[^"\\]|\\.)*)" \(\d+\)', row["input_description"])]
+        texts = ["".join(r.tokens) for r in inputs[cluster]]
+        assert quoted and all(any(q in text for text in texts) for q in quoted), row["input_description"]
+
+
+def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(clustered_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     refusal = reply_body("I'm sorry, I cannot help with that.")
     with FakeOpenAI([(200, refusal)] * 3) as server:
         spec = f"openai:fake@{server.url}"
-        config = DescribeConfig(explainer=spec, simulator=spec, samples=1, concurrency=1, attempts=3, clusters=[0, 1])
-        result = describe_run(str(clustered_run), config, progress=False)
-    table = RunDir.open(clustered_run).read_table("describe", "descriptions").set_index("cluster")
-    assert result["failed"] == 1
-    assert table.loc[0, "status"] == "failed" and "UnusableReply" in table.loc[0, "failure"]
-    assert table.loc[1, "status"] == "ok"
+        config = DescribeConfig(explainer=spec, simulator=spec, samples=1, attempts=3, clusters=[0, 1])
+        with pytest.raises(AdagError, match=r"^1 of 2 clusters failed \(cluster 0: UnusableReply"):
+            describe_run(str(clustered_run), config, progress=False, concurrency=1)
+        entry = RunDir.open(clustered_run).entry("describe")  # an earlier test's result, or none: not this one
+        assert entry is None or entry["config"] != config.model_dump(mode="json")
+        sent, described = len(server.requests), []
+        original = describe_run_module.describe_cluster
+        monkeypatch.setattr(describe_run_module, "describe_cluster",
+                            lambda cluster, *args: described.append(cluster) or original(cluster, *args))
+        # Another concurrency changes no description, so the finished cluster is kept.
+        assert describe_run(str(clustered_run), config, progress=False, concurrency=2) == {"clusters": 2, "failed": 0}
+        assert described == [0]
+        assert len(server.requests) > sent  # the refusals were not cached: asked again
+        table = RunDir.open(clustered_run).read_table("describe", "descriptions")
+        assert sorted(table["cluster"]) == [0, 1] and (table["status"] == "ok").all()
+
+
+@pytest.fixture(scope="module")
+def embed_simulator(tmp_path_factory):
+    return make_backend("embed:minilm")
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r.name in ("digits", "country names", "suppresses ' The'")],
+                         ids=lambda r: r.name)
+def test_stats_explainer_recovers_planted_rules(rule, builtin, embed_simulator, tmp_path):
+    """The fast subset of benchmarks/describe_eval.py."""
+    config = DescribeConfig()
+    simulator = CachedBackend(embed_simulator, tmp_path / "cache.sqlite")
+    result = evaluate_rule(rule, builtin.tokenizer, StatsExplainer(), simulator, config)
+    assert result.recovered and result.true_score > result.wrong_score + 0.2, result
+
+
+def test_prompt_plumbing_through_the_fake_server(builtin, tmp_path):
+    """A stand-in model that reads the prompts: as explainer it lists the highlighted strings, as
+    simulator it scores tokens quoted in the description, so a good score needs the excerpts highlighted
+    in the last message and the simulator's indices lined up with the tokens."""
+    with FakeOpenAI(respond=reading_model) as server:
+        spec = f"openai:reading@{server.url}"
+        config = DescribeConfig(explainer=spec, simulator=spec, samples=2, highlight="topk", highlight_k=1)
+        explainer, simulator = make_llms(config, DescribeOptions(), tmp_path / "cache.sqlite")
+        digits = next(r for r in RULES if r.name == "digits")
+        result = evaluate_rule(digits, builtin.tokenizer, explainer, simulator, config)
+    assert result.description.startswith("the tokens '") and result.score > 0.5, result
 
 
 DIGIT_TEXTS = ["I bought 3 apples and 12 pears for 5 dollars", "The train leaves at 7 and arrives at 9 tonight",
@@ -173,21 +465,20 @@ DIGIT_TEXTS = ["I bought 3 apples and 12 pears for 5 dollars", "The train leaves
 def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
     """True values are high exactly on digit tokens; the offline embedding simulator must rank the
     right description clearly above wrong ones. (The 135M local chat model cannot: see README.)"""
-    from adag.describe.explain import score_input_description
-
     records = []
     for i, text in enumerate(DIGIT_TEXTS):
         tokens = [(" " if j else "") + w for j, w in enumerate(text.split())]
         records.append(Record(i, tokens, np.array([10.0 if t.strip().isdigit() else 0.0 for t in tokens])))
     simulator = CachedBackend(make_backend("embed:minilm"), tmp_path / "cache.sqlite")
-    right = score_input_description(simulator, "numbers and digits", records)
-    wrong = [score_input_description(simulator, d, records) for d in ("animals", "verbs of motion", "fruit")]
+    held_out = HeldOut([r.tokens for r in records], [r.values for r in records])
+    right = simulated_score(simulator, "input", "numbers and digits", held_out, 1)
+    wrong = [simulated_score(simulator, "input", d, held_out, 1) for d in ("animals", "verbs", "fruit")]
     assert right > 0.6 and right > max(wrong) + 0.5
 
 
 def test_embedding_simulator_cannot_explain():
     with pytest.raises(AdagError, match="can only be a --simulator"):
-        make_backend("embed:minilm").complete([], 0.0, 10, False)
+        make_backend("embed:minilm").complete([], 0.0, 10, False, 0, 1.0)
 
 
 def test_input_records_sum_members_and_drop_the_first_token():

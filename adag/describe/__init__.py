@@ -1,4 +1,4 @@
-"""Descriptions: an explainer LLM describes each cluster, a simulator LLM scores the descriptions."""
+"""Descriptions: an explainer describes each cluster, a simulator scores the descriptions."""
 
 import lazy_loader
 

@@ -1,37 +1,38 @@
-"""Explainer and simulator: write candidate descriptions, score each on held-out records, keep the best."""
+"""Explainers write candidate descriptions of a cluster from highlighted excerpts; the simulator scores them.
+
+Two explainers share one interface: `LLMExplainer` asks a chat model (worked examples, then the
+excerpts), `StatsExplainer` writes a deterministic summary of the same excerpts without any model.
+Either way every description is scored the same way, by the simulator on held-out records.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
+from abc import ABC, abstractmethod
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
 
 import numpy as np
 from scipy.stats import pearsonr
 
-from adag.describe.llm import CachedBackend, EmbeddingSimulator, LocalBackend, expected_score
-from adag.describe.records import Record, highlight
+from adag.describe.config import parse_spec
+from adag.describe.llm import CachedBackend, Simulation, make_backend
+from adag.describe.prompts import (
+    UnusableReply,
+    explain_messages,
+    label_messages,
+    parse_description,
+    parse_label,
+)
+from adag.describe.records import highlight
 
-EXPLAIN_INPUT = (
-    "We study a group of neurons inside a language model. Below are text excerpts; the tokens that most "
-    "strongly drive the group are marked {{like this}}. Describe in one short phrase what the marked tokens "
-    "have in common. Reply with the description only.")
-EXPLAIN_OUTPUT = (
-    "We study a group of neurons inside a language model. For each prompt below, you see the model's candidate "
-    "next tokens and how much the group pushes each one, from -10 (strongly suppresses) to 10 (strongly "
-    "promotes). Describe in one short phrase what this group makes the model say. Reply with the description only.")
-SIMULATE = (
-    "A group of neurons is described as: \"{description}\". For each {unit} below, predict how strongly it "
-    "{relation}, from 0 ({low}) to 10 ({high}). Reply with a JSON list of {n} integers, one per {unit}, in order.")
-LABEL = (
-    "A group of neurons responds to: \"{inputs}\". It makes the model: \"{outputs}\". Give a label of one to "
-    "three lowercase words for this group. Reply with the label only.")
-MAX_DESCRIPTION = 160
-REFUSALS = re.compile(r"\b(i can(not|'t)|i'm sorry|i am sorry|as an ai|unable to)\b", re.IGNORECASE)
-
-
-class UnusableReply(Exception):
-    """An LLM reply that is empty, a refusal, malformed, or of the wrong length."""
+Kind = Literal["input", "output"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,67 +41,195 @@ class Scored:
     score: float | None
 
 
-def ask_description(explainer: CachedBackend, instruction: str, excerpts: list[str], purpose: str, sample: int,
-                    temperature: float) -> str:
-    text = "\n".join(f"{i + 1}. {e}" for i, e in enumerate(excerpts))
-    reply = explainer.complete([{"role": "user", "content": f"{instruction}\n\n{text}"}], purpose,
-                               temperature=temperature, max_tokens=60, sample=sample).text
-    description = reply.strip().splitlines()[0].strip().strip('"').strip() if reply.strip() else ""
-    description = re.split(r"(?<=[.!?])\s", description, maxsplit=1)[0][:MAX_DESCRIPTION]
-    if not description or REFUSALS.search(description):
-        raise UnusableReply(f"explainer gave no usable description ({reply.strip()[:60]!r})")
-    return description
+@dataclass
+class Excerpt:
+    """A record as the explainer sees it: its tokens and which of them are highlighted."""
+
+    tokens: list[str]
+    marked: np.ndarray
+
+    def render(self) -> str:
+        return highlight(self.tokens, self.marked)
 
 
-def simulate(simulator: CachedBackend, description: str, units: list[str], kind: str, sample: int = 0) -> np.ndarray:
-    """Predicted 0-10 values, one per unit (token or target). A local model gives expected values from
-    one teacher-forced pass; chat backends answer a JSON list (expected values where logprobs come back)."""
-    if kind == "input":
-        words = dict(unit="token", relation="activates the group", low="not at all", high="maximally")
-    else:
-        words = dict(unit="candidate next token", relation="the group pushes the model to say it",
-                     low="strongly suppressed; 5 means no effect", high="strongly promoted")
-    instruction = SIMULATE.format(description=description, n=len(units), **words)
-    listing = "\n".join(f"{i + 1}. {json.dumps(u)}" for i, u in enumerate(units))
-    messages = [{"role": "user", "content": f"{instruction}\n\n{listing}"}]
-    if isinstance(simulator.backend, EmbeddingSimulator):
-        return np.array(simulator.backend.predict(description, units))
-    if isinstance(simulator.backend, LocalBackend):
-        return _simulate_teacher_forced(simulator.backend, messages, units)
-    reply = simulator.complete(messages, f"simulate-{kind}", temperature=0.0, max_tokens=8 * len(units) + 20,
-                               logprobs=True, sample=sample)
-    values = _parse_scores(reply.text, len(units))
-    expected = [expected_score(alts) for alts in reply.top_logprobs or [] if _is_score_token(alts)]
-    if len(expected) == len(units) and all(v is not None for v in expected):
-        return np.array(expected, dtype=float)
-    return values
+@dataclass
+class TargetExcerpt:
+    """A prompt with the cluster's push on each candidate next token, as integers in [-10, 10]."""
+
+    prompt: str
+    targets: list[str]
+    scores: np.ndarray
+
+    def render(self) -> str:
+        return f"Prompt: {self.prompt!r} -> " + ", ".join(f"{t!r}: {int(s)}" for t, s in zip(self.targets, self.scores))
 
 
-def _is_score_token(alternatives: dict[str, float]) -> bool:
-    best = max(alternatives, key=alternatives.get)
-    return best.strip().isdigit() and 0 <= int(best.strip()) <= 10
+@dataclass
+class HeldOut:
+    """What descriptions are scored on: records the explainer never saw, with the true value of each
+    unit (token or target) and, for output records, the prompt the targets follow."""
+
+    units: list[list[str]]
+    truth: list[np.ndarray]
+    prompts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.units)
 
 
-def _parse_scores(text: str, n: int) -> np.ndarray:
-    match = re.search(r"\[[^\[\]]*\]", text)
-    if not match:
-        raise UnusableReply(f"simulator reply has no JSON list ({text.strip()[:60]!r})")
-    try:
-        values = [float(v) for v in json.loads(match.group(0))]
-    except (ValueError, TypeError):
-        raise UnusableReply(f"simulator list is not numbers ({match.group(0)[:60]!r})") from None
-    if len(values) != n:
-        raise UnusableReply(f"simulator gave {len(values)} values for {n} items")
-    return np.clip(np.array(values), 0, 10)
+def retry(attempts: int, ask: Callable[[int], T]) -> T:
+    """Ask again (with the attempt number, so nothing cached is replayed) while the reply is unusable."""
+    for attempt in range(attempts - 1):
+        try:
+            return ask(attempt)
+        except UnusableReply:
+            pass
+    return ask(attempts - 1)
 
 
-def _simulate_teacher_forced(backend: LocalBackend, messages: list[dict[str, str]], units: list[str]) -> np.ndarray:
-    text, slots = "[", []
-    for i in range(len(units)):
-        slots.append(len(text))
-        text += "0" + (", " if i < len(units) - 1 else "]")
-    distributions = backend.score_distributions(messages, text, slots)
-    return np.array([expected_score(d) or 0.0 for d in distributions])
+class Explainer(ABC):
+    # A deterministic explainer writes one description from all excerpts instead of samples on subsets.
+    deterministic: bool = False
+
+    def bounded(self, seconds: float) -> Explainer:
+        """The same explainer, giving up after `seconds` (for explainers that wait on a server)."""
+        return self
+
+    @abstractmethod
+    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
+        """One description of what makes the cluster fire (input) or what it makes the model say (output)."""
+
+    @abstractmethod
+    def label(self, descriptions: dict[Kind, str], excerpts: dict[Kind, list], attempt: int) -> str:
+        """A 1-3 word lowercase label."""
+
+
+class LLMExplainer(Explainer):
+    def __init__(self, llm: CachedBackend, temperature: float):
+        self.llm, self.temperature = llm, temperature
+
+    def bounded(self, seconds: float) -> LLMExplainer:
+        return LLMExplainer(self.llm.bounded(seconds), self.temperature)
+
+    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
+        messages = explain_messages(kind, [e.render() for e in excerpts])
+        reply = self.llm.complete(messages, f"explain-{kind}", temperature=self.temperature, max_tokens=60,
+                                  sample=sample, attempt=attempt, accept=lambda c: parse_description(c.text))
+        return parse_description(reply.text)
+
+    def label(self, descriptions: dict[Kind, str], excerpts: dict[Kind, list], attempt: int) -> str:
+        reply = self.llm.complete(label_messages(descriptions["input"], descriptions["output"]), "label",
+                                  max_tokens=12, attempt=attempt, accept=lambda c: parse_label(c.text))
+        return parse_label(reply.text)
+
+
+class StatsExplainer(Explainer):
+    """No model: the token strings highlighted most often (with counts, and the text just before or after
+    them when it is always the same), the targets promoted and suppressed most, and a label from the
+    dominant strings."""
+
+    deterministic = True
+    SHOWN = 4  # token strings listed in a description, at most
+    SHARE = 0.25  # listed only if highlighted (or pushed) at least this share as much as the top one
+    CONTEXT = 2  # tokens of constant neighbouring text looked for, on each side
+
+    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
+        return self._inputs(excerpts) if kind == "input" else self._outputs(excerpts)
+
+    def _inputs(self, excerpts: list[Excerpt]) -> str:
+        runs = highlighted_runs(excerpts, self.CONTEXT)
+        counts = Counter(run.text for run in runs)
+        if not counts:
+            return ""
+        most = counts.most_common(1)[0][1]
+        top = [s for s, n in counts.most_common(self.SHOWN) if n >= self.SHARE * most]
+        listed = [run for run in runs if run.text in top]
+        text = ", ".join(f"{quote(s)} ({counts[s]})" for s in top)
+        for word, context in (("after", common_context([r.before for r in listed], "before")),
+                              ("before", common_context([r.after for r in listed], "after"))):
+            text += f" {word} {quote(context)}" if context else ""
+        return text
+
+    def _outputs(self, excerpts: list[TargetExcerpt]) -> str:
+        promoted, suppressed = pushed_targets(excerpts, self.SHARE)
+        clauses = [f"{verb} " + ", ".join(quote(t) for t in targets[:self.SHOWN])
+                   for verb, targets in (("promotes", promoted), ("suppresses", suppressed)) if targets]
+        return "; ".join(clauses)
+
+    def label(self, descriptions: dict[Kind, str], excerpts: dict[Kind, list], attempt: int) -> str:
+        counts = Counter(run.text for run in highlighted_runs(excerpts.get("input", []), self.CONTEXT))
+        promoted, _ = pushed_targets(excerpts.get("output", []), self.SHARE)
+        words = [w for s, _ in counts.most_common(2) for w in label_words(s)]
+        words += [w for t in promoted[:1] for w in label_words(t)]
+        return " ".join(list(dict.fromkeys(words))[:3]) or "no strong tokens"
+
+
+def quote(token: str) -> str:
+    """A token string in double quotes, with its spaces and escapes visible (as JSON writes it)."""
+    return json.dumps(token, ensure_ascii=False)
+
+
+@dataclass
+class Run:
+    """Consecutive highlighted tokens of one excerpt, with the tokens just before and after them."""
+
+    text: str
+    before: tuple[str, ...]
+    after: tuple[str, ...]
+
+
+def highlighted_runs(excerpts: list[Excerpt], context: int) -> list[Run]:
+    runs = []
+    for excerpt in excerpts:
+        marked = np.flatnonzero(excerpt.marked)
+        for group in np.split(marked, np.flatnonzero(np.diff(marked) > 1) + 1) if len(marked) else []:
+            start, stop = group[0], group[-1] + 1
+            runs.append(Run("".join(excerpt.tokens[start:stop]), tuple(excerpt.tokens[max(0, start - context):start]),
+                            tuple(excerpt.tokens[stop:stop + context])))
+    return runs
+
+
+def common_context(contexts: list[tuple[str, ...]], side: Literal["before", "after"]) -> str:
+    """The longest text next to every occurrence (of at least two) on that side, or ''."""
+    if len(contexts) < 2:
+        return ""
+    for size in range(min(len(c) for c in contexts), 0, -1):
+        near = {c[-size:] if side == "before" else c[:size] for c in contexts}
+        if len(near) == 1:
+            return "".join(near.pop()).strip()
+    return ""
+
+
+def pushed_targets(excerpts: list[TargetExcerpt], share: float) -> tuple[list[str], list[str]]:
+    """Target strings by mean push where they are candidates, strongest first: the promoted ones and the
+    suppressed ones, each pushed at least `share` as much as the most pushed target. (A mean, not a sum:
+    each capital city is a candidate once, " The" everywhere; summed noise must not outrank them.)"""
+    pushes: dict[str, list[int]] = defaultdict(list)
+    for excerpt in excerpts:
+        for target, score in zip(excerpt.targets, excerpt.scores):
+            pushes[target].append(int(score))
+    mean = sorted(((float(np.mean(v)), t) for t, v in pushes.items()), key=lambda item: -item[0])
+    cutoff = share * max((abs(m) for m, _ in mean), default=0)
+    return ([t for m, t in mean if m > 0 and m >= cutoff], [t for m, t in reversed(mean) if m < 0 and -m >= cutoff])
+
+
+def label_words(token: str) -> list[str]:
+    """Lowercase words of a token string; a token without letters or digits is named by its symbols'
+    Unicode names ("colon", "question-mark"), whitespace as "newline" or "space"."""
+    words = re.findall(r"[a-z0-9]+", token.lower())
+    if words:
+        return words
+    if token.strip():
+        return [unicodedata.name(c, "symbol").lower().replace(" ", "-") for c in token.strip()]
+    return ["newline" if "\n" in token else "space"]
+
+
+def make_explainer(spec: str, cache_path: Path, temperature: float, request_timeout: float,
+                   retries: int) -> Explainer:
+    if parse_spec(spec, "explainer").kind == "stats":
+        return StatsExplainer()
+    return LLMExplainer(CachedBackend(make_backend(spec, "explainer"), cache_path, request_timeout, retries),
+                        temperature)
 
 
 def correlation(true: np.ndarray, predicted: np.ndarray) -> float | None:
@@ -110,31 +239,11 @@ def correlation(true: np.ndarray, predicted: np.ndarray) -> float | None:
     return float(pearsonr(true, predicted).statistic)
 
 
-def score_input_description(simulator: CachedBackend, description: str, held_out: list[Record]) -> float | None:
-    predicted = [simulate(simulator, description, r.tokens, "input") for r in held_out]
-    return correlation(np.concatenate([r.values for r in held_out]), np.concatenate(predicted))
-
-
-def score_output_description(simulator: CachedBackend, description: str, held_out: list[Record],
-                             scores: list[np.ndarray]) -> float | None:
-    predicted = [simulate(simulator, description, r.tokens, "output") for r in held_out]
-    return correlation(np.concatenate(scores).astype(float), np.concatenate(predicted))
-
-
-def input_excerpts(records: list[Record], threshold: float) -> list[str]:
-    return [highlight(r.tokens, (r.values >= threshold) & (r.values > 0)) for r in records]
-
-
-def output_excerpts(records: list[Record], scores: list[np.ndarray], prompt_text: dict[int, str]) -> list[str]:
-    return [f"Prompt: {prompt_text[r.prompt]!r} -> " + ", ".join(f"{t!r}: {int(s)}" for t, s in zip(r.tokens, sc))
-            for r, sc in zip(records, scores)]
-
-
-def make_label(explainer: CachedBackend, inputs: str, outputs: str, inhibitory: bool) -> str:
-    reply = explainer.complete([{"role": "user", "content": LABEL.format(inputs=inputs, outputs=outputs)}],
-                               "label", temperature=0.0, max_tokens=12).text
-    words = re.sub(r"[^a-z0-9 \-]", " ", reply.strip().splitlines()[0].lower() if reply.strip() else "").split()
-    if not words or REFUSALS.search(reply):
-        raise UnusableReply(f"explainer gave no usable label ({reply.strip()[:40]!r})")
-    label = " ".join(words[:3])
-    return f"not[{label}]" if inhibitory else label
+def simulated_score(simulator: CachedBackend, kind: Kind, description: str, held_out: HeldOut,
+                    attempts: int) -> float | None:
+    """Pearson r between the true values of held-out records and the simulator's predictions."""
+    prompts = held_out.prompts or [""] * len(held_out)
+    predicted = [retry(attempts, lambda attempt, u=units, p=prompt: simulator.predict(
+        Simulation(kind, description, tuple(u), p), f"simulate-{kind}", attempt))
+        for units, prompt in zip(held_out.units, prompts)]
+    return correlation(np.concatenate(held_out.truth).astype(float), np.concatenate(predicted))

@@ -1,0 +1,133 @@
+"""What the explainer and simulator LLMs are asked, and how their replies are read.
+
+The explainer is shown a few worked examples before the real excerpts, and asked for the common
+feature of the highlighted tokens in their context rather than a summary of the text. The simulator
+sees one excerpt's tokens one per line with their indices, so that its list of scores lines up with them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from adag.describe.llm import Simulation
+
+Messages = list[dict[str, str]]
+MAX_DESCRIPTION = 160
+REFUSALS = re.compile(r"\b(i can(not|'t)|i'm sorry|i am sorry|as an ai|unable to)\b", re.IGNORECASE)
+
+
+class UnusableReply(Exception):
+    """An LLM reply that is empty, a refusal, malformed, or of the wrong length."""
+
+    completion = None  # the rejected reply, when there was one (its tokens still go into the ledger)
+
+
+EXPLAIN_INPUT = (
+    "We study a group of neurons inside a language model. You see text excerpts in which the tokens where "
+    "the group fires most are marked {{like this}}. Say what the marked tokens have in common, using the text "
+    "around them: what kind of token they are (a word class, a topic, a symbol) and, when it matters, where "
+    "they stand or which words come just before them. Do not summarise the excerpts. Reply with one short "
+    "phrase and nothing else.")
+EXPLAIN_OUTPUT = (
+    "We study a group of neurons inside a language model. For each prompt you see the model's candidate next "
+    "tokens and how much the group pushes each one, from -10 (strongly suppresses) to 10 (strongly promotes). "
+    "Say which tokens the group makes the model say and which it holds back. Reply with one short phrase and "
+    "nothing else.")
+
+# Worked examples, shown as earlier turns of the conversation: excerpts -> a good description.
+INPUT_EXAMPLES = [
+    (["The train leaves at {{7}} and arrives at {{9}} tonight",
+      "She owns {{2}} cats and {{4}} dogs",
+      "Turn to page {{31}} of the manual"],
+     "numbers written as digits"),
+    (["Which river flows through {{Vienna}}?",
+      "Our hotel in {{Lisbon}} was near the sea",
+      "The flight from {{Oslo}} was late"],
+     "names of European cities"),
+    (["He said (quietly{{)}} that it was over",
+      "Call the function f(x{{)}} twice",
+      "the list [1, 2, 3{{]}} is sorted"],
+     "closing brackets at the end of a parenthesis"),
+]
+OUTPUT_EXAMPLES = [
+    (["Prompt: 'The capital of Peru is' -> ' Lima': 9, ' a': -2, ' the': -1",
+      "Prompt: 'The capital of Kenya is' -> ' Nairobi': 10, ' located': 0, ' a': -3"],
+     "promotes capital city names; suppresses ' a'"),
+]
+
+SIMULATE_INPUT = (
+    "A group of neurons inside a language model is described as: \"{description}\". Below are the tokens of "
+    "one text, one per line as index and token. For each token, predict how strongly the group fires on it, "
+    "from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
+SIMULATE_OUTPUT = (
+    "A group of neurons inside a language model is described as: \"{description}\". Below are a prompt, then "
+    "candidate next tokens for it, one per line as index and token. For each, predict how strongly the group pushes "
+    "the model to say it, from 0 (strongly suppresses) through 5 (no effect) to 10 (strongly promotes). "
+    "Reply with a JSON list of {n} integers, the i-th for token i.")
+LABEL = (
+    "A group of neurons responds to: \"{inputs}\". It makes the model: \"{outputs}\". Give a label of one to "
+    "three lowercase words that names what is specific to this group (not 'neurons' or 'a group of'). Reply "
+    "with the label only.")
+
+
+def numbered(excerpts: list[str]) -> str:
+    return "\n".join(f"{i + 1}. {e}" for i, e in enumerate(excerpts))
+
+
+def explain_messages(kind: str, excerpts: list[str]) -> Messages:
+    """The explainer's conversation: instruction, worked examples as earlier turns, then the excerpts."""
+    instruction, examples = (EXPLAIN_INPUT, INPUT_EXAMPLES) if kind == "input" else (EXPLAIN_OUTPUT, OUTPUT_EXAMPLES)
+    messages = [{"role": "system", "content": instruction}]
+    for shown, answer in examples:
+        messages += [{"role": "user", "content": f"Excerpts:\n{numbered(shown)}"},
+                     {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": f"Excerpts:\n{numbered(excerpts)}"}]
+
+
+def simulate_messages(simulation: Simulation) -> Messages:
+    template = SIMULATE_INPUT if simulation.kind == "input" else SIMULATE_OUTPUT
+    text = template.format(description=simulation.description, n=len(simulation.units))
+    if simulation.prompt:
+        text += f"\n\nPrompt: {json.dumps(simulation.prompt, ensure_ascii=False)}"
+    listing = "\n".join(f"{i}\t{json.dumps(unit, ensure_ascii=False)}" for i, unit in enumerate(simulation.units))
+    return [{"role": "user", "content": f"{text}\n\n{listing}"}]
+
+
+def label_messages(inputs: str, outputs: str) -> Messages:
+    return [{"role": "user", "content": LABEL.format(inputs=inputs, outputs=outputs)}]
+
+
+def parse_description(reply: str) -> str:
+    """The first sentence of the first line, without quotes or a 'Description:' prefix."""
+    line = reply.strip().splitlines()[0].strip() if reply.strip() else ""
+    line = re.sub(r"^(description|answer)\s*:\s*", "", line, flags=re.IGNORECASE).strip().strip('"').strip()
+    description = re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0][:MAX_DESCRIPTION]
+    if not description or REFUSALS.search(description):
+        raise UnusableReply(f"explainer gave no usable description ({reply.strip()[:60]!r})")
+    return description
+
+
+def parse_scores(text: str, n: int) -> np.ndarray:
+    """A JSON list of n numbers, clipped to 0..10."""
+    match = re.search(r"\[[^\[\]]*\]", text)
+    if not match:
+        raise UnusableReply(f"simulator reply has no JSON list ({text.strip()[:60]!r})")
+    try:
+        values = [float(v) for v in json.loads(match.group(0))]
+    except (ValueError, TypeError):
+        raise UnusableReply(f"simulator list is not numbers ({match.group(0)[:60]!r})") from None
+    if len(values) != n:
+        raise UnusableReply(f"simulator gave {len(values)} values for {n} items")
+    return np.clip(np.array(values), 0, 10)
+
+
+def parse_label(reply: str) -> str:
+    words = re.sub(r"[^a-z0-9 \-]", " ", reply.strip().splitlines()[0].lower() if reply.strip() else "").split()
+    if not words or REFUSALS.search(reply):
+        raise UnusableReply(f"explainer gave no usable label ({reply.strip()[:40]!r})")
+    return " ".join(words[:3])
