@@ -74,6 +74,12 @@ def load_study(path: str | Path) -> Study:
     sections = {key: value for key, value in document.items() if key in STUDY_STAGES}
     top = {key: value for key, value in document.items() if key not in STUDY_STAGES}
     inputs = _validated(TraceInputs, top, path, lambda key: key, "")
+    for key in ("model", "dataset", "out"):
+        if getattr(inputs, key) is None:
+            raise AdagError(f"{path}: {key}: field required at the top of a study file")
+    if inputs.shard is not None or inputs.finish is not None:
+        raise AdagError(f"{path}: a study runs in one process; trace in shards with `adag trace --shard I/N` "
+                        "and `--finish`, then `adag run` the study on that run directory")
     configs = {}
     for stage in STUDY_STAGES:
         if stage != "trace" and stage not in sections:
