@@ -55,7 +55,7 @@ def _parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     """An option typed as text (None when not given), so that pydantic alone parses and validates."""
     help_text = field.description or ""
     choices = _choices(field.annotation)
-    if choices:
+    if choices and _only_choices(field.annotation):
         help_text += f" (one of: {', '.join(choices)})"
     if not field.is_required():
         default = field.get_default(call_default_factory=True)
@@ -80,6 +80,14 @@ def _choices(annotation: Any) -> list[str]:
     return [c for arg in typing.get_args(annotation) for c in _choices(arg)]
 
 
+def _only_choices(annotation: Any) -> bool:
+    """Whether every value the option takes is one of its listed words (no free number or text)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return True
+    arguments = typing.get_args(annotation)
+    return bool(arguments) and all(typing.get_origin(a) is typing.Literal for a in arguments)
+
+
 def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list or any(_is_list(a) for a in typing.get_args(annotation))
 
@@ -87,10 +95,10 @@ def _is_list(annotation: Any) -> bool:
 def _metavar(annotation: Any, choices: list[str]) -> str:
     if _is_list(annotation):
         return "A,B,..."
-    if choices and all(typing.get_origin(a) is typing.Literal for a in typing.get_args(annotation) or [annotation]):
-        return "[" + "|".join(choices) + "]"
     kinds = {int: "INTEGER", float: "NUMBER"}
     for arg in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arg) is Annotated:  # a constrained number, e.g. Annotated[int, Field(ge=2)]
+            arg = typing.get_args(arg)[0]
         if arg in kinds:
             return kinds[arg] + ("|" + "|".join(choices) if choices else "")
     return "TEXT"
