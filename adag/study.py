@@ -76,7 +76,7 @@ def load_study(path: str | Path) -> Study:
     inputs = _validated(TraceInputs, top, path, lambda key: key, "")
     for key in ("model", "dataset", "out"):
         if getattr(inputs, key) is None:
-            raise AdagError(f"{path}: {key}: field required at the top of a study file")
+            raise AdagError(f"{path}: {key}: field required; add `{key} = \"...\"` at the top of the study file")
     if inputs.shard is not None or inputs.finish is not None:
         raise AdagError(f"{path}: a study runs in one process; trace in shards with `adag trace --shard I/N` "
                         "and `--finish`, then `adag run` the study on that run directory")
