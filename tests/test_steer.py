@@ -141,8 +141,7 @@ def test_steer_sweep_with_controls(steered_run):
 
 
 def test_generation_under_steering_and_judge_rate(steered_run, tmp_path):
-    from adag.describe import CachedBackend
-    from adag.describe.llm import OpenAIBackend
+    from adag.llm.backends import CachedBackend, OpenAIBackend
     from adag.steer.judge import generate, judge_rate
     from adag.steer.run import cluster_members
     from adag.store import RunDir

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from adag.llm.roles import checked
 
 ControlKind = Literal["traced", "layer"]
 
@@ -71,10 +73,16 @@ class Judged(BaseModel):
 
     question: str | None = Field(None, min_length=1, description="yes/no question the judge answers about "
                                  "each generation")
-    judge: str = Field("local:smollm2-135m", description="backend of the judge, KIND:MODEL[@URL]")
+    judge: str = Field("local:smollm2-135m", description="backend of the judge: local:MODEL, openai:MODEL, "
+                       "openai:MODEL@URL or anthropic:MODEL")
     samples: int = Field(4, ge=1, description="generations per prompt and setting")
     max_new_tokens: int = Field(40, ge=1, description="length of each generation")
     seed: int = Field(0, description="sampling seed")
+
+    @field_validator("judge")
+    @classmethod
+    def _can_judge(cls, spec: str) -> str:
+        return checked(spec, "judge")
 
 
 class MeasureConfig(Judged):

@@ -14,9 +14,9 @@ import pandas as pd
 import torch
 
 from adag.datasets import PromptRow, label_token_ids
-from adag.describe.llm import CachedBackend, make_backend
 from adag.errors import AdagError
-from adag.models import LoadedModel
+from adag.llm.backends import CachedBackend, make_backend
+from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
 from adag.stages import number, writing
 from adag.steer.config import MeasureConfig
@@ -42,7 +42,7 @@ class Measure:
         self.judge: CachedBackend | None = None
         self.label_ids: dict[int, np.ndarray] = {}  # the tokens whose logits the measure reads, per prompt
         if config.metric == "judge":
-            self.judge = CachedBackend(make_backend(config.judge), cache_dir() / "llm-cache.sqlite")
+            self.judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
         elif config.metric == "p_top":
             self.label_ids = {int(p): np.asarray(t[:1], dtype=np.int64)
                               for p, t in zip(prompts["prompt"], prompts["target_ids"])}
@@ -112,10 +112,8 @@ def measure_run(run_dir: str | Path | RunDir, config: MeasureConfig, model: str 
                 lm: LoadedModel | None = None) -> pd.DataFrame:
     """Measure every traced prompt; written to RUN/measure/values.parquet (prompt, value, and for the
     judge its yes/no/unclear counts)."""
-    from adag.steer.run import run_model
-
     with writing(run_dir, STAGE, config) as (view, out):
-        lm = lm or run_model(view.run, model)
+        lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         table = Measure(lm, view.prompts, config).values(batches).sort_values("prompt", ignore_index=True)
         out.write_table("values", table)

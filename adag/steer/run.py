@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adag.errors import AdagError
-from adag.models import LoadedModel, load_model
+from adag.models import LoadedModel, run_model
 from adag.stages import writing
 from adag.steer.config import ControlKind, FaithfulnessConfig, MeasureConfig, SteerConfig
 from adag.steer.controls import TracedPool, layer_control, percentile
@@ -22,15 +22,6 @@ from adag.store import RunDir
 from adag.view import RunView
 
 STAGE = "steer"
-
-
-def run_model(run: RunDir, spec: str | None = None) -> LoadedModel:
-    """The run's model (or `spec`), refusing one whose weights differ from the traced model's."""
-    lm = load_model(spec or run.manifest["model"]["spec"])
-    if lm.weights_hash != run.manifest["model"]["weights"]:
-        raise AdagError(f"model weights differ from those traced in {run.path} "
-                        f"({lm.weights_hash} vs {run.manifest['model']['weights']}); steer with the traced model")
-    return lm
 
 
 def cluster_members(run: RunDir) -> dict[int, list[HalfNeuron]]:
@@ -49,7 +40,7 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
         measure_config = _measure_config(view)
         if measure_config.metric == "judge" and config.positions == "traced":
             raise AdagError("a judge measure steers generations, which have no traced positions; use --positions all")
-        lm = lm or run_model(view.run, model)
+        lm = lm or run_model(view.model, model)
         measure = Measure(lm, view.prompts, measure_config)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         references = [last_logits(lm, batch) for _, batch in batches]
@@ -214,7 +205,7 @@ def faithfulness_run(run_dir: str | RunDir, fractions: list[float], ablation: Li
 def faithfulness_stage(run_dir: str | RunDir, config: FaithfulnessConfig, model: str | None = None,
                        lm: LoadedModel | None = None) -> pd.DataFrame:
     with writing(run_dir, "faithfulness", config) as (view, out):
-        lm = lm or run_model(view.run, model)
+        lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         means = _mean_activations(lm, batches) if config.ablation == "mean" else None
         ranked = {prompt: nodes.reindex(nodes["attribution"].abs().sort_values(ascending=False).index)
