@@ -369,7 +369,7 @@ def test_the_judge_is_a_role_of_its_own():
         make_backend("embed:minilm", "judge")
     for spec in ("embed:minilm", "stats"):
         with pytest.raises(ValueError, match="cannot be the judge"):
-            MeasureConfig(metric="judge", question="Is it a city?", judge=spec)
+            MeasureConfig(measure="judge", question="Is it a city?", judge=spec)
     with pytest.raises(ValueError, match="unknown backend 'gemini:x'; as judge use local"):
         JudgeConfig(cluster=0, question="Is it a city?", judge="gemini:x")
     assert JudgeConfig(cluster=0, question="Is it a city?", judge="openai:gpt-4o-mini@http://h:1/v1").judge
