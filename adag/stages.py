@@ -76,7 +76,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("trace", "Trace attribution graphs, profiles and edges for every prompt of a dataset.",
-          TraceConfig, "adag.trace.run:trace_command", "adag.trace.run:trace_summary", options=TraceInputs,
+          TraceConfig, "adag.trace.run:trace_run", "adag.trace.run:trace_summary", options=TraceInputs,
           resumable=True, run_dir_option="out", model=True),
     Stage("cluster", "Cluster traced half-neurons by their attribution profiles and build the cluster graph.",
           ClusterConfig, "adag.cluster.run:cluster_run", "adag.cluster.run:cluster_summary", requires=("trace",)),
@@ -93,20 +93,20 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "changes, KL, top tokens) against random controls.", SteerConfig, "adag.steer.run:steer_run",
           "adag.steer.run:steer_summary", requires=("cluster",), uses=("measure",), options=ModelOption, model=True),
     Stage("faithfulness", "Faithfulness and completeness of node circuits (top nodes kept, the rest ablated).",
-          FaithfulnessConfig, "adag.steer.run:faithfulness_stage", "adag.steer.run:faithfulness_summary",
+          FaithfulnessConfig, "adag.steer.run:faithfulness_run", "adag.steer.run:faithfulness_summary",
           requires=("trace",), options=ModelOption, model=True),
     Stage("judge", "Generate under steering and have a judge LLM answer a yes/no question; "
           "rate = yes / (yes + no).", JudgeConfig, "adag.steer.judge:judge_run", "adag.steer.judge:judge_summary",
           requires=("cluster",), options=ModelOption, model=True),
     Stage("report", "Write the viewer with its data (cluster views, the attribution graphs of the prompts "
           "carrying the most attribution) as one self-contained HTML file.",
-          ReportConfig, "adag.report.html:report_command", "adag.report.html:report_summary",
+          ReportConfig, "adag.report.html:report_run", "adag.report.html:report_summary",
           requires=("cluster",), uses=("describe", "measure", "correlate", "steer"), options=ReportOptions),
     Stage("export", "Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON.",
-          ExportConfig, "adag.report.export:export_command", "adag.report.export:export_summary",
+          ExportConfig, "adag.report.export:export_run", "adag.report.export:export_summary",
           requires=("trace",), uses=("cluster", "describe"), options=ExportOptions),
     Stage("figure", "Draw a prompt's attribution graph (or with --clusters the cluster graph) as a static "
-          "picture for papers: .svg, .png or .pdf.", FigureConfig, "adag.report.figure:figure_command",
+          "picture for papers: .svg, .png or .pdf.", FigureConfig, "adag.report.figure:figure_run",
           "adag.report.figure:figure_summary", requires=("trace",), uses=("cluster", "describe"),
           options=FigureOptions),
 )}

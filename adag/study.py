@@ -13,7 +13,7 @@ same settings (and validation) as its command's options::
     [cluster]
     k = 20
     [measure]
-    metric = "p_correct"
+    measure = "p_correct"
     [correlate]
     [steer]
     top = 3
@@ -211,14 +211,14 @@ def study_digest(run_dir: str | Path) -> str:
                      f"{config['alpha']})")
     controls = view.table("steer", "controls")
     if controls is not None:
-        metric = view.run.entry("steer").get("measure", "measure")
+        measure = view.run.entry("steer").get("measure", "measure")
         labels = view.labels
         for cluster, group in controls.groupby("cluster", sort=False):
             parts = []
             for multiplier, by_kind in group.groupby("multiplier"):
                 ranks = ", ".join(f"percentile {row.percentile:.0f} among {row.kind}" for row in by_kind.itertuples())
                 parts.append(f"x{multiplier:g}: {by_kind['change'].iloc[0]:+.4f} ({ranks})")
-            lines.append(f"cluster {cluster} ({labels.get(int(cluster), '')}): change of mean {metric} "
+            lines.append(f"cluster {cluster} ({labels.get(int(cluster), '')}): change of mean {measure} "
                          + "; ".join(parts))
     if view.has("report"):
         lines.append(f"report: {view.path / 'report' / 'report.html'}")

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from adag.cluster.keys import node_clusters, polarity
 from adag.errors import AdagError
+from adag.half_neurons import HalfNeuron, node_clusters, polarity
 from adag.store import RunDir
 
 PROFILE_COLUMNS = ["input_profile", "output_profile"]
-HalfNeuron = tuple[int, int, int]  # (layer, neuron, polarity)
 
 
 class RunView:

@@ -19,7 +19,7 @@ import time
 from sklearn.metrics import adjusted_rand_score
 
 from adag.cluster import ClusterConfig, ProfileClustering, half_neuron_profiles
-from adag.cluster.synthetic import planted_tables
+from tests.planted import planted_tables
 
 
 def _peak_mib() -> float:

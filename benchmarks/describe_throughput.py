@@ -5,7 +5,7 @@
 
 The server is tests/fake_openai.py in its own process (so that it does not share this process's
 interpreter lock), answering every request after `--latency` seconds, as a loaded vLLM server might.
-The run is synthetic (adag/report/synthetic.py) with `--clusters` clusters; every concurrency level
+The run is synthetic (tests/synthetic.py) with `--clusters` clusters; every concurrency level
 describes a fresh copy of it with an empty reply cache, explainer and simulator both the fake server.
 An ideal client reaches concurrency / latency requests per second.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adag.describe import DescribeConfig, describe_run  # noqa: E402
-from adag.report.synthetic import synthetic_run  # noqa: E402
+from tests.synthetic import synthetic_run  # noqa: E402
 
 SERVER = """
 import sys, time

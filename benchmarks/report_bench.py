@@ -20,9 +20,9 @@ from pathlib import Path
 
 from adag.report import serve_in_background, write_report
 from adag.report.config import ReportConfig
-from adag.report.synthetic import synthetic_run
 from adag.store import RunDir
 from tests.browser import chromium, open_page
+from tests.synthetic import synthetic_run
 
 
 def _load_seconds(url: str) -> float:

@@ -19,12 +19,12 @@ from adag.cluster import (
 )
 from adag.cluster.graph import cluster_graph
 from adag.cluster.similarity import knn_similarity
-from adag.cluster.synthetic import planted_tables
 from adag.datasets import load_dataset
 from adag.errors import AdagError
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
+from tests.planted import planted_tables
 from tests.test_faults import error_line
 from tests.test_store import snapshot
 

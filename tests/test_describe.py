@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from adag.cli import app
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
-from adag.describe import CachedBackend, DescribeConfig, describe_run
+from adag.describe import DescribeConfig, describe_run
 from adag.describe import run as describe_run_module
 from adag.describe.config import DescribeOptions
 from adag.describe.evaluate import RULES, evaluate_rule
@@ -26,16 +26,7 @@ from adag.describe.explain import (
     retry,
     simulated_score,
 )
-from adag.describe.llm import (
-    AnthropicBackend,
-    EndpointDown,
-    LocalBackend,
-    OpenAIBackend,
-    Simulation,
-    expected_score,
-    make_backend,
-)
-from adag.describe.prompts import UnusableReply, explain_messages, simulate_messages
+from adag.describe.prompts import explain_messages
 from adag.describe.records import (
     Record,
     exemplar_pool,
@@ -48,6 +39,17 @@ from adag.describe.records import (
 )
 from adag.describe.run import make_llms
 from adag.errors import AdagError
+from adag.llm.backends import (
+    AnthropicBackend,
+    CachedBackend,
+    EndpointDown,
+    LocalBackend,
+    OpenAIBackend,
+    expected_score,
+    make_backend,
+)
+from adag.llm.roles import UnusableReply
+from adag.llm.simulation import Simulation, simulate_messages
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
@@ -264,7 +266,7 @@ def test_local_samples_differ_are_reproducible_and_leave_the_global_rng_alone(ti
 def test_every_simulator_goes_through_cache_and_ledger(tiny_models, tmp_path):
     """Cache bug: local and embedding simulators bypassed the cache and the ledger."""
     simulation = Simulation("input", "digits", ("What", " is", " 4"))
-    for backend in (LocalBackend("tiny", lm=tiny_models["llama"]), make_backend("embed:minilm")):
+    for backend in (LocalBackend("tiny", lm=tiny_models["llama"]), make_backend("embed:minilm", "simulator")):
         llm = CachedBackend(backend, tmp_path / "cache.sqlite")
         first, second = (llm.predict(simulation, "simulate-input") for _ in range(2))
         assert first.tolist() == second.tolist() and len(first) == 3 and ((first >= 0) & (first <= 10)).all()
@@ -345,17 +347,32 @@ def test_backend_specs_are_checked_for_their_role(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
     with pytest.raises(AdagError, match="set OPENAI_API_KEY"):
-        make_backend("openai:gpt-4o-mini")
+        make_backend("openai:gpt-4o-mini", "simulator")
     with pytest.raises(AdagError, match="set ANTHROPIC_API_KEY"):
-        make_backend("anthropic:claude")
+        make_backend("anthropic:claude", "judge")
     with pytest.raises(AdagError, match="unknown backend 'gemini:x'; as simulator"):
-        make_backend("gemini:x")
+        make_backend("gemini:x", "simulator")
     with pytest.raises(AdagError, match="cannot be the explainer"):
         make_backend("embed:minilm", "explainer")
     with pytest.raises(ValueError, match="cannot be the explainer"):
         DescribeConfig(explainer="embed:minilm")
     with pytest.raises(ValueError, match="cannot score them"):
         DescribeConfig(simulator="stats")
+
+
+def test_the_judge_is_a_role_of_its_own():
+    """A judge must answer questions: an embedding simulator or the stats explainer is refused when the
+    settings are made, not when the judge is first asked (it used to be checked as a simulator)."""
+    from adag.steer.config import JudgeConfig, MeasureConfig
+
+    with pytest.raises(AdagError, match="cannot be the judge"):
+        make_backend("embed:minilm", "judge")
+    for spec in ("embed:minilm", "stats"):
+        with pytest.raises(ValueError, match="cannot be the judge"):
+            MeasureConfig(measure="judge", question="Is it a city?", judge=spec)
+    with pytest.raises(ValueError, match="unknown backend 'gemini:x'; as judge use local"):
+        JudgeConfig(cluster=0, question="Is it a city?", judge="gemini:x")
+    assert JudgeConfig(cluster=0, question="Is it a city?", judge="openai:gpt-4o-mini@http://h:1/v1").judge
 
 
 @pytest.fixture(scope="module")
@@ -431,7 +448,7 @@ def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(c
 
 @pytest.fixture(scope="module")
 def embed_simulator(tmp_path_factory):
-    return make_backend("embed:minilm")
+    return make_backend("embed:minilm", "simulator")
 
 
 @pytest.mark.parametrize("rule", [r for r in RULES if r.name in ("digits", "country names", "suppresses ' The'")],
@@ -469,7 +486,7 @@ def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
     for i, text in enumerate(DIGIT_TEXTS):
         tokens = [(" " if j else "") + w for j, w in enumerate(text.split())]
         records.append(Record(i, tokens, np.array([10.0 if t.strip().isdigit() else 0.0 for t in tokens])))
-    simulator = CachedBackend(make_backend("embed:minilm"), tmp_path / "cache.sqlite")
+    simulator = CachedBackend(make_backend("embed:minilm", "simulator"), tmp_path / "cache.sqlite")
     held_out = HeldOut([r.tokens for r in records], [r.values for r in records])
     right = simulated_score(simulator, "input", "numbers and digits", held_out, 1)
     wrong = [simulated_score(simulator, "input", d, held_out, 1) for d in ("animals", "verbs", "fruit")]
@@ -478,7 +495,7 @@ def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
 
 def test_embedding_simulator_cannot_explain():
     with pytest.raises(AdagError, match="can only be a --simulator"):
-        make_backend("embed:minilm").complete([], 0.0, 10, False, 0, 1.0)
+        make_backend("embed:minilm", "simulator").complete([], 0.0, 10, False, 0, 1.0)
 
 
 def test_input_records_sum_members_and_drop_the_first_token():

@@ -27,12 +27,12 @@ from adag.report.figure import write_figure
 from adag.report.graph import collapse_clusters, pruning_order
 from adag.report.html import allowed_host
 from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
-from adag.report.synthetic import synthetic_run
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
 from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range
 from tests.fake_openai import FakeOpenAI
+from tests.synthetic import synthetic_run
 
 HOSTILE = "<script>window.pwned=1</script><b>bold</b> What is the capital of France?"
 LABELS = ["capital cities of Europe", "say a capital", "France / French", "question words",

@@ -5,7 +5,7 @@ import torch
 
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
-from adag.steer import SteerConfig, correlate, faithfulness_run, replaced, scaled, steer_run
+from adag.steer import FaithfulnessConfig, SteerConfig, correlate, faithfulness_run, replaced, scaled, steer_run
 from adag.steer.evaluate import faithfulness_curve
 from adag.trace import PromptBatch, TraceConfig, trace_dataset
 
@@ -87,14 +87,14 @@ def test_replaced_keeping_everything_is_identity(tiny_models):
 
 def test_correlation_known_answers():
     prompts = pd.Index(range(8))
-    metric = pd.Series(np.arange(8, dtype=float), index=prompts)
+    values = pd.Series(np.arange(8, dtype=float), index=prompts)
     rows = [{"prompt": p, "cluster": 0, "attribution": 2.0 * p + 1} for p in prompts]       # linear
     rows += [{"prompt": p, "cluster": 1, "attribution": float(p) ** 3} for p in prompts]     # monotone
     rows += [{"prompt": p, "cluster": 2, "attribution": 1.0} for p in prompts if p % 2]      # absent -> 0
-    table = correlate(pd.DataFrame(rows), metric).set_index("cluster")
+    table = correlate(pd.DataFrame(rows), values).set_index("cluster")
     assert table.loc[0, "pearson"] == pytest.approx(1.0) and table.loc[0, "pearson_p"] < 1e-6
     assert table.loc[1, "spearman"] == pytest.approx(1.0) and table.loc[1, "pearson"] < 0.99
-    expected = np.corrcoef(np.array([p % 2 for p in prompts], float), metric)[0, 1]
+    expected = np.corrcoef(np.array([p % 2 for p in prompts], float), values)[0, 1]
     assert table.loc[2, "pearson"] == pytest.approx(expected)
 
 
@@ -118,7 +118,8 @@ def steered_run(tiny_models, tmp_path_factory):
 def test_faithfulness_run_endpoints(steered_run):
     lm, path = steered_run
     for ablation in ("zero", "mean"):
-        curve = faithfulness_run(str(path), [0.0, 0.5, 1.0], ablation, lm=lm).set_index("fraction")
+        config = FaithfulnessConfig(fractions=[0.0, 0.5, 1.0], ablation=ablation)
+        curve = faithfulness_run(str(path), config, lm=lm).set_index("fraction")
         assert curve.loc[0.0, "faithfulness"] == pytest.approx(0.0)
         assert curve.loc[0.0, "completeness"] == pytest.approx(1.0)
         assert np.isfinite(curve["faithfulness"]).all()
@@ -141,17 +142,15 @@ def test_steer_sweep_with_controls(steered_run):
 
 
 def test_generation_under_steering_and_judge_rate(steered_run, tmp_path):
-    from adag.describe import CachedBackend
-    from adag.describe.llm import OpenAIBackend
+    from adag.llm.backends import CachedBackend, OpenAIBackend
     from adag.steer.judge import generate, judge_rate
-    from adag.steer.run import cluster_members
-    from adag.store import RunDir
+    from adag.view import RunView
     from tests.fake_openai import FakeOpenAI, reply_body
 
     lm, path = steered_run
-    run = RunDir.open(path)
-    prompts = run.read_table("trace", "prompts").head(2)
-    members = cluster_members(run)[0]
+    view = RunView.open(path)
+    prompts = view.prompts.head(2)
+    members = view.cluster_members[0]
     plain = generate(lm, prompts, samples=2, max_new_tokens=6, seed=0)
     again = generate(lm, prompts, samples=2, max_new_tokens=6, seed=0)
     ablated = generate(lm, prompts, samples=2, max_new_tokens=6, seed=0,

@@ -67,8 +67,8 @@ def measured_run(tiny_models, dataset_file, tmp_path_factory):
 
 def test_p_correct_and_logit_diff_match_an_explicit_float64_forward(measured_run):
     lm, path = measured_run
-    p_correct = measure_run(str(path), MeasureConfig(metric="p_correct", batch_size=3), lm=lm).set_index("prompt")
-    logit_diff = measure_run(str(path), MeasureConfig(metric="logit_diff", batch_size=5), lm=lm).set_index("prompt")
+    p_correct = measure_run(str(path), MeasureConfig(measure="p_correct", batch_size=3), lm=lm).set_index("prompt")
+    logit_diff = measure_run(str(path), MeasureConfig(measure="logit_diff", batch_size=5), lm=lm).set_index("prompt")
     model64 = copy.deepcopy(lm.model).double()
     for prompt, row in _rows(path):
         ids = torch.tensor([encode_prompt(lm.tokenizer, row)])
@@ -92,7 +92,7 @@ def _rows(path) -> list[tuple[int, PromptRow]]:
 def test_logit_diff_measure_is_the_traced_metric(measured_run):
     """Two code paths, one quantity: the trace's logit_diff metric and the measure."""
     lm, path = measured_run
-    measured = measure_run(str(path), MeasureConfig(metric="logit_diff"), lm=lm).set_index("prompt")["value"]
+    measured = measure_run(str(path), MeasureConfig(measure="logit_diff"), lm=lm).set_index("prompt")["value"]
     traced = RunDir.open(path).read_table("trace", "prompts").set_index("prompt")["metric"]
     # the same float32 forward pass in batches of other sizes: only padding and summation order differ
     assert np.allclose(measured.loc[traced.index], traced, rtol=1e-4, atol=1e-5)
@@ -105,10 +105,18 @@ def test_measure_needs_labels_and_a_question(tiny_models, tmp_path):
     trace_dataset(lm, load_dataset(str(data)), SMALL_TRACE.model_copy(update={"metric": "labels"}), tmp_path / "run",
                   progress=False)
     with pytest.raises(AdagError, match="prompt 0 has 1 label.*needs 2"):
-        measure_run(str(tmp_path / "run"), MeasureConfig(metric="logit_diff"), lm=lm)
+        measure_run(str(tmp_path / "run"), MeasureConfig(measure="logit_diff"), lm=lm)
     with pytest.raises(ValueError, match="needs --question"):
-        MeasureConfig(metric="judge")
+        MeasureConfig(measure="judge")
     assert not (tmp_path / "run" / "measure").exists()
+
+
+def test_the_measure_is_not_called_metric():
+    """`metric` is the trace's m(x); the measure's choice is `measure`, and the key older runs and study
+    files used for it still reads as the same setting."""
+    assert "metric" not in MeasureConfig.model_fields and "metric" in TraceConfig.model_fields
+    assert MeasureConfig.model_validate({"metric": "logit_diff"}) == MeasureConfig(measure="logit_diff")
+    assert MeasureConfig(measure="p_top").model_dump()["measure"] == "p_top"
 
 
 def test_judge_measure_is_the_yes_rate_per_prompt(measured_run, tmp_path, monkeypatch):
@@ -117,7 +125,7 @@ def test_judge_measure_is_the_yes_rate_per_prompt(measured_run, tmp_path, monkey
     prompts = len(RunDir.open(path).read_table("trace", "prompts"))
     answers = ["Yes", "no", "yes", "Maybe"] * prompts  # two samples per prompt, answered in order
     with FakeOpenAI([(200, reply_body(a)) for a in answers]) as server:
-        table = measure_run(str(path), MeasureConfig(metric="judge", question="Is the answer a city?", samples=2,
+        table = measure_run(str(path), MeasureConfig(measure="judge", question="Is the answer a city?", samples=2,
                                                      max_new_tokens=3, judge=f"openai:fake@{server.url}"), lm=lm)
     assert len(table) == prompts and set(table.columns) >= {"prompt", "value", "yes", "no", "unclear"}
     assert (table["yes"] + table["no"] + table["unclear"] == 2).all()
@@ -125,7 +133,7 @@ def test_judge_measure_is_the_yes_rate_per_prompt(measured_run, tmp_path, monkey
     assert np.allclose(table["value"].dropna(), rates.dropna())
 
     with FakeOpenAI() as server:  # steering a judged measure: generations under the intervention, judged
-        config = MeasureConfig(metric="judge", question="Is the answer a city?", samples=2, max_new_tokens=3,
+        config = MeasureConfig(measure="judge", question="Is the answer a city?", samples=2, max_new_tokens=3,
                                judge=f"openai:fake@{server.url}")
         unsteered = measure_run(str(path), config, lm=lm).set_index("prompt")["value"]
         run = steer_run(str(path), SteerConfig(clusters=[0], multipliers=[0, 1], controls=1, control_kinds=["layer"]),
@@ -154,11 +162,11 @@ def test_benjamini_hochberg_against_the_definition():
 
 def test_correlation_table_is_corrected_and_sorted():
     prompts = pd.Index(range(12))
-    metric = pd.Series(np.arange(12, dtype=float), index=prompts)
+    values = pd.Series(np.arange(12, dtype=float), index=prompts)
     rng = np.random.default_rng(1)
     rows = [{"prompt": p, "cluster": 0, "attribution": 2.0 * p + rng.normal(0, 0.1)} for p in prompts]
     rows += [{"prompt": p, "cluster": c, "attribution": rng.normal()} for c in (1, 2, 3) for p in prompts]
-    table = correlate(pd.DataFrame(rows), metric, method="spearman", alpha=0.05)
+    table = correlate(pd.DataFrame(rows), values, method="spearman", alpha=0.05)
     assert table["cluster"].iloc[0] == 0 and bool(table["significant"].iloc[0])
     assert (table["spearman_q"] >= table["spearman_p"]).all()
     assert table["spearman_p"].is_monotonic_increasing
@@ -166,7 +174,7 @@ def test_correlation_table_is_corrected_and_sorted():
 
 def test_correlate_reads_the_measure_and_steer_takes_the_top_clusters(measured_run):
     lm, path = measured_run
-    measure_run(str(path), MeasureConfig(metric="p_correct"), lm=lm)
+    measure_run(str(path), MeasureConfig(measure="p_correct"), lm=lm)
     table = correlate_run(str(path), CorrelateConfig(method="spearman"))
     assert (table["field"] == "measure").all()
     top = table.loc[table["spearman"].abs().sort_values(ascending=False, kind="stable").index, "cluster"][:2]
@@ -257,7 +265,7 @@ def test_layer_controls_and_percentiles():
 # studies: adag run
 
 
-def write_study(path: Path, model_dir, dataset_file, server, out: Path, k: int = 3, metric: str = "p_correct",
+def write_study(path: Path, model_dir, dataset_file, server, out: Path, k: int = 3, measure: str = "p_correct",
                 extra: str = "") -> Path:
     spec = f"openai:fake@{server.url}"
     path.write_text(f"""
@@ -281,7 +289,7 @@ simulator = "{spec}"
 samples = 1
 
 [measure]
-metric = "{metric}"
+measure = "{measure}"
 
 [correlate]
 
@@ -326,7 +334,7 @@ def test_a_study_runs_every_stage_once_and_reruns_only_what_a_change_touches(mod
     assert after["trace"] == entries["trace"] and after["measure"] == entries["measure"]
 
     entries = after
-    write_study(study, model_dir, dataset_file, server, out, k=4, metric="logit_diff")
+    write_study(study, model_dir, dataset_file, server, out, k=4, measure="logit_diff")
     changed = {outcome.stage for outcome in run_study(study, echo=lambda line: None) if outcome.ran}
     assert changed == {"measure", "correlate", "steer", "report"}
     assert all(_entries(out)[s] == entries[s] for s in ("trace", "cluster", "describe"))
@@ -360,7 +368,7 @@ def test_study_files_are_checked_before_any_work(model_dir, dataset_file, server
         (good.replace("k = 3", "k = 'many'"), "[cluster] k (got 'many')"),
         (good.replace("controls = 2", "controls = -2"), "[steer] controls (got -2): input should be greater"),
         (good.replace("[correlate]\n", ""), "[steer] needs the correlate stage; add a [correlate] table"),
-        (good.replace("[measure]\nmetric = \"p_correct\"\n", ""), "[correlate] needs the measure stage"),
+        (good.replace("[measure]\nmeasure = \"p_correct\"\n", ""), "[correlate] needs the measure stage"),
         (good.replace("model = ", "model = = "), "is not valid TOML"),
         ("report = 3\n" + good.replace("[report]", ""), "'report' must be a table"),
         (good.replace(f'model = "{model_dir}"\n', ""), "model: field required"),

@@ -5,7 +5,6 @@ import lazy_loader
 # Lazy: the CLI imports cluster.config at start-up without paying for scikit-learn.
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "config": ["ClusterConfig"],
-    "keys": ["half_neuron_keys", "node_clusters", "polarity"],
     "methods": ["METHODS", "ProfileClustering"],
     "profiles": ["HalfNeuronProfiles", "half_neuron_profiles"],
     "run": ["cluster_run"],

@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from adag.cluster.config import Views
-from adag.cluster.keys import half_neuron_keys
+from adag.half_neurons import half_neuron_keys
 
 
 @dataclass

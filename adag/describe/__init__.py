@@ -2,9 +2,8 @@
 
 import lazy_loader
 
-# Lazy: the CLI imports describe.config at start-up without loading the LLM backends.
+# Lazy: the CLI imports describe.config at start-up without loading the LLM backends (adag.llm).
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
     "config": ["DescribeConfig"],
-    "llm": ["CachedBackend", "Completion", "make_backend"],
     "run": ["describe_run"],
 })

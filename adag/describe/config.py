@@ -1,55 +1,13 @@
-"""Describe settings (pydantic only, so that the CLI can build its options without heavy imports), and
-the names of explainer and simulator backends, checked for their role without loading anything."""
+"""Describe settings (pydantic only, so that the CLI can build its options without heavy imports); the
+explainer and simulator backends are checked for their role (adag.llm.roles) without loading anything."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_core import PydanticCustomError
 
-Role = Literal["explainer", "simulator"]
-# Kinds that can play each role. `stats` is the offline explainer (adag.describe.explain), not an LLM.
-ROLES: dict[str, tuple[str, ...]] = {"explainer": ("stats", "local", "openai", "anthropic"),
-                                     "simulator": ("embed", "local", "openai", "anthropic")}
-SPELLING = {"stats": "stats", "embed": "embed[:minilm]", "local": "local[:MODEL]", "openai": "openai:MODEL[@URL]",
-            "anthropic": "anthropic:MODEL[@URL]"}
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    kind: str
-    model: str
-    base_url: str | None = None
-
-
-def parse_spec(spec: str, role: Role) -> BackendSpec:
-    """Check `KIND[:MODEL][@URL]` for a role; a ValueError says what to write instead."""
-    kind, _, rest = spec.partition(":")
-    model, _, base_url = rest.partition("@")
-    if kind == "embed" and role == "explainer":
-        raise ValueError(f"'{spec}' cannot be the explainer: an embedding model scores descriptions but cannot "
-                         "write them; use stats (offline), local:MODEL, openai:MODEL[@URL] or anthropic:MODEL")
-    if kind == "stats" and role == "simulator":
-        raise ValueError("'stats' writes descriptions but cannot score them; use embed:minilm (offline), "
-                         "local:MODEL, openai:MODEL[@URL] or anthropic:MODEL as the simulator")
-    if kind not in ROLES[role]:
-        raise ValueError(f"unknown backend '{spec}'; as {role} use " + ", ".join(SPELLING[k] for k in ROLES[role]))
-    if kind in ("openai", "anthropic") and not model:
-        raise ValueError(f"'{spec}' names no model; use {kind}:MODEL, e.g. openai:gpt-4o-mini")
-    if base_url and kind not in ("openai", "anthropic"):
-        raise ValueError(f"'{spec}': only openai: and anthropic: backends take an @URL")
-    default = {"local": "smollm2-135m", "embed": "minilm"}.get(kind, "")
-    return BackendSpec(kind, model or default, base_url or None)
-
-
-def _checked(spec: str, role: Role) -> str:
-    try:
-        parse_spec(spec, role)
-    except ValueError as error:
-        raise PydanticCustomError("backend", str(error).replace("{", "{{").replace("}", "}}")) from None
-    return spec
+from adag.llm.roles import checked
 
 
 class DescribeConfig(BaseModel):
@@ -79,12 +37,12 @@ class DescribeConfig(BaseModel):
     @field_validator("explainer")
     @classmethod
     def _can_explain(cls, spec: str) -> str:
-        return _checked(spec, "explainer")
+        return checked(spec, "explainer")
 
     @field_validator("simulator")
     @classmethod
     def _can_simulate(cls, spec: str) -> str:
-        return _checked(spec, "simulator")
+        return checked(spec, "simulator")
 
 
 class DescribeOptions(BaseModel):

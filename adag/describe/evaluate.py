@@ -19,9 +19,9 @@ import numpy as np
 from adag.datasets import PromptRow, format_prompt, load_dataset
 from adag.describe.config import DescribeConfig
 from adag.describe.explain import Explainer, simulated_score
-from adag.describe.llm import CachedBackend
 from adag.describe.records import Record
 from adag.describe.run import best_description, input_split, output_split
+from adag.llm.backends import CachedBackend
 
 RECOVERED_WITHIN = 0.1
 NOISE_RATE, NOISE_SCALE = 0.1, 0.4  # input records: share of tokens with noise, its largest value

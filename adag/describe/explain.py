@@ -20,16 +20,11 @@ from typing import Literal, TypeVar
 import numpy as np
 from scipy.stats import pearsonr
 
-from adag.describe.config import parse_spec
-from adag.describe.llm import CachedBackend, Simulation, make_backend
-from adag.describe.prompts import (
-    UnusableReply,
-    explain_messages,
-    label_messages,
-    parse_description,
-    parse_label,
-)
+from adag.describe.prompts import explain_messages, label_messages, parse_description, parse_label
 from adag.describe.records import highlight
+from adag.llm.backends import CachedBackend, make_backend
+from adag.llm.roles import UnusableReply, parse_spec
+from adag.llm.simulation import Simulation
 
 Kind = Literal["input", "output"]
 T = TypeVar("T")

@@ -1,30 +1,17 @@
-"""What the explainer and simulator LLMs are asked, and how their replies are read.
+"""What the explainer LLM is asked, and how its replies are read (the simulator's: adag.llm.simulation).
 
 The explainer is shown a few worked examples before the real excerpts, and asked for the common
-feature of the highlighted tokens in their context rather than a summary of the text. The simulator
-sees one excerpt's tokens one per line with their indices, so that its list of scores lines up with them.
+feature of the highlighted tokens in their context rather than a summary of the text.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from typing import TYPE_CHECKING
 
-import numpy as np
+from adag.llm.roles import Messages, UnusableReply
 
-if TYPE_CHECKING:
-    from adag.describe.llm import Simulation
-
-Messages = list[dict[str, str]]
 MAX_DESCRIPTION = 160
 REFUSALS = re.compile(r"\b(i can(not|'t)|i'm sorry|i am sorry|as an ai|unable to)\b", re.IGNORECASE)
-
-
-class UnusableReply(Exception):
-    """An LLM reply that is empty, a refusal, malformed, or of the wrong length."""
-
-    completion = None  # the rejected reply, when there was one (its tokens still go into the ledger)
 
 
 EXPLAIN_INPUT = (
@@ -60,15 +47,6 @@ OUTPUT_EXAMPLES = [
      "promotes capital city names; suppresses ' a'"),
 ]
 
-SIMULATE_INPUT = (
-    "A group of neurons inside a language model is described as: \"{description}\". Below are the tokens of "
-    "one text, one per line as index and token. For each token, predict how strongly the group fires on it, "
-    "from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
-SIMULATE_OUTPUT = (
-    "A group of neurons inside a language model is described as: \"{description}\". Below are a prompt, then "
-    "candidate next tokens for it, one per line as index and token. For each, predict how strongly the group pushes "
-    "the model to say it, from 0 (strongly suppresses) through 5 (no effect) to 10 (strongly promotes). "
-    "Reply with a JSON list of {n} integers, the i-th for token i.")
 LABEL = (
     "A group of neurons responds to: \"{inputs}\". It makes the model: \"{outputs}\". Give a label of one to "
     "three lowercase words that names what is specific to this group (not 'neurons' or 'a group of'). Reply "
@@ -89,15 +67,6 @@ def explain_messages(kind: str, excerpts: list[str]) -> Messages:
     return [*messages, {"role": "user", "content": f"Excerpts:\n{numbered(excerpts)}"}]
 
 
-def simulate_messages(simulation: Simulation) -> Messages:
-    template = SIMULATE_INPUT if simulation.kind == "input" else SIMULATE_OUTPUT
-    text = template.format(description=simulation.description, n=len(simulation.units))
-    if simulation.prompt:
-        text += f"\n\nPrompt: {json.dumps(simulation.prompt, ensure_ascii=False)}"
-    listing = "\n".join(f"{i}\t{json.dumps(unit, ensure_ascii=False)}" for i, unit in enumerate(simulation.units))
-    return [{"role": "user", "content": f"{text}\n\n{listing}"}]
-
-
 def label_messages(inputs: str, outputs: str) -> Messages:
     return [{"role": "user", "content": LABEL.format(inputs=inputs, outputs=outputs)}]
 
@@ -110,20 +79,6 @@ def parse_description(reply: str) -> str:
     if not description or REFUSALS.search(description):
         raise UnusableReply(f"explainer gave no usable description ({reply.strip()[:60]!r})")
     return description
-
-
-def parse_scores(text: str, n: int) -> np.ndarray:
-    """A JSON list of n numbers, clipped to 0..10."""
-    match = re.search(r"\[[^\[\]]*\]", text)
-    if not match:
-        raise UnusableReply(f"simulator reply has no JSON list ({text.strip()[:60]!r})")
-    try:
-        values = [float(v) for v in json.loads(match.group(0))]
-    except (ValueError, TypeError):
-        raise UnusableReply(f"simulator list is not numbers ({match.group(0)[:60]!r})") from None
-    if len(values) != n:
-        raise UnusableReply(f"simulator gave {len(values)} values for {n} items")
-    return np.clip(np.array(values), 0, 10)
 
 
 def parse_label(reply: str) -> str:

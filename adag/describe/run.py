@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from adag.describe.config import DescribeConfig, DescribeOptions, parse_spec
+from adag.describe.config import DescribeConfig, DescribeOptions
 from adag.describe.explain import (
     Excerpt,
     Explainer,
@@ -24,7 +24,6 @@ from adag.describe.explain import (
     retry,
     simulated_score,
 )
-from adag.describe.llm import CachedBackend, make_backend
 from adag.describe.records import (
     Record,
     exemplar_pool,
@@ -35,6 +34,8 @@ from adag.describe.records import (
     top_k_mask,
 )
 from adag.errors import AdagError
+from adag.llm.backends import CachedBackend, make_backend
+from adag.llm.roles import parse_spec
 from adag.models.loading import cache_dir
 from adag.stages import number, writing
 from adag.store import RunDir, StageWriter

@@ -104,6 +104,16 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     return LoadedModel(spec, model, _load_tokenizer(directory), adapter, weights_fingerprint(weights))
 
 
+def run_model(traced: dict, spec: str | None = None) -> LoadedModel:
+    """A run's model, from `traced` (the run manifest's model: spec and weights), or `spec` instead,
+    refusing one whose weights differ from the traced model's."""
+    lm = load_model(spec or traced["spec"])
+    if lm.weights_hash != traced["weights"]:
+        raise AdagError(f"model weights differ from those of the traced model {traced['spec']} ({lm.weights_hash} "
+                        f"vs {traced['weights']}); use the traced model")
+    return lm
+
+
 def model_directory(spec: str) -> Path:
     """The local directory for a built-in name, an existing directory or an org/name hub id."""
     if spec in BUILTIN_MODELS:

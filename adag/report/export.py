@@ -83,7 +83,7 @@ def write_neuronpedia(run_dir: str | Path, prompt: int, out: str | Path) -> Path
     return path
 
 
-def export_command(run_dir: str, config: ExportConfig, prompt: int, out: str) -> Path:
+def export_run(run_dir: str, config: ExportConfig, prompt: int, out: str) -> Path:
     """`adag export`."""
     return write_neuronpedia(run_dir, prompt, out)
 

@@ -150,7 +150,7 @@ def write_figure(run_dir: str | Path, out: str | Path, config: FigureConfig) -> 
     return path
 
 
-def figure_command(run_dir: str, config: FigureConfig, out: str) -> Path:
+def figure_run(run_dir: str, config: FigureConfig, out: str) -> Path:
     """`adag figure`."""
     return write_figure(run_dir, out, config)
 

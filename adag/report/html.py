@@ -76,7 +76,7 @@ def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
     return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
 
 
-def report_command(run_dir: str, config: ReportConfig, out: str | None = None) -> tuple[Path, int, int]:
+def report_run(run_dir: str, config: ReportConfig, out: str | None = None) -> tuple[Path, int, int]:
     """`adag report`."""
     return write_report(run_dir, out, config)
 

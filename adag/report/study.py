@@ -9,6 +9,7 @@ import json
 
 import pandas as pd
 
+from adag.steer.config import MeasureConfig
 from adag.steer.plots import MEASURE_LABELS
 from adag.view import RunView
 
@@ -31,12 +32,12 @@ def study_payload(view: RunView) -> dict | None:
                      "significant": bool(row.significant)})
     steered = _steered(view)
     described = _descriptions(view, [r["cluster"] for r in rows[:TOP_DESCRIBED]] + [s["cluster"] for s in steered])
-    measure = view.config("measure") if view.has("measure") else None
+    measure = MeasureConfig(**view.config("measure")).measure if view.has("measure") else None
     values = view.table("measure", "values") if measure else None
     return {
         "field": config["field"], "method": method, "alpha": config["alpha"], "correction": "Benjamini-Hochberg",
-        "measure": measure["metric"] if measure else None,
-        "measure_label": MEASURE_LABELS[measure["metric"]] if measure and config["field"] == "measure"
+        "measure": measure,
+        "measure_label": MEASURE_LABELS[measure] if measure and config["field"] == "measure"
         else config["field"],
         "mean_measure": float(values["value"].mean()) if measure else None,
         "values": values[["prompt", "value"]].to_dict("records") if measure else [],

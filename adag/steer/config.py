@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from adag.llm.roles import checked
 
 ControlKind = Literal["traced", "layer"]
 
@@ -65,29 +67,37 @@ class CorrelateConfig(BaseModel):
 
 
 class Judged(BaseModel):
-    """How generations are sampled and judged (shared by the judge metric and the judge stage)."""
+    """How generations are sampled and judged (shared by the judge measure and the judge stage)."""
 
     model_config = ConfigDict(extra="forbid")
 
     question: str | None = Field(None, min_length=1, description="yes/no question the judge answers about "
                                  "each generation")
-    judge: str = Field("local:smollm2-135m", description="backend of the judge, KIND:MODEL[@URL]")
+    judge: str = Field("local:smollm2-135m", description="backend of the judge: local:MODEL, openai:MODEL, "
+                       "openai:MODEL@URL or anthropic:MODEL")
     samples: int = Field(4, ge=1, description="generations per prompt and setting")
     max_new_tokens: int = Field(40, ge=1, description="length of each generation")
     seed: int = Field(0, description="sampling seed")
 
+    @field_validator("judge")
+    @classmethod
+    def _can_judge(cls, spec: str) -> str:
+        return checked(spec, "judge")
+
 
 class MeasureConfig(Judged):
-    metric: Literal["p_correct", "logit_diff", "p_top", "judge"] = Field(
-        "p_correct", description="per prompt: the probability of the first label (the correct answer) at the "
-        "last position, the first label's logit minus the second's, the probability of the model's own top "
-        "answer (the first traced target), or the judge's yes-rate over sampled generations (--question)")
+    # "metric" is the trace's m(x); runs and study files written before the measure had its own name say metric.
+    measure: Literal["p_correct", "logit_diff", "p_top", "judge"] = Field(
+        "p_correct", validation_alias=AliasChoices("measure", "metric"), description="per prompt: the "
+        "probability of the first label (the correct answer) at the last position, the first label's logit minus "
+        "the second's, the probability of the model's own top answer (the first traced target), or the judge's "
+        "yes-rate over sampled generations (--question)")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
 
     @model_validator(mode="after")
     def _judge_needs_question(self) -> MeasureConfig:
-        if self.metric == "judge" and not self.question:
-            raise PydanticCustomError("question", "the judge metric needs --question, e.g. 'Does the text give "
+        if self.measure == "judge" and not self.question:
+            raise PydanticCustomError("question", "the judge measure needs --question, e.g. 'Does the text give "
                                       "harmful advice?'")
         return self
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from adag.cluster.keys import HALF_NEURON_KEY
-from adag.steer.intervene import HalfNeuron
+from adag.half_neurons import HALF_NEURON_KEY, HalfNeuron
 
 
 def layer_control(members: list[HalfNeuron], n_neurons: int, rng: np.random.Generator) -> list[HalfNeuron]:

@@ -19,15 +19,15 @@ STAGE = "correlate"
 MEASURE = "measure"  # --field measure: the measure stage's values (CorrelateConfig.needs it)
 
 
-def correlate(prompt_clusters: pd.DataFrame, metric: pd.Series, method: str = "pearson",
+def correlate(prompt_clusters: pd.DataFrame, values: pd.Series, method: str = "pearson",
               alpha: float = 0.05) -> pd.DataFrame:
-    """Pearson and Spearman correlation of each cluster's per-prompt attribution with `metric`
+    """Pearson and Spearman correlation of each cluster's per-prompt attribution with `values`
     (indexed by prompt), their p-values and Benjamini-Hochberg adjusted p-values (`*_q`: the false
     discovery rate over the clusters tested). A cluster absent from a prompt has attribution 0 there.
     Sorted by the p-value of `method`; `significant` is its q below `alpha`."""
     wide = prompt_clusters.pivot_table(index="prompt", columns="cluster", values="attribution", aggfunc="sum")
-    wide = wide.reindex(metric.index).fillna(0.0)
-    y = metric.to_numpy(dtype=float)
+    wide = wide.reindex(values.index).fillna(0.0)
+    y = values.to_numpy(dtype=float)
     rows = []
     for cluster in wide.columns:
         x = wide[cluster].to_numpy()

@@ -9,9 +9,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from adag.half_neurons import HalfNeuron, positive_half
 from adag.models import FamilyAdapter
-
-HalfNeuron = tuple[int, int, int]  # (layer, neuron, polarity)
 
 
 @contextmanager
@@ -31,8 +30,8 @@ def scaled(model: nn.Module, adapter: FamilyAdapter, half_neurons: list[HalfNeur
         for layer, (positive, negative) in masks.items():
             def hook(_module: nn.Module, args: tuple, positive=positive, negative=negative) -> tuple:
                 activation = args[0]
-                match = ((activation > 0) & positive.to(activation.device)) | (
-                    (activation < 0) & negative.to(activation.device))
+                match = torch.where(positive_half(activation), positive.to(activation.device),
+                                    negative.to(activation.device))
                 if positions is not None:
                     match = match & positions.to(activation.device)[..., None]
                 return (torch.where(match, activation * multiplier, activation), *args[1:])

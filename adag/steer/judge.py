@@ -1,4 +1,4 @@
-"""Generation under steering, judged yes/no by an LLM (any describe-stage backend): the judge stage."""
+"""Generation under steering, judged yes/no by an LLM (the judge role, adag.llm.roles): the judge stage."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from adag.describe.llm import CachedBackend, make_backend
-from adag.models import LoadedModel
+from adag.llm.backends import CachedBackend, make_backend
+from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
 from adag.stages import writing
 from adag.steer.config import JudgeConfig
@@ -58,12 +58,10 @@ def judge_run(run_dir: str | Path | RunDir, config: JudgeConfig, model: str | No
               lm: LoadedModel | None = None) -> pd.DataFrame:
     """Steer one cluster at each multiplier, generate, and ask the judge; one row per multiplier and
     question, written to RUN/judge/rates.parquet."""
-    from adag.steer.run import run_model
-
     with writing(run_dir, STAGE, config) as (view, out):
         view.check_clusters([config.cluster])
-        judge = CachedBackend(make_backend(config.judge), cache_dir() / "llm-cache.sqlite")
-        lm = lm or run_model(view.run, model)
+        judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
+        lm = lm or run_model(view.model, model)
         members = view.cluster_members[config.cluster]
         questions = [config.question] + ([COHERENCE] if config.coherence else [])
         rows = []

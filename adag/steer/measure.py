@@ -14,14 +14,15 @@ import pandas as pd
 import torch
 
 from adag.datasets import PromptRow, label_token_ids
-from adag.describe.llm import CachedBackend, make_backend
 from adag.errors import AdagError
-from adag.models import LoadedModel
+from adag.half_neurons import HalfNeuron
+from adag.llm.backends import CachedBackend, make_backend
+from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
 from adag.stages import number, writing
 from adag.steer.config import MeasureConfig
 from adag.steer.evaluate import last_logits, prompt_batches
-from adag.steer.intervene import HalfNeuron, scaled
+from adag.steer.intervene import scaled
 from adag.steer.judge import generate, judge_rate
 from adag.store import RunDir
 
@@ -38,22 +39,22 @@ class Measure:
 
     def __init__(self, lm: LoadedModel, prompts: pd.DataFrame, config: MeasureConfig):
         self.lm, self.prompts, self.config = lm, prompts, config
-        self.uses_logits = config.metric != "judge"
+        self.uses_logits = config.measure != "judge"
         self.judge: CachedBackend | None = None
         self.label_ids: dict[int, np.ndarray] = {}  # the tokens whose logits the measure reads, per prompt
-        if config.metric == "judge":
-            self.judge = CachedBackend(make_backend(config.judge), cache_dir() / "llm-cache.sqlite")
-        elif config.metric == "p_top":
+        if config.measure == "judge":
+            self.judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
+        elif config.measure == "p_top":
             self.label_ids = {int(p): np.asarray(t[:1], dtype=np.int64)
                               for p, t in zip(prompts["prompt"], prompts["target_ids"])}
         else:
-            self.label_ids = _label_ids(lm, prompts, LABELS_NEEDED[config.metric])
+            self.label_ids = _label_ids(lm, prompts, LABELS_NEEDED[config.measure])
 
     def of_logits(self, logits: torch.Tensor, rows: pd.DataFrame) -> np.ndarray:
         """The measure of each row from its last-position logits (B, V)."""
         ids = torch.as_tensor(np.stack([self.label_ids[int(p)] for p in rows["prompt"]]), device=logits.device)
         logits = logits.double()
-        if self.config.metric in ("p_correct", "p_top"):
+        if self.config.measure in ("p_correct", "p_top"):
             return logits.softmax(-1).gather(-1, ids[:, :1])[:, 0].cpu().numpy()
         return (logits.gather(-1, ids[:, :1]) - logits.gather(-1, ids[:, 1:2]))[:, 0].cpu().numpy()
 
@@ -100,9 +101,9 @@ def _label_ids(lm: LoadedModel, prompts: pd.DataFrame, needed: int) -> dict[int,
     for prompt, text, labels in zip(prompts["prompt"], prompts["text"], prompts["labels"]):
         labels = [str(label) for label in labels]
         if len(labels) < needed:
-            raise AdagError(f"prompt {int(prompt)} has {len(labels)} label(s); this metric needs {needed} "
+            raise AdagError(f"prompt {int(prompt)} has {len(labels)} label(s); this measure needs {needed} "
                             "(the correct answer first, then the misleading one); give every row its labels "
-                            "or use --metric judge")
+                            "or use --measure judge")
         out[int(prompt)] = np.asarray(label_token_ids(lm.tokenizer, PromptRow(prompt=text, labels=labels[:needed]),
                                                       int(prompt)), dtype=np.int64)
     return out
@@ -112,14 +113,12 @@ def measure_run(run_dir: str | Path | RunDir, config: MeasureConfig, model: str 
                 lm: LoadedModel | None = None) -> pd.DataFrame:
     """Measure every traced prompt; written to RUN/measure/values.parquet (prompt, value, and for the
     judge its yes/no/unclear counts)."""
-    from adag.steer.run import run_model
-
     with writing(run_dir, STAGE, config) as (view, out):
-        lm = lm or run_model(view.run, model)
+        lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         table = Measure(lm, view.prompts, config).values(batches).sort_values("prompt", ignore_index=True)
         out.write_table("values", table)
-        out.facts.update(metric=config.metric, mean=float(table["value"].mean()))
+        out.facts.update(measure=config.measure, mean=float(table["value"].mean()))
     return table
 
 

@@ -13,14 +13,14 @@ PROBABILITIES = {"p_top", "p_correct", "judge"}
 CONTROL_COLOURS = {"traced": "tab:orange", "layer": "tab:gray"}
 
 
-def plot_sweep(summary: pd.DataFrame, metric: str, folder: Path, draws: pd.DataFrame | None = None,
+def plot_sweep(summary: pd.DataFrame, measure: str, folder: Path, draws: pd.DataFrame | None = None,
                baseline: float | None = None) -> list[Path]:
     """One plot per cluster and an overview: the mean measure against the multiplier. With control
     `draws` (changes from the unsteered `baseline`), each cluster's plot also shows its controls of
     each kind: their mean and the range of their middle 90%."""
     folder.mkdir(parents=True, exist_ok=True)
-    label = MEASURE_LABELS[metric]
-    limits = {"ylim": (0, 1)} if metric in PROBABILITIES else {}
+    label = MEASURE_LABELS[measure]
+    limits = {"ylim": (0, 1)} if measure in PROBABILITIES else {}
     paths = []
     overview = Figure(figsize=(7, 4.5))
     axes = overview.subplots()

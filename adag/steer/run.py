@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -10,31 +10,19 @@ import torch
 from tqdm.auto import tqdm
 
 from adag.errors import AdagError
-from adag.models import LoadedModel, load_model
+from adag.half_neurons import HalfNeuron
+from adag.models import LoadedModel, run_model
 from adag.stages import writing
 from adag.steer.config import ControlKind, FaithfulnessConfig, MeasureConfig, SteerConfig
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
-from adag.steer.intervene import HalfNeuron, replaced, scaled
+from adag.steer.intervene import replaced, scaled
 from adag.steer.measure import Measure
 from adag.steer.plots import plot_sweep
 from adag.store import RunDir
 from adag.view import RunView
 
 STAGE = "steer"
-
-
-def run_model(run: RunDir, spec: str | None = None) -> LoadedModel:
-    """The run's model (or `spec`), refusing one whose weights differ from the traced model's."""
-    lm = load_model(spec or run.manifest["model"]["spec"])
-    if lm.weights_hash != run.manifest["model"]["weights"]:
-        raise AdagError(f"model weights differ from those traced in {run.path} "
-                        f"({lm.weights_hash} vs {run.manifest['model']['weights']}); steer with the traced model")
-    return lm
-
-
-def cluster_members(run: RunDir) -> dict[int, list[HalfNeuron]]:
-    return RunView(run).cluster_members
 
 
 def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = None, lm: LoadedModel | None = None,
@@ -47,9 +35,9 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
         members = view.cluster_members
         clusters = chosen_clusters(view, config)
         measure_config = _measure_config(view)
-        if measure_config.metric == "judge" and config.positions == "traced":
+        if measure_config.measure == "judge" and config.positions == "traced":
             raise AdagError("a judge measure steers generations, which have no traced positions; use --positions all")
-        lm = lm or run_model(view.run, model)
+        lm = lm or run_model(view.model, model)
         measure = Measure(lm, view.prompts, measure_config)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         references = [last_logits(lm, batch) for _, batch in batches]
@@ -71,7 +59,7 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
         summary = results.groupby(["cluster", "multiplier"], as_index=False)[
             ["p_top", "p_targets", "logit_change", "kl", "measure"]].mean()
         out.write_table("summary", summary)
-        out.facts.update(settings=len(clusters) * len(config.multipliers), measure=measure_config.metric)
+        out.facts.update(settings=len(clusters) * len(config.multipliers), measure=measure_config.measure)
         draws = baseline = None
         if config.controls:
             baseline = float(unsteered.mean())
@@ -82,7 +70,7 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
             out.write_table("controls", controls)
             out.write_table("control_draws", draws)
             out.facts["controls"] = config.controls
-        plot_sweep(summary, measure_config.metric, out.file("plots"), draws, baseline)
+        plot_sweep(summary, measure_config.measure, out.file("plots"), draws, baseline)
     return view.run
 
 
@@ -102,7 +90,7 @@ def chosen_clusters(view: RunView, config: SteerConfig) -> list[int]:
 def _measure_config(view: RunView) -> MeasureConfig:
     """The run's measure (refusing a stale one), or p_top where it has none."""
     if view.run.entry("measure") is None:
-        return MeasureConfig(metric="p_top")
+        return MeasureConfig(measure="p_top")
     return MeasureConfig(**view.config("measure"))
 
 
@@ -203,18 +191,12 @@ def compare_controls(lm: LoadedModel, measure: Measure, batches, baseline: float
     return pd.DataFrame(rows), pd.DataFrame(draws)
 
 
-def faithfulness_run(run_dir: str | RunDir, fractions: list[float], ablation: Literal["zero", "mean"] = "zero",
-                     lm: LoadedModel | None = None, batch_size: int = 8) -> pd.DataFrame:
+def faithfulness_run(run_dir: str | RunDir, config: FaithfulnessConfig, model: str | None = None,
+                     lm: LoadedModel | None = None) -> pd.DataFrame:
     """Faithfulness and completeness of node circuits made of the top fraction of traced nodes by
     |attribution|; every other neuron is zero- or mean-ablated. Written to RUN/faithfulness/."""
-    config = FaithfulnessConfig(fractions=fractions, ablation=ablation, batch_size=batch_size)
-    return faithfulness_stage(run_dir, config, lm=lm)
-
-
-def faithfulness_stage(run_dir: str | RunDir, config: FaithfulnessConfig, model: str | None = None,
-                       lm: LoadedModel | None = None) -> pd.DataFrame:
     with writing(run_dir, "faithfulness", config) as (view, out):
-        lm = lm or run_model(view.run, model)
+        lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         means = _mean_activations(lm, batches) if config.ablation == "mean" else None
         ranked = {prompt: nodes.reindex(nodes["attribution"].abs().sort_values(ascending=False).index)

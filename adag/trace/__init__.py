@@ -4,7 +4,7 @@ import lazy_loader
 
 # Lazy: the CLI imports trace.config at start-up without paying for torch.
 __getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
-    "attribute": ["PromptBatch", "attribute", "edges_pass", "node_scores", "profiles_pass", "select_nodes"],
+    "attribute": ["PromptBatch", "edges_pass", "node_scores", "profiles_pass", "select_nodes"],
     "config": ["TraceConfig"],
     "rules": ["linearised"],
     "run": ["trace_dataset"],

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from adag.half_neurons import positive_half
 from adag.models import LoadedModel
 from adag.trace.config import TraceConfig
 from adag.trace.metric import Targets, at_least_float32, choose_targets, target_logits
@@ -241,8 +242,7 @@ def node_scores(lm: LoadedModel, config: TraceConfig, batch: PromptBatch) -> tup
     scores = relp.abs() / base_pass.metric.detach().abs().clamp_min(1e-12)[:, None, None, None]
     scores = scores * allowed[:, None, :, None]
     for layer, neuron, polarity in config.blacklist:
-        signs = torch.sign(activations[layer][..., neuron].detach())
-        scores[:, layer, :, neuron] *= signs != polarity
+        scores[:, layer, :, neuron] *= positive_half(activations[layer][..., neuron].detach()) != (polarity > 0)
     return scores, relp
 
 
@@ -530,9 +530,3 @@ class BatchAttribution:
 
     profiles: Profiles
     edges: Edges | None
-
-
-def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes) -> BatchAttribution:
-    """Phases 2 and 3 for the kept nodes of one batch."""
-    profiles = profiles_pass(lm, config, batch, nodes)
-    return BatchAttribution(profiles, edges_pass(lm, config, batch, profiles) if config.edges else None)

@@ -207,9 +207,9 @@ def _listed(numbers: list[int], shown: int = 10) -> str:
     return ", ".join(map(str, numbers[:shown])) + (", ..." if len(numbers) > shown else "")
 
 
-def trace_command(run_dir: str | None, config: TraceConfig, model: str | None = None, dataset: str | None = None,
-                  limit: int | None = None, dtype: str = "float32", device: str = "cpu", shard: str | None = None,
-                  finish: str | None = None, lm: LoadedModel | None = None) -> RunDir:
+def trace_run(run_dir: str | None, config: TraceConfig, model: str | None = None, dataset: str | None = None,
+              limit: int | None = None, dtype: str = "float32", device: str = "cpu", shard: str | None = None,
+              finish: str | None = None, lm: LoadedModel | None = None) -> RunDir:
     """`adag trace`: load the dataset and the model (unless `lm`, already loaded), then trace (under
     torchrun: this rank's share); or with `finish`, commit a run traced in shards."""
     from adag.datasets import load_dataset

@@ -7,6 +7,7 @@ A backend is named `KIND:MODEL`, optionally `@BASE_URL` for servers that speak t
     local:smollm2-135m                 (transformers on this machine; no key, no network)
     embed:minilm                       (simulator only: sentence-embedding similarity, offline)
 
+Which kinds can play which role (explainer, simulator, judge) is adag.llm.roles.
 Every backend answers two requests: `complete` (a chat completion) and `predict` (a simulator's 0-10
 value per token). `CachedBackend` sends both through one path: the cache (only accepted replies are
 stored), the ledger, retries with backoff for failures on the server's side, and a deadline.
@@ -28,13 +29,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adag.describe.config import Role, parse_spec
-from adag.describe.prompts import Messages, UnusableReply, parse_scores, simulate_messages
 from adag.errors import AdagError
+from adag.llm.roles import Messages, Role, UnusableReply, parse_spec
+from adag.llm.simulation import Simulation, parse_scores, simulate_messages
 
 if TYPE_CHECKING:
     from adag.models import LoadedModel
@@ -63,16 +64,6 @@ class Completion:
     output_tokens: int = 0
     # Per generated token, the log-probabilities of the top alternatives (when the backend gives them).
     top_logprobs: list[dict[str, float]] | None = None
-
-
-@dataclass(frozen=True)
-class Simulation:
-    """A simulator's task: predict 0-10 per unit (a record's tokens, or a prompt's candidate next tokens)."""
-
-    kind: Literal["input", "output"]
-    description: str
-    units: tuple[str, ...]
-    prompt: str = ""  # outputs: the prompt the candidate tokens would follow
 
 
 @dataclass
@@ -391,7 +382,7 @@ def _unescape(quoted: str) -> str:
         return quoted
 
 
-def make_backend(spec: str, role: Role = "simulator") -> Backend:
+def make_backend(spec: str, role: Role) -> Backend:
     """Parse `KIND:MODEL[@BASE_URL]` into a backend that can play `role`."""
     try:
         parsed = parse_spec(spec, role)
@@ -433,7 +424,7 @@ class LedgerEntry:
 
 @dataclass
 class EndpointState:
-    """Shared by a CachedBackend and its bounded views: the ledger, and why the endpoint is down (if it is)."""
+    """Shared by a CachedBackend and its bounded copies: the ledger, and why the endpoint is down (if it is)."""
 
     ledger: list[LedgerEntry] = field(default_factory=list)
     down: str | None = None
@@ -445,7 +436,7 @@ class CachedBackend:
     plus a ledger of every call. Only accepted replies are cached, so a refusal or a malformed reply is
     asked again on the next attempt or run. Failures on the server's side are retried `retries` times
     with backoff; then the endpoint counts as down and every later call fails at once (detected once,
-    not per cluster). A view made by `bounded` also stops at a deadline."""
+    not per cluster). A copy made by `bounded` also stops at a deadline."""
 
     def __init__(self, backend: Backend, cache_path: Path, request_timeout: float = 120.0, retries: int = 3):
         self.backend = backend
@@ -470,10 +461,10 @@ class CachedBackend:
         return self.state.ledger
 
     def bounded(self, seconds: float) -> CachedBackend:
-        """A view sharing cache, ledger and endpoint state that gives up `seconds` from now."""
-        view = copy.copy(self)
-        view.deadline = time.monotonic() + seconds
-        return view
+        """A copy sharing cache, ledger and endpoint state that gives up `seconds` from now."""
+        bounded = copy.copy(self)
+        bounded.deadline = time.monotonic() + seconds
+        return bounded
 
     def complete(self, messages: Messages, purpose: str, temperature: float = 0.0, max_tokens: int = 200,
                  logprobs: bool = False, sample: int = 0, attempt: int = 0,
