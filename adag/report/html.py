@@ -17,7 +17,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from adag.errors import AdagError
-from adag.report.config import ReportConfig
+from adag.outputs import output_file, write
+from adag.report.config import REPORT_FORMATS, ReportConfig
 from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
 from adag.stages import writing
 from adag.store import atomic_write_bytes
@@ -59,10 +60,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     Returns its path, the number of prompt graphs embedded and the number of prompts."""
     config = config or ReportConfig()
     if out is not None:
-        path = Path(out)
+        output_file(out, REPORT_FORMATS)  # before the work
         html, embedded, total = report_html(RunView.open(run_dir), config)
-        atomic_write_bytes(path, html)
-        return path, embedded, total
+        return write(out, html, REPORT_FORMATS), embedded, total
     with writing(run_dir, STAGE, config) as (view, stage):
         html, embedded, total = report_html(view, config)
         atomic_write_bytes(stage.file("report.html"), html)
@@ -72,7 +72,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
 
 def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
     view.require("cluster")
-    chosen = chosen_prompts(view, config.prompts, config.prompt_ids)
+    chosen = chosen_prompts(view, config.prompt_count, config.prompt_ids)
     return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
 
 
