@@ -1,4 +1,9 @@
-"""Where a command may write a file of its own (`--out`): anywhere but inside a run directory, whose files
+"""What adag writes out: text for the terminal (`printable`) and files of its own (`--out`).
+
+Text that comes from models, LLMs and datasets may hold terminal control sequences (colours, a window
+title, a bell, NUL); everything the CLI prints goes through `printable`.
+
+A command may write a file of its own (`--out`): anywhere but inside a run directory, whose files
 belong to its stages (a report, graph or figure written over them would brick the run).
 
 A path-valued option is declared with `OutputPath` in its settings model, so the CLI and study files
@@ -11,6 +16,7 @@ format written are one-line errors. Light on purpose (pydantic only): settings m
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,18 @@ from typing import Any
 from pydantic_core import PydanticCustomError, core_schema
 
 from adag.errors import AdagError
+
+# An escape sequence: CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ESC backslash), or a two-byte ESC sequence.
+ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])?")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+
+
+def printable(text: object, lines: bool = False) -> str:
+    """`text` without escape sequences and control characters; newlines become spaces unless `lines`."""
+    text = ESCAPE.sub("", str(text))
+    if not lines:
+        text = text.replace("\n", " ")
+    return CONTROL.sub("", text)
 
 
 @dataclass(frozen=True)

@@ -48,5 +48,5 @@ def only_with(settings: BaseModel, condition: bool, needed: str, fields: tuple[s
     changed = [name for name in fields if getattr(settings, name) != defaults[name]]
     if changed:
         names = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise PydanticCustomError("contradiction", "without {needed}, {names} would be ignored; drop {names} or give {needed}",
-                                  {"names": names, "needed": needed})
+        raise PydanticCustomError("contradiction", "without {needed}, {names} would be ignored; drop {names} or "
+                                  "give {needed}", {"names": names, "needed": needed})

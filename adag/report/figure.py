@@ -12,7 +12,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, PathPatch
 from matplotlib.path import Path as CurvePath
 
-from adag.errors import AdagError
 from adag.outputs import output_file, write
 from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, FIGURE_FORMATS, FigureConfig
 from adag.report.data import cluster_color, dataset_cluster_layout, graph_of

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from adag.settings import Multiplier, Seed, Settings
+from adag.settings import Multiplier, Seed, Settings, only_with
 
 ControlKind = Literal["traced", "layer"]
 
@@ -35,6 +35,7 @@ class SteerConfig(Settings):
     def _one_choice(self) -> SteerConfig:
         if self.clusters is not None and self.top is not None:
             raise PydanticCustomError("choice", "give --clusters or --top, not both")
+        only_with(self, self.controls > 0, "--controls N", ("control_kinds", "control_bins"))
         return self
 
     def needs(self) -> tuple[str, ...]:

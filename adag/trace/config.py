@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from adag.outputs import OutputPath
-from adag.settings import Settings
+from adag.settings import Settings, only_with
 
 # Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
 # built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
@@ -69,6 +69,7 @@ class TraceConfig(Settings):
     def _forward_mode_needs_half_rule(self) -> TraceConfig:
         if self.input_profiles == "forward" and self.rules != "half":
             raise ValueError("--input-profiles forward needs --rules half (use vjp or auto with other rules)")
+        only_with(self, self.aggregation != "none", "--aggregation any|mean", ("aggregate_over",))
         return self
 
 
@@ -79,7 +80,8 @@ class TraceInputs(Settings):
                               "required unless --finish")
     dataset: str | None = Field(None, description="built-in dataset name or a .jsonl/.csv file; required unless "
                                 "--finish")
-    out: Annotated[str | None, OutputPath(run=True)] = Field(None, description="run directory to create (or resume); required unless --finish")
+    out: Annotated[str | None, OutputPath(run=True)] = Field(
+        None, description="run directory to create (or resume); required unless --finish")
     limit: int | None = Field(None, ge=1, description="trace only the first N prompts")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (spread over GPUs); under torchrun, cuda "
