@@ -74,7 +74,7 @@ class DescribeConfig(Settings):
         "benchmarks/describe_eval.py, where k=1 highlights too few tokens"))
     temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature of an LLM explainer")
     attempts: int = Field(3, ge=1, description="tries for an unusable LLM reply before the cluster is marked failed")
-    clusters: list[int] | None = Field(None, description="comma-separated cluster ids (default: all)")
+    clusters: list[int] | None = Field(None, min_length=1, description="comma-separated cluster ids (default: all)")
     seed: Seed = Field(0, description="random seed for exemplar pools and subsets")
 
     @field_validator("explainer")

@@ -13,7 +13,8 @@ ControlKind = Literal["traced", "layer"]
 
 
 class SteerConfig(Settings):
-    clusters: list[int] | None = Field(None, description="comma-separated clusters (default: sweep all, or --top)")
+    clusters: list[int] | None = Field(None, min_length=1, description="comma-separated clusters (default: sweep "
+                                       "all, or --top)")
     top: int | None = Field(None, ge=1, description="steer the N clusters whose attribution correlates most "
                             "strongly with the measure (|r| from the correlate stage) instead of --clusters")
     multipliers: list[Multiplier] = Field([0.0, 1.0, 2.0], min_length=1,
