@@ -35,8 +35,8 @@ def stage_command(stage: Stage) -> Callable[..., None]:
     parameters += [_parameter(name, field) for name, field in fields.items()]
 
     def command(run_dir: str | None = None, **given: Any) -> None:
+        options = settings(stage.options, given).model_dump() if stage.options else {}  # where to write, first
         config = settings(stage.config, given)
-        options = settings(stage.options, given).model_dump() if stage.options else {}
         if stage.run_dir_option:
             run_dir = options.pop(stage.run_dir_option)
         result = stage.function("run")(run_dir, config, **options)

@@ -62,17 +62,16 @@ class OutputPath:
 def output_file(path: str | Path, formats: tuple[str, ...] = ()) -> Path:
     """`path` (with `~` expanded) if a command may write a file there, else an AdagError saying why."""
     target = _expanded(path)
+    run = _enclosing_run(target.resolve())
+    if run is not None:
+        raise AdagError(f"{target} is inside the run directory {run}, whose files belong to its stages; "
+                        "write it outside the run")
     if target.is_dir():
         raise AdagError(f"{target} is a directory; give a file name, e.g. {target / ('out' + _first(formats))}")
     if formats and target.suffix.lower() not in formats:
         raise AdagError(f"{target} is not named for the format written; give a file name ending in "
                         f"{', '.join(formats)}")
-    resolved = target.resolve()
-    run = _enclosing_run(resolved)
-    if run is not None:
-        raise AdagError(f"{target} is inside the run directory {run}, whose files belong to its stages; "
-                        "write it outside the run")
-    _check_writable(resolved.parent)
+    _check_writable(target.resolve().parent)
     return target
 
 
