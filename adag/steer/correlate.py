@@ -30,9 +30,12 @@ def correlate(prompt_clusters: pd.DataFrame, metric: pd.Series, method: str = "p
     if len(metric) < MIN_PAIRS:
         raise AdagError(f"correlate needs at least {MIN_PAIRS} prompts with a finite value, and {len(metric)} "
                         f"have one; measure (or trace) more prompts")
+    y = metric.to_numpy(dtype=float)
+    if np.ptp(y) == 0:
+        raise AdagError(f"the value is the same on every prompt ({y[0]:g}), so nothing correlates with it; "
+                        "give a field that varies")
     wide = prompt_clusters.pivot_table(index="prompt", columns="cluster", values="attribution", aggfunc="sum")
     wide = wide.reindex(metric.index).fillna(0.0)
-    y = metric.to_numpy(dtype=float)
     rows = []
     for cluster in wide.columns:
         x = wide[cluster].to_numpy()
