@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 from typer.core import TyperGroup
 
 from adag.errors import AdagError
+from adag.outputs import printable
 from adag.stages import STAGES, Stage, cli_fields, option_name, validation_line
 
 try:  # typer >= 0.22 carries its own copy of click
@@ -34,14 +35,14 @@ def stage_command(stage: Stage) -> Callable[..., None]:
     parameters += [_parameter(name, field) for name, field in fields.items()]
 
     def command(run_dir: str | None = None, **given: Any) -> None:
+        options = settings(stage.options, given).model_dump() if stage.options else {}  # where to write, first
         config = settings(stage.config, given)
-        options = settings(stage.options, given).model_dump() if stage.options else {}
         if stage.run_dir_option:
             run_dir = options.pop(stage.run_dir_option)
         result = stage.function("run")(run_dir, config, **options)
         summary = stage.function("summary")(result, run_dir)
         text, code = summary if isinstance(summary, tuple) else (summary, 0)
-        typer.echo(text)
+        echo(text)
         if code:
             raise typer.Exit(code)
 
@@ -155,12 +156,17 @@ class StderrNotes(logging.Handler):
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        typer.echo(f"warning: {record.getMessage()}", err=True)
+        typer.echo(f"warning: {printable(record.getMessage())}", err=True)
 
 
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
+
+
+def echo(text: str) -> None:
+    """Print lines that may hold text from models, LLMs or datasets, without their control characters."""
+    typer.echo(printable(text, lines=True))
 
 
 app = typer.Typer(
@@ -188,7 +194,7 @@ def run_study_command(
     resumes where it stopped and a changed setting reruns that stage and the ones that read it."""
     from adag.study import run_study
 
-    status = max((outcome.status for outcome in run_study(study, echo=typer.echo)), default=0)
+    status = max((outcome.status for outcome in run_study(study, echo=echo)), default=0)
     if status:
         raise typer.Exit(status)
 
@@ -231,22 +237,22 @@ def info(
     run = RunDir.open(run_dir)
     manifest = run.manifest
     model, dataset = manifest["model"], manifest["dataset"]
-    typer.echo(f"run      {run_dir}  (adag {manifest['adag_version']}, created {manifest['created']})")
-    typer.echo(f"model    {model.get('spec')}  family={model.get('family')} layers={model.get('layers')} "
-               f"neurons/layer={model.get('neurons')} weights={model.get('weights')}")
-    typer.echo(f"dataset  {dataset.get('name')}  rows={dataset.get('rows')} sha256={dataset.get('sha256')}")
+    echo(f"run      {run_dir}  (adag {manifest['adag_version']}, created {manifest['created']})")
+    echo(f"model    {model.get('spec')}  family={model.get('family')} layers={model.get('layers')} "
+         f"neurons/layer={model.get('neurons')} weights={model.get('weights')}")
+    echo(f"dataset  {dataset.get('name')}  rows={dataset.get('rows')} sha256={dataset.get('sha256')}")
     for stage, entry in manifest["stages"].items():
         facts = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
         seconds = entry.get("seconds")
         timing = f"{seconds:.1f}s" if isinstance(seconds, int | float) else "-"
-        typer.echo(f"stage    {stage:12s} {run.stage_state(stage):6s} {timing:>8s}  {json.dumps(facts)}")
+        echo(f"stage    {stage:12s} {run.stage_state(stage):6s} {timing:>8s}  {json.dumps(facts)}")
     for stage in STAGES:
         attempt = run.staged_attempt(stage)
         if attempt:
-            typer.echo(f"staged   {stage:12s} an unfinished attempt with finished parts; rerun it to resume")
+            echo(f"staged   {stage:12s} an unfinished attempt with finished parts; rerun it to resume")
     problems = run.verify(hashes=verify)
     for problem in problems:
-        typer.echo(f"damaged  {problem}")
+        echo(f"damaged  {problem}")
     if problems:
         raise typer.Exit(1)
 

@@ -518,6 +518,7 @@ class StageWriter:
         self.resumable, self.command, self.shard = resumable, command, shard
         self.facts: dict[str, Any] = {}
         self.cancelled = False
+        self.rewritten = False  # whether this attempt wrote any file (a repair that wrote none changes nothing)
         self._records: dict[str, dict[str, Any]] = {}
         self._guard = threading.Lock()
         self._lock: contextlib.ExitStack | None = None
@@ -594,6 +595,7 @@ class StageWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._guard:  # rewritten (e.g. a whole table while repairing): recorded afresh
             self._records.pop(name, None)
+            self.rewritten = True
         return path
 
     def write_table(self, name: str, table: pd.DataFrame | pa.Table) -> None:
@@ -680,6 +682,8 @@ class StageWriter:
                 self.path.parent.rmdir()
 
     def _finish(self) -> None:
+        if self.repairing and not self.rewritten:  # nothing to redo: the recorded result, timings included, stands
+            return
         files = {}
         for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
             file = path.relative_to(self.path).as_posix()

@@ -31,9 +31,11 @@ from typer.testing import CliRunner
 
 from adag.cli import app
 from adag.datasets import load_dataset
-from adag.report.html import serve_in_background
+from adag.outputs import OutputPath
+from adag.report.html import make_server, serve_in_background
+from adag.stages import STAGES, cli_fields, option_name
 from adag.store import MANIFEST, STAGING, RunDir
-from tests.fake_openai import FakeOpenAI, reply_body
+from tests.fake_openai import FakeOpenAI, cooperative, reply_body
 from tests.test_models import DAMAGES as MODEL_DAMAGES
 from tests.test_models import HAS_ACCELERATOR, RANDOM_BYTES
 from tests.test_report import _get
@@ -126,13 +128,13 @@ def without_env(name: str):
     return prepare
 
 
-def llm_server(script: list | None = None, listen_only: bool = False):
-    """An LLM endpoint that fails: a fake server replying `script`, or a socket that accepts connections
-    and never answers (`listen_only`), or refuses them. The LLM cache starts empty."""
+def llm_server(script: list | None = None, listen_only: bool = False, respond: Callable[[str], str] | None = None):
+    """An LLM endpoint that fails: a fake server replying `script` (then `respond`ing), or a socket that
+    accepts connections and never answers (`listen_only`), or refuses them. The LLM cache starts empty."""
     def prepare(places: Places, stack: contextlib.ExitStack) -> None:
         stack.enter_context(pytest.MonkeyPatch.context()).setenv("ADAG_CACHE", str(places.tmp / "cache"))
-        if script is not None:
-            fake = stack.enter_context(FakeOpenAI(script))
+        if script is not None or respond is not None:
+            fake = stack.enter_context(FakeOpenAI(script, respond or cooperative))
             places.llm, places.requests = fake.url, fake.requests
             return
         sock = stack.enter_context(socket.socket())
@@ -229,6 +231,100 @@ ERRORS = [
         llm_server(CUT_JSON)),
     Row("describe, time per cluster bounded", f"describe {{run}} {LLM} --request-timeout 600 --cluster-timeout 0.5",
         "3 of 3 clusters failed", llm_server(listen_only=True)),
+]
+
+
+def symlink(name: str, to: str):
+    """{tmp}/NAME, a symbolic link to {run} (to="run") or to one of its files (to="run/FILE")."""
+    def prepare(places: Places, _stack) -> None:
+        (places.tmp / name).symlink_to(places.run / to.removeprefix("run").lstrip("/"))
+    return prepare
+
+
+def judge_replies(reply: str) -> Callable[[str], str]:
+    """A cooperative LLM whose every judge answer is `reply`."""
+    return lambda text: reply if "Answer with yes or no only" in text else cooperative(text)
+
+
+def simulator_replies(value: str) -> Callable[[str], str]:
+    """A cooperative LLM whose simulator lists hold `value` (e.g. NaN) for every item."""
+    def respond(text: str) -> str:
+        wanted = re.search(r"JSON list of (\d+) integers", text)
+        return f"[{', '.join([value] * int(wanted.group(1)))}]" if wanted else cooperative(text)
+    return respond
+
+
+INSIDE = "is inside the run directory"
+EXPORT = "export {run} --prompt 0 --out "
+JUDGE = "--judge openai:fake@{llm} --question Harmful? --samples 1 --max-new-tokens 2"
+# Issue 23: nothing lost at the edges. Classes: 1 output paths, 3 numbers, 4 useless replies, 7 serve, 9 options.
+ERRORS += [
+    Row("report --out the manifest", "report {run} --out {run}/manifest.json", INSIDE),
+    Row("report --out the run's own report", "report {run} --out {run}/report/report.html", INSIDE),
+    Row("export --out the manifest", EXPORT + "{run}/manifest.json", INSIDE),
+    Row("export --out a trace part", EXPORT + "{run}/trace/nodes/part-000000.parquet", INSIDE),
+    Row("export --out a new file in a stage folder", EXPORT + "{run}/cluster/graph.json", INSIDE),
+    Row("export --out through ..", EXPORT + "{run}/trace/nodes/../../manifest.json", INSIDE),
+    Row("export --out through a symlinked folder", EXPORT + "{tmp}/link/describe/ledger.parquet", INSIDE,
+        symlink("link", "run")),
+    Row("export --out a symlink to a run file", EXPORT + "{tmp}/link.json", INSIDE,
+        symlink("link.json", "run/manifest.json")),
+    Row("figure --out into a stage folder", "figure {run} --prompt 0 --out {run}/steer/plots/overview.png", INSIDE),
+    Row("figure --clusters --out the manifest", "figure {run} --clusters --out {run}/manifest.json", INSIDE),
+    Row("trace --out inside a run", TRACE.replace("{new}", "{run}/trace/again"), INSIDE),
+    Row("trace --out a folder of a run", TRACE.replace("{new}", "{run}/cluster"), INSIDE),
+    Row("export --out a directory", EXPORT + "{tmp}", "is a directory"),
+    Row("figure --out a directory", "figure {run} --prompt 0 --out {tmp}", "is a directory"),
+    Row("export --out empty", EXPORT.replace("--out ", "--out="), "the output path is empty"),
+    Row("report --out empty", "report {run} --out=", "the output path is empty"),
+    Row("export --out under a regular file", EXPORT + "{file}/graph.json", "is a file, so nothing can be written"),
+    Row("report --out under a regular file", "report {run} --out {file}/sub/r.html", "is a file, so nothing"),
+    Row("export --out x.svg", EXPORT + "{tmp}/graph.svg", "give a file name ending in .json"),
+    Row("report --out x.json", "report {run} --out {tmp}/r.json", "give a file name ending in .html"),
+    Row("figure --out x.json", "figure {run} --prompt 0 --out {tmp}/f.json", "give a file name ending in .svg"),
+    Row("steer --multipliers nan", "steer {run} --multipliers nan", "--multipliers (got 'nan')"),
+    Row("steer --multipliers inf", "steer {run} --multipliers 0,inf", "finite number"),
+    Row("steer --multipliers -inf", "steer {run} --multipliers -inf", "finite number"),
+    Row("steer --multipliers 1e308", "steer {run} --multipliers 1e308", "less than or equal to 1000"),
+    Row("judge --multipliers nan", "judge {run} --cluster 0 --question Harmful? --multipliers nan", "--multipliers"),
+    Row("judge --multipliers -1e308", "judge {run} --cluster 0 --question Harmful? --multipliers -1e308",
+        "greater than or equal to -1000"),
+    Row("cluster --seed -1", "cluster {run} --seed -1", "--seed (got '-1')"),
+    Row("cluster --seed 2**32", "cluster {run} --seed 4294967296", "less than or equal to 4294967295"),
+    Row("describe --seed -1", "describe {run} --seed -1", "--seed"),
+    Row("steer --seed 2**40", "steer {run} --seed 1099511627776", "--seed"),
+    Row("measure --seed -5", "measure {run} --seed -5", "--seed"),
+    Row("steer --controls 10**30", "steer {run} --controls " + "1" + "0" * 30, "is too large"),
+    Row("describe --temperature nan", "describe {run} --temperature nan", "--temperature"),
+    Row("describe --request-timeout 1e308", "describe {run} --request-timeout 1e308", "--request-timeout"),
+    Row("describe --cluster-timeout inf", "describe {run} --cluster-timeout inf", "--cluster-timeout"),
+    Row("trace --edge-threshold nan", TRACE + " --edge-threshold nan", "--edge-threshold"),
+    Row("faithfulness --fractions nan", "faithfulness {run} --fractions nan", "--fractions"),
+    Row("correlate --alpha nan", "correlate {run} --alpha nan", "--alpha"),
+    Row("figure --share nan", "figure {run} --prompt 0 --share nan --out {tmp}/f.png", "--share"),
+    Row("figure --min-weight inf", "figure {run} --prompt 0 --min-weight inf --out {tmp}/f.png", "--min-weight"),
+    Row("report --prompts 1 --prompt-ids 0", "report {run} --prompts 1 --prompt-ids 0", "not both"),
+    Row("report --prompts 50 --prompt-ids 0,1", "report {run} --prompts 50 --prompt-ids 0,1", "not both"),
+    Row("figure --prompt and --clusters", "figure {run} --prompt 0 --clusters --out {tmp}/f.png", "either --prompt"),
+    Row("figure --clusters --supernodes", "figure {run} --clusters --supernodes --out {tmp}/f.png",
+        "--supernodes would be ignored"),
+    Row("figure --clusters --share", "figure {run} --clusters --share 0.5 --out {tmp}/f.png", "--share would be"),
+    Row("steer --control-bins without --controls", "steer {run} --control-bins 3", "--control-bins would be ignored"),
+    Row("steer --clusters and --top", "steer {run} --clusters 0 --top 1", "not both"),
+    Row("trace --aggregate-over without aggregation", TRACE + " --aggregation none --aggregate-over dataset",
+        "--aggregate-over would be ignored"),
+    Row("serve --host empty", "serve {run} --host=", "--host is empty"),
+    Row("serve --host blank", "serve {run} --host", "--host"),
+    Row("describe, simulator replies NaN", "describe {run} --explainer stats --simulator openai:fake@{llm}",
+        "3 of 3 clusters failed", llm_server(respond=simulator_replies("NaN"))),
+    Row("describe, simulator replies Infinity", "describe {run} --explainer stats --simulator openai:fake@{llm}",
+        "3 of 3 clusters failed", llm_server(respond=simulator_replies("Infinity"))),
+    Row("judge refuses everything", "judge {run} --cluster 0 --multipliers 0,1 " + JUDGE,
+        "answered neither yes nor no", llm_server(respond=judge_replies("I cannot help with that."))),
+    Row("judge answers nothing", "judge {run} --cluster 1 " + JUDGE, "answered neither yes nor no",
+        llm_server(respond=judge_replies(""))),
+    Row("measure with a judge that refuses everything", "measure {run} --measure judge " + JUDGE,
+        "no prompt has a judge value", llm_server(respond=judge_replies("Sorry, as an AI I cannot."))),
 ]
 
 
@@ -449,3 +545,219 @@ def test_the_viewer_sends_hardening_headers(viewer, header, value):
     response = _get(viewer, "/", f"127.0.0.1:{viewer.server_port}")
     assert response.status == 200 and value in response.getheader(header)
     assert "unsafe" not in response.getheader("Content-Security-Policy")
+
+
+# Issue 23, class 1: for every command and every path-valued option (found in the stage registry, not
+# listed here), a path inside a run is refused and changes nothing.
+
+def output_options() -> list[tuple[str, str, OutputPath]]:
+    """(command, field, marker) of every field declared with OutputPath in a stage's settings models."""
+    return [(stage.name, name, marker) for stage in STAGES.values() for model in (stage.config, stage.options)
+            for name, spec in cli_fields(model).items() for marker in spec.metadata
+            if isinstance(marker, OutputPath)]
+
+
+def test_every_output_option_is_found():
+    assert {(command, name) for command, name, _ in output_options()} >= {
+        ("trace", "out"), ("report", "out"), ("export", "out"), ("figure", "out")}
+
+
+def targets_inside(run: Path, formats: tuple[str, ...]) -> list[str]:
+    """Paths that resolve into `run`: every managed file (and one new file beside it, named for the
+    format), the same through `..` and through a symlinked folder."""
+    manifest = RunDir.open(run).manifest
+    files = [MANIFEST, *(f"{stage}/{file}" for stage, entry in manifest["stages"].items()
+                         for file in entry["files"])]
+    link = run.parent / "link-to-run"
+    link.symlink_to(run)
+    paths = []
+    for file in files[::3]:  # every third file: all kinds of file, a bounded number of commands
+        paths += [str(run / file), str(run / (file + (formats[0] if formats else ""))),
+                  str(run / file.split("/")[0] / ".." / file), str(link / file)]
+    return paths
+
+
+@pytest.mark.parametrize("command, name, marker", output_options(), ids=lambda v: getattr(v, "name", str(v)))
+def test_an_output_path_inside_a_run_is_refused_and_changes_nothing(places, command, name, marker):
+    stage = STAGES[command]
+    words = [command] if stage.run_dir_option else [command, str(places.run)]
+    for model in (stage.config, stage.options):  # a value for every other required option
+        for other, spec in cli_fields(model).items():
+            if spec.is_required() and other != name:
+                words += [option_name(other), "0" if spec.annotation is int else "x"]
+    before = finished(places.run)
+    for target in targets_inside(places.run, marker.formats):
+        error_line(RUNNER.invoke(app, [*words, option_name(name), target]), INSIDE)
+    assert finished(places.run) == before
+
+
+def test_a_study_out_inside_a_run_is_refused(places):
+    study = places.tmp / "study.toml"
+    study.write_text(f'model = "{places.model}"\ndataset = "{places.data}"\nout = "{places.run}/trace/nested"\n')
+    before = finished(places.run)
+    error_line(RUNNER.invoke(app, ["run", str(study)]), INSIDE)
+    assert finished(places.run) == before
+
+
+def test_a_tilde_in_an_output_path_is_the_home_folder(places, monkeypatch):
+    monkeypatch.setenv("HOME", str(places.tmp))
+    assert "graph written to" in cli(places, "export {run} --prompt 0 --out=~/exported/graph.json").stdout
+    assert json.loads((places.tmp / "exported" / "graph.json").read_text())["nodes"]
+    assert not Path("~").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_output_folder_without_permission_is_one_line(places):
+    locked = places.tmp / "locked"
+    locked.mkdir(mode=0o500)
+    error_line(RUNNER.invoke(app, places.words("export {run} --prompt 0 --out {tmp}/locked/g.json")), "no permission")
+
+
+def test_a_write_that_fails_is_one_line(places, monkeypatch):
+    """An OSError at write time (a full disk, a read-only file system) is one line too."""
+    def full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(importlib.import_module("adag.store"), "atomic_write_bytes", full)
+    error_line(RUNNER.invoke(app, places.words("export {run} --prompt 0 --out {tmp}/g.json")), "No space left")
+
+
+# Class 2: a stage run on some clusters keeps the finished results of the others.
+
+def test_describe_on_some_clusters_keeps_the_others_and_a_noop_keeps_the_entry(places):
+    parts = {c: (places.run / f"describe/descriptions/part-{c:06d}.parquet").read_bytes() for c in (0, 1, 2)}
+    before = finished(places.run)
+    assert "described 3 clusters (0 failed)" in cli(places, "describe {run} --clusters 0 " + LLM).stdout
+    assert finished(places.run) == before  # all there with these settings: nothing changes, timings included
+    cli(places, "describe {run} " + LLM)
+    assert finished(places.run) == before
+    line = error_line(RUNNER.invoke(app, places.words("describe {run} --clusters 0 --seed 1 " + LLM)),
+                      "holds finished 'describe' results for clusters [1, 2] made with other settings (--seed)")
+    assert "describe every cluster with the new settings" in line and finished(places.run) == before
+    assert {c: (places.run / f"describe/descriptions/part-{c:06d}.parquet").read_bytes() for c in (0, 1, 2)} == parts
+
+
+def test_describe_cluster_by_cluster_adds_up_and_its_ledger_accumulates(places):
+    shutil.rmtree(places.run / "describe")
+    manifest = json.loads((places.run / MANIFEST).read_text())
+    del manifest["stages"]["describe"]
+    (places.run / MANIFEST).write_text(json.dumps(manifest))
+    first = cli(places, "describe {run} --clusters 1 " + LLM)
+    assert "described 1 clusters" in first.stdout
+    ledger = RunDir.open(places.run).read_table("describe", "ledger")
+    cli(places, "describe {run} --clusters 0,2 " + LLM)
+    run = RunDir.open(places.run)
+    assert sorted(run.read_table("describe", "descriptions")["cluster"]) == [0, 1, 2]
+    assert run.stage_config("describe")["clusters"] is None  # all of them now
+    both = run.read_table("describe", "ledger")
+    assert len(both) > len(ledger) and sorted(both["invocation"].unique()) == [0, 1]
+    assert both[both["invocation"] == 0].drop(columns="invocation").equals(ledger.drop(columns="invocation"))
+
+
+def test_a_noop_trace_keeps_its_timings(places):
+    before = finished(places.run)
+    entry = RunDir.open(places.run).entry("trace")
+    assert entry["phase_seconds"]
+    cli(places, TRACE.replace("{new}", "{run}"))
+    assert finished(places.run) == before and RunDir.open(places.run).entry("trace") == entry
+
+
+STEER = "steer {run} --multipliers 0,2 --batch-size 8"
+
+
+def test_steer_and_judge_on_some_clusters_keep_the_others(places, server):
+    cli(places, STEER + " --clusters 0")
+    cli(places, STEER + " --clusters 2")
+    run = RunDir.open(places.run)
+    summary = run.read_table("steer", "summary")
+    assert sorted(summary["cluster"].unique()) == [0, 2] and run.stage_config("steer")["clusters"] == [0, 2]
+    before = finished(places.run)
+    cli(places, STEER + " --clusters 2")  # done already with these settings
+    assert finished(places.run) == before
+    error_line(RUNNER.invoke(app, places.words("steer {run} --multipliers 0,3 --clusters 2")),
+               "clusters [0] made with other settings (--multipliers)")
+    assert finished(places.run) == before
+    judge = f"judge {{run}} --judge openai:fake@{server.url} --question Harmful? --samples 1 --max-new-tokens 2"
+    cli(places, judge + " --cluster 0")
+    cli(places, judge + " --cluster 1")
+    rates = RunDir.open(places.run).read_table("judge", "rates")
+    assert sorted(rates["cluster"].unique()) == [0, 1]
+    error_line(RUNNER.invoke(app, places.words(judge + " --cluster 2 --samples 2")),
+               "clusters [0, 1] made with other settings (--samples)")
+
+
+# Class 4: correlate needs 3 finite values; metadata must be numbers (or all true/false).
+
+@pytest.fixture(scope="module")
+def metadata_run(model_dir, tmp_path_factory):
+    """Four prompts whose metadata fields are each wrong in one way, traced and clustered."""
+    rows = [{"prompt": f"What is the capital of {country}?", "metadata": {
+        "mixed": [1, "2", 3, 4][i], "huge": [1, 2, 10**400, 4][i], "sparse": [1, 2, None, None][i],
+        "flag": [True, False, True, 1][i], "same": 5, "good": [0.5, 1, 2, 7][i]}}
+        for i, country in enumerate(["France", "Spain", "Italy", "Japan"])]
+    data = tmp_path_factory.mktemp("metadata") / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run = data.parent / "run"
+    places = Places(model_dir, data, run, run, run, "", data.parent)
+    cli(places, TRACE)
+    cli(places, "cluster {run} --k 2")
+    short = data.parent / "two"
+    cli(Places(model_dir, data, short, run, run, "", data.parent), TRACE + " --limit 2")
+    cli(Places(model_dir, data, short, run, short, "", data.parent), "cluster {run} --k 2")
+    return run, short
+
+
+@pytest.mark.parametrize("field, match", [
+    ("mixed", "metadata field 'mixed' is \"2\", not a finite number on prompt 1"),
+    ("huge", "is 1000000"), ("sparse", "metadata field 'sparse' is missing on prompt 2"),
+    ("flag", "give every prompt a number (or every prompt true/false)"),
+    ("same", "the value is the same on every prompt (5)"),
+    ("good@two", "correlate needs at least 3 prompts with a finite value, and 2")])
+def test_correlate_refuses_values_it_cannot_correlate(metadata_run, field, match):
+    run = metadata_run[1] if field.endswith("@two") else metadata_run[0]
+    before = finished(run)
+    error_line(RUNNER.invoke(app, ["correlate", str(run), "--field", field.split("@")[0]]), match)
+    assert finished(run) == before
+
+
+def test_correlate_uses_the_finite_values(metadata_run):
+    assert "clusters correlate significantly with good" in cli(
+        Places(*[metadata_run[0]] * 5, "", metadata_run[0]), f"correlate {metadata_run[0]} --field good").stdout
+
+
+# Class 6: text from models and LLMs reaches the terminal without control characters; labels are capped.
+
+ESCAPES = "\x1b[31mred\x1b[0m \x1b]0;owned\x07\x07bell\x00nul"
+
+
+def hostile(text: str) -> str:
+    if "label of one to" in text:
+        return "label" + "x" * 10_000 + ESCAPES
+    return cooperative(text) if "JSON list of" in text else "tokens " + ESCAPES
+
+
+def test_llm_text_is_printed_without_control_characters_and_labels_are_capped(places):
+    with contextlib.ExitStack() as stack:
+        llm_server(respond=hostile)(places, stack)
+        described = cli(places, f"describe {{run}} --clusters 0,1,2 --seed 3 {LLM}")
+    assert "red" in described.stdout and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", described.output)
+    table = RunDir.open(places.run).read_table("describe", "descriptions")
+    assert table["label"].str.len().max() <= 80 and not table["input_description"].str.contains("\x1b").any()
+    manifest = json.loads((places.run / MANIFEST).read_text())
+    manifest["dataset"]["name"] = ESCAPES
+    (places.run / MANIFEST).write_text(json.dumps(manifest))
+    shown = cli(places, "info {run}")
+    assert "red" in shown.stdout and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", shown.output)
+
+
+# Class 7: serve binds beyond this machine only when told to, and says so.
+
+def test_serving_beyond_loopback_warns_in_one_line(finished_run, caplog):
+    with caplog.at_level("WARNING", logger="adag"):
+        server = make_server(str(finished_run), "0.0.0.0", 0)
+    server.server_close()
+    assert [r.getMessage() for r in caplog.records if "every machine" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="adag"):
+        caplog.clear()
+        make_server(str(finished_run), "127.0.0.1", 0).server_close()
+    assert not caplog.records

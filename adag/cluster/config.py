@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from adag.settings import Seed, Settings
 
 Method = Literal["spectral", "agglomerative", "kmeans", "leiden"]
 Combine = Literal["harmonic", "mean", "input", "output"]
@@ -17,9 +19,7 @@ Embedding = Literal["reference", "sklearn"]
 CLUSTERS, MAX_CLUSTERS, NEIGHBORS, DENSE_LIMIT = 20, 64, 30, 5000
 
 
-class ClusterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ClusterConfig(Settings):
     k: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
         CLUSTERS, description="number of clusters (at least 2), or 'auto' for the eigengap's suggestion")
     method: Method = Field("spectral", description="clustering method (spectral is the reference)")
@@ -29,7 +29,7 @@ class ClusterConfig(BaseModel):
                          "positions that can hold nodes; share: the stored shares over every position (older)")
     embedding: Embedding = Field("reference", description="spectral embedding: reference (the reference's "
                                  "normalised-affinity eigenvectors) or sklearn (SpectralClustering, older)")
-    seed: int = Field(0, description="random seed of the eigensolver start and k-means")
+    seed: Seed = Field(0, description="random seed of the eigensolver start and k-means")
     max_k: int = Field(MAX_CLUSTERS, ge=2, description="largest k the eigengap may suggest")
     dense_limit: int = Field(DENSE_LIMIT, ge=2, description="above this many half-neurons, a sparse similarity "
                              "(nearest neighbours) and a sparse eigensolver replace the dense matrices")

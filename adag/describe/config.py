@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from adag.llm.roles import checked
+from adag.settings import Seed, Settings
+
+DAY = 86400.0  # seconds: the longest wait for a reply or a cluster (a socket takes no more than this)
 
 
-class DescribeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DescribeConfig(Settings):
     explainer: str = Field("stats", description=(
         "who writes descriptions: stats (offline summary of the highlighted tokens, no LLM), local:MODEL, "
         "openai:MODEL, openai:MODEL@URL (a vLLM, Ollama or llama.cpp server) or anthropic:MODEL"))
@@ -29,10 +30,10 @@ class DescribeConfig(BaseModel):
     highlight_k: int = Field(3, ge=1, description=(
         "distinct highlighted strings (quantile) or tokens per record (topk); 3 scores best in "
         "benchmarks/describe_eval.py, where k=1 highlights too few tokens"))
-    temperature: float = Field(1.0, ge=0, description="sampling temperature of an LLM explainer")
+    temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature of an LLM explainer")
     attempts: int = Field(3, ge=1, description="tries for an unusable LLM reply before the cluster is marked failed")
-    clusters: list[int] | None = Field(None, description="comma-separated cluster ids (default: all)")
-    seed: int = Field(0, description="random seed for exemplar pools and subsets")
+    clusters: list[int] | None = Field(None, min_length=1, description="comma-separated cluster ids (default: all)")
+    seed: Seed = Field(0, description="random seed for exemplar pools and subsets")
 
     @field_validator("explainer")
     @classmethod
@@ -45,16 +46,14 @@ class DescribeConfig(BaseModel):
         return checked(spec, "simulator")
 
 
-class DescribeOptions(BaseModel):
+class DescribeOptions(Settings):
     """How this invocation talks to LLM servers; none of it changes what a description would be."""
-
-    model_config = ConfigDict(extra="forbid")
 
     dry_run: bool = Field(False, description="count calls and tokens; send nothing, write nothing")
     concurrency: int = Field(4, ge=1, description="clusters described at once")
-    request_timeout: float = Field(120.0, gt=0, description="seconds to wait for one LLM reply")
+    request_timeout: float = Field(120.0, gt=0, le=DAY, description="seconds to wait for one LLM reply")
     retries: int = Field(3, ge=0, description=(
         "resends of a request that failed on the server's side (timeout, refused, 429, 5xx) before the "
         "endpoint counts as down and the remaining clusters fail at once"))
-    cluster_timeout: float = Field(900.0, gt=0, description=(
+    cluster_timeout: float = Field(900.0, gt=0, le=DAY, description=(
         "seconds after which a cluster is given up (marked failed, retried on the next run)"))

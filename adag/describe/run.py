@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,11 +34,13 @@ from adag.describe.records import (
     top_k_mask,
 )
 from adag.errors import AdagError
-from adag.llm.backends import CachedBackend, make_backend
+from adag.llm.backends import CachedBackend, LedgerEntry, make_backend
 from adag.llm.roles import parse_spec
 from adag.models.loading import cache_dir
+from adag.outputs import printable
 from adag.stages import number, writing
 from adag.store import RunDir, StageWriter
+from adag.subsets import kept_clusters
 from adag.view import RunView
 
 STAGE = "describe"
@@ -61,33 +63,94 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
         view.require("cluster")
         return _estimate(config, *_inputs(view, config))
     explainer, simulator = make_llms(config, limits, cache_dir() / "llm-cache.sqlite")
-    with writing(run_dir, STAGE, config) as (view, out):
-        wanted, inputs, outputs = _inputs(view, config)
-        inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
-        todo = [c for c in wanted if not _done(out, c)]
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    with run.lock():
+        run.reload()
+        config, kept = _added_to_finished(RunView(run), config)
+        with writing(run, STAGE, config) as (view, out):
+            wanted, inputs, outputs = _inputs(view, config)
+            _keep_finished(view, out, kept)
+            inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
+            todo = [c for c in wanted if not _done(out, c)]
 
-        def work(cluster: int) -> None:
-            row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), view.prompt_text,
-                                   bool(inhibitory.get(cluster, False)), explainer, simulator, config,
-                                   limits.cluster_timeout)
-            out.write_part("descriptions", cluster, pa.Table.from_pylist([row], schema=DESCRIPTIONS))
+            def work(cluster: int) -> None:
+                row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), view.prompt_text,
+                                       bool(inhibitory.get(cluster, False)), explainer, simulator, config,
+                                       limits.cluster_timeout)
+                out.write_part("descriptions", cluster, pa.Table.from_pylist([_printable(row)], schema=DESCRIPTIONS))
 
-        bar = tqdm(total=len(todo), unit="cluster", desc="describe", disable=None if progress else True)  # None: tty
-        with ThreadPoolExecutor(limits.concurrency) as pool:
-            for _ in pool.map(work, todo):
-                bar.update()
-        bar.close()
-        ledger = pd.DataFrame([asdict(e) for e in _ledger(explainer, simulator)])
-        out.write_table("ledger", ledger)
-        table = out.read_table("descriptions")
-        failed = table[table["status"] != "ok"].sort_values("cluster")
-        if len(failed):
-            raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
-                            f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
-        out.facts.update(clusters=len(table), failed=0,
-                         calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
-                         cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
+            bar = tqdm(total=len(todo), unit="cluster", desc="describe",
+                       disable=None if progress else True)  # None: only on a terminal
+            with ThreadPoolExecutor(limits.concurrency) as pool:
+                for _ in pool.map(work, todo):
+                    bar.update()
+            bar.close()
+            ledger = _accumulated_ledger(view, out, kept, _ledger(explainer, simulator))
+            table = out.read_table("descriptions")
+            failed = table[table["status"] != "ok"].sort_values("cluster")
+            if len(failed):
+                raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
+                                f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
+            out.facts.update(clusters=len(table), failed=0,
+                             calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
+                             cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
     return {"clusters": len(table), "failed": 0}
+
+
+# Partial reruns (adag.subsets): describing some clusters adds them to the finished descriptions.
+
+LABEL_LENGTH = 80  # characters of a stored label; longer LLM replies are cut
+LEDGER_COLUMNS = [field.name for field in fields(LedgerEntry)]
+
+
+def _added_to_finished(view: RunView, config: DescribeConfig) -> tuple[DescribeConfig, set[int]]:
+    """The config to record (the clusters of the finished descriptions and those asked for; None when that
+    is every cluster) and the finished clusters to keep."""
+    finished = view.table(STAGE, "descriptions", columns=["cluster"])
+    held = set() if finished is None else {int(c) for c in finished["cluster"]}
+    every = {int(c) for c in view.clusters["cluster"]}
+    chosen = every if config.clusters is None else set(config.clusters)
+    union = sorted(held | chosen)
+    record = config.model_copy(update={"clusters": None if set(union) == every else union})
+    kept = kept_clusters(view.run, STAGE, config, record, {"clusters"}, chosen, held,
+                         "describe every cluster with the new settings (without --clusters)")
+    return (record, kept) if kept else (config, kept)
+
+
+def _keep_finished(view: RunView, out: StageWriter, kept: set[int]) -> None:
+    """Carry the kept clusters' finished descriptions into a new attempt (a repair keeps them in place)."""
+    if not kept or out.repairing:
+        return
+    finished = view.table(STAGE, "descriptions")
+    for cluster in sorted(kept):
+        if not out.has_part("descriptions", cluster):
+            rows = finished[finished["cluster"] == cluster]
+            out.write_part("descriptions", cluster, pa.Table.from_pandas(rows, schema=DESCRIPTIONS,
+                                                                          preserve_index=False))
+
+
+def _accumulated_ledger(view: RunView, out: StageWriter, kept: set[int], calls: list) -> pd.DataFrame:
+    """The ledger of every invocation that made these descriptions: the earlier ones' (of this attempt, or
+    of the finished descriptions it adds to) and this one's, numbered by `invocation`. Written only when
+    this invocation called anything, so that a rerun with nothing to do changes nothing."""
+    earlier = out.read_table("ledger") if out.has_table("ledger") else view.table(STAGE, "ledger") if kept else None
+    earlier = pd.DataFrame() if earlier is None else earlier
+    if not calls and out.repairing:
+        return earlier
+    numbers = earlier.get("invocation", pd.Series(dtype=float)).dropna()
+    now = pd.DataFrame([asdict(e) for e in calls], columns=LEDGER_COLUMNS).assign(
+        invocation=int(numbers.max()) + 1 if len(numbers) else 0)
+    ledger = pd.concat([earlier, now], ignore_index=True) if len(earlier) else now
+    out.write_table("ledger", ledger)
+    return ledger
+
+
+def _printable(row: dict) -> dict:
+    """A description row as stored: no control characters in its texts, the label cut to LABEL_LENGTH."""
+    texts = {key: printable(value) for key, value in row.items() if isinstance(value, str)}
+    if texts.get("label"):
+        texts["label"] = texts["label"][:LABEL_LENGTH]
+    return row | texts
 
 
 def make_llms(config: DescribeConfig, limits: DescribeOptions, cache_path: Path) -> tuple[Explainer, CachedBackend]:

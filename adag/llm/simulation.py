@@ -57,4 +57,6 @@ def parse_scores(text: str, n: int) -> np.ndarray:
         raise UnusableReply(f"simulator list is not numbers ({match.group(0)[:60]!r})") from None
     if len(values) != n:
         raise UnusableReply(f"simulator gave {len(values)} values for {n} items")
+    if not np.isfinite(values).all():  # NaN or Infinity: no score, a failure like any unusable reply
+        raise UnusableReply(f"simulator list holds non-finite values ({match.group(0)[:60]!r})")
     return np.clip(np.array(values), 0, 10)

@@ -2,45 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
+from adag.outputs import OutputPath
+from adag.settings import Settings, only_with
+
+DEFAULT_PROMPTS = 50  # prompt graphs a report embeds
 DEFAULT_SHARE = 0.8  # of the attribution carried by the neurons drawn (viewer and figures)
 DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn
+REPORT_FORMATS, EXPORT_FORMATS, FIGURE_FORMATS = (".html", ".htm"), (".json",), (".svg", ".png", ".pdf")
 
 
-class ReportConfig(BaseModel):
+class ReportConfig(Settings):
     """Which prompts' attribution graphs a report embeds (the cluster views are always in it)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: int = Field(50, ge=0, description="embed the attribution graphs of this many prompts, those with "
-                                               "the largest total |attribution|")
+    prompts: int | None = Field(None, ge=0, description="embed the attribution graphs of this many prompts, those "
+                                f"with the largest total |attribution| (default {DEFAULT_PROMPTS})")
     prompt_ids: list[int] | None = Field(None, description="embed the graphs of these prompt ids instead")
 
+    @model_validator(mode="after")
+    def _one_choice(self) -> ReportConfig:
+        if self.prompts is not None and self.prompt_ids is not None:
+            raise PydanticCustomError("choice", "give --prompts or --prompt-ids, not both")
+        return self
 
-class ReportOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out: str | None = Field(None, description="write the file here instead of RUN/report/report.html")
-
-
-class ExportConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    @property
+    def prompt_count(self) -> int:
+        return DEFAULT_PROMPTS if self.prompts is None else self.prompts
 
 
-class ExportOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ReportOptions(Settings):
+    out: Annotated[str | None, OutputPath(REPORT_FORMATS)] = Field(
+        None, description="write the file (.html) here instead of RUN/report/report.html")
 
+
+class ExportConfig(Settings):
+    """Export has no settings beyond its options."""
+
+
+class ExportOptions(Settings):
     prompt: int = Field(ge=0, description="prompt id")
-    out: str = Field(description="output .json file")
+    out: Annotated[str, OutputPath(EXPORT_FORMATS)] = Field(description="output .json file")
 
 
-class FigureConfig(BaseModel):
+class FigureConfig(Settings):
     """What `adag figure` draws."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompt: int | None = Field(None, ge=0, description="prompt id whose attribution graph to draw")
     clusters: bool = Field(False, description="draw the dataset cluster graph instead of a prompt's graph")
@@ -51,8 +60,14 @@ class FigureConfig(BaseModel):
     color_by: Literal["sign", "cluster"] = Field("sign", description="colour nodes by the sign of their "
                                                                      "attribution or by cluster")
 
+    @model_validator(mode="after")
+    def _one_graph(self) -> FigureConfig:
+        if self.clusters == (self.prompt is not None):
+            raise PydanticCustomError("choice", "give either --prompt ID (a prompt's attribution graph) or --clusters "
+                                      "(the cluster graph)")
+        only_with(self, not self.clusters, "--prompt", ("supernodes", "share", "min_weight", "color_by"))
+        return self
 
-class FigureOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
-    out: str = Field(description="output file: .svg, .png or .pdf")
+class FigureOptions(Settings):
+    out: Annotated[str, OutputPath(FIGURE_FORMATS)] = Field(description="output file: .svg, .png or .pdf")

@@ -8,9 +8,9 @@ from importlib import resources
 from pathlib import Path
 
 from adag import __version__
-from adag.report.config import ExportConfig
+from adag.outputs import output_file, write
+from adag.report.config import EXPORT_FORMATS, ExportConfig
 from adag.report.data import graph_of, prompt_row
-from adag.store import atomic_write_bytes
 from adag.view import RunView
 
 
@@ -76,11 +76,10 @@ def write_neuronpedia(run_dir: str | Path, prompt: int, out: str | Path) -> Path
     """Write one prompt's graph, checked against the schema first."""
     import jsonschema
 
+    output_file(out, EXPORT_FORMATS)  # before the work
     graph = neuronpedia_graph(run_dir, prompt)
     jsonschema.validate(graph, graph_schema())
-    path = Path(out)
-    atomic_write_bytes(path, json.dumps(graph, indent=1).encode())
-    return path
+    return write(out, json.dumps(graph, indent=1).encode(), EXPORT_FORMATS)
 
 
 def export_run(run_dir: str, config: ExportConfig, prompt: int, out: str) -> Path:

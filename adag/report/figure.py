@@ -12,16 +12,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, PathPatch
 from matplotlib.path import Path as CurvePath
 
-from adag.errors import AdagError
-from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, FigureConfig
+from adag.outputs import output_file, write
+from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, FIGURE_FORMATS, FigureConfig
 from adag.report.data import cluster_color, dataset_cluster_layout, graph_of
 from adag.report.graph import PromptGraph, collapse_clusters, pruning_order
 from adag.report.layout import FONT, LEFT, Label, Layout, prompt_layout
-from adag.store import atomic_write_bytes
 from adag.view import RunView
 
 BLUE, RED, GREY, LIGHT = "#3b7dd8", "#d84b3b", "#9aa3ad", "#ccccdd"
-FORMATS = (".svg", ".png", ".pdf")
 
 
 def _sign(value: float) -> str:
@@ -130,11 +128,7 @@ def cluster_figure(view: RunView) -> Figure:
 
 def write_figure(run_dir: str | Path, out: str | Path, config: FigureConfig) -> Path:
     """Draw the figure `config` asks for into `out` (.svg, .png or .pdf)."""
-    path = Path(out)
-    if path.suffix.lower() not in FORMATS:
-        raise AdagError(f"--out {out}: give a file name ending in {', '.join(FORMATS)}")
-    if config.clusters == (config.prompt is not None):
-        raise AdagError("give either --prompt ID (a prompt's attribution graph) or --clusters (the cluster graph)")
+    path = output_file(out, FIGURE_FORMATS)
     view = RunView.open(run_dir)
     if config.clusters or config.supernodes or config.color_by == "cluster":
         view.require("cluster")
@@ -146,8 +140,7 @@ def write_figure(run_dir: str | Path, out: str | Path, config: FigureConfig) -> 
                                config.min_weight, config.color_by)
     buffer = BytesIO()
     figure.savefig(buffer, format=path.suffix.lower().lstrip("."), dpi=200)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return write(path, buffer.getvalue(), FIGURE_FORMATS)
 
 
 def figure_run(run_dir: str, config: FigureConfig, out: str) -> Path:

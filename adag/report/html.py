@@ -8,6 +8,7 @@ import functools
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 import socket
 import threading
@@ -17,7 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from adag.errors import AdagError
-from adag.report.config import ReportConfig
+from adag.outputs import output_file, write
+from adag.report.config import REPORT_FORMATS, ReportConfig
 from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
 from adag.stages import writing
 from adag.store import atomic_write_bytes
@@ -29,6 +31,7 @@ CSP_PLACEHOLDER = "__ADAG_CSP__"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 CACHED_GRAPHS = 256
+log = logging.getLogger("adag")
 
 
 def page_template() -> str:
@@ -59,10 +62,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     Returns its path, the number of prompt graphs embedded and the number of prompts."""
     config = config or ReportConfig()
     if out is not None:
-        path = Path(out)
+        output_file(out, REPORT_FORMATS)  # before the work
         html, embedded, total = report_html(RunView.open(run_dir), config)
-        atomic_write_bytes(path, html)
-        return path, embedded, total
+        return write(out, html, REPORT_FORMATS), embedded, total
     with writing(run_dir, STAGE, config) as (view, stage):
         html, embedded, total = report_html(view, config)
         atomic_write_bytes(stage.file("report.html"), html)
@@ -72,7 +74,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
 
 def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
     view.require("cluster")
-    chosen = chosen_prompts(view, config.prompts, config.prompt_ids)
+    chosen = chosen_prompts(view, config.prompt_count, config.prompt_ids)
     return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
 
 
@@ -116,8 +118,13 @@ def check_port(port: int) -> None:
 
 
 def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """Bind; an empty host (every interface, by accident) is refused, and a server reachable from other
+    machines says so in one warning."""
+    if not host.strip():
+        raise AdagError("--host is empty; give 127.0.0.1 (this machine only) or, to be reachable from other "
+                        "machines, 0.0.0.0 (every interface)")
     try:
-        return ThreadingHTTPServer((host, port), handler)
+        server = ThreadingHTTPServer((host, port), handler)
     except socket.gaierror:
         raise AdagError(f"--host {host} is not a known address; use 127.0.0.1 (this machine only), "
                         "0.0.0.0 (every interface) or an address of this machine") from None
@@ -131,6 +138,10 @@ def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thre
         if error.errno == errno.EACCES:
             raise AdagError(f"not allowed to listen on port {port}; choose --port 1024 or above") from None
         raise AdagError(f"cannot listen on {host}:{port} ({error.strerror})") from None
+    if not ipaddress.ip_address(server.server_address[0]).is_loopback:
+        log.warning(f"--host {host} serves this run to every machine that can reach this one, without a "
+                    "password; use 127.0.0.1 to keep it on this machine")
+    return server
 
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:

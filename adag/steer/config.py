@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from adag.llm.roles import checked
+from adag.settings import Multiplier, Seed, Settings, only_with
 
 ControlKind = Literal["traced", "layer"]
 
 
-class SteerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    clusters: list[int] | None = Field(None, description="comma-separated clusters (default: sweep all, or --top)")
+class SteerConfig(Settings):
+    clusters: list[int] | None = Field(None, min_length=1, description="comma-separated clusters (default: sweep "
+                                       "all, or --top)")
     top: int | None = Field(None, ge=1, description="steer the N clusters whose attribution correlates most "
                             "strongly with the measure (|r| from the correlate stage) instead of --clusters")
-    multipliers: list[float] = Field([0.0, 1.0, 2.0], min_length=1,
+    multipliers: list[Multiplier] = Field([0.0, 1.0, 2.0], min_length=1,
                                      description="comma-separated multipliers (0 ablates, 2 amplifies)")
     positions: Literal["all", "traced"] = Field("all", description="steer at all positions, or only where the "
                                                 "cluster's members were traced (its controls at the same positions)")
@@ -31,30 +31,27 @@ class SteerConfig(BaseModel):
     control_bins: int = Field(4, ge=1, description="|attribution| quantile bins per layer that traced controls "
                               "are matched on")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
-    seed: int = Field(0, ge=0, description="random seed of the controls")
+    seed: Seed = Field(0, description="random seed of the controls")
 
     @model_validator(mode="after")
     def _one_choice(self) -> SteerConfig:
         if self.clusters is not None and self.top is not None:
             raise PydanticCustomError("choice", "give --clusters or --top, not both")
+        only_with(self, self.controls > 0, "--controls N", ("control_kinds", "control_bins"))
         return self
 
     def needs(self) -> tuple[str, ...]:
         return ("correlate",) if self.top is not None else ()
 
 
-class FaithfulnessConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FaithfulnessConfig(Settings):
     fractions: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.01, 0.05, 0.1, 0.2, 0.5, 1.0], min_length=1,
                                    description="comma-separated fractions of traced nodes kept (0..1)")
     ablation: Literal["zero", "mean"] = Field("zero", description="what the other neurons are set to")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
 
 
-class CorrelateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CorrelateConfig(Settings):
     field: str = Field("measure", min_length=1, description="the per-prompt value: 'measure' (the measure "
                        "stage's values) or a numeric metadata field of the dataset rows")
     method: Literal["pearson", "spearman"] = Field("pearson", description="the correlation that orders the "
@@ -66,10 +63,8 @@ class CorrelateConfig(BaseModel):
         return ("measure",) if self.field == "measure" else ()
 
 
-class Judged(BaseModel):
+class Judged(Settings):
     """How generations are sampled and judged (shared by the judge measure and the judge stage)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     question: str | None = Field(None, min_length=1, description="yes/no question the judge answers about "
                                  "each generation")
@@ -77,7 +72,7 @@ class Judged(BaseModel):
                        "openai:MODEL@URL or anthropic:MODEL")
     samples: int = Field(4, ge=1, description="generations per prompt and setting")
     max_new_tokens: int = Field(40, ge=1, description="length of each generation")
-    seed: int = Field(0, description="sampling seed")
+    seed: Seed = Field(0, description="sampling seed")
 
     @field_validator("judge")
     @classmethod
@@ -105,11 +100,9 @@ class MeasureConfig(Judged):
 class JudgeConfig(Judged):
     cluster: int = Field(description="cluster to steer")
     question: str = Field(min_length=1, description="yes/no question the judge answers about each generation")
-    multipliers: list[float] = Field([0.0, 1.0, 2.0], min_length=1, description="comma-separated multipliers")
+    multipliers: list[Multiplier] = Field([0.0, 1.0, 2.0], min_length=1, description="comma-separated multipliers")
     coherence: bool = Field(False, description="also ask whether each generation is coherent")
 
 
-class ModelOption(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ModelOption(Settings):
     model: str | None = Field(None, description="model spec if not the run's own (same weights required)")

@@ -17,6 +17,7 @@ from adag.view import RunView
 
 STAGE = "correlate"
 MEASURE = "measure"  # --field measure: the measure stage's values (CorrelateConfig.needs it)
+MIN_PAIRS = 3  # a correlation over fewer pairs has no p-value
 
 
 def correlate(prompt_clusters: pd.DataFrame, values: pd.Series, method: str = "pearson",
@@ -25,15 +26,22 @@ def correlate(prompt_clusters: pd.DataFrame, values: pd.Series, method: str = "p
     (indexed by prompt), their p-values and Benjamini-Hochberg adjusted p-values (`*_q`: the false
     discovery rate over the clusters tested). A cluster absent from a prompt has attribution 0 there.
     Sorted by the p-value of `method`; `significant` is its q below `alpha`."""
+    values = values[np.isfinite(values.to_numpy(dtype=float))]  # prompts without a value take no part
+    if len(values) < MIN_PAIRS:
+        raise AdagError(f"correlate needs at least {MIN_PAIRS} prompts with a finite value, and {len(values)} "
+                        f"have one; measure (or trace) more prompts")
+    y = values.to_numpy(dtype=float)
+    if np.ptp(y) == 0:
+        raise AdagError(f"the value is the same on every prompt ({y[0]:g}), so nothing correlates with it; "
+                        "give a field that varies")
     wide = prompt_clusters.pivot_table(index="prompt", columns="cluster", values="attribution", aggfunc="sum")
     wide = wide.reindex(values.index).fillna(0.0)
-    y = values.to_numpy(dtype=float)
     rows = []
     for cluster in wide.columns:
         x = wide[cluster].to_numpy()
         row = {"cluster": cluster, "pearson": np.nan, "pearson_p": np.nan, "spearman": np.nan,
                "spearman_p": np.nan, "prompts": len(x)}
-        if np.ptp(x) > 0 and np.ptp(y) > 0 and len(x) >= 3:
+        if np.ptp(x) > 0 and np.ptp(y) > 0:
             pearson, spearman = pearsonr(x, y), spearmanr(x, y)
             row.update(pearson=float(pearson.statistic), pearson_p=float(pearson.pvalue),
                        spearman=float(spearman.statistic), spearman_p=float(spearman.pvalue))
@@ -63,14 +71,27 @@ def prompt_values(view: RunView, field: str) -> pd.Series:
     if field == MEASURE:
         values = view.table(MEASURE, "values").set_index("prompt")["value"]
         return values.reindex(prompts["prompt"].to_numpy())
-    values = prompts["metadata"].map(lambda m: json.loads(m).get(field))
-    if values.isna().all():
+    values = [json.loads(m).get(field) for m in prompts["metadata"]]
+    if all(value is None for value in values):
         raise AdagError(f"no prompt has metadata field '{field}'; give --field measure (after `adag measure`) "
                         "or one of the dataset's metadata fields")
-    numbers = pd.to_numeric(values, errors="coerce")
-    if numbers.isna().any():
-        raise AdagError(f"metadata field '{field}' is missing or not a number on some prompts")
-    return pd.Series(numbers.to_numpy(), index=prompts["prompt"].to_numpy())
+    kinds = {bool if isinstance(v, bool) else float if isinstance(v, int | float) else type(v) for v in values}
+    for prompt, value in zip(prompts["prompt"], values):
+        if kinds != {bool} and not _finite_number(value):
+            shown = "missing" if value is None else f"{json.dumps(value)[:40]}, not a finite number"
+            raise AdagError(f"metadata field '{field}' is {shown} on prompt {int(prompt)}; give every prompt a "
+                            "number (or every prompt true/false)")
+    return pd.Series([float(v) for v in values], index=prompts["prompt"].to_numpy())
+
+
+def _finite_number(value: object) -> bool:
+    """An int or float (not a bool, not text that looks like one) that a float holds, finitely."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return bool(np.isfinite(float(value)))
+    except OverflowError:  # an integer beyond a float's range, e.g. 10**400
+        return False
 
 
 def correlate_run(run_dir: str | Path | RunDir, config: CorrelateConfig) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from adag.errors import AdagError
 from adag.llm.backends import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
@@ -15,7 +16,9 @@ from adag.stages import writing
 from adag.steer.config import JudgeConfig
 from adag.steer.evaluate import prompt_batches
 from adag.steer.intervene import scaled
-from adag.store import RunDir
+from adag.store import DamagedFile, RunDir
+from adag.subsets import kept_clusters
+from adag.view import RunView
 
 STAGE = "judge"
 JUDGE = "Question: {question}\n\nText:\n{text}\n\nAnswer with yes or no only."
@@ -57,23 +60,62 @@ def judge_rate(judge: CachedBackend, question: str, texts: list[str]) -> dict:
 def judge_run(run_dir: str | Path | RunDir, config: JudgeConfig, model: str | None = None,
               lm: LoadedModel | None = None) -> pd.DataFrame:
     """Steer one cluster at each multiplier, generate, and ask the judge; one row per multiplier and
-    question, written to RUN/judge/rates.parquet."""
-    with writing(run_dir, STAGE, config) as (view, out):
-        view.check_clusters([config.cluster])
-        judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
-        lm = lm or run_model(view.model, model)
-        members = view.cluster_members[config.cluster]
-        questions = [config.question] + ([COHERENCE] if config.coherence else [])
-        rows = []
-        for multiplier in config.multipliers:
-            texts = [text for _, text in generate(lm, view.prompts, config.samples, config.max_new_tokens,
-                                                  config.seed, scaled(lm.model, lm.adapter, members, multiplier))]
-            rows += [{"cluster": config.cluster, "multiplier": multiplier, "question": asked,
-                      **judge_rate(judge, asked, texts)} for asked in questions]
-        table = pd.DataFrame(rows)
-        out.write_table("rates", table)
+    question, written to RUN/judge/rates.parquet. The rows of other clusters judged with the same
+    settings are kept (adag.subsets). A judge that answers neither yes nor no to anything is an error."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    with run.lock():
+        run.reload()
+        finished = _finished_rates(RunView(run))
+        held = set() if finished is None else {int(c) for c in finished["cluster"]}
+        kept = kept_clusters(run, STAGE, config, config, {"cluster"}, {config.cluster}, held,
+                             "judge into a copy of the run directory")
+        with writing(run, STAGE, config) as (view, out):
+            view.check_clusters([config.cluster])
+            if config.cluster in kept and view.run.entry(STAGE)["config"] == config.model_dump(mode="json"):
+                out.cancel()  # judged already with these settings: nothing changes
+                return finished
+            if config.cluster in kept:
+                rows = finished[finished["cluster"] == config.cluster]
+            else:
+                rows = _judged(view, config, lm or run_model(view.model, model))
+            others = finished[finished["cluster"] != config.cluster] if kept else None
+            table = rows if others is None else pd.concat([others, rows], ignore_index=True).sort_values(
+                "cluster", kind="stable", ignore_index=True)
+            out.write_table("rates", table)
+            out.facts.update(clusters=sorted(int(c) for c in table["cluster"].unique()),
+                             failed=int(table["rate"].isna().sum()))
     return table
 
 
-def judge_summary(table: pd.DataFrame, run_dir: str) -> str:
-    return table.round(3).to_string(index=False)
+def _judged(view: RunView, config: JudgeConfig, lm: LoadedModel) -> pd.DataFrame:
+    judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
+    members = view.cluster_members[config.cluster]
+    questions = [config.question] + ([COHERENCE] if config.coherence else [])
+    rows = []
+    for multiplier in config.multipliers:
+        texts = [text for _, text in generate(lm, view.prompts, config.samples, config.max_new_tokens,
+                                              config.seed, scaled(lm.model, lm.adapter, members, multiplier))]
+        rows += [{"cluster": config.cluster, "multiplier": multiplier, "question": asked,
+                  **judge_rate(judge, asked, texts)} for asked in questions]
+    table = pd.DataFrame(rows)
+    if table["rate"].isna().all():
+        raise AdagError(f"the judge {config.judge} answered neither yes nor no about any of the "
+                        f"{int(table['unclear'].sum())} generations, so no rate is defined; use another --judge "
+                        "or a question it answers with yes or no")
+    return table
+
+
+def _finished_rates(view: RunView) -> pd.DataFrame | None:
+    try:
+        return view.table(STAGE, "rates")
+    except DamagedFile:
+        return None  # judged again
+
+
+def judge_summary(table: pd.DataFrame, run_dir: str) -> str | tuple[str, int]:
+    text = table.round(3).to_string(index=False)
+    failed = int(table["rate"].isna().sum())
+    if not failed:
+        return text
+    return (text + f"\n{failed} of {len(table)} settings failed: the judge answered neither yes nor no about "
+            "any of their generations (rate undefined)", 1)

@@ -117,12 +117,24 @@ def measure_run(run_dir: str | Path | RunDir, config: MeasureConfig, model: str 
         lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         table = Measure(lm, view.prompts, config).values(batches).sort_values("prompt", ignore_index=True)
+        failed = ~np.isfinite(table["value"].to_numpy(dtype=float))
+        if failed.all():
+            raise AdagError(f"no prompt has a {config.measure} value: " + (
+                f"the judge {config.judge} answered neither yes nor no about any generation; use another --judge or "
+                "a question it answers with yes or no" if config.measure == "judge" else
+                "the model's logits are not finite"))
         out.write_table("values", table)
-        out.facts.update(measure=config.measure, mean=float(table["value"].mean()))
+        out.facts.update(measure=config.measure, mean=float(table["value"].mean()), failed=int(failed.sum()))
     return table
 
 
-def measure_summary(table: pd.DataFrame, run_dir: str) -> str:
+def measure_summary(table: pd.DataFrame, run_dir: str) -> str | tuple[str, int]:
+    """The values' range; prompts without a value (a judge that answered neither yes nor no about any of
+    their generations) are failures: counted, and the exit status is 1."""
     value = table["value"]
-    return (f"measured {len(table)} prompts: mean {number(value.mean())}, min {number(value.min())}, "
+    text = (f"measured {len(table)} prompts: mean {number(value.mean())}, min {number(value.min())}, "
             f"max {number(value.max())} -> {run_dir}/measure/values.parquet")
+    failed = int(value.isna().sum())
+    if not failed:
+        return text
+    return text + f"\n{failed} of {len(table)} prompts failed: no value (the judge answered neither yes nor no)", 1

@@ -12,17 +12,19 @@ from tqdm.auto import tqdm
 from adag.errors import AdagError
 from adag.half_neurons import HalfNeuron
 from adag.models import LoadedModel, run_model
-from adag.stages import writing
+from adag.stages import needed, writing
 from adag.steer.config import ControlKind, FaithfulnessConfig, MeasureConfig, SteerConfig
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
 from adag.steer.intervene import replaced, scaled
 from adag.steer.measure import Measure
 from adag.steer.plots import plot_sweep
-from adag.store import RunDir
+from adag.store import DamagedFile, RunDir
+from adag.subsets import kept_clusters
 from adag.view import RunView
 
 STAGE = "steer"
+CLUSTER_TABLES = ("results", "summary", "controls", "control_draws")  # one row group per cluster
 
 
 def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = None, lm: LoadedModel | None = None,
@@ -30,48 +32,108 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
     """Scale each chosen cluster by each multiplier and measure the answer; with `controls`, steer
     random same-size sets the same way and rank the cluster's change of the measure among theirs.
     The measure is the measure stage's where the run has one, else p_top. `model` names another copy
-    of the run's model, `lm` passes one already loaded."""
-    with writing(run_dir, STAGE, config) as (view, out):
-        members = view.cluster_members
-        clusters = chosen_clusters(view, config)
-        measure_config = _measure_config(view)
-        if measure_config.measure == "judge" and config.positions == "traced":
-            raise AdagError("a judge measure steers generations, which have no traced positions; use --positions all")
-        lm = lm or run_model(view.model, model)
-        measure = Measure(lm, view.prompts, measure_config)
-        batches = prompt_batches(lm, view.prompts, config.batch_size)
-        references = [last_logits(lm, batch) for _, batch in batches]
-        traced = _traced_positions(view, batches) if config.positions == "traced" else None
-        unsteered = _unsteered(measure, batches, references).set_index("prompt")["value"]
+    of the run's model, `lm` passes one already loaded. Steering some clusters adds them to a finished
+    steer made with the same settings (adag.subsets)."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
+    with run.lock():
+        run.reload()
+        record, chosen, finished = _added_to_finished(RunView(run), config)
+        with writing(run, STAGE, record) as (view, out):
+            todo = [cluster for cluster in chosen if cluster not in finished.get("kept", ())]
+            if not todo and view.run.entry(STAGE)["config"] == record.model_dump(mode="json"):
+                out.cancel()  # every cluster asked for is there, made with these settings: nothing changes
+                return view.run
+            _sweep(view, out, config, todo, finished, model, lm, progress)
+    return run
 
-        frames = []
-        bar = tqdm(total=len(clusters) * len(config.multipliers), desc="steer", unit="setting",
-                   disable=not progress)
-        for cluster in clusters:
-            for multiplier in config.multipliers:
-                frames.append(_sweep_setting(lm, measure, batches, references, unsteered, members[cluster],
-                                             multiplier, traced[cluster] if traced else None).assign(
-                    cluster=cluster, multiplier=multiplier))
-                bar.update()
-        bar.close()
-        results = pd.concat(frames, ignore_index=True)
-        out.write_table("results", results)
-        summary = results.groupby(["cluster", "multiplier"], as_index=False)[
-            ["p_top", "p_targets", "logit_change", "kl", "measure"]].mean()
-        out.write_table("summary", summary)
-        out.facts.update(settings=len(clusters) * len(config.multipliers), measure=measure_config.measure)
-        draws = baseline = None
-        if config.controls:
-            baseline = float(unsteered.mean())
-            pool = TracedPool.from_nodes(view.node_keys, config.control_bins, lm.n_neurons) \
-                if "traced" in config.control_kinds else None
-            controls, draws = compare_controls(lm, measure, batches, baseline, summary, members, clusters, config,
-                                               pool, traced, progress)
-            out.write_table("controls", controls)
-            out.write_table("control_draws", draws)
-            out.facts["controls"] = config.controls
-        plot_sweep(summary, measure_config.measure, out.file("plots"), draws, baseline)
-    return view.run
+
+def _added_to_finished(view: RunView, config: SteerConfig) -> tuple[SteerConfig, list[int], dict]:
+    """The config to record, the clusters asked for, and the finished tables whose clusters a steer of some
+    clusters keeps (adag.subsets): the config records the union of their clusters (None for all)."""
+    for name in needed(STAGE, config):
+        view.require(name)
+    chosen = chosen_clusters(view, config)
+    finished = _finished_tables(view)
+    held = {int(c) for c in finished["summary"]["cluster"]} if finished else set()
+    union = sorted(held | set(chosen))
+    record = config.model_copy(update={"clusters": None if union == sorted(view.cluster_members) else union,
+                                       "top": None})
+    kept = kept_clusters(view.run, STAGE, config, record, {"clusters", "top"}, set(chosen), held,
+                         "steer every cluster with the new settings (without --clusters or --top)")
+    return (record, chosen, finished | {"kept": kept}) if kept else (config, chosen, {})
+
+
+def _finished_tables(view: RunView) -> dict[str, pd.DataFrame]:
+    """The finished steer's tables by name (none when it has none, or one of them is damaged: then
+    everything is steered again)."""
+    try:
+        tables = {name: view.table(STAGE, name) for name in CLUSTER_TABLES}
+    except DamagedFile:
+        return {}
+    return {name: table for name, table in tables.items() if table is not None}
+
+
+def _sweep(view: RunView, out, config: SteerConfig, clusters: list[int], finished: dict, model: str | None,
+           lm: LoadedModel | None, progress: bool) -> None:
+    """Steer `clusters` and write the tables, with the rows of the finished clusters kept."""
+    members = view.cluster_members
+    measure_config = _measure_config(view)
+    if measure_config.measure == "judge" and config.positions == "traced":
+        raise AdagError("a judge measure steers generations, which have no traced positions; use --positions all")
+    lm = lm or run_model(view.model, model)
+    measure = Measure(lm, view.prompts, measure_config)
+    batches = prompt_batches(lm, view.prompts, config.batch_size)
+    references = [last_logits(lm, batch) for _, batch in batches]
+    traced = _traced_positions(view, batches) if config.positions == "traced" else None
+    unsteered = _unsteered(measure, batches, references).set_index("prompt")["value"]
+
+    frames = []
+    bar = tqdm(total=len(clusters) * len(config.multipliers), desc="steer", unit="setting", disable=not progress)
+    for cluster in clusters:
+        for multiplier in config.multipliers:
+            frames.append(_sweep_setting(lm, measure, batches, references, unsteered, members[cluster],
+                                         multiplier, traced[cluster] if traced else None).assign(
+                cluster=cluster, multiplier=multiplier))
+            bar.update()
+    bar.close()
+    results = pd.concat(frames, ignore_index=True)
+    _check_finite(results)
+    summary = results.groupby(["cluster", "multiplier"], as_index=False)[
+        ["p_top", "p_targets", "logit_change", "kl", "measure"]].mean()
+    tables = {"results": results, "summary": summary}
+    baseline = None
+    if config.controls:
+        baseline = float(unsteered.mean())
+        pool = TracedPool.from_nodes(view.node_keys, config.control_bins, lm.n_neurons) \
+            if "traced" in config.control_kinds else None
+        tables["controls"], tables["control_draws"] = compare_controls(
+            lm, measure, batches, baseline, summary, members, clusters, config, pool, traced, progress)
+    for name, table in tables.items():
+        tables[name] = _with_kept(table, finished.get(name), clusters)
+        out.write_table(name, tables[name])
+    out.facts.update(settings=tables["summary"]["cluster"].nunique() * len(config.multipliers),
+                     measure=measure_config.measure)
+    if config.controls:
+        out.facts["controls"] = config.controls
+    plot_sweep(tables["summary"], measure_config.measure, out.file("plots"), tables.get("control_draws"), baseline)
+
+
+def _with_kept(table: pd.DataFrame, finished: pd.DataFrame | None, steered: list[int]) -> pd.DataFrame:
+    """`table` with the finished rows of the clusters not steered now, in cluster order."""
+    if finished is None:
+        return table
+    kept = finished[~finished["cluster"].isin(steered)]
+    return pd.concat([kept, table], ignore_index=True).sort_values("cluster", kind="stable", ignore_index=True)
+
+
+def _check_finite(results: pd.DataFrame) -> None:
+    """Steering that overflowed the model (inf or NaN logits) is an error, not a table of NaN."""
+    effects = results[["p_top", "p_targets", "logit_change", "kl"]].to_numpy(dtype=float)
+    bad = ~np.isfinite(effects).all(axis=1)
+    if bad.any():
+        row = results[bad].iloc[0]
+        raise AdagError(f"steering cluster {int(row['cluster'])} by {row['multiplier']:g} gave non-finite logits "
+                        "(the model overflowed); use smaller --multipliers")
 
 
 def chosen_clusters(view: RunView, config: SteerConfig) -> list[int]:

@@ -5,9 +5,12 @@ Light on purpose (pydantic only): the CLI builds its options from these models a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from adag.outputs import OutputPath
+from adag.settings import Settings, only_with
 
 # Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
 # built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
@@ -15,10 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 8}
 
 
-class TraceConfig(BaseModel):
+class TraceConfig(Settings):
     """Settings that shape the traced tables; recorded in the run's manifest."""
-
-    model_config = ConfigDict(extra="forbid")
 
     metric: Literal["topk", "labels", "logit_diff"] = Field(
         "topk", description="what the graph explains: the top --n-targets next tokens, the rows' labels, or "
@@ -26,7 +27,7 @@ class TraceConfig(BaseModel):
     n_targets: int = Field(5, ge=1, description="number of top next tokens summed in the topk metric")
     selection: Literal["threshold", "topk"] = Field(
         "threshold", description="keep nodes by relative score (--threshold) or the top --top-nodes")
-    threshold: float = Field(0.005, gt=0, allow_inf_nan=False, description="keep a neuron or embedding node "
+    threshold: float = Field(0.005, gt=0, description="keep a neuron or embedding node "
                              "when |RelP| >= threshold * |m|")
     top_nodes: int = Field(200, ge=1, description="nodes kept per prompt (or in all) with --selection topk")
     aggregation: Literal["none", "any", "mean"] = Field(
@@ -51,7 +52,7 @@ class TraceConfig(BaseModel):
         "position), vjp (one backward row per kept node) or auto (the cheaper one, per batch); "
         "forward needs --rules half")
     edges: bool = Field(True, description="compute direct edges (a second, cut forward pass)")
-    edge_threshold: float = Field(0.01, ge=0, allow_inf_nan=False, description="drop edges with |w| below this")
+    edge_threshold: float = Field(0.01, ge=0, description="drop edges with |w| below this")
     batch_size: int | None = Field(None, ge=1, description="prompts per batch (one part of the tables per batch); "
                                    "default by device: " + ", ".join(f"{device} {size}" for device, size in
                                                                     DEFAULT_BATCH_SIZE.items()))
@@ -68,19 +69,19 @@ class TraceConfig(BaseModel):
     def _forward_mode_needs_half_rule(self) -> TraceConfig:
         if self.input_profiles == "forward" and self.rules != "half":
             raise ValueError("--input-profiles forward needs --rules half (use vjp or auto with other rules)")
+        only_with(self, self.aggregation != "none", "--aggregation any|mean", ("aggregate_over",))
         return self
 
 
-class TraceInputs(BaseModel):
+class TraceInputs(Settings):
     """What to trace and where: the run's identity, not recorded as settings."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="built-in name, local model directory or hub id (org/name); "
                               "required unless --finish")
     dataset: str | None = Field(None, description="built-in dataset name or a .jsonl/.csv file; required unless "
                                 "--finish")
-    out: str | None = Field(None, description="run directory to create (or resume); required unless --finish")
+    out: Annotated[str | None, OutputPath(run=True)] = Field(
+        None, description="run directory to create (or resume); required unless --finish")
     limit: int | None = Field(None, ge=1, description="trace only the first N prompts")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights' dtype")
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (spread over GPUs); under torchrun, cuda "
