@@ -39,7 +39,7 @@ from adag.llm.roles import parse_spec
 from adag.models.loading import cache_dir
 from adag.outputs import printable
 from adag.stages import number, writing
-from adag.store import RunDir, StageWriter
+from adag.store import DamagedFile, RunDir, StageWriter
 from adag.subsets import kept_clusters
 from adag.view import RunView
 
@@ -106,7 +106,10 @@ LEDGER_COLUMNS = [field.name for field in fields(LedgerEntry)]
 def _added_to_finished(view: RunView, config: DescribeConfig) -> tuple[DescribeConfig, set[int]]:
     """The config to record (the clusters of the finished descriptions and those asked for; None when that
     is every cluster) and the finished clusters to keep."""
-    finished = view.table(STAGE, "descriptions", columns=["cluster"])
+    try:
+        finished = view.table(STAGE, "descriptions", columns=["cluster"])
+    except DamagedFile:
+        finished = None  # a damaged part: the same command repairs it, keeping the parts that are whole
     held = set() if finished is None else {int(c) for c in finished["cluster"]}
     every = {int(c) for c in view.clusters["cluster"]}
     chosen = every if config.clusters is None else set(config.clusters)
