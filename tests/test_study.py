@@ -17,7 +17,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import PromptRow, encode_prompt, load_dataset
 from adag.errors import AdagError
+from adag.pipeline import cli_fields
 from adag.report.study import study_payload
+from adag.stages import STAGES, STEPS
 from adag.steer import CorrelateConfig, MeasureConfig, SteerConfig, correlate, correlate_run, measure_run, steer_run
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.correlate import adjusted
@@ -374,6 +376,27 @@ def test_study_files_are_checked_before_any_work(model_dir, dataset_file, server
     assert not out.exists()
     assert list(load_study(tmp_path / "good.toml").configs) == ["trace", "cluster", "describe", "measure",
                                                                 "correlate", "steer", "report"]
+
+
+def test_a_study_takes_only_stages_that_write_into_the_run(model_dir, dataset_file, server, tmp_path):
+    """A command that writes a file elsewhere (export, figure: generated from the registry) is refused
+    as a study table with one line, before any work; every stage a study may run needs no option
+    beyond its settings, so no study can fail for a missing one once it has started."""
+    out = tmp_path / "never"
+    good = write_study(tmp_path / "good.toml", model_dir, dataset_file, server, out).read_text()
+    commands = [name for name, stage in STAGES.items() if not stage.writes]
+    assert commands and set(commands).isdisjoint(STEPS)
+    for name in commands:
+        path = tmp_path / f"with-{name}.toml"
+        path.write_text(good + f"\n[{name}]\n")
+        line = one_line_error("run", path, match=f"[{name}] is a command that writes a file outside the run")
+        assert str(path) in line and f"adag {name}" in line
+    assert not out.exists()
+    for name in STEPS:
+        stage = STAGES[name]
+        required = [field for field, info in cli_fields(stage.options).items()
+                    if info.is_required() and field != stage.run_dir_option]
+        assert not required, f"{name} needs options a study cannot give: {required}"
 
 
 def test_a_study_refuses_a_run_of_another_dataset(model_dir, dataset_file, server, tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from adag.pipeline import Stage
+
 Role = Literal["explainer", "simulator"]
 # Kinds that can play each role. `stats` is the offline explainer (adag.describe.explain), not an LLM.
 ROLES: dict[str, tuple[str, ...]] = {"explainer": ("stats", "local", "openai", "anthropic"),
@@ -100,3 +102,9 @@ class DescribeOptions(BaseModel):
         "endpoint counts as down and the remaining clusters fail at once"))
     cluster_timeout: float = Field(900.0, gt=0, description=(
         "seconds after which a cluster is given up (marked failed, retried on the next run)"))
+
+
+DESCRIBE_STAGE = Stage(
+    "describe", "Describe each cluster (what makes it fire, what it makes the model say), score and label it.",
+    DescribeConfig, "adag.describe.run:describe_run", "adag.describe.run:describe_summary",
+    requires=("cluster",), options=DescribeOptions, resumable=True)

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from adag.describe.config import DescribeConfig, DescribeOptions, parse_spec
+from adag.describe.config import DESCRIBE_STAGE, DescribeConfig, DescribeOptions, parse_spec
 from adag.describe.explain import (
     Excerpt,
     Explainer,
@@ -36,11 +36,11 @@ from adag.describe.records import (
 )
 from adag.errors import AdagError
 from adag.models.loading import cache_dir
-from adag.stages import number, writing
+from adag.pipeline import number, writing
 from adag.store import RunDir, StageWriter
 from adag.view import RunView
 
-STAGE = "describe"
+STAGE = DESCRIBE_STAGE.name
 DESCRIPTIONS = pa.schema([
     ("cluster", pa.int64()), ("status", pa.string()), ("failure", pa.string()), ("label", pa.string()),
     ("input_description", pa.string()), ("input_score", pa.float64()),
@@ -60,7 +60,7 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
         view.require("cluster")
         return _estimate(config, *_inputs(view, config))
     explainer, simulator = make_llms(config, limits, cache_dir() / "llm-cache.sqlite")
-    with writing(run_dir, STAGE, config) as (view, out):
+    with writing(run_dir, DESCRIBE_STAGE, config) as (view, out):
         wanted, inputs, outputs = _inputs(view, config)
         inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
         todo = [c for c in wanted if not _done(out, c)]

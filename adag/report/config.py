@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from adag.pipeline import Stage
+
 DEFAULT_SHARE = 0.8  # of the attribution carried by the neurons drawn (viewer and figures)
 DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn
 
@@ -56,3 +58,20 @@ class FigureOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out: str = Field(description="output file: .svg, .png or .pdf")
+
+
+REPORT_STAGE = Stage(
+    "report", "Write the viewer with its data (cluster views, the attribution graphs of the prompts carrying the "
+    "most attribution) as one self-contained HTML file.",
+    ReportConfig, "adag.report.html:report_command", "adag.report.html:report_summary",
+    requires=("cluster",), uses=("describe", "measure", "correlate", "steer"), options=ReportOptions)
+# Commands that write a file outside the run (writes=False): not steps of a study.
+EXPORT_STAGE = Stage(
+    "export", "Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON.",
+    ExportConfig, "adag.report.export:export_command", "adag.report.export:export_summary",
+    requires=("trace",), uses=("cluster", "describe"), options=ExportOptions, writes=False)
+FIGURE_STAGE = Stage(
+    "figure", "Draw a prompt's attribution graph (or with --clusters the cluster graph) as a static picture for "
+    "papers: .svg, .png or .pdf.",
+    FigureConfig, "adag.report.figure:figure_command", "adag.report.figure:figure_summary",
+    requires=("trace",), uses=("cluster", "describe"), options=FigureOptions, writes=False)

@@ -11,13 +11,13 @@ import torch
 from adag.describe.llm import CachedBackend, make_backend
 from adag.models import LoadedModel
 from adag.models.loading import cache_dir
-from adag.stages import writing
-from adag.steer.config import JudgeConfig
+from adag.pipeline import writing
+from adag.steer.config import JUDGE_STAGE, JudgeConfig
 from adag.steer.evaluate import prompt_batches
 from adag.steer.intervene import scaled
 from adag.store import RunDir
 
-STAGE = "judge"
+STAGE = JUDGE_STAGE.name
 JUDGE = "Question: {question}\n\nText:\n{text}\n\nAnswer with yes or no only."
 COHERENCE = "Is this text coherent?"
 
@@ -60,7 +60,7 @@ def judge_run(run_dir: str | Path | RunDir, config: JudgeConfig, model: str | No
     question, written to RUN/judge/rates.parquet."""
     from adag.steer.run import run_model
 
-    with writing(run_dir, STAGE, config) as (view, out):
+    with writing(run_dir, JUDGE_STAGE, config) as (view, out):
         view.check_clusters([config.cluster])
         judge = CachedBackend(make_backend(config.judge), cache_dir() / "llm-cache.sqlite")
         lm = lm or run_model(view.run, model)

@@ -11,8 +11,15 @@ from tqdm.auto import tqdm
 
 from adag.errors import AdagError
 from adag.models import LoadedModel, load_model
-from adag.stages import writing
-from adag.steer.config import ControlKind, FaithfulnessConfig, MeasureConfig, SteerConfig
+from adag.pipeline import writing
+from adag.steer.config import (
+    FAITHFULNESS_STAGE,
+    STEER_STAGE,
+    ControlKind,
+    FaithfulnessConfig,
+    MeasureConfig,
+    SteerConfig,
+)
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
 from adag.steer.intervene import HalfNeuron, replaced, scaled
@@ -21,7 +28,7 @@ from adag.steer.plots import plot_sweep
 from adag.store import RunDir
 from adag.view import RunView
 
-STAGE = "steer"
+STAGE = STEER_STAGE.name
 
 
 def run_model(run: RunDir, spec: str | None = None) -> LoadedModel:
@@ -43,7 +50,7 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
     random same-size sets the same way and rank the cluster's change of the measure among theirs.
     The measure is the measure stage's where the run has one, else p_top. `model` names another copy
     of the run's model, `lm` passes one already loaded."""
-    with writing(run_dir, STAGE, config) as (view, out):
+    with writing(run_dir, STEER_STAGE, config) as (view, out):
         members = view.cluster_members
         clusters = chosen_clusters(view, config)
         measure_config = _measure_config(view)
@@ -213,7 +220,7 @@ def faithfulness_run(run_dir: str | RunDir, fractions: list[float], ablation: Li
 
 def faithfulness_stage(run_dir: str | RunDir, config: FaithfulnessConfig, model: str | None = None,
                        lm: LoadedModel | None = None) -> pd.DataFrame:
-    with writing(run_dir, "faithfulness", config) as (view, out):
+    with writing(run_dir, FAITHFULNESS_STAGE, config) as (view, out):
         lm = lm or run_model(view.run, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         means = _mean_activations(lm, batches) if config.ablation == "mean" else None

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adag.pipeline import Stage
+
 # Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
 # built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
 # (benchmarks/device_check.sh prints the figures that settle it).
@@ -89,3 +91,9 @@ class TraceInputs(BaseModel):
                               "array, all with the same --out); the last shard to finish commits the run")
     finish: str | None = Field(None, description="commit the run directory FINISH once all its shards are done "
                                "(given alone)")
+
+
+TRACE_STAGE = Stage(
+    "trace", "Trace attribution graphs, profiles and edges for every prompt of a dataset.",
+    TraceConfig, "adag.trace.run:trace_command", "adag.trace.run:trace_summary",
+    options=TraceInputs, resumable=True, run_dir_option="out", model=True)
