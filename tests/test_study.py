@@ -303,6 +303,7 @@ def _entries(out: Path) -> dict[str, tuple]:
     return {stage: (entry["id"], entry["started"]) for stage, entry in manifest["stages"].items()}
 
 
+@pytest.mark.slow
 def test_a_study_runs_every_stage_once_and_reruns_only_what_a_change_touches(model_dir, dataset_file, server,
                                                                            tmp_path, monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
@@ -335,6 +336,7 @@ def test_a_study_runs_every_stage_once_and_reruns_only_what_a_change_touches(mod
     assert all(RunDir.open(out).stage_done(s) for s in stages)
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_at_the_stage_that_failed(model_dir, dataset_file, server, tmp_path,
                                                                  monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
@@ -431,6 +433,7 @@ def studied(model_dir, dataset_file, server, tmp_path_factory):
     return folder / "run"
 
 
+@pytest.mark.slow
 def test_study_section_data_is_the_runs_tables(studied):
     view = RunView.open(studied)
     section = study_payload(view)
@@ -467,6 +470,7 @@ def test_study_section_data_is_the_runs_tables(studied):
     assert {r["cluster"] for r in section["correlations"][:5]} | {s["cluster"] for s in section["steered"]} == described
 
 
+@pytest.mark.browser
 def test_study_section_in_the_report(studied, tmp_path):
     path = studied / "report" / "report.html"
     view = RunView.open(studied)
