@@ -17,7 +17,8 @@ from typer.core import TyperGroup
 
 from adag.errors import AdagError
 from adag.outputs import printable
-from adag.stages import STAGES, Stage, cli_fields, option_name, validation_line
+from adag.pipeline import Stage, cli_fields, option_name, reading
+from adag.stages import STAGES, STEPS, validation_line
 
 try:  # typer >= 0.22 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -39,6 +40,8 @@ def stage_command(stage: Stage) -> Callable[..., None]:
         config = settings(stage.config, given)
         if stage.run_dir_option:
             run_dir = options.pop(stage.run_dir_option)
+        if not stage.writes:  # a writing stage checks what it needs under the run's lock
+            reading(run_dir, stage, config)
         result = stage.function("run")(run_dir, config, **options)
         summary = stage.function("summary")(result, run_dir)
         text, code = summary if isinstance(summary, tuple) else (summary, 0)
@@ -172,7 +175,8 @@ def echo(text: str) -> None:
 app = typer.Typer(
     cls=AdagGroup,
     help="Trace and describe circuits of MLP neurons in transformer language models (ADAG).\n\n"
-    f"Pipeline, in order: {' -> '.join(STAGES)}. Start with `adag models` and `adag datasets`; "
+    f"Pipeline, in order: {' -> '.join(STEPS)}; then {', '.join(s for s in STAGES if s not in STEPS)} write "
+    "files from a run. Start with `adag models` and `adag datasets`; "
     "`adag info RUN` shows what a run holds.",
     no_args_is_help=True,
     add_completion=False,

@@ -36,7 +36,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from adag.errors import AdagError
-from adag.stages import STAGES, is_current, needed, validation_line
+from adag.pipeline import is_current, needed
+from adag.stages import STAGES, STEPS, validation_line
 from adag.trace.config import TraceInputs
 
 if sys.version_info >= (3, 11):
@@ -44,8 +45,6 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, from PyPI, before it joined the standard library
     import tomli as tomllib
 
-NOT_IN_STUDIES = ("export",)  # one prompt's graph to a file: a command, not a pipeline step
-STUDY_STAGES = [name for name in STAGES if name not in NOT_IN_STUDIES]
 
 
 @dataclass
@@ -71,8 +70,13 @@ def load_study(path: str | Path) -> Study:
         raise AdagError(f"cannot read {path} ({error})") from None
     except tomllib.TOMLDecodeError as error:
         raise AdagError(f"{path} is not valid TOML: {error}") from None
-    sections = {key: value for key, value in document.items() if key in STUDY_STAGES}
-    top = {key: value for key, value in document.items() if key not in STUDY_STAGES}
+    for key in document:
+        if key in STAGES and key not in STEPS:
+            raise AdagError(f"{path}: [{key}] is a command that writes a file outside the run, not a step of a "
+                            f"study; remove the table and run `adag {key} {document.get('out', 'RUN')} ...` after "
+                            "the study")
+    sections = {key: value for key, value in document.items() if key in STEPS}
+    top = {key: value for key, value in document.items() if key not in STEPS}
     inputs = _validated(TraceInputs, top, path, lambda key: key, "")
     for key in ("model", "dataset", "out"):
         if getattr(inputs, key) is None:
@@ -81,7 +85,7 @@ def load_study(path: str | Path) -> Study:
         raise AdagError(f"{path}: a study runs in one process; trace in shards with `adag trace --shard I/N` "
                         "and `--finish`, then `adag run` the study on that run directory")
     configs = {}
-    for stage in STUDY_STAGES:
+    for stage in STEPS:
         if stage != "trace" and stage not in sections:
             continue
         section = sections.get(stage, {})
@@ -90,7 +94,7 @@ def load_study(path: str | Path) -> Study:
         configs[stage] = _validated(STAGES[stage].config, section, path, lambda key, s=stage: f"[{s}] {key}",
                                     f"[{stage}] ")
     for stage, config in configs.items():
-        for name in needed(stage, config):
+        for name in needed(STAGES[stage], config):
             if name not in configs:
                 raise AdagError(f"{path}: [{stage}] needs the {name} stage; add a [{name}] table "
                                 "(empty for its defaults)")
@@ -104,7 +108,7 @@ def _validated(model: type[BaseModel], values: dict[str, Any], path: Path, name:
     except ValidationError as error:
         if any(item["type"] == "extra_forbidden" for item in error.errors()):
             unknown = next(str(item["loc"][0]) for item in error.errors() if item["type"] == "extra_forbidden")
-            known = [*model.model_fields, *(STUDY_STAGES if not where else [])]
+            known = [*model.model_fields, *(STEPS if not where else [])]
             expected = f"known keys: {', '.join(known)}" if known else "it takes no keys"
             raise AdagError(f"{path}: {where}unknown key '{unknown}'; {expected}") from None
         raise AdagError(f"{path}: {validation_line(error, values, name)}") from None
@@ -146,7 +150,7 @@ def run_study(path: str | Path, echo: Callable[[str], None] = print) -> list[Sta
     for number, (stage, config) in enumerate(study.configs.items(), start=1):
         head = f"[{number}/{len(study.configs)}] {stage}"
         run = RunDir.open(study.run_dir) if (study.run_dir / MANIFEST).exists() else None
-        if run is not None and is_current(run, stage, config):
+        if run is not None and is_current(run, STAGES[stage], config):
             echo(f"{head}: current (same settings and inputs), skipped")
             outcomes.append(StageOutcome(stage, False, 0.0, ""))
             continue

@@ -14,20 +14,20 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from adag.errors import AdagError
-from adag.stages import stage_inputs
+from adag.pipeline import Stage, stage_inputs
 
 if TYPE_CHECKING:
     from adag.store import RunDir
 
 
-def kept_clusters(run: RunDir, stage: str, config: BaseModel, record: BaseModel, subset: set[str], chosen: set[int],
+def kept_clusters(run: RunDir, stage: Stage, config: BaseModel, record: BaseModel, subset: set[str], chosen: set[int],
                   held: set[int], how: str) -> set[int]:
     """The clusters of `stage`'s finished result (which holds `held`) to keep when it runs on `chosen`
     with `config`. `subset` names the settings that choose clusters; `record` is the config the merged
     result would be recorded with; `how` completes the refusal (how else to drop the old results)."""
-    if not held or not run.stage_done(stage):
+    if not held or not run.stage_done(stage.name):
         return set()
-    entry = run.entry(stage)
+    entry = run.entry(stage.name)
     given = config.model_dump(mode="json")
     changed = [name for name in given if name not in subset and entry["config"].get(name) != given[name]]
     if not changed and entry["inputs"] == stage_inputs(run, stage, record):
@@ -35,7 +35,7 @@ def kept_clusters(run: RunDir, stage: str, config: BaseModel, record: BaseModel,
     lost = sorted(held - chosen)
     if lost:
         names = ", ".join("--" + name.replace("_", "-") for name in changed) or "its inputs"
-        raise AdagError(f"{run.path} holds finished '{stage}' results for clusters {lost} made with other "
+        raise AdagError(f"{run.path} holds finished '{stage.name}' results for clusters {lost} made with other "
                         f"settings ({names}), which this run would drop; keep them by giving the recorded settings "
                         f"(`{entry['command']}`) with the clusters to add, or {how}")
     return set()

@@ -1,8 +1,10 @@
-"""Headless Chromium (Debian's chromium and chromium-driver, installed by `make install`) via Selenium,
-and what the viewer tests measure in the page."""
+"""Headless Chromium via Selenium (Debian's chromium and chromium-driver, installed by `make install`,
+or any Chromium and chromedriver on PATH; else Selenium's driver manager finds them), and what the
+viewer tests measure in the page."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -36,11 +38,13 @@ return {
 def chromium():
     with tempfile.TemporaryDirectory() as profile:
         options = Options()
-        options.binary_location = "/usr/bin/chromium"
+        browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+        if browser:
+            options.binary_location = browser
         for flag in [*FLAGS, f"--user-data-dir={profile}"]:
             options.add_argument(flag)
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         try:
             yield driver
         finally:

@@ -19,6 +19,13 @@ def pytest_configure(config):
                             "ADAG_TEST_DEVICE (run by benchmarks/device_check.sh; skipped otherwise)")
 
 
+def pytest_collection_modifyitems(items):
+    """Tests of the built-in model and of the browser are slow: `-m "not slow"` leaves them out."""
+    for item in items:
+        if item.get_closest_marker("builtin") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return offline_tokenizer()

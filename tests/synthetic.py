@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from adag.cluster import ClusterConfig, cluster_run
-from adag.describe.config import DescribeConfig
-from adag.stages import writing
+from adag.describe.config import DESCRIBE_STAGE, DescribeConfig
+from adag.pipeline import writing
 from adag.store import RunDir
-from adag.trace import TraceConfig
+from adag.trace.config import TRACE_STAGE, TraceConfig
 
 VOCABULARY = ["<|im_start|>", "user", "\n", "What", " is", " the", " capital", " of", " France", "?",
               "<|im_end|>", "assistant", "Answer", ":", " ", " <b>bold</b>", "\t", " Mississippi", " river",
@@ -34,7 +34,7 @@ def synthetic_run(path: str | Path, prompts: int = 4, layers: int = 12, nodes: i
         for name, table in _prompt_tables(rng, prompt, layers, nodes, last_share, length, neurons, k,
                                           edge_density).items():
             tables[name].append(table)
-    with writing(run, "trace", TraceConfig(threshold=0.01), "synthetic") as (_, stage):
+    with writing(run, TRACE_STAGE, TraceConfig(threshold=0.01), "synthetic") as (_, stage):
         for name, parts in tables.items():
             stage.write_part(name, 0, pd.concat(parts, ignore_index=True))
         stage.facts.update(prompts=prompts, nodes=sum(map(len, tables["nodes"])),
@@ -50,7 +50,7 @@ def _describe(run: RunDir, labels: list[str]) -> None:
     chosen = [labels[c % len(labels)] for c in ids]
     # Not validated: the labels come from no backend, and the recorded settings say so.
     config = DescribeConfig.model_construct(explainer="synthetic", simulator="synthetic")
-    with writing(run, "describe", config, "synthetic") as (_, stage):
+    with writing(run, DESCRIBE_STAGE, config, "synthetic") as (_, stage):
         stage.write_table("descriptions", pd.DataFrame({
             "cluster": ids, "status": "ok", "failure": None, "label": chosen,
             "input_description": [f"fires on tokens about {label}" for label in chosen], "input_score": 0.5,

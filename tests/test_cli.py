@@ -15,6 +15,8 @@ from adag.store import RunDir
 from tests.test_faults import error_line
 from tests.test_store import snapshot
 
+pytestmark = pytest.mark.slow  # each builds a run through processes or the CLI
+
 RUNNER = CliRunner()
 CLI = [sys.executable, "-c", "from adag.cli import app; app()"]
 

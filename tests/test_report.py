@@ -186,11 +186,13 @@ def _check_viewer_layout(run: Path, out: Path, every_prompt: bool = False) -> No
         _not_blank(str(out / "page.png"))
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("which", ["demo_like", "crowded"])
 def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
     _check_viewer_layout(request.getfixturevalue(which), tmp_path)
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not os.environ.get("ADAG_VIEWER_RUN"), reason="set ADAG_VIEWER_RUN to a clustered run, "
                     "e.g. runs/demo after `make demo`")
 def test_viewer_layout_on_a_given_run(tmp_path):
@@ -292,6 +294,7 @@ def test_pruning_keeps_the_fewest_nodes_that_carry_the_share(demo_like):
         assert (order[~features] == 0).all()  # token and logit nodes are always drawn
 
 
+@pytest.mark.browser
 def test_report_embeds_the_strongest_prompts_and_says_how_many_are_left_out(demo_like, tmp_path):
     view = RunView.open(demo_like)
     totals = view.node_keys.assign(s=view.node_keys["attribution"].abs()).groupby("prompt")["s"].sum()
@@ -331,6 +334,7 @@ def _get(server, path: str, host: str | None = None) -> http.client.HTTPResponse
     return connection.getresponse()
 
 
+@pytest.mark.browser
 def test_served_viewer_loads_graphs_on_demand_and_is_hardened(described_run, tmp_path):
     server = serve_in_background(str(described_run))
     try:
@@ -365,6 +369,7 @@ def test_served_viewer_loads_graphs_on_demand_and_is_hardened(described_run, tmp
         server.server_close()
 
 
+@pytest.mark.browser
 def test_report_is_self_contained_and_escapes_prompts(described_run, tmp_path):
     path, _, _ = write_report(str(described_run), str(tmp_path / "report.html"))
     html = path.read_text()

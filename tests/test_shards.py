@@ -18,6 +18,8 @@ from adag.store import RunDir
 from tests.test_cli import adag, one_line_error
 from tests.test_trace import _assert_same_tables, _tables
 
+pytestmark = pytest.mark.slow  # each builds a run through processes or the CLI
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 ADAG = [sys.executable, "-m", "adag"]
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m", "adag"]

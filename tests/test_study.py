@@ -17,7 +17,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import PromptRow, encode_prompt, load_dataset
 from adag.errors import AdagError
+from adag.pipeline import cli_fields
 from adag.report.study import study_payload
+from adag.stages import STAGES, STEPS
 from adag.steer import CorrelateConfig, MeasureConfig, SteerConfig, correlate, correlate_run, measure_run, steer_run
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.correlate import adjusted
@@ -309,6 +311,7 @@ def _entries(out: Path) -> dict[str, tuple]:
     return {stage: (entry["id"], entry["started"]) for stage, entry in manifest["stages"].items()}
 
 
+@pytest.mark.slow
 def test_a_study_runs_every_stage_once_and_reruns_only_what_a_change_touches(model_dir, dataset_file, server,
                                                                            tmp_path, monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
@@ -341,6 +344,7 @@ def test_a_study_runs_every_stage_once_and_reruns_only_what_a_change_touches(mod
     assert all(RunDir.open(out).stage_done(s) for s in stages)
 
 
+@pytest.mark.slow
 def test_an_interrupted_study_resumes_at_the_stage_that_failed(model_dir, dataset_file, server, tmp_path,
                                                                  monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
@@ -384,6 +388,27 @@ def test_study_files_are_checked_before_any_work(model_dir, dataset_file, server
                                                                 "correlate", "steer", "report"]
 
 
+def test_a_study_takes_only_stages_that_write_into_the_run(model_dir, dataset_file, server, tmp_path):
+    """A command that writes a file elsewhere (export, figure: generated from the registry) is refused
+    as a study table with one line, before any work; every stage a study may run needs no option
+    beyond its settings, so no study can fail for a missing one once it has started."""
+    out = tmp_path / "never"
+    good = write_study(tmp_path / "good.toml", model_dir, dataset_file, server, out).read_text()
+    commands = [name for name, stage in STAGES.items() if not stage.writes]
+    assert commands and set(commands).isdisjoint(STEPS)
+    for name in commands:
+        path = tmp_path / f"with-{name}.toml"
+        path.write_text(good + f"\n[{name}]\n")
+        line = one_line_error("run", path, match=f"[{name}] is a command that writes a file outside the run")
+        assert str(path) in line and f"adag {name}" in line
+    assert not out.exists()
+    for name in STEPS:
+        stage = STAGES[name]
+        required = [field for field, info in cli_fields(stage.options).items()
+                    if info.is_required() and field != stage.run_dir_option]
+        assert not required, f"{name} needs options a study cannot give: {required}"
+
+
 def test_a_study_refuses_a_run_of_another_dataset(model_dir, dataset_file, server, tmp_path, monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "study"
@@ -416,6 +441,7 @@ def studied(model_dir, dataset_file, server, tmp_path_factory):
     return folder / "run"
 
 
+@pytest.mark.slow
 def test_study_section_data_is_the_runs_tables(studied):
     view = RunView.open(studied)
     section = study_payload(view)
@@ -452,6 +478,7 @@ def test_study_section_data_is_the_runs_tables(studied):
     assert {r["cluster"] for r in section["correlations"][:5]} | {s["cluster"] for s in section["steered"]} == described
 
 
+@pytest.mark.browser
 def test_study_section_in_the_report(studied, tmp_path):
     path = studied / "report" / "report.html"
     view = RunView.open(studied)

@@ -369,6 +369,21 @@ def test_resume_recomputes_only_missing_parts(tiny_models, tmp_path):
     pd.testing.assert_frame_equal(first["prompts"][["prompt"]], _tables(again)["prompts"][["prompt"]])
 
 
+def test_a_trace_takes_the_runs_lock_once(tiny_models, tmp_path, monkeypatch):
+    """The trace checks the run and writes it under one lock: nothing takes it again inside."""
+    taken = []
+    lock = RunDir.lock
+
+    def counted(run, shared=False):
+        taken.append(shared)
+        return lock(run, shared)
+
+    monkeypatch.setattr(RunDir, "lock", counted)
+    trace_dataset(tiny_models["llama"], load_dataset("antonyms", limit=2), TraceConfig(threshold=0.05, edges=False),
+                  tmp_path, progress=False)
+    assert taken == [False] and RunDir.open(tmp_path).stage_done("trace")
+
+
 def test_a_batch_with_no_kept_nodes_still_records_its_prompts(tiny_models):
     lm = tiny_models["llama"]
     batch = _batch(lm)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from adag.pipeline import Stage
 from adag.settings import Seed, Settings
 
 Method = Literal["spectral", "agglomerative", "kmeans", "leiden"]
@@ -35,3 +36,9 @@ class ClusterConfig(Settings):
                              "(nearest neighbours) and a sparse eigensolver replace the dense matrices")
     neighbors: int = Field(NEIGHBORS, ge=1, description="most similar half-neurons kept per half-neuron in the "
                            "sparse similarity and in leiden's graph")
+
+
+CLUSTER_STAGE = Stage(
+    "cluster", "Cluster traced half-neurons by their attribution profiles and build the cluster graph.",
+    ClusterConfig, "adag.cluster.run:cluster_run", "adag.cluster.run:cluster_summary",
+    requires=("trace",))

@@ -5,20 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from adag.cluster.config import ClusterConfig
+from adag.cluster.config import CLUSTER_STAGE, ClusterConfig
 from adag.cluster.graph import cluster_graph
 from adag.cluster.methods import ProfileClustering
 from adag.cluster.profiles import half_neuron_profiles
 from adag.errors import AdagError
-from adag.stages import number, writing
+from adag.pipeline import number, writing
 from adag.store import RunDir
 
-STAGE = "cluster"
+STAGE = CLUSTER_STAGE.name
 
 
 def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> RunDir:
     """Cluster the traced half-neurons and build the cluster graph."""
-    with writing(run_dir, STAGE, config) as (view, out):
+    with writing(run_dir, CLUSTER_STAGE, config) as (view, out):
         nodes, prompts = view.nodes, view.prompts
         if nodes.empty:
             raise AdagError(f"{view.path} has no traced nodes to cluster; trace with a lower --threshold")

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from adag.llm.roles import checked
+from adag.pipeline import Stage
 from adag.settings import Seed, Settings
 
 DAY = 86400.0  # seconds: the longest wait for a reply or a cluster (a socket takes no more than this)
@@ -57,3 +58,9 @@ class DescribeOptions(Settings):
         "endpoint counts as down and the remaining clusters fail at once"))
     cluster_timeout: float = Field(900.0, gt=0, le=DAY, description=(
         "seconds after which a cluster is given up (marked failed, retried on the next run)"))
+
+
+DESCRIBE_STAGE = Stage(
+    "describe", "Describe each cluster (what makes it fire, what it makes the model say), score and label it.",
+    DescribeConfig, "adag.describe.run:describe_run", "adag.describe.run:describe_summary",
+    requires=("cluster",), options=DescribeOptions, resumable=True)

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from adag.describe.config import DescribeConfig, DescribeOptions
+from adag.describe.config import DESCRIBE_STAGE, DescribeConfig, DescribeOptions
 from adag.describe.explain import (
     Excerpt,
     Explainer,
@@ -38,12 +38,12 @@ from adag.llm.backends import CachedBackend, LedgerEntry, make_backend
 from adag.llm.roles import parse_spec
 from adag.models.loading import cache_dir
 from adag.outputs import printable
-from adag.stages import number, writing
+from adag.pipeline import number, writing
 from adag.store import DamagedFile, RunDir, StageWriter
 from adag.subsets import kept_clusters
 from adag.view import RunView
 
-STAGE = "describe"
+STAGE = DESCRIBE_STAGE.name
 DESCRIPTIONS = pa.schema([
     ("cluster", pa.int64()), ("status", pa.string()), ("failure", pa.string()), ("label", pa.string()),
     ("input_description", pa.string()), ("input_score", pa.float64()),
@@ -67,7 +67,7 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
     with run.lock():
         run.reload()
         config, kept = _added_to_finished(RunView(run), config)
-        with writing(run, STAGE, config) as (view, out):
+        with writing(run, DESCRIBE_STAGE, config) as (view, out):
             wanted, inputs, outputs = _inputs(view, config)
             _keep_finished(view, out, kept)
             inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
@@ -115,7 +115,7 @@ def _added_to_finished(view: RunView, config: DescribeConfig) -> tuple[DescribeC
     chosen = every if config.clusters is None else set(config.clusters)
     union = sorted(held | chosen)
     record = config.model_copy(update={"clusters": None if set(union) == every else union})
-    kept = kept_clusters(view.run, STAGE, config, record, {"clusters"}, chosen, held,
+    kept = kept_clusters(view.run, DESCRIBE_STAGE, config, record, {"clusters"}, chosen, held,
                          "describe every cluster with the new settings (without --clusters)")
     return (record, kept) if kept else (config, kept)
 

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from adag.outputs import OutputPath
+from adag.pipeline import Stage
 from adag.settings import Settings, only_with
 
 DEFAULT_PROMPTS = 50  # prompt graphs a report embeds
@@ -71,3 +72,20 @@ class FigureConfig(Settings):
 
 class FigureOptions(Settings):
     out: Annotated[str, OutputPath(FIGURE_FORMATS)] = Field(description="output file: .svg, .png or .pdf")
+
+
+REPORT_STAGE = Stage(
+    "report", "Write the viewer with its data (cluster views, the attribution graphs of the prompts carrying the "
+    "most attribution) as one self-contained HTML file.",
+    ReportConfig, "adag.report.html:report_run", "adag.report.html:report_summary",
+    requires=("cluster",), uses=("describe", "measure", "correlate", "steer"), options=ReportOptions)
+# Commands that write a file outside the run (writes=False): not steps of a study.
+EXPORT_STAGE = Stage(
+    "export", "Export one prompt's graph as Neuronpedia / circuit-tracer graph JSON.",
+    ExportConfig, "adag.report.export:export_run", "adag.report.export:export_summary",
+    requires=("trace",), uses=("cluster", "describe"), options=ExportOptions, writes=False)
+FIGURE_STAGE = Stage(
+    "figure", "Draw a prompt's attribution graph (or with --clusters the cluster graph) as a static picture for "
+    "papers: .svg, .png or .pdf.",
+    FigureConfig, "adag.report.figure:figure_run", "adag.report.figure:figure_summary",
+    requires=("trace",), uses=("cluster", "describe"), options=FigureOptions, writes=False)

@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 
 from adag.errors import AdagError
 from adag.outputs import output_file, write
-from adag.report.config import REPORT_FORMATS, ReportConfig
+from adag.pipeline import writing
+from adag.report.config import REPORT_FORMATS, REPORT_STAGE, ReportConfig
 from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
-from adag.stages import writing
 from adag.store import atomic_write_bytes
 from adag.view import RunView
 
-STAGE = "report"
+STAGE = REPORT_STAGE.name
 DATA_PLACEHOLDER = "__ADAG_DATA__"
 CSP_PLACEHOLDER = "__ADAG_CSP__"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -65,7 +65,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
         output_file(out, REPORT_FORMATS)  # before the work
         html, embedded, total = report_html(RunView.open(run_dir), config)
         return write(out, html, REPORT_FORMATS), embedded, total
-    with writing(run_dir, STAGE, config) as (view, stage):
+    with writing(run_dir, REPORT_STAGE, config) as (view, stage):
         html, embedded, total = report_html(view, config)
         atomic_write_bytes(stage.file("report.html"), html)
         stage.facts.update(embedded=embedded, prompts=total)

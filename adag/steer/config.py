@@ -8,6 +8,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from adag.llm.roles import checked
+from adag.pipeline import Stage
 from adag.settings import Multiplier, Seed, Settings, only_with
 
 ControlKind = Literal["traced", "layer"]
@@ -106,3 +107,28 @@ class JudgeConfig(Judged):
 
 class ModelOption(Settings):
     model: str | None = Field(None, description="model spec if not the run's own (same weights required)")
+
+
+MEASURE_STAGE = Stage(
+    "measure", "Measure each prompt's behaviour: P(correct answer), a logit difference, or a judge's yes-rate on "
+    "sampled generations.",
+    MeasureConfig, "adag.steer.measure:measure_run", "adag.steer.measure:measure_summary",
+    requires=("trace",), options=ModelOption, model=True)
+CORRELATE_STAGE = Stage(
+    "correlate", "Correlate each cluster's per-prompt attribution with the measure or a numeric metadata field "
+    "(Benjamini-Hochberg adjusted).",
+    CorrelateConfig, "adag.steer.correlate:correlate_run", "adag.steer.correlate:correlate_summary",
+    requires=("cluster",))
+STEER_STAGE = Stage(
+    "steer", "Scale clusters' half-neurons and measure the answer (the measure, probabilities, logit changes, KL, "
+    "top tokens) against random controls.",
+    SteerConfig, "adag.steer.run:steer_run", "adag.steer.run:steer_summary",
+    requires=("cluster",), uses=("measure",), options=ModelOption, model=True)
+FAITHFULNESS_STAGE = Stage(
+    "faithfulness", "Faithfulness and completeness of node circuits (top nodes kept, the rest ablated).",
+    FaithfulnessConfig, "adag.steer.run:faithfulness_run", "adag.steer.run:faithfulness_summary",
+    requires=("trace",), options=ModelOption, model=True)
+JUDGE_STAGE = Stage(
+    "judge", "Generate under steering and have a judge LLM answer a yes/no question; rate = yes / (yes + no).",
+    JudgeConfig, "adag.steer.judge:judge_run", "adag.steer.judge:judge_summary",
+    requires=("cluster",), options=ModelOption, model=True)

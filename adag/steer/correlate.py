@@ -10,12 +10,12 @@ import pandas as pd
 from scipy.stats import false_discovery_control, pearsonr, spearmanr
 
 from adag.errors import AdagError
-from adag.stages import writing
-from adag.steer.config import CorrelateConfig
+from adag.pipeline import writing
+from adag.steer.config import CORRELATE_STAGE, CorrelateConfig
 from adag.store import RunDir
 from adag.view import RunView
 
-STAGE = "correlate"
+STAGE = CORRELATE_STAGE.name
 MEASURE = "measure"  # --field measure: the measure stage's values (CorrelateConfig.needs it)
 MIN_PAIRS = 3  # a correlation over fewer pairs has no p-value
 
@@ -96,7 +96,7 @@ def _finite_number(value: object) -> bool:
 
 def correlate_run(run_dir: str | Path | RunDir, config: CorrelateConfig) -> pd.DataFrame:
     """Correlate every cluster with `config.field`; written to RUN/correlate/correlation.parquet."""
-    with writing(run_dir, STAGE, config) as (view, out):
+    with writing(run_dir, CORRELATE_STAGE, config) as (view, out):
         values = prompt_values(view, config.field)
         table = correlate(view.table("cluster", "prompt_clusters"), values, config.method,
                           config.alpha).assign(field=config.field)

@@ -12,15 +12,15 @@ from adag.errors import AdagError
 from adag.llm.backends import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
-from adag.stages import writing
-from adag.steer.config import JudgeConfig
+from adag.pipeline import writing
+from adag.steer.config import JUDGE_STAGE, JudgeConfig
 from adag.steer.evaluate import prompt_batches
 from adag.steer.intervene import scaled
 from adag.store import DamagedFile, RunDir
 from adag.subsets import kept_clusters
 from adag.view import RunView
 
-STAGE = "judge"
+STAGE = JUDGE_STAGE.name
 JUDGE = "Question: {question}\n\nText:\n{text}\n\nAnswer with yes or no only."
 COHERENCE = "Is this text coherent?"
 
@@ -67,9 +67,9 @@ def judge_run(run_dir: str | Path | RunDir, config: JudgeConfig, model: str | No
         run.reload()
         finished = _finished_rates(RunView(run))
         held = set() if finished is None else {int(c) for c in finished["cluster"]}
-        kept = kept_clusters(run, STAGE, config, config, {"cluster"}, {config.cluster}, held,
+        kept = kept_clusters(run, JUDGE_STAGE, config, config, {"cluster"}, {config.cluster}, held,
                              "judge into a copy of the run directory")
-        with writing(run, STAGE, config) as (view, out):
+        with writing(run, JUDGE_STAGE, config) as (view, out):
             view.check_clusters([config.cluster])
             if config.cluster in kept and view.run.entry(STAGE)["config"] == config.model_dump(mode="json"):
                 out.cancel()  # judged already with these settings: nothing changes

@@ -19,14 +19,14 @@ from adag.half_neurons import HalfNeuron
 from adag.llm.backends import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
-from adag.stages import number, writing
-from adag.steer.config import MeasureConfig
+from adag.pipeline import number, writing
+from adag.steer.config import MEASURE_STAGE, MeasureConfig
 from adag.steer.evaluate import last_logits, prompt_batches
 from adag.steer.intervene import scaled
 from adag.steer.judge import generate, judge_rate
 from adag.store import RunDir
 
-STAGE = "measure"
+STAGE = MEASURE_STAGE.name
 LABELS_NEEDED = {"p_correct": 1, "logit_diff": 2}
 
 
@@ -113,7 +113,7 @@ def measure_run(run_dir: str | Path | RunDir, config: MeasureConfig, model: str 
                 lm: LoadedModel | None = None) -> pd.DataFrame:
     """Measure every traced prompt; written to RUN/measure/values.parquet (prompt, value, and for the
     judge its yes/no/unclear counts)."""
-    with writing(run_dir, STAGE, config) as (view, out):
+    with writing(run_dir, MEASURE_STAGE, config) as (view, out):
         lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         table = Measure(lm, view.prompts, config).values(batches).sort_values("prompt", ignore_index=True)

@@ -12,8 +12,15 @@ from tqdm.auto import tqdm
 from adag.errors import AdagError
 from adag.half_neurons import HalfNeuron
 from adag.models import LoadedModel, run_model
-from adag.stages import needed, writing
-from adag.steer.config import ControlKind, FaithfulnessConfig, MeasureConfig, SteerConfig
+from adag.pipeline import needed, writing
+from adag.steer.config import (
+    FAITHFULNESS_STAGE,
+    STEER_STAGE,
+    ControlKind,
+    FaithfulnessConfig,
+    MeasureConfig,
+    SteerConfig,
+)
 from adag.steer.controls import TracedPool, layer_control, percentile
 from adag.steer.evaluate import effect, faithfulness_curve, last_logits, metric_value, prompt_batches
 from adag.steer.intervene import replaced, scaled
@@ -23,7 +30,7 @@ from adag.store import DamagedFile, RunDir
 from adag.subsets import kept_clusters
 from adag.view import RunView
 
-STAGE = "steer"
+STAGE = STEER_STAGE.name
 CLUSTER_TABLES = ("results", "summary", "controls", "control_draws")  # one row group per cluster
 
 
@@ -38,7 +45,7 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
     with run.lock():
         run.reload()
         record, chosen, finished = _added_to_finished(RunView(run), config)
-        with writing(run, STAGE, record) as (view, out):
+        with writing(run, STEER_STAGE, record) as (view, out):
             todo = [cluster for cluster in chosen if cluster not in finished.get("kept", ())]
             if not todo and view.run.entry(STAGE)["config"] == record.model_dump(mode="json"):
                 out.cancel()  # every cluster asked for is there, made with these settings: nothing changes
@@ -50,7 +57,7 @@ def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = No
 def _added_to_finished(view: RunView, config: SteerConfig) -> tuple[SteerConfig, list[int], dict]:
     """The config to record, the clusters asked for, and the finished tables whose clusters a steer of some
     clusters keeps (adag.subsets): the config records the union of their clusters (None for all)."""
-    for name in needed(STAGE, config):
+    for name in needed(STEER_STAGE, config):
         view.require(name)
     chosen = chosen_clusters(view, config)
     finished = _finished_tables(view)
@@ -58,7 +65,7 @@ def _added_to_finished(view: RunView, config: SteerConfig) -> tuple[SteerConfig,
     union = sorted(held | set(chosen))
     record = config.model_copy(update={"clusters": None if union == sorted(view.cluster_members) else union,
                                        "top": None})
-    kept = kept_clusters(view.run, STAGE, config, record, {"clusters", "top"}, set(chosen), held,
+    kept = kept_clusters(view.run, STEER_STAGE, config, record, {"clusters", "top"}, set(chosen), held,
                          "steer every cluster with the new settings (without --clusters or --top)")
     return (record, chosen, finished | {"kept": kept}) if kept else (config, chosen, {})
 
@@ -257,7 +264,7 @@ def faithfulness_run(run_dir: str | RunDir, config: FaithfulnessConfig, model: s
                      lm: LoadedModel | None = None) -> pd.DataFrame:
     """Faithfulness and completeness of node circuits made of the top fraction of traced nodes by
     |attribution|; every other neuron is zero- or mean-ablated. Written to RUN/faithfulness/."""
-    with writing(run_dir, "faithfulness", config) as (view, out):
+    with writing(run_dir, FAITHFULNESS_STAGE, config) as (view, out):
         lm = lm or run_model(view.model, model)
         batches = prompt_batches(lm, view.prompts, config.batch_size)
         means = _mean_activations(lm, batches) if config.ablation == "mean" else None

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from adag.outputs import OutputPath
+from adag.pipeline import Stage
 from adag.settings import Settings, only_with
 
 # Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
@@ -90,3 +91,9 @@ class TraceInputs(Settings):
                               "array, all with the same --out); the last shard to finish commits the run")
     finish: str | None = Field(None, description="commit the run directory FINISH once all its shards are done "
                                "(given alone)")
+
+
+TRACE_STAGE = Stage(
+    "trace", "Trace attribution graphs, profiles and edges for every prompt of a dataset.",
+    TraceConfig, "adag.trace.run:trace_run", "adag.trace.run:trace_summary",
+    options=TraceInputs, resumable=True, run_dir_option="out", model=True)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from adag.datasets import Dataset, encode_prompt, label_token_ids
 from adag.errors import AdagError
 from adag.models import LoadedModel
-from adag.stages import writing
+from adag.pipeline import command_line, writing
 from adag.store import RunDir, RunLocked, Shard, StageWriter, check_run_target, part_file, part_number
 from adag.trace.attribute import (
     BatchAttribution,
@@ -30,11 +30,11 @@ from adag.trace.attribute import (
     select_batch_nodes,
     select_keys,
 )
-from adag.trace.config import TraceConfig
+from adag.trace.config import TRACE_STAGE, TraceConfig
 from adag.trace.shards import any_rank, barrier, group_shard, pool_over_ranks, torchrun_group
 from adag.trace.tables import batch_tables
 
-STAGE = "trace"
+STAGE = TRACE_STAGE.name
 TABLES = ("nodes", "embeddings", "edges", "prompts")  # prompts last: its presence marks a part done
 KEYS_TABLE = "dataset_keys"  # with --aggregate-over dataset: the keys kept in every prompt
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
         if run.stage_config(STAGE) not in (None, settings) or (unfinished and unfinished["config"] != settings):
             raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
                             "(or delete this one) so that no finished work is lost")
-        with writing(run, STAGE, config, command, shard) as (_, stage):
+        with writing(run, TRACE_STAGE, config, command, shard, locked=True) as (_, stage):
             largest_score = _trace_parts(lm, dataset, config, tokens, labels, stage, group is not None, progress)
             if shard is None:
                 _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"])
@@ -178,7 +178,7 @@ def finish_trace(run: RunDir, wait_for_shards: bool = False) -> bool:
         written = run.staged_parts(STAGE)
         if _missing_parts(lambda name, part: part_file(name, part) in written, parts, config) and wait_for_shards:
             return False
-        with writing(run, STAGE, config, attempt.get("command")) as (_, stage):
+        with writing(run, TRACE_STAGE, config, attempt.get("command"), locked=True) as (_, stage):
             missing = _missing_parts(stage.has_part, parts, config)
             if missing:
                 raise AdagError(f"{len(missing)} of {parts} batches of {run.path} are not traced yet (batches "
@@ -214,7 +214,6 @@ def trace_run(run_dir: str | None, config: TraceConfig, model: str | None = None
     torchrun: this rank's share); or with `finish`, commit a run traced in shards."""
     from adag.datasets import load_dataset
     from adag.models import load_model
-    from adag.stages import command_line
 
     if finish is not None:
         if any(given is not None for given in (model, dataset, run_dir, shard)):
@@ -228,7 +227,7 @@ def trace_run(run_dir: str | None, config: TraceConfig, model: str | None = None
     check_run_target(Path(run_dir))
     this_shard = parse_shard(shard)
     rows = load_dataset(dataset, limit=limit)
-    command = command_line(STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
+    command = command_line(TRACE_STAGE, run_dir, config, model=model, dataset=dataset, out=run_dir, limit=limit,
                            dtype=dtype, device=device)
     with torchrun_group(device) as rank_device:
         lm = lm or load_model(model, dtype=dtype, device=rank_device)

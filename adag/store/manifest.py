@@ -1,0 +1,68 @@
+"""The manifest of a run (RUN/manifest.json): its format, checked when read."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from adag import __version__
+from adag.errors import AdagError
+
+FORMAT_VERSION = 3  # 2: staged stages and file records; 3: trace embeddings table, direct embedding edges
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+MANIFEST_KEYS = {"adag_version": str, "format_version": int, "created": str, "model": dict, "dataset": dict,
+                 "stages": dict}
+ENTRY_KEYS = ("status", "id", "config", "inputs", "files", "command", "started", "seconds")
+
+
+def new_manifest(model: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a run with no stages yet."""
+    return {
+        "adag_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "dataset": dataset,
+        "stages": {},
+    }
+
+
+def check_run_target(path: Path) -> None:
+    """`path` can hold a new run, or holds a run: not a file, not a folder of other things."""
+    if path.exists() and not path.is_dir():
+        raise AdagError(f"{path} is a file, not a directory; give --out a new or existing run directory")
+    if path.is_dir() and not (path / MANIFEST).exists() and any(
+            not entry.name.startswith(f".{MANIFEST}.") for entry in path.iterdir()):  # a manifest being written
+        raise AdagError(f"{path} exists, is not empty and is not an adag run; choose another directory")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest, checked for shape: any damage is one line naming the file."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise AdagError(f"{path} is not an adag run directory (no {MANIFEST}); create one with `adag trace`")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise AdagError(f"{manifest_path} is not valid JSON; the run directory is damaged") from None
+    if not isinstance(manifest, dict):
+        raise AdagError(f"{manifest_path} holds a JSON {type(manifest).__name__}, not an object; "
+                        "the run directory is damaged")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AdagError(
+            f"{path} was written in run format {version} (adag {manifest.get('adag_version', '?')}); "
+            f"this adag {__version__} reads format {FORMAT_VERSION}; rerun the stages with this version"
+        )
+    for key, kind in MANIFEST_KEYS.items():
+        if not isinstance(manifest.get(key), kind):
+            raise AdagError(f"{manifest_path} lacks '{key}' (or it is not a {kind.__name__}); "
+                            "the run directory is damaged")
+    for stage, entry in manifest["stages"].items():
+        if not isinstance(entry, dict) or not all(key in entry for key in ("id", "config", "inputs", "files")):
+            raise AdagError(f"{manifest_path}: the entry of stage '{stage}' is damaged; "
+                            f"rerun `adag {stage}` into a new run directory")
+    return manifest

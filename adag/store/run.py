@@ -1,0 +1,248 @@
+"""`RunDir`: a run directory's manifest, its stages' states, crash-safe commits and checked reads."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from adag.errors import AdagError
+from adag.store.files import DamagedFile, atomic_write_bytes, file_problem
+from adag.store.lock import holds_lock, run_lock
+from adag.store.manifest import MANIFEST, STAGING, check_run_target, new_manifest, read_manifest
+from adag.store.writer import STAGE_SIDECAR, Shard, StageWriter, read_parts
+
+
+class RunDir:
+    """A run directory. Open an existing one with `RunDir.open`, start one with `RunDir.create`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self._manifest_guard = threading.Lock()
+
+    @classmethod
+    def create(cls, path: str | Path, model: dict[str, Any], dataset: dict[str, Any]) -> RunDir:
+        """Start a run, or reopen the same run (same model and dataset) to resume it."""
+        path = Path(path)
+        check_run_target(path)
+        if (path / MANIFEST).exists():
+            run = cls.open(path)
+            for key, value in (("model", model), ("dataset", dataset)):
+                if run.manifest[key] != value:
+                    raise AdagError(
+                        f"{path} already holds a run with a different {key}; "
+                        "choose another output directory or delete this one"
+                    )
+            return run
+        manifest = new_manifest(model, dataset)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise AdagError(f"cannot create run directory {path} ({error.strerror}); choose another --out") from None
+        if not atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1).encode(), exclusive=True):
+            return cls.create(path, model, dataset)  # a concurrent shard created it first
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        run = cls(path, read_manifest(path))
+        if "pending" in run.manifest:
+            run._finish_interrupted_commit()
+        return run
+
+    def reload(self) -> None:
+        """Read the manifest again (another process may have committed a stage since)."""
+        self.manifest = read_manifest(self.path)
+
+    def _save_manifest(self) -> None:
+        atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+
+    # locking
+
+    @contextlib.contextmanager
+    def lock(self, shared: bool = False) -> Iterator[None]:
+        """Hold the run's write lock: one writing process at a time, or with `shared` the shard writers
+        of one stage together (`Shard`), which still exclude every other writer. A process that cannot
+        have it gets a one-line error naming the holder (`RunLocked`). The lock is a `flock` on RUN/.lock,
+        so it dies with its process: a lock file left by a dead process is simply taken over. Re-entrant
+        within a process, in the same mode."""
+        with run_lock(self.path, shared):
+            yield
+
+    def holds_lock(self, shared: bool = False) -> bool:
+        """Whether this process holds the run's lock in this mode."""
+        return holds_lock(self.path, shared)
+
+    def is_locked_here(self) -> bool:
+        """Whether this process holds the run's exclusive lock."""
+        return holds_lock(self.path)
+
+    # stages
+
+    def entry(self, stage: str) -> dict[str, Any] | None:
+        return self.manifest["stages"].get(stage)
+
+    def stage_config(self, stage: str) -> dict[str, Any] | None:
+        entry = self.entry(stage)
+        return entry["config"] if entry else None
+
+    def stage_state(self, stage: str) -> str:
+        """'missing', 'done', or 'stale' (done, but a stage it read has since been recommitted)."""
+        entry = self.entry(stage)
+        if entry is None:
+            return "missing"
+        for source, source_id in entry.get("inputs", {}).items():
+            if self.stage_state(source) != "done" or self.entry(source)["id"] != source_id:
+                return "stale"
+        return "done"
+
+    def stage_done(self, stage: str) -> bool:
+        return self.stage_state(stage) == "done"
+
+    def require_stage(self, stage: str, command: str) -> None:
+        state = self.stage_state(stage)
+        if state == "stale":
+            raise AdagError(f"the '{stage}' results in {self.path} are stale (a stage they were computed from "
+                            f"was rerun); rerun `{command}` first")
+        if state != "done":
+            raise AdagError(f"{self.path} has no finished '{stage}' stage; run `{command}` first")
+
+    def stage(self, stage: str, config: dict[str, Any], inputs: dict[str, str] | None = None,
+              resumable: bool = False, command: str | None = None, shard: Shard | None = None,
+              locked: bool = False) -> StageWriter:
+        """A writer for one attempt at `stage` (use it as a context manager; see StageWriter). With
+        `locked`, the caller holds the run's lock (in the shard's mode) for the writer's lifetime."""
+        return StageWriter(self, stage, config, inputs or {}, resumable, command or f"adag {stage} {self.path}",
+                           shard, locked)
+
+    def staged_attempt(self, stage: str) -> dict[str, Any] | None:
+        """Config, inputs and command of an earlier, unfinished attempt at `stage` that left finished parts."""
+        sidecar = self.path / STAGING / stage / STAGE_SIDECAR
+        if not sidecar.is_file() or not self.staged_parts(stage):
+            return None
+        with contextlib.suppress(ValueError):
+            return json.loads(sidecar.read_text())
+        return None
+
+    def staged_parts(self, stage: str) -> dict[str, dict[str, Any]]:
+        """The parts that the writers of an unfinished attempt at `stage` have recorded, by file."""
+        return read_parts(self.path / STAGING / stage)
+
+    # the manifest: changed only under the run's exclusive lock, by the stage writer
+
+    def commit(self, stage: str, staged: Path, entry: dict[str, Any]) -> None:
+        """Swap a complete staged folder into place. The manifest first records the commit as pending,
+        so that an interruption between the renames is finished by the next `RunDir.open`."""
+        self.manifest["pending"] = {"stage": stage, "entry": entry}
+        self._save_manifest()
+        self._finish_interrupted_commit(staged)
+
+    def _finish_interrupted_commit(self, staged: Path | None = None) -> None:
+        pending = self.manifest["pending"]
+        stage = pending["stage"]
+        staged = staged or self.path / STAGING / stage
+        if not self.is_locked_here():
+            try:
+                with self.lock():
+                    self.reload()
+                    if "pending" in self.manifest:
+                        self._finish_interrupted_commit(staged)
+            except (AdagError, OSError):
+                pass  # the writer is still at work (or the run is read-only); the previous results stand
+            return
+        final, old = self.path / stage, self.path / STAGING / f"{stage}.replaced"
+        if staged.is_dir() and (staged / STAGE_SIDECAR).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            staged.rename(final)
+        for sidecar in final.glob(".*"):  # the stage sidecar, the writers' part records and facts
+            if sidecar.is_file():
+                sidecar.unlink()
+        self.manifest["stages"][stage] = pending["entry"]
+        del self.manifest["pending"]
+        self._save_manifest()
+        shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.path / STAGING).rmdir()
+
+    def update_entry(self, stage: str, **changes: Any) -> None:
+        """Change fields of a finished stage's entry (a part repaired in place) and save at once."""
+        with self._manifest_guard:
+            self.manifest["stages"][stage].update(changes)
+            self._save_manifest()
+
+    def replace_entry(self, stage: str, entry: dict[str, Any]) -> None:
+        """Record a stage repaired in place (its folder already holds the files `entry` lists)."""
+        with self._manifest_guard:
+            self.manifest["stages"][stage] = entry
+            self._save_manifest()
+
+    # tables
+
+    def table_path(self, stage: str, name: str) -> Path:
+        return self.path / stage / f"{name}.parquet"
+
+    def has_table(self, stage: str, name: str) -> bool:
+        files = (self.entry(stage) or {}).get("files", {})
+        return f"{name}.parquet" in files or any(f.startswith(f"{name}/") for f in files)
+
+    def read_table(self, stage: str, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """A table written whole or in parts. Files are checked against their recorded sizes first."""
+        entry = self.entry(stage)
+        if entry is None or not self.has_table(stage, name):
+            raise AdagError(f"{self.path} has no table '{stage}/{name}'; run the '{stage}' stage first")
+        files = entry["files"]
+        names = [f"{name}.parquet"] if f"{name}.parquet" in files else sorted(
+            f for f in files if f.startswith(f"{name}/part-"))
+        tables = [self._read_parquet(stage, file, columns) for file in names]
+        return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)
+
+    def _read_parquet(self, stage: str, file: str, columns: list[str] | None) -> pa.Table:
+        path = self.path / stage / file
+        problem = file_problem(path, self.manifest["stages"][stage]["files"][file], hashes=False)
+        if problem is None:
+            try:
+                return pq.read_table(path, columns=columns)
+            except (pa.ArrowException, OSError) as error:
+                problem = f"unreadable: {str(error).splitlines()[0][:120]}"
+        raise self.damaged(stage, file, problem)
+
+    def damaged(self, stage: str, file: str, problem: str) -> DamagedFile:
+        command = (self.entry(stage) or {}).get("command", f"adag {stage} {self.path}")
+        return DamagedFile(f"{self.path / stage / file} is damaged ({problem}); rewrite it with `{command}`")
+
+    def read_json(self, stage: str, name: str) -> Any:
+        file = f"{name}.json"
+        path = self.path / stage / file
+        record = (self.entry(stage) or {}).get("files", {}).get(file)
+        if record is None:
+            raise AdagError(f"{self.path} has no '{stage}/{file}'; run the '{stage}' stage first")
+        problem = file_problem(path, record, hashes=False)
+        if problem is None:
+            try:
+                return json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                problem = "not valid JSON"
+        raise self.damaged(stage, file, problem)
+
+    def verify(self, hashes: bool = False) -> list[str]:
+        """One line per committed file that is missing or damaged: sizes always, contents with `hashes`."""
+        problems = []
+        for stage, entry in self.manifest["stages"].items():
+            for file, record in entry.get("files", {}).items():
+                problem = file_problem(self.path / stage / file, record, hashes)
+                if problem:
+                    problems.append(str(self.damaged(stage, file, problem)))
+        return problems
+
