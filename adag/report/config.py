@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_SHARE = 0.8  # of the attribution carried by the neurons drawn (viewer and figures)
-DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn
+DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn in figures
+DEFAULT_EDGE_SHARE = 0.05  # the viewer first draws edges with |weight| at least this share of the graph's largest
 
 
 class ReportConfig(BaseModel):
