@@ -21,6 +21,7 @@ GEOMETRY = """
 const svg = document.getElementById(arguments[0]);
 const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
 const texts = (selector) => [...svg.querySelectorAll(selector)].map(t => ({text: t.firstChild.nodeValue,
+  cls: t.getAttribute("class") || "",
   full: t.querySelector("title") ? t.querySelector("title").textContent : null, box: box(t)}));
 return {
   svg: box(svg),
