@@ -48,6 +48,13 @@ def chromium():
             driver.quit()
 
 
+def set_viewport(driver, width: int, height: int) -> None:
+    """Size the window so that the page itself (the viewport) is width x height CSS pixels."""
+    driver.set_window_size(width, height)
+    inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+    driver.set_window_size(2 * width - inner[0], 2 * height - inner[1])
+
+
 def open_page(driver, url: str) -> None:
     driver.get(url)
     WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")

@@ -34,7 +34,7 @@ from adag.stages import writing
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
-from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range
+from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range, set_viewport
 from tests.fake_openai import FakeOpenAI
 
 HOSTILE = "<script>window.pwned=1</script><b>bold</b> What is the capital of France?"
@@ -543,6 +543,20 @@ def _drawn(driver) -> dict:
                                                                       Number(p.dataset.target)])};""")
 
 
+# Per embedded prompt, the drawn target logits that have an edge in the trace but none drawn at the defaults.
+UNEXPLAINED = """
+const data = window.adag.data(), out = {};
+for (const [id, graph] of Object.entries(data.graphs)) {
+  const g = graph.neurons, {shown, edges} = window.adag.visibleGraph(g, data.defaults.share, g.min_weight);
+  const drawn = new Set(edges.map(e => g.edges.target[e])), reached = new Set(g.edges.target);
+  const missing = g.kind.map((k, i) => i).filter(i => g.kind[i] === 'l' && shown[i] && reached.has(i) && !drawn.has(i));
+  if (missing.length) out[id] = missing;
+  if (edges.length >= g.edges.source.length && g.edges.source.length > 10) out[id] = 'nothing pruned';
+}
+return out;
+"""
+
+
 def _shift_click(driver, selector: str) -> None:
     redraw(driver, lambda: driver.execute_script(
         "document.querySelector(arguments[0]).dispatchEvent(new MouseEvent('click', {bubbles: true, shiftKey: true}))",
@@ -563,12 +577,15 @@ def _check_answer_explained(driver, view: RunView, prompt: int) -> None:
 
 def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], every_prompt: bool) -> None:
     view = RunView.open(run)
-    driver.set_window_size(*size)
+    set_viewport(driver, *size)
     driver.get("about:blank")
     open_page(driver, url)
+    assert driver.execute_script("return [innerWidth, innerHeight]") == list(size)
     options = [int(o.get_attribute("value")) for o in driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")]
     assert options == sorted(options)  # dataset order
-    for prompt in options if every_prompt else options[:1]:
+    unexplained = driver.execute_script(UNEXPLAINED)
+    assert unexplained == {}, f"shown target logits with no edge drawn into them: {unexplained}"
+    for prompt in options[:3] if every_prompt else options[:1]:
         if prompt != options[0]:
             redraw(driver, lambda p=prompt: Select(driver.find_element(By.ID, "neuron-prompt")).select_by_value(str(p)))
         seen = _in_view(driver)
@@ -610,7 +627,7 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
     tooltip = driver.find_element(By.ID, "tooltip")
     WebDriverWait(driver, 10).until(lambda d: tooltip.is_displayed())
     box = driver.execute_script(f"return ({RECT})(arguments[0])", tooltip)
-    assert _inside(box, [0, 0, size[0], driver.execute_script("return innerHeight")])
+    assert _inside(box, [0, 0, *size])
     assert "cluster" in tooltip.text and "fires on" in tooltip.text
     # pin a logit and its strongest source, group them, rename the cluster, prune: all in the URL
     logit = next(i for i, kind, *_ in drawn["circles"] if kind == "logit")
@@ -745,6 +762,17 @@ def test_steer_from_the_served_page(builtin, builtin_run):
             status, answer = _post(server, body, kind)
             assert status == 400 and message in answer.decode() and answer.decode().count("\n") == 1
         assert _post(server, b"{}", host="evil.example")[0] == 403
+        with chromium() as driver:  # the page's steer box, on the same server
+            open_page(driver, f"http://127.0.0.1:{server.server_port}/")
+            click_cluster(driver, cluster)
+            driver.find_element(By.ID, "steer-multiplier").clear()
+            driver.find_element(By.ID, "steer-multiplier").send_keys("0")
+            driver.find_element(By.ID, "steer-run").click()
+            WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-steered tr"))
+            rows = driver.find_elements(By.CSS_SELECTOR, "#steer-baseline tr")
+            assert len(rows) == 11 and [r.text for r in rows[1:]] != [
+                r.text for r in driver.find_elements(By.CSS_SELECTOR, "#steer-steered tr")[1:]]
+            assert not console_errors(driver)
     finally:
         server.shutdown()
         server.server_close()
@@ -785,7 +813,7 @@ def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, 
     assert "facts" not in without and without["exemplars"] and all("cut" in e for e in without["exemplars"])
     path, _, _ = write_report(str(with_facts), str(tmp_path / "report.html"))
     with chromium() as driver:
-        driver.set_window_size(1000, 700)
+        set_viewport(driver, 1000, 700)
         open_page(driver, path.as_uri())
         click_cluster(driver, 0)
         assert [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#facts li")] == item["facts"]
