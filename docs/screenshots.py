@@ -4,8 +4,7 @@
 
 Writes docs/viewer.png (the window at 1400x900: the first prompt's attribution graph with its most
 present cluster selected in the side panel and the answer's strongest path pinned), docs/viewer-1000.png
-(the same at 1000x700), docs/cluster-graph.png (the dataset cluster graph) and docs/supernodes.png (the
-prompt graph with clusters collapsed into supernodes).
+(the same at 1000x700) and docs/cluster-graph.png (the dataset cluster graph).
 """
 
 from __future__ import annotations
@@ -64,10 +63,7 @@ def main() -> None:
         section = driver.find_element(By.ID, "cluster-section")
         driver.execute_script("arguments[0].scrollIntoView()", section)
         section.screenshot(str(out / "cluster-graph.png"))
-        driver.execute_script("window.scrollTo(0, 0)")
-        redraw(driver, lambda: driver.find_element(By.ID, "supernodes").click())
-        driver.find_element(By.ID, "neurons-scroll").screenshot(str(out / "supernodes.png"))
-    print(f"screenshots written to {out}/viewer.png, viewer-1000.png, cluster-graph.png, supernodes.png")
+    print(f"screenshots written to {out}/viewer.png, viewer-1000.png, cluster-graph.png")
 
 
 if __name__ == "__main__":
