@@ -22,7 +22,15 @@ from adag.describe import DescribeConfig, describe_run
 from adag.errors import AdagError
 from adag.report import neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
 from adag.report.config import FigureConfig, ReportConfig
-from adag.report.data import chosen_prompts, graph_of, prompt_payload, prompt_row, round_significant, run_payload
+from adag.report.data import (
+    chosen_prompts,
+    compact_excerpt,
+    graph_of,
+    prompt_payload,
+    prompt_row,
+    round_significant,
+    run_payload,
+)
 from adag.report.export import graph_schema
 from adag.report.figure import write_figure
 from adag.report.graph import collapse_clusters, pruning_order
@@ -809,6 +817,11 @@ def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, 
     assert first["tokens"] == LONG_EXCERPT[25:]  # 6 tokens of context before the first highlighted one
     assert [t for t, h in zip(first["tokens"], first["highlight"]) if h] == [" capital", " of"]
     assert item["exemplars"][1]["part"] == "output"
+    # without the describe stage's excerpts: the few largest tokens, with context, the rest cut
+    values = np.r_[np.full(31, 0.5), 9.0, 0.0, 4.0, 3.0, 2.0]
+    made = compact_excerpt(7, "input+", LONG_EXCERPT, values)
+    assert [t for t, h in zip(made["tokens"], made["highlight"]) if h] == [" capital", " of", "\n"]
+    assert made["cut"] == [True, False] and made["tokens"] == LONG_EXCERPT[25:] and made["prompt"] == 7
     without = next(c for c in run_payload(RunView.open(demo_like), [])["clusters"] if c["id"] == 0)
     assert "facts" not in without and without["exemplars"] and all("cut" in e for e in without["exemplars"])
     path, _, _ = write_report(str(with_facts), str(tmp_path / "report.html"))

@@ -21,7 +21,8 @@ from adag.view import RunView
 EXEMPLARS = 5
 PUSHED = 8
 CONTEXT = 6  # tokens of context kept on each side of an exemplar's highlighted tokens
-HIGHLIGHT = 0.05  # a token is highlighted when its value is at least this share of the excerpt's largest
+HIGHLIGHT = 0.25  # a token is highlighted when its value is at least this share of the excerpt's largest,
+HIGHLIGHTED = 4  # and among its this many largest
 EDGE_COLUMNS = ["prompt", "source_kind", "source", "target_kind", "target", "weight", "attribution"]
 KIND_CODES = {"embedding": "e", "neuron": "n", "supernode": "s", "logit": "l"}
 
@@ -145,8 +146,11 @@ def compact_excerpt(prompt: int, part: str, tokens: list[str], values, highlight
     chat prompt, such as its system prompt, is left out and marked `cut`)."""
     values = np.nan_to_num(np.asarray(values, float))
     if highlight is None:
-        top = max(float(np.abs(values).max(initial=0.0)), 1e-12)
-        highlight = (np.abs(values) >= HIGHLIGHT * top).tolist()
+        strength = np.abs(values)
+        largest = np.argsort(-strength, kind="stable")[:HIGHLIGHTED]
+        highlight = np.zeros(len(values), bool)
+        highlight[largest] = strength[largest] >= HIGHLIGHT * max(float(strength.max(initial=0.0)), 1e-12)
+        highlight = highlight.tolist()
     lit = np.flatnonzero(highlight)
     start, end = (max(0, lit[0] - CONTEXT), min(len(tokens), lit[-1] + CONTEXT + 1)) if len(lit) else (0, len(tokens))
     return {"prompt": int(prompt), "part": part, "tokens": [str(t) for t in tokens[start:end]],
