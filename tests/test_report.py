@@ -207,7 +207,12 @@ def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
                     "e.g. runs/demo after `make demo`")
 def test_viewer_layout_on_a_given_run(tmp_path):
     """The same checks on every prompt of a real run: ADAG_VIEWER_RUN=runs/demo pytest -k given_run."""
-    _check_viewer_layout(Path(os.environ["ADAG_VIEWER_RUN"]), tmp_path, every_prompt=True)
+    run = Path(os.environ["ADAG_VIEWER_RUN"])
+    _check_viewer_layout(run, tmp_path, every_prompt=True)
+    path, _, _ = write_report(str(run), str(tmp_path / "researcher.html"))
+    with chromium() as driver:
+        for size in SIZES:
+            _check_researcher_view(driver, run, path.as_uri(), size, every_prompt=True)
 
 
 def test_layouts_leave_no_overlaps(crowded, demo_like):
