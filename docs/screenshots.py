@@ -2,9 +2,9 @@
 
     make demo && .venv/bin/python docs/screenshots.py runs/demo
 
-Writes docs/viewer.png (dataset cluster graph with the largest cluster's panel), docs/prompt-graph.png
-(the first prompt's attribution graph, coloured by cluster) and
-docs/supernodes.png (the same prompt with clusters collapsed into supernodes).
+Writes docs/viewer.png (the window at 1400x900: the first prompt's attribution graph with its most
+present cluster selected in the side panel and the answer's strongest path pinned), docs/viewer-1000.png
+(the same at 1000x700) and docs/cluster-graph.png (the dataset cluster graph).
 """
 
 from __future__ import annotations
@@ -19,9 +19,22 @@ from selenium.webdriver.common.by import By
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adag.report import write_report  # noqa: E402
-from tests.browser import chromium, click_cluster, open_page, redraw  # noqa: E402
+from tests.browser import chromium, click_cluster, open_page, redraw, set_viewport  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
+
+# The cluster with most drawn neurons, and the top logit with the source of its strongest drawn edge.
+PICK = """
+const circles = [...document.querySelectorAll('#neurons circle[data-kind=neuron]')].map(c => Number(c.dataset.cluster));
+const counts = {};
+for (const c of circles) if (c >= 0) counts[c] = (counts[c] || 0) + 1;
+const cluster = Number(Object.entries(counts).sort((a, b) => b[1] - a[1])[0][0]);
+const logit = document.querySelector('#neurons circle[data-kind=logit]');
+const edges = [...document.querySelectorAll(`#neurons path.edge[data-target="${logit.dataset.index}"]`)];
+const widest = edges.sort((a, b) => b.getAttribute('stroke-width') - a.getAttribute('stroke-width'))[0];
+const source = widest ? document.querySelector(`#neurons circle[data-index="${widest.dataset.source}"]`) : null;
+return [cluster, logit.dataset.key, source ? source.dataset.key : null];
+"""
 
 
 def main() -> None:
@@ -32,21 +45,25 @@ def main() -> None:
     out = Path(args.out)
     with tempfile.TemporaryDirectory() as folder, chromium() as driver:
         path, _, _ = write_report(args.run_dir, str(Path(folder) / "report.html"))
-        driver.set_window_size(1400, 1700)
+        set_viewport(driver, 1400, 900)
         open_page(driver, path.as_uri())
-        click_cluster(driver, 0)
-        driver.execute_script("window.scrollTo(0, 0)")
-        driver.set_window_size(1400, 760)
-        driver.save_screenshot(str(out / "viewer.png"))
-        section = driver.find_element(By.ID, "neurons-section")
-        driver.set_window_size(1400, section.size["height"] + 300)
+        cluster, *pins = driver.execute_script(PICK)
+        click_cluster(driver, cluster)
+        redraw(driver, lambda: driver.execute_script(
+            "for (const key of arguments[0]) if (key) window.adag.state.pins.add(key); window.adag.update()", pins))
+        url = driver.current_url
+        for (width, height), name in (((1400, 900), "viewer.png"), ((1000, 700), "viewer-1000.png")):
+            set_viewport(driver, width, height)
+            driver.get("about:blank")
+            open_page(driver, url)
+            driver.save_screenshot(str(out / name))
+        set_viewport(driver, 1400, 900)
+        driver.get("about:blank")
+        open_page(driver, url)
+        section = driver.find_element(By.ID, "cluster-section")
         driver.execute_script("arguments[0].scrollIntoView()", section)
-        redraw(driver, lambda: driver.find_element(By.CSS_SELECTOR, '#color-by option[value="cluster"]').click())
-        section.screenshot(str(out / "prompt-graph.png"))
-        redraw(driver, lambda: driver.find_element(By.ID, "supernodes").click())
-        driver.execute_script("arguments[0].scrollIntoView()", section)
-        section.screenshot(str(out / "supernodes.png"))
-    print(f"screenshots written to {out}/viewer.png, prompt-graph.png, supernodes.png")
+        section.screenshot(str(out / "cluster-graph.png"))
+    print(f"screenshots written to {out}/viewer.png, viewer-1000.png, cluster-graph.png")
 
 
 if __name__ == "__main__":

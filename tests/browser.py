@@ -23,6 +23,7 @@ GEOMETRY = """
 const svg = document.getElementById(arguments[0]);
 const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
 const texts = (selector) => [...svg.querySelectorAll(selector)].map(t => ({text: t.firstChild.nodeValue,
+  cls: t.getAttribute("class") || "",
   full: t.querySelector("title") ? t.querySelector("title").textContent : null, box: box(t)}));
 return {
   svg: box(svg),
@@ -49,6 +50,13 @@ def chromium():
             yield driver
         finally:
             driver.quit()
+
+
+def set_viewport(driver, width: int, height: int) -> None:
+    """Size the window so that the page itself (the viewport) is width x height CSS pixels."""
+    driver.set_window_size(width, height)
+    inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+    driver.set_window_size(2 * width - inner[0], 2 * height - inner[1])
 
 
 def open_page(driver, url: str) -> None:

@@ -1,6 +1,7 @@
 import http.client
 import json
 import os
+import socket
 from pathlib import Path
 
 import jsonschema
@@ -11,26 +12,37 @@ import torch
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 from typer.testing import CliRunner
 
 from adag.cli import app
 from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
+from adag.describe.config import DESCRIBE_STAGE
 from adag.errors import AdagError
+from adag.pipeline import writing
 from adag.report import neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
 from adag.report.config import FigureConfig, ReportConfig
-from adag.report.data import chosen_prompts, graph_of, prompt_row, round_significant
+from adag.report.data import (
+    chosen_prompts,
+    compact_excerpt,
+    graph_of,
+    prompt_payload,
+    prompt_row,
+    round_significant,
+    run_payload,
+)
 from adag.report.export import graph_schema
 from adag.report.figure import write_figure
 from adag.report.graph import collapse_clusters, pruning_order
 from adag.report.html import allowed_host
 from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
+from adag.report.palette import NEGATIVE, POSITIVE, ciede2000, cluster_color, hex_to_rgb, rgb_to_lab
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
-from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range
+from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range, set_viewport
 from tests.fake_openai import FakeOpenAI
 from tests.synthetic import synthetic_run
 
@@ -132,10 +144,10 @@ def _check_controls(driver) -> None:
     assert int(pruned.split()[0]) < int(count.split()[0])
     redraw(driver, lambda: set_range(driver, "edge-weight", 0))
     every = int(_count(driver).split()[4])
-    redraw(driver, lambda: set_range(driver, "edge-weight", 70))  # |weight| >= 0.63
+    redraw(driver, lambda: set_range(driver, "edge-weight", 90))  # |weight| >= 1.6
     assert int(_count(driver).split()[4]) < every
-    redraw(driver, lambda: set_range(driver, "edge-weight", 50))  # the default, 0.1
-    redraw(driver, lambda: set_range(driver, "prune", 80))
+    redraw(driver, lambda: driver.execute_script("window.adag.state.weight = null; window.adag.state.share = null; "
+                                                 "window.adag.update()"))  # the defaults
     assert _count(driver) == count
     redraw(driver, lambda: driver.find_element(By.ID, "supernodes").click())
     assert _count(driver) != count
@@ -177,9 +189,10 @@ def _check_viewer_layout(run: Path, out: Path, every_prompt: bool = False) -> No
         ticks = [t["text"] for t in geometry(driver, "graph")["others"]]
         assert "layer" in ticks and any(t.isdigit() for t in ticks)
         _check_controls(driver)
-        redraw(driver, lambda: driver.find_element(By.CSS_SELECTOR, '#color-by option[value="cluster"]').click())
-        legend = driver.find_element(By.ID, "legend").text
+        legend = driver.find_element(By.ID, "legend").text  # coloured by cluster first
         assert any(f"{c}: {label}" in legend for c, label in view.labels.items())
+        redraw(driver, lambda: Select(driver.find_element(By.ID, "color-by")).select_by_value("sign"))
+        assert "raises the answer" in driver.find_element(By.ID, "legend").text
         _check_hover_and_click(driver)
         assert not console_errors(driver)
         driver.save_screenshot(str(out / "page.png"))
@@ -197,7 +210,12 @@ def test_prompt_graph_layout_in_the_browser(which, request, tmp_path):
                     "e.g. runs/demo after `make demo`")
 def test_viewer_layout_on_a_given_run(tmp_path):
     """The same checks on every prompt of a real run: ADAG_VIEWER_RUN=runs/demo pytest -k given_run."""
-    _check_viewer_layout(Path(os.environ["ADAG_VIEWER_RUN"]), tmp_path, every_prompt=True)
+    run = Path(os.environ["ADAG_VIEWER_RUN"])
+    _check_viewer_layout(run, tmp_path, every_prompt=True)
+    path, _, _ = write_report(str(run), str(tmp_path / "researcher.html"))
+    with chromium() as driver:
+        for size in SIZES:
+            _check_researcher_view(driver, run, path.as_uri(), size, every_prompt=True)
 
 
 def test_layouts_leave_no_overlaps(crowded, demo_like):
@@ -479,3 +497,366 @@ def test_packaged_schema_matches_the_shared_one():
     if shared.exists():  # beside the checkout in the project's workspace and in CI
         assert json.loads(shared.read_text()) == graph_schema()
     assert graph_schema()["required"] == ["metadata", "qParams", "nodes", "links"]
+
+
+# ---- a viewer researchers can work in ----
+
+SIZES = [(1000, 700), (1400, 900)]
+MIN_DELTA_E = 15.0  # CIEDE2000: clearly different side by side (just noticeable is about 1-2)
+RECT = "(e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; }"
+STATE = "const s = window.adag.state; return [s.prompt, s.cluster, [...s.pins].sort(), s.groups, s.names, s.share]"
+
+
+@pytest.fixture(scope="module")
+def forty(tmp_path_factory):
+    """40 prompts in 20 clusters, demo-shaped otherwise."""
+    path = tmp_path_factory.mktemp("forty") / "run"
+    synthetic_run(path, prompts=40, layers=30, nodes=80, last_share=0.6, length=(36, 44), neurons=200, clusters=20,
+                  edge_density=0.08, labels=[f"{label} ({i})" for i in range(3) for label in LABELS], seed=3)
+    return path
+
+
+def test_palette_colours_stay_apart():
+    # CIEDE2000 against published reference pairs (Sharma, Wu and Dalal 2005, pairs 1, 7, 17 and 25)
+    pairs = [((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425), ((50, 0, 0), (50, -1, 2), 2.3669),
+             ((50, 2.5, 0), (73, 25, -18), 27.1492),
+             ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644)]
+    for a, b, expected in pairs:
+        assert ciede2000(np.array(a), np.array(b)) == pytest.approx(expected, abs=1e-4)
+        assert ciede2000(np.array(b), np.array(a)) == pytest.approx(expected, abs=1e-4)
+    np.testing.assert_allclose(rgb_to_lab(np.ones(3)), [100, 0, 0], atol=1e-3)
+    palette = [cluster_color(c) for c in range(20)]
+    assert len(set(palette)) == 20 and cluster_color(20) == palette[0]
+    lab = rgb_to_lab(np.array([hex_to_rgb(c) for c in palette]))
+    apart = ciede2000(lab[:, None], lab[None, :])
+    np.fill_diagonal(apart, np.inf)
+    assert apart.min() >= MIN_DELTA_E, f"closest clusters {apart.min():.1f} apart"
+    signs = rgb_to_lab(np.array([hex_to_rgb(POSITIVE), hex_to_rgb(NEGATIVE)]))
+    assert ciede2000(lab[:, None], signs[None, :]).min() >= MIN_DELTA_E
+
+
+def _in_view(driver) -> dict:
+    """What of the prompt graph is inside both its scroll box and the window, in page pixels."""
+    return driver.execute_script("""
+      const box = document.getElementById('neurons-scroll').getBoundingClientRect();
+      const frame = [Math.max(box.left, 0), Math.max(box.top, 0), Math.min(box.right, innerWidth),
+                     Math.min(box.bottom, innerHeight)];
+      const rect = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+      const svg = document.getElementById('neurons');
+      return {frame, tokens: [...svg.querySelectorAll('.token-label')].map(rect),
+              logits: [...svg.querySelectorAll('circle[data-kind=logit]')].map(rect),
+              logitLabels: [...svg.querySelectorAll('.logit-label')].map(rect)};""")
+
+
+def _inside(box, frame, slack: float = 1.0) -> bool:
+    return (box[0] >= frame[0] - slack and box[1] >= frame[1] - slack and box[2] <= frame[2] + slack
+            and box[3] <= frame[3] + slack)
+
+
+def _drawn(driver) -> dict:
+    return driver.execute_script("""
+      const svg = document.getElementById('neurons');
+      return {circles: [...svg.querySelectorAll('circle')].map(c => [Number(c.dataset.index), c.dataset.kind,
+                        c.getAttribute('class'), c.dataset.key, c.getAttribute('fill')]),
+              edges: [...svg.querySelectorAll('path.edge')].map(p => [Number(p.dataset.source),
+                                                                      Number(p.dataset.target)])};""")
+
+
+# Per embedded prompt, the drawn target logits that have an edge in the trace but none drawn at the defaults.
+UNEXPLAINED = """
+const data = window.adag.data(), out = {};
+for (const [id, graph] of Object.entries(data.graphs)) {
+  const g = graph.neurons, {shown, edges} = window.adag.visibleGraph(g, data.defaults.share, g.min_weight);
+  const drawn = new Set(edges.map(e => g.edges.target[e])), reached = new Set(g.edges.target);
+  const missing = g.kind.map((k, i) => i).filter(i => g.kind[i] === 'l' && shown[i] && reached.has(i) && !drawn.has(i));
+  if (missing.length) out[id] = missing;
+  if (edges.length >= g.edges.source.length && g.edges.source.length > 10) out[id] = 'nothing pruned';
+}
+return out;
+"""
+
+
+def _shift_click(driver, selector: str) -> None:
+    redraw(driver, lambda: driver.execute_script(
+        "document.querySelector(arguments[0]).dispatchEvent(new MouseEvent('click', {bubbles: true, shiftKey: true}))",
+        selector))
+
+
+def _check_answer_explained(driver, view: RunView, prompt: int) -> None:
+    """Every drawn target logit that has an edge in the trace has one drawn, and the default cutoff does prune."""
+    graph = graph_of(view, prompt)
+    drawn = _drawn(driver)
+    reached = set(graph.edges["target"].tolist())
+    logits = {i for i, kind, *_ in drawn["circles"] if kind == "logit"}
+    assert logits, "the target logits are drawn"
+    explained = {t for _, t in drawn["edges"]}
+    assert {i for i in logits if i in reached} <= explained, f"prompt {prompt}: a shown answer has no edge into it"
+    assert len(drawn["edges"]) < len(graph.edges) or len(graph.edges) < 10
+
+
+def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], every_prompt: bool) -> None:
+    view = RunView.open(run)
+    set_viewport(driver, *size)
+    driver.get("about:blank")
+    open_page(driver, url)
+    assert driver.execute_script("return [innerWidth, innerHeight]") == list(size)
+    options = [int(o.get_attribute("value")) for o in driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")]
+    assert options == sorted(options)  # dataset order
+    unexplained = driver.execute_script(UNEXPLAINED)
+    assert unexplained == {}, f"shown target logits with no edge drawn into them: {unexplained}"
+    for prompt in options[:3] if every_prompt else options[:1]:
+        if prompt != options[0]:
+            redraw(driver, lambda p=prompt: Select(driver.find_element(By.ID, "neuron-prompt")).select_by_value(str(p)))
+        seen = _in_view(driver)
+        assert _inside(seen["tokens"][-1], seen["frame"]), f"prompt {prompt}: last position out of view at {size}"
+        for box in seen["logits"] + seen["logitLabels"]:
+            assert _inside(box, seen["frame"]), f"prompt {prompt}: a top logit is out of view at {size}"
+        _check_answer_explained(driver, view, prompt)
+    prompt = options[1]
+    redraw(driver, lambda: Select(driver.find_element(By.ID, "neuron-prompt")).select_by_value(str(prompt)))
+    payload = prompt_payload(view, prompt)["neurons"]
+    # the largest nodes carry labels that touch nothing
+    shape = geometry(driver, "neurons")
+    node_labels = [t["box"] for t in shape["others"] if t["text"] and "node-label" in t["cls"]]
+    assert node_labels
+    for i, a in enumerate(node_labels):
+        assert not any(_overlap(a, b) for b in node_labels[i + 1:] + [_circle_box(c) for c in shape["circles"]])
+    # a cluster selected anywhere outlines exactly its members in the prompt graph
+    drawn = _drawn(driver)
+    clusters = [payload["cluster"][i] for i, kind, *_ in drawn["circles"] if kind == "neuron"]
+    chosen = max(set(clusters) - {-1}, key=clusters.count)
+    click_cluster(driver, chosen)
+    WebDriverWait(driver, 10).until(lambda d: f":{chosen}:" in d.find_element(By.ID, "neurons")
+                                    .get_attribute("data-drawn"))
+    drawn = _drawn(driver)
+    members = {i for i, kind, cls, *_ in drawn["circles"] if "member" in cls.split()}
+    expected = {i for i, kind, *_ in drawn["circles"] if kind == "neuron" and payload["cluster"][i] == chosen}
+    assert members == expected and members
+    fills = {fill for i, kind, cls, key, fill in drawn["circles"] if i in members}
+    assert fills == {view_color(driver, chosen)}, "the cluster has one colour in both graphs"
+    # arrowheads on every cluster edge
+    heads = driver.execute_script("return [...document.querySelectorAll('#graph path.cluster-edge')]"
+                                  ".map(p => p.getAttribute('marker-end'))")
+    assert heads and all(h in ("url(#arrow-pos)", "url(#arrow-neg)") for h in heads)
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#graph marker path")) == 2
+    # the hover card of the lowest node stays inside the window
+    lowest = max((c for c in driver.find_elements(By.CSS_SELECTOR, '#neurons circle[data-kind="neuron"]')),
+                 key=lambda c: c.rect["y"])
+    ActionChains(driver).move_to_element(lowest).perform()
+    tooltip = driver.find_element(By.ID, "tooltip")
+    WebDriverWait(driver, 10).until(lambda d: tooltip.is_displayed())
+    box = driver.execute_script(f"return ({RECT})(arguments[0])", tooltip)
+    assert _inside(box, [0, 0, *size])
+    assert "cluster" in tooltip.text and "fires on" in tooltip.text
+    # pin a logit and its strongest source, group them, rename the cluster, prune: all in the URL
+    logit = next(i for i, kind, *_ in drawn["circles"] if kind == "logit")
+    sources = [s for s, t in drawn["edges"] if t == logit]
+    _shift_click(driver, f'#neurons circle[data-index="{logit}"]')
+    for source in sources[:2]:
+        _shift_click(driver, f'#neurons circle[data-index="{source}"]')
+    driver.find_element(By.ID, "group-name").send_keys("my answer path")
+    redraw(driver, lambda: driver.find_element(By.ID, "group-pins").click())
+    driver.find_element(By.ID, "rename-input").send_keys("renamed here")
+    redraw(driver, lambda: driver.find_element(By.ID, "rename").click())
+    redraw(driver, lambda: set_range(driver, "prune", 60))
+    saved = driver.execute_script(STATE)
+    assert len(saved[2]) == 1 + len(sources[:2]) and saved[3][0]["name"] == "my answer path"
+    subgraph = driver.execute_script("return window.adag.subgraphJson()")
+    svg = driver.execute_script("return window.adag.subgraphSvg()")
+    url_with_state = driver.current_url
+    assert "#" in url_with_state
+    driver.get("about:blank")
+    open_page(driver, url_with_state)
+    again = driver.execute_script(STATE)
+    assert again == saved
+    pinned = {key for *_, cls, key, _ in _drawn(driver)["circles"] if "pinned" in cls.split()}
+    assert pinned == set(saved[2])
+    assert driver.find_element(By.ID, "panel-label").text == "renamed here"
+    assert driver.find_elements(By.CSS_SELECTOR, "#neurons .group-label")
+    # the saved subgraph is a Neuronpedia graph, as `adag export` writes, of the pinned nodes
+    jsonschema.validate(subgraph, graph_schema())
+    full = neuronpedia_graph(str(run), prompt)
+    ids = {n["node_id"] for n in full["nodes"]}
+    assert {n["node_id"] for n in subgraph["nodes"]} <= ids and len(subgraph["nodes"]) == len(saved[2])
+    weights = {(link["source"], link["target"]): link["weight"] for link in full["links"]}
+    assert subgraph["links"]
+    for link in subgraph["links"]:
+        assert link["weight"] == pytest.approx(weights[(link["source"], link["target"])], rel=1e-3)
+    assert subgraph["qParams"]["supernodes"][0][0] == "my answer path"
+    assert sorted(subgraph["qParams"]["pinnedIds"]) == sorted(n["node_id"] for n in subgraph["nodes"])
+    from xml.etree import ElementTree
+    assert len(ElementTree.fromstring(svg).findall(".//{http://www.w3.org/2000/svg}circle")) == len(saved[2])
+    assert not console_errors(driver)
+
+
+def view_color(driver, cluster: int) -> str:
+    return driver.find_element(By.CSS_SELECTOR, f'#graph g.cluster-node[data-cluster="{cluster}"] circle'
+                               ).get_attribute("fill")
+
+
+@pytest.mark.parametrize("which", ["demo_like", "forty"])
+def test_viewer_researchers_can_work_in(which, request, tmp_path):
+    """At 1000x700 and 1400x900: the answer in view, explained, linked selection, state in the URL, saved subgraph."""
+    run = request.getfixturevalue(which)
+    path, _, _ = write_report(str(run), str(tmp_path / "report.html"))
+    with chromium() as driver:
+        for n, size in enumerate(SIZES):
+            _check_researcher_view(driver, run, path.as_uri(), size, every_prompt=n == 0)
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        _not_blank(str(tmp_path / "page.png"))
+
+
+def _post(server, body: bytes, kind: str = "application/json", host: str | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=120)
+    headers = {"Content-Type": kind, "Host": host or f"127.0.0.1:{server.server_port}"}
+    connection.request("POST", "/api/steer", body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def _outside_address() -> str | None:
+    """An address of this machine other than loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture(scope="module")
+def builtin_run(builtin, tmp_path_factory):
+    """One prompt traced with the built-in model (no edges, a high threshold: quick) and clustered."""
+    path = tmp_path_factory.mktemp("builtin-run") / "run"
+    trace_dataset(builtin, load_dataset("country-capitals", limit=1), TraceConfig(threshold=0.05, edges=False), path,
+                  progress=False)
+    cluster_run(str(path), ClusterConfig(k=2))
+    return path
+
+
+@pytest.mark.builtin
+def test_steer_from_the_served_page(builtin, builtin_run):
+    loads = []
+    server = serve_in_background(str(builtin_run), load_model=lambda: loads.append(1) or builtin)
+    try:
+        assert server.server_address[0] == "127.0.0.1"  # loopback unless --host says otherwise
+        outside = _outside_address()
+        if outside is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((outside, server.server_port), timeout=5).close()
+        assert not loads  # loaded on first use
+        view = RunView.open(builtin_run)
+        cluster = int(view.clusters.sort_values("size").iloc[-1]["cluster"])
+        status, body = _post(server, json.dumps({"prompt": 0, "cluster": cluster, "multiplier": 1}).encode())
+        assert status == 200, body
+        same = json.loads(body)
+        assert same["baseline"] == same["steered"] and len(same["baseline"]) == 10
+        assert same["baseline"][0]["token"] == prompt_row(view, 0)["target_tokens"][0]
+        status, body = _post(server, json.dumps({"prompt": 0, "cluster": cluster, "multiplier": 0}).encode())
+        ablated = json.loads(body)
+        before = {t["token"]: t["prob"] for t in ablated["baseline"]}
+        after = {t["token"]: t["prob"] for t in ablated["steered"]}
+        assert ablated["baseline"] == same["baseline"]
+        assert max(abs(before[t] - after.get(t, 0.0)) for t in before) > 1e-3, "ablating a traced cluster moves it"
+        nodes = view.nodes_by_prompt[0][["layer", "position", "neuron"]].head(20).to_numpy().tolist()
+        status, body = _post(server, json.dumps({"prompt": 0, "nodes": nodes, "multiplier": 0}).encode())
+        assert status == 200 and json.loads(body)["steered"] != same["steered"]
+        assert loads == [1]  # loaded once
+        bad = [({"prompt": 999, "cluster": cluster, "multiplier": 0}, "no prompt 999"),
+               ({"prompt": 0, "cluster": 999, "multiplier": 0}, "no cluster 999"),
+               ({"prompt": 0, "cluster": cluster, "multiplier": float("nan")}, "finite"),
+               ({"prompt": 0, "cluster": cluster, "multiplier": 1e6}, "finite"),
+               ({"prompt": 0, "cluster": cluster, "multiplier": "2"}, "finite"),
+               ({"prompt": 0, "multiplier": 0}, "either"),
+               ({"prompt": 0, "cluster": cluster, "nodes": nodes, "multiplier": 0}, "either"),
+               ({"prompt": 0, "nodes": [[99, 0, 0]], "multiplier": 0}, "layer 99 is out of range"),
+               ({"prompt": 0, "cluster": cluster, "multiplier": 0, "extra": 1}, "unknown field")]
+        for request, message in bad:
+            status, body = _post(server, json.dumps(request).encode())
+            assert status == 400 and message in body.decode() and body.decode().count("\n") == 1, (request, body)
+        for body, kind, message in [(b"{not json", "application/json", "not JSON"),
+                                    (b" " * 70_000, "application/json", "over the limit"),
+                                    (b'{"prompt": 0}', "text/plain", "application/json")]:
+            status, answer = _post(server, body, kind)
+            assert status == 400 and message in answer.decode() and answer.decode().count("\n") == 1
+        assert _post(server, b"{}", host="evil.example")[0] == 403
+        with chromium() as driver:  # the page's steer box, on the same server
+            open_page(driver, f"http://127.0.0.1:{server.server_port}/")
+            click_cluster(driver, cluster)
+            driver.find_element(By.ID, "steer-multiplier").clear()
+            driver.find_element(By.ID, "steer-multiplier").send_keys("0")
+            driver.find_element(By.ID, "steer-run").click()
+            WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-steered tr"))
+            rows = driver.find_elements(By.CSS_SELECTOR, "#steer-baseline tr")
+            assert len(rows) == 11 and [r.text for r in rows[1:]] != [
+                r.text for r in driver.find_elements(By.CSS_SELECTOR, "#steer-steered tr")[1:]]
+            assert not console_errors(driver)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+LONG_EXCERPT = ["<|im_start|>", "system", "\n", "You", " are"] * 6 + [" the", " capital", " ", " of", "\n", " France"]
+
+
+@pytest.fixture(scope="module")
+def with_facts(tmp_path_factory):
+    """A run whose descriptions carry the describe stage's cross-prompt facts and the excerpts its explainer saw."""
+    long = LONG_EXCERPT
+    path = tmp_path_factory.mktemp("facts") / "run"
+    run = synthetic_run(path, prompts=3, layers=8, nodes=60, length=(30, 34), neurons=40, clusters=3, labels=LABELS)
+    table = run.read_table("describe", "descriptions")
+    shown = [{"prompt": 2, "part": "input+", "tokens": long, "values": [0.0] * 31 + [0.9, 0.0, 0.5, 0.0, 0.0],
+              "highlight": [False] * 31 + [True, False, True, False, False]},
+             {"prompt": 1, "part": "output", "tokens": [" Paris", " Rome"], "values": [1.2, -0.3],
+              "highlight": [True, True]}]
+    table["facts"] = [[f"fires at the last position in {c + 1} of 3 prompts", "layers 2-5"] for c in table["cluster"]]
+    table["exemplars"] = json.dumps(shown)
+    config = DescribeConfig.model_construct(explainer="synthetic", simulator="synthetic")
+    with writing(run, DESCRIBE_STAGE, config, "synthetic") as (_, stage):
+        stage.write_table("descriptions", table)
+    return path
+
+
+def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, tmp_path):
+    view = RunView.open(with_facts)
+    item = next(c for c in run_payload(view, [])["clusters"] if c["id"] == 0)
+    assert item["facts"] == ["fires at the last position in 1 of 3 prompts", "layers 2-5"]
+    first = item["exemplars"][0]
+    assert first["prompt"] == 2 and first["cut"] == [True, False]  # the system prompt is left out
+    assert first["tokens"] == LONG_EXCERPT[25:]  # 6 tokens of context before the first highlighted one
+    assert [t for t, h in zip(first["tokens"], first["highlight"]) if h] == [" capital", " of"]
+    assert item["exemplars"][1]["part"] == "output"
+    # without the describe stage's excerpts: the few largest tokens, with context, the rest cut
+    values = np.r_[np.full(31, 0.5), 9.0, 0.0, 4.0, 3.0, 2.0]
+    made = compact_excerpt(7, "input+", LONG_EXCERPT, values)
+    assert [t for t, h in zip(made["tokens"], made["highlight"]) if h] == [" capital", " of", "\n"]
+    assert made["cut"] == [True, False] and made["tokens"] == LONG_EXCERPT[25:] and made["prompt"] == 7
+    without = next(c for c in run_payload(RunView.open(demo_like), [])["clusters"] if c["id"] == 0)
+    assert "facts" not in without and without["exemplars"] and all("cut" in e for e in without["exemplars"])
+    path, _, _ = write_report(str(with_facts), str(tmp_path / "report.html"))
+    with chromium() as driver:
+        set_viewport(driver, 1000, 700)
+        open_page(driver, path.as_uri())
+        click_cluster(driver, 0)
+        assert [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#facts li")] == item["facts"]
+        excerpts = driver.find_elements(By.CSS_SELECTOR, "#exemplars .exemplar")
+        assert excerpts[0].text.startswith("prompt 2") and "\u2423" in excerpts[0].text and "0.90" in excerpts[0].text
+        assert "output" in excerpts[1].text
+        counted = driver.find_element(By.ID, "members-count").text
+        members = len(item["members"])
+        assert counted == f"showing {min(members, 25)} of {members}"
+        if members > 25:
+            driver.find_element(By.ID, "show-all-members").click()
+            assert driver.find_element(By.ID, "members-count").text == f"showing {members} of {members}"
+            assert len(driver.find_elements(By.CSS_SELECTOR, "#members tr")) == members + 1
+        assert "adag serve" in driver.find_element(By.ID, "steer-note").text
+        first_excerpt = driver.find_element(By.CSS_SELECTOR, "#exemplars .exemplar")  # the panel was redrawn
+        redraw(driver, first_excerpt.click)  # an exemplar opens its prompt
+        assert driver.execute_script("return window.adag.state.prompt") == 2
+        assert Select(driver.find_element(By.ID, "neuron-prompt")).first_selected_option.get_attribute("value") == "2"
+        driver.find_element(By.ID, "prompt-search").send_keys("no such text at all")
+        options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
+        assert [o.get_attribute("value") for o in options] == ["2"]  # the open prompt stays listed
+        assert not console_errors(driver)

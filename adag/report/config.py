@@ -13,8 +13,9 @@ from adag.settings import Settings, only_with
 
 DEFAULT_PROMPTS = 50  # prompt graphs a report embeds
 DEFAULT_SHARE = 0.8  # of the attribution carried by the neurons drawn (viewer and figures)
-DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn
+DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn in figures
 REPORT_FORMATS, EXPORT_FORMATS, FIGURE_FORMATS = (".html", ".htm"), (".json",), (".svg", ".png", ".pdf")
+DEFAULT_EDGE_SHARE = 0.05  # the viewer first draws edges with |weight| at least this share of the graph's largest
 
 
 class ReportConfig(Settings):

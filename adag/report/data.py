@@ -3,8 +3,6 @@ JSON-able dicts."""
 
 from __future__ import annotations
 
-import base64
-import colorsys
 import json
 from typing import Any
 
@@ -13,14 +11,18 @@ import pandas as pd
 
 from adag.describe.records import load_cluster_records
 from adag.errors import AdagError
-from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE
+from adag.report.config import DEFAULT_EDGE_SHARE, DEFAULT_SHARE
 from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
 from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
+from adag.report.palette import NEGATIVE, POSITIVE, cluster_color
 from adag.report.study import study_payload
 from adag.view import RunView
 
 EXEMPLARS = 5
 PUSHED = 8
+CONTEXT = 6  # tokens of context kept on each side of an exemplar's highlighted tokens
+HIGHLIGHT = 0.25  # a token is highlighted when its value is at least this share of the excerpt's largest,
+HIGHLIGHTED = 4  # and among its this many largest
 EDGE_COLUMNS = ["prompt", "source_kind", "source", "target_kind", "target", "weight", "attribution"]
 KIND_CODES = {"embedding": "e", "neuron": "n", "supernode": "s", "logit": "l"}
 
@@ -58,12 +60,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def cluster_color(cluster: int) -> str:
-    """A distinct colour per cluster: hues a golden angle apart."""
-    red, green, blue = colorsys.hls_to_rgb((0.55 + cluster * 0.381966) % 1.0, 0.5, 0.65)
-    return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
-
-
 def _total_attribution(view: RunView) -> pd.Series:
     """Each prompt's summed |attribution| over its nodes."""
     nodes = view.node_keys
@@ -91,14 +87,16 @@ def run_payload(view: RunView, graph_prompts: list[int]) -> dict:
     view.require("cluster")
     totals = _total_attribution(view)
     embedded = set(graph_prompts)
-    prompts = [{"id": int(p.prompt), "text": p.text, "metric": float(p.metric),
+    prompts = [{"id": int(p.prompt), "text": p.text, "metric": float(p.metric), "tokens": [str(t) for t in p.tokens],
+                "token_ids": [int(t) for t in p.token_ids], "target_ids": [int(t) for t in p.target_ids],
                 "total_attribution": float(totals.get(p.prompt, 0.0)), "embedded": int(p.prompt) in embedded,
                 "targets": [{"token": t, "logit": float(logit), "probability": float(prob)}
                             for t, logit, prob in zip(p.target_tokens, p.target_logits, p.target_probs)]}
                for p in view.prompts.itertuples()]
     return _clean({
         "run": {"model": view.model, "dataset": view.dataset, "prompts": len(prompts), "embedded": len(embedded)},
-        "defaults": {"share": DEFAULT_SHARE, "min_weight": DEFAULT_MIN_WEIGHT},
+        "defaults": {"share": DEFAULT_SHARE, "edge_share": DEFAULT_EDGE_SHARE},
+        "colors": {"positive": POSITIVE, "negative": NEGATIVE},
         "prompts": prompts,
         "clusters": _cluster_items(view),
         "cluster_graph": _cluster_graph(view),
@@ -117,7 +115,6 @@ def _cluster_items(view: RunView) -> list[dict]:
     for record in controls.to_dict("records") if controls is not None else []:
         control_of.setdefault(int(record["cluster"]), []).append(record)
     inputs, outputs = load_cluster_records(view)
-    texts = view.prompt_text
     items = []
     for row in view.clusters.itertuples():
         c = int(row.cluster)
@@ -128,22 +125,55 @@ def _cluster_items(view: RunView) -> list[dict]:
             item.update({key: d[key] for key in ("status", "failure", "input_description", "input_score",
                                                  "negative_input_description", "negative_input_score",
                                                  "output_description", "output_score")})
-        records = sorted(inputs.get(c, []), key=lambda r: -float(r.values.max(initial=0)))[:EXEMPLARS]
-        item["exemplars"] = [{"prompt": r.prompt, "text": texts[r.prompt], "tokens": r.tokens,
-                              "values": r.values.round(4).tolist()} for r in records]
+            item.update(_described_extras(d))
+        if "exemplars" not in item:
+            records = sorted(inputs.get(c, []), key=lambda r: -float(r.values.max(initial=0)))[:EXEMPLARS]
+            item["exemplars"] = [compact_excerpt(r.prompt, "input+", r.tokens, r.values) for r in records]
         item["pushed"], item["suppressed"] = _pushed(outputs.get(c, []))
         members = members_of[c].sort_values("attribution", key=abs, ascending=False)
         item["members"] = members[["layer", "neuron", "polarity", "attribution"]].round(4).to_dict("records")
         if steering is not None:
             swept = steering_of.get(c, steering.iloc[:0])
             item["steering"] = swept[["multiplier", "p_top", "measure", "kl"]].to_dict("records")
-            plot = view.path / "steer" / "plots" / f"cluster-{c:03d}.png"
-            if plot.exists():
-                item["steering_plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
         if c in control_of:
             item["controls"] = control_of[c]
         items.append(item)
     return items
+
+
+def compact_excerpt(prompt: int, part: str, tokens: list[str], values, highlight: list[bool] | None = None) -> dict:
+    """An excerpt cut to its highlighted tokens with CONTEXT tokens either side (the rest of a long
+    chat prompt, such as its system prompt, is left out and marked `cut`)."""
+    values = np.nan_to_num(np.asarray(values, float))
+    if highlight is None:
+        strength = np.abs(values)
+        largest = np.argsort(-strength, kind="stable")[:HIGHLIGHTED]
+        highlight = np.zeros(len(values), bool)
+        highlight[largest] = strength[largest] >= HIGHLIGHT * max(float(strength.max(initial=0.0)), 1e-12)
+        highlight = highlight.tolist()
+    lit = np.flatnonzero(highlight)
+    start, end = (max(0, lit[0] - CONTEXT), min(len(tokens), lit[-1] + CONTEXT + 1)) if len(lit) else (0, len(tokens))
+    return {"prompt": int(prompt), "part": part, "tokens": [str(t) for t in tokens[start:end]],
+            "values": [round(float(v), 4) for v in values[start:end]],
+            "highlight": [bool(h) for h in highlight[start:end]], "cut": [start > 0, end < len(tokens)]}
+
+
+def _described_extras(row: pd.Series) -> dict:
+    """The describe stage's cross-prompt facts and the excerpts its explainer saw, where it wrote them."""
+    extras: dict[str, Any] = {}
+    facts = row.get("facts")
+    if facts is not None and not (isinstance(facts, float) and np.isnan(facts)):
+        extras["facts"] = [str(f) for f in facts]
+    raw = row.get("exemplars")
+    if isinstance(raw, str) and raw:
+        try:
+            shown = json.loads(raw)
+        except ValueError:
+            shown = []
+        extras["exemplars"] = [compact_excerpt(e["prompt"], e.get("part", "input+"), e["tokens"], e["values"],
+                                               e.get("highlight")) for e in shown
+                               if isinstance(e, dict) and {"prompt", "tokens", "values"} <= e.keys()]
+    return extras
 
 
 def _pushed(records) -> tuple[list, list]:
@@ -209,8 +239,16 @@ def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> di
         "neuron": nodes["neuron"].astype(int).tolist(), "activation": round_significant(nodes["activation"], 4),
         "attribution": round_significant(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
         "members": nodes["members"].astype(int).tolist(), "prune": round_significant(pruning_order(graph), 4),
-        "edges": edges, "layout": layout.to_json(),
+        "min_weight": default_min_weight(graph), "edges": edges, "layout": layout.to_json(),
     }
+
+
+def default_min_weight(graph: PromptGraph) -> float:
+    """The edge cutoff a graph opens with: DEFAULT_EDGE_SHARE of its largest |weight|, so that graphs
+    with weak edges throughout still show their strongest paths (the viewer also keeps every drawn
+    node's strongest incoming edge)."""
+    weights = np.abs(graph.edges["weight"].to_numpy(float))
+    return float(round_significant([DEFAULT_EDGE_SHARE * weights.max(initial=0.0)], 2)[0])
 
 
 def prompt_payload(view: RunView, prompt: int) -> dict:
@@ -219,7 +257,7 @@ def prompt_payload(view: RunView, prompt: int) -> dict:
     graph = graph_of(view, prompt)
     layout = prompt_layout(graph)
     supernodes = collapse_clusters(graph)
-    return {"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, False),
+    return {"prompt": prompt, "tokens": graph.tokens, "neurons": graph_json(graph, layout, True),
             "supernodes": graph_json(supernodes, prompt_layout(supernodes, grid=layout.grid), True)}
 
 

@@ -17,13 +17,14 @@ from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, FIGURE_FORMATS
 from adag.report.data import cluster_color, dataset_cluster_layout, graph_of
 from adag.report.graph import PromptGraph, collapse_clusters, pruning_order
 from adag.report.layout import FONT, LEFT, Label, Layout, prompt_layout
+from adag.report.palette import NEGATIVE, POSITIVE
 from adag.view import RunView
 
-BLUE, RED, GREY, LIGHT = "#3b7dd8", "#d84b3b", "#9aa3ad", "#ccccdd"
+GREY, LIGHT = "#9aa3ad", "#ccccdd"
 
 
 def _sign(value: float) -> str:
-    return BLUE if value >= 0 else RED
+    return POSITIVE if value >= 0 else NEGATIVE
 
 
 def _canvas(layout: Layout) -> tuple[Figure, object]:

@@ -12,6 +12,7 @@ import logging
 import re
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,7 @@ from adag.outputs import output_file, write
 from adag.pipeline import writing
 from adag.report.config import REPORT_FORMATS, REPORT_STAGE, ReportConfig
 from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
+from adag.report.steering import MAX_BODY, Steerer, SteerRequestError
 from adag.store import atomic_write_bytes
 from adag.view import RunView
 
@@ -144,11 +146,14 @@ def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thre
     return server
 
 
-def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server for the viewer: the page at /, the run's cluster views at /api/data and each
-    prompt's attribution graph at /api/prompt/ID, computed when first asked for."""
+def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                load_model: Callable | None = None) -> ThreadingHTTPServer:
+    """An HTTP server for the viewer: the page at /, the run's cluster views at /api/data, each
+    prompt's attribution graph at /api/prompt/ID, computed when first asked for, and steering at
+    POST /api/steer (the run's model, or `load_model()`, loaded on the first steer request)."""
     check_port(port)
     view = RunView.open(run_dir)
+    steerer = Steerer(view, load_model)
     data = json.dumps(run_payload(view, [])).encode("utf-8")
     for grouped in ("nodes_by_prompt", "embeddings_by_prompt", "edges_by_prompt"):  # once, before serving
         getattr(view, grouped)
@@ -182,6 +187,35 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) 
             else:
                 self.send_error(404)
 
+        def do_POST(self):  # noqa: N802 - http.server naming
+            if not allowed_host(self.headers.get("Host"), host):
+                self.send_error(403, "unexpected Host header")
+                return
+            if urlsplit(self.path).path != "/api/steer":
+                self.send_error(404)
+                return
+            try:
+                request = steerer.parse(self._body())
+            except SteerRequestError as error:
+                self._send(f"{error}\n".encode(), "text/plain; charset=utf-8", 400)
+                return
+            self._send(json.dumps(steerer(request)).encode("utf-8"), "application/json")
+
+        def _body(self) -> bytes:
+            """The request body, refused unless it is JSON (which a page of another site cannot send
+            here without asking first) of a stated length within MAX_BODY."""
+            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+                raise SteerRequestError("send the request as Content-Type: application/json")
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise SteerRequestError("the request needs a Content-Length header") from None
+            if not 0 <= length <= MAX_BODY:
+                self.close_connection = True  # the unread body must not be taken for the next request
+                raise SteerRequestError(f"request body of {length} bytes is over the limit of {MAX_BODY}; "
+                                        "name fewer nodes, or steer a cluster")
+            return self.rfile.read(length)
+
         def end_headers(self) -> None:
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("X-Frame-Options", "DENY")
@@ -189,8 +223,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) 
             self.send_header("Referrer-Policy", "no-referrer")
             super().end_headers()
 
-        def _send(self, body: bytes, kind: str) -> None:
-            self.send_response(200)
+        def _send(self, body: bytes, kind: str, status: int = 200) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -202,7 +236,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) 
     return _listen(host, port, Handler)
 
 
-def serve_in_background(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    server = make_server(run_dir, host, port)
+def serve_in_background(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
+                        load_model: Callable | None = None) -> ThreadingHTTPServer:
+    server = make_server(run_dir, host, port, load_model)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
