@@ -69,7 +69,7 @@ class Completion:
 class Simulation:
     """A simulator's task: predict 0-10 per unit (a record's tokens, or a prompt's candidate next tokens)."""
 
-    kind: Literal["input", "output"]
+    kind: Literal["input", "negative", "output"]  # negative: how much each token suppresses the group
     description: str
     units: tuple[str, ...]
     prompt: str = ""  # outputs: the prompt the candidate tokens would follow
@@ -368,7 +368,7 @@ class EmbeddingSimulator(Backend):
         best of 1-3 tokens) with Y, and both must match (the similarities, clipped at 0, multiply).
         Outputs: 5 + 5 * (the best-matching promoting clause minus the best-matching suppressing one)."""
         tokens = list(simulation.units)
-        if simulation.kind == "input":
+        if simulation.kind != "output":
             head, *context = self.CONTEXT.split(simulation.description)
             match = np.clip(self.similarity(tokens, head.strip() or simulation.description), 0, 1)
             for word, text in zip(context[0::2], context[1::2]):
