@@ -41,7 +41,6 @@ from adag.describe.records import (
     Record,
     exemplar_pool,
     highlight,
-    load_cluster_records,
     normalised_scores,
     quantile_walk_threshold,
     shown_start,
@@ -142,7 +141,7 @@ def test_stats_explainer_names_the_role_weighted_by_values_and_its_constant_cont
     # "?" is highlighted in every excerpt (a template token) but weakly: the varying slot is named first.
     excerpts = [excerpt(" France"), excerpt(" Japan"), excerpt(" Peru", 4.0)]
     assert StatsExplainer().describe("input", excerpts, 0, 0) == \
-        'the filled slot (tokens that vary across prompts; top in 3/3 prompts; e.g. " France", " Japan", " Peru") ' \
+        'the filled slot " France", " Japan", " Peru" (tokens that vary across prompts; top in 3/3 prompts) ' \
         'after "capital of"'
 
 
@@ -150,7 +149,8 @@ def _target_excerpts(n: int, answer_push: float, the_push: float) -> list[Target
     """n prompts, each with its own answer (a candidate once only) and ' The' everywhere, in logits."""
     words = [f" w{i}" for i in range(n)]
     return [TargetExcerpt(f"Say {w}? Reply:", [f" a{i}", w, " The"], np.zeros(3),
-                          np.array([answer_push, 0.0, the_push]) * (1 + 0.1 * i), ["answer", "slot:word", "token: The"], i)
+                          np.array([answer_push, 0.0, the_push]) * (1 + 0.1 * i),
+                          ["answer", "slot:word", "token: The"], i)
             for i, w in enumerate(words)]
 
 
@@ -158,17 +158,16 @@ def test_output_description_holds_across_prompts_not_per_target_string():
     """Cause 3: the list of promoted targets averaged per string, and each answer occurs in one prompt, so
     it listed the top prompt's candidates. Now effects are grouped by role across prompts, in logits."""
     text = StatsExplainer().describe("output", _target_excerpts(8, 3.0, -1.0), 0, 0)
-    assert text.startswith("raises the answer (") and "over the other candidates in 8/8 prompts" in text, text
-    assert 'lowers " The" over the other candidates in 8/8 prompts' in text and "logits" in text
-    assert " a7" not in text.split("e.g.")[0]
+    assert text.startswith('raises the answer " a7", " a6", " a5" over the other candidates (in 8/8 prompts, mean +')
+    assert 'lowers " The" over the other candidates (in 8/8 prompts, mean -' in text and "logits)" in text
 
 
 def test_labels_come_from_roles_and_say_the_sign_once():
     """Cause 5 and the label rule: same inputs with opposite outputs get opposite labels, never a double
     negation; an explainer whose label already says 'suppress' gets no not[...] around it."""
     def inputs(n):
-        return [Excerpt(["Say", " w", "?"], np.array([0, 1, 0], bool), np.array([0, 3.0, 0]), ["template:Say", "slot:word",
-                                                                                         "template:?"], i)
+        roles = ["template:Say", "slot:word", "template:?"]
+        return [Excerpt(["Say", " w", "?"], np.array([0, 1, 0], bool), np.array([0, 3.0, 0]), roles, i)
                 for i in range(n)]
 
     up = StatsExplainer().label({}, {"input": inputs(8), "output": _target_excerpts(8, 3.0, 0.0)}, 0)
@@ -422,7 +421,7 @@ def test_offline_default_labels_name_roles_and_rows_hold_facts_and_exemplars(clu
     strings = [*view.prompts["tokens"], *view.prompts["target_tokens"]]
     template = {w for tokens in strings for t in tokens for w in label_words(t)}
     allowed = template | {"country", "answer", "all", "candidates", "slot", "system", "prompt", "cue", "over", "->"}
-    for cluster, row in table.iterrows():
+    for _, row in table.iterrows():
         label = re.sub(r"^not\[(.*)\]$", r"\1", row["label"])
         assert "not[" not in label and set(label.split()) <= allowed, label
         assert not re.search(r"\bgroup of\b|\bneurons?\b", label), label
@@ -613,7 +612,7 @@ def _synthetic_run():
                         "n_tokens": len(tokens), "metric": 12.0, "target_tokens": targets,
                         "target_logits": logits.tolist()})
 
-        def node(layer, neuron, activation, inputs: dict, effects, position=last):
+        def node(layer, neuron, activation, inputs: dict, effects, position=last, p=p, tokens=tokens, logits=logits):
             share = np.zeros(len(tokens))
             for at, raw in inputs.items():
                 share[at] = raw / activation
@@ -648,13 +647,35 @@ def test_synthetic_run_with_known_roles_gets_role_labels_and_cross_prompt_facts(
     assert labels == {0: "word -> answer", 1: "not[word -> answer]", 2: "answer -> all candidates",
                       3: "not[word -> the]"}, labels
     lines = {c: "\n".join(f.lines()) for c, f in facts.items()}
-    assert 'the word (filled slot; top input in 8/8 prompts' in lines[0] and '" sun"' in lines[0]
+    assert 'the word " sun", " book", " bread" (filled slot; top input in 8/8 prompts' in lines[0]
     assert "top input in 8/8 prompts" in lines[2] and 'template token "Answer"' in lines[2]
     assert "100% of its nodes at the last position" in lines[0] and "0% of its nodes at the last" in lines[3]
     assert "layers 5-6" in lines[0] and "3 half-neurons" in lines[0]
-    assert "raises the answer (" in lines[0] and "over the other candidates in 8/8 prompts, mean +" in lines[0]
-    assert "over the word (filled slot) in 8/8 prompts" in lines[0] and "logits" in lines[0]
-    assert "raises all candidates together in 8/8 prompts" in lines[2]
-    assert 'lowers " The" over the other candidates in 8/8 prompts' in lines[3]
+    assert 'raises the answer " soleil", " livre", " pain" over the other candidates (in 8/8 prompts, mean +' in lines[0]
+    assert "over the word (filled slot) (in 8/8 prompts" in lines[0] and "logits)" in lines[0]
+    assert "raises all candidates together (in 8/8 prompts" in lines[2]
+    assert 'lowers " The" over the other candidates (in 8/8 prompts' in lines[3]
     assert "nearest: cluster 1" in lines[0] and "the opposite output effect" in lines[0]
     assert "per prompt on the traced metric (positive in 0/8 prompts" in lines[1]
+
+
+def test_builtin_run_descriptions_state_coverage_position_layers_and_logit_effects(builtin, tmp_path, monkeypatch):
+    """A small traced and clustered run of the built-in model, described offline: each stored row says
+    what holds across prompts (coverage n/N, position structure, layer range, effects in logits), its
+    output excerpts end in the seed response, and its label is built from roles."""
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
+    path = tmp_path / "run"
+    # Few prompts and nodes: tracing the real model dominates this test's time.
+    trace_dataset(builtin, load_dataset("country-capitals", limit=2),
+                  TraceConfig(selection="topk", top_nodes=24, edges=False), path, progress=False)
+    cluster_run(str(path), ClusterConfig(k=3))
+    describe_run(str(path), DescribeConfig(), progress=False)
+    table = RunDir.open(path).read_table("describe", "descriptions")
+    assert len(table) == 3 and (table["status"] == "ok").all()
+    for row in table.itertuples():
+        text = "\n".join(row.facts)
+        assert re.search(r"top input in \d/[12] prompts", text), text
+        assert re.search(r"\d+% of its nodes at the last position; \d+% of their input from their own position", text)
+        assert re.search(r"layers: layers \d+-\d+", text) and "logits" in text and "traced metric" in text, text
+        assert "logits" in (row.output_description or "") or "no output effect" in text, row.output_description
+        assert not re.search(r"not\[.*(not|suppress)", row.label), row.label

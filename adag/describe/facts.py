@@ -120,17 +120,18 @@ def label_words(token: str) -> list[str]:
 
 
 def role_phrase(role: str, examples: list[str] | None = None, note: str = "") -> str:
-    """A role in words, with a note (e.g. its coverage) and example token strings where they help."""
-    shown = ", ".join(name_of(e) for e in (examples or [])[:3])
+    """A role in words with example token strings, then what it is and a note (e.g. its coverage) in
+    parentheses: 'the country " France", " Japan" (filled slot; top input in 8/8 prompts)'."""
     kind, _, detail = role.partition(":")
     if kind == "token":
         return name_of(detail)
     name = {"slot": f"the {detail}" if detail else "the filled slot", "system": "the system prompt",
             "template": f"the template token {name_of(detail)}"}.get(kind, f"the {kind}")
+    if examples and kind not in ("template", "system"):
+        name += " " + ", ".join(name_of(e) for e in examples[:3])
     what = {"slot": "filled slot" if detail else "tokens that vary across prompts",
             "template": "in every prompt"}.get(kind, "")
-    inside = [part for part in (what, note, f"e.g. {shown}" if shown and kind not in ("template", "system") else "")
-              if part]
+    inside = [part for part in (what, note) if part]
     return f"{name} ({'; '.join(inside)})" if inside else name
 
 
@@ -206,7 +207,7 @@ def effects(records: list[tuple[list[str], list[str], np.ndarray]], total_prompt
         if len(values) > 1 and abs(values.mean()) > UNIFORM * values.std():
             samples[("", "all")].append(float(values.mean()))
         for i, (target, role) in enumerate(zip(targets, roles)):
-            strings[role][target] += 1
+            strings[role][target] += abs(float(values[i]))
             if len(values) > 1:
                 samples[(role, "others")].append(float(values[i] - np.delete(values, i).mean()))
         for i, role in enumerate(roles):
@@ -226,12 +227,11 @@ def effects(records: list[tuple[list[str], list[str], np.ndarray]], total_prompt
 
 def effect_phrase(effect: Effect) -> str:
     verb = "raises" if effect.sign > 0 else "lowers"
+    where = f"(in {effect.agree}/{effect.prompts} prompts, mean {effect.mean:+.2f} logits)"
     if effect.over == "all":
-        return (f"{verb} all candidates together in {effect.agree}/{effect.prompts} prompts, "
-                f"mean {effect.mean:+.2f} logits")
-    what = role_phrase(effect.role, effect.examples if effect.role == "answer" else None)
+        return f"{verb} all candidates together {where}"
     over = "the other candidates" if effect.over == "others" else role_phrase(effect.over)
-    return f"{verb} {what} over {over} in {effect.agree}/{effect.prompts} prompts, mean {effect.mean:+.2f} logits"
+    return f"{verb} {role_phrase(effect.role, effect.examples)} over {over} {where}"
 
 
 @dataclass
@@ -351,9 +351,9 @@ def _contrast(facts: dict[int, ClusterFacts]) -> None:
         mine, theirs = facts[cluster].outputs[:1], facts[other].outputs[:1]
         if mine and theirs and mine[0].role == theirs[0].role and mine[0].over == theirs[0].over:
             how = ("the same output effect" if mine[0].sign == theirs[0].sign else
-                   f"the opposite output effect (it {effect_phrase(theirs[0]).split(' in ')[0]})")
+                   f"the opposite output effect: it {effect_phrase(theirs[0])}")
         elif theirs:
-            how = f"a different output effect (it {effect_phrase(theirs[0]).split(' in ')[0]})"
+            how = f"a different output effect: it {effect_phrase(theirs[0])}"
         else:
             how = "no consistent output effect"
         facts[cluster].nearest = (f"cluster {other} reads the most similar inputs (similarity "

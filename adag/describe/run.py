@@ -198,31 +198,41 @@ def exemplars(shown: dict[str, list]) -> list[dict]:
 
 def input_split(records: list[Record], config: DescribeConfig,
                 roles: Roles | None = None) -> tuple[list[Excerpt], HeldOut]:
-    """Highlighted excerpts for the explainer and held-out records for scoring (none without values). The
-    highlight threshold is computed on the explainer's records alone; each excerpt shows at least its
-    top token."""
+    """Highlighted excerpts for the explainer and held-out records for scoring (none without values)."""
     if not any(r.values.max(initial=0) > 0 for r in records):
         return [], HeldOut([], [])
     explain, held_out = exemplar_pool(records, config.top_records, config.random_records, config.seed)
+    return input_excerpts(explain, config, roles), HeldOut([r.tokens for r in held_out], [r.values for r in held_out])
+
+
+def input_excerpts(explain: list[Record], config: DescribeConfig, roles: Roles | None = None) -> list[Excerpt]:
+    """The explainer's records, highlighted: the threshold is computed on these records alone, and each
+    excerpt shows at least its top token."""
     if config.highlight == "quantile":
         masks = quantile_masks(explain, config.highlight_k)
     else:
         masks = [top_k_mask(r, config.highlight_k) for r in explain]
-    return ([Excerpt(r.tokens, mask, r.values, roles.tokens[r.prompt][r.start:] if roles else None, r.prompt)
-             for r, mask in zip(explain, masks)],
-            HeldOut([r.tokens for r in held_out], [r.values for r in held_out]))
+    return [Excerpt(r.tokens, mask, r.values, roles.tokens[r.prompt][r.start:] if roles else None, r.prompt)
+            for r, mask in zip(explain, masks)]
 
 
 def output_split(records: list[Record], prompt_text: dict[int, str], config: DescribeConfig,
                  roles: Roles | None = None) -> tuple[list[TargetExcerpt], HeldOut]:
-    """The prompts pushed hardest (in logits), alternately shown to the explainer and held out, with scores
-    in [-10, 10]; `prompt_text` is what each prompt shows (the user's turn and the seed response)."""
+    """The prompts pushed hardest (in logits), alternately shown to the explainer and held out;
+    `prompt_text` is what each prompt shows (the user's turn and the seed response)."""
     top = sorted(records, key=lambda r: (-float(np.abs(r.values).max(initial=0)), r.prompt))[:config.output_records]
-    scores = normalised_scores(top)
-    excerpts = [TargetExcerpt(prompt_text[r.prompt], r.tokens, s, r.values, roles.targets[r.prompt] if roles else None,
-                              r.prompt) for r, s in zip(top[0::2], scores[0::2])]
-    held_out = HeldOut([r.tokens for r in top[1::2]], scores[1::2], [prompt_text[r.prompt] for r in top[1::2]])
-    return excerpts, held_out
+    return output_excerpts(top[0::2], prompt_text, roles), output_held_out(top[1::2], prompt_text)
+
+
+def output_excerpts(records: list[Record], prompt_text: dict[int, str],
+                    roles: Roles | None = None) -> list[TargetExcerpt]:
+    """Each prompt's candidates with scores in [-10, 10] (scaled over these records alone) and logits."""
+    return [TargetExcerpt(prompt_text[r.prompt], r.tokens, s, r.values, roles.targets[r.prompt] if roles else None,
+                          r.prompt) for r, s in zip(records, normalised_scores(records))]
+
+
+def output_held_out(records: list[Record], prompt_text: dict[int, str]) -> HeldOut:
+    return HeldOut([r.tokens for r in records], normalised_scores(records), [prompt_text[r.prompt] for r in records])
 
 
 def best_description(explainer: Explainer, simulator: CachedBackend, kind: Literal["input", "negative", "output"],
@@ -269,5 +279,5 @@ def _estimate(config: DescribeConfig, clusters: list[int], inputs: dict, outputs
             "explainer": config.explainer, "simulator": config.simulator}
 
 
-__all__ = ["DescribeConfig", "best_description", "describe_cluster", "describe_run", "input_split", "make_llms",
-           "output_split"]
+__all__ = ["DescribeConfig", "best_description", "describe_cluster", "describe_run", "input_excerpts", "input_split",
+           "make_llms", "output_excerpts", "output_held_out", "output_split"]
