@@ -25,6 +25,7 @@ import pandas as pd
 from adag.describe.records import raw_inputs, raw_outputs, shown_start
 
 CONSISTENT = 0.75  # an output effect is reported when its sign holds in this share of the prompts it occurs in
+PREFERRED = 0.25  # a label names a role effect over a stronger uniform or single-token one down to this share
 UNIFORM = 2.0  # candidates move together when |mean effect| exceeds this many standard deviations across them
 
 
@@ -362,13 +363,12 @@ def _contrast(facts: dict[int, ClusterFacts]) -> None:
 
 def role_label(inputs: list[Coverage], outputs: list[Effect]) -> str:
     """1-3 words from roles: 'INPUT -> OUTPUT' ('answer over country' when the answer is raised over a slot
-    token), 'not[...]' when that effect lowers it, 'INPUT cue' without a consistent effect. A role effect
-    (answer, slot, all candidates) is preferred to a single token string when nearly as strong; the sign
-    is said once, by `not[...]`."""
+    token), 'not[...]' when that effect lowers it, 'INPUT cue' without a consistent effect. What a cluster
+    does to the answer or a slot is preferred to moving all candidates together, and both to a single
+    token string, when at least a quarter as strong; the sign is said once, by `not[...]`."""
     source = role_words(inputs[0].role) if inputs else ""
-    roles = [e for e in outputs if not e.role.startswith("token:")]
-    effect = roles[0] if roles and roles[0].strength >= 0.5 * outputs[0].strength else \
-        (outputs[0] if outputs else None)
+    ranked = sorted(outputs, key=lambda e: (e.role.startswith("token:") * 2 + (e.over == "all"), -e.strength))
+    effect = next((e for e in ranked if e.strength >= PREFERRED * outputs[0].strength), None)
     if effect is None:
         cue = " cue" if inputs and inputs[0].role.startswith("template") else ""
         return f"{source}{cue}" or "no consistent role"
