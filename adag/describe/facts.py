@@ -25,7 +25,7 @@ import pandas as pd
 from adag.describe.records import raw_inputs, raw_outputs, shown_start
 
 CONSISTENT = 0.75  # an output effect is reported when its sign holds in this share of the prompts it occurs in
-PREFERRED = 0.25  # a label names a role effect over a stronger uniform or single-token one down to this share
+PREFERRED = 0.25  # a label names a role effect over a stronger uniform one down to this share (token: twice)
 UNIFORM = 2.0  # candidates move together when |mean effect| exceeds this many standard deviations across them
 
 
@@ -365,10 +365,13 @@ def role_label(inputs: list[Coverage], outputs: list[Effect]) -> str:
     """1-3 words from roles: 'INPUT -> OUTPUT' ('answer over country' when the answer is raised over a slot
     token), 'not[...]' when that effect lowers it, 'INPUT cue' without a consistent effect. What a cluster
     does to the answer or a slot is preferred to moving all candidates together, and both to a single
-    token string, when at least a quarter as strong; the sign is said once, by `not[...]`."""
+    token string, when strong enough; the sign is said once, by `not[...]`."""
     source = role_words(inputs[0].role) if inputs else ""
     ranked = sorted(outputs, key=lambda e: (e.role.startswith("token:") * 2 + (e.over == "all"), -e.strength))
-    effect = next((e for e in ranked if e.strength >= PREFERRED * outputs[0].strength), None)
+    # Lowering one token raises the others relative to it: a role effect must be half as strong to
+    # be named over a single token, a quarter as strong over moving every candidate together.
+    share = PREFERRED if outputs and outputs[0].over == "all" else 2 * PREFERRED
+    effect = next((e for e in ranked if e.strength >= share * outputs[0].strength), None)
     if effect is None:
         cue = " cue" if inputs and inputs[0].role.startswith("template") else ""
         return f"{source}{cue}" or "no consistent role"
