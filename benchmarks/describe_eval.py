@@ -22,27 +22,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adag.describe.config import DescribeConfig, DescribeOptions  # noqa: E402
-from adag.describe.evaluate import RULES, CaseResult, evaluate_rule  # noqa: E402
+from adag.describe.evaluate import MARGIN, RECOVERED_WITHIN, RULES, CaseResult, evaluate_rule  # noqa: E402
 from adag.describe.run import make_llms  # noqa: E402
 from adag.models import load_model  # noqa: E402
 
 HIGHLIGHTS = [("quantile", 1), ("quantile", 2), ("quantile", 3), ("topk", 1), ("topk", 3)]
+PLANTED = "planted rules; score, baselines (top1, top3), true, wrong and near-miss rules on the same held-out records"
 
 
 def fmt(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:+.2f}"
 
 
+def mean(values: list[float | None]) -> str:
+    kept = [v for v in values if v is not None]
+    return fmt(sum(kept) / len(kept) if kept else None)
+
+
 def table(title: str, results: list[CaseResult]) -> str:
-    lines = [title, f"{'rule':28s} {'kind':6s} {'score':>6s} {'true':>6s} {'wrong':>6s}  rec  description",
-             "-" * 110]
+    lines = [title, f"{'rule':26s} {'kind':6s} {'score':>6s} {'top1':>6s} {'top3':>6s} {'true':>6s} {'wrong':>6s} "
+                    f"{'near':>6s} unseen rec  description", "-" * 120]
     for r in results:
-        lines.append(f"{r.rule:28s} {r.kind:6s} {fmt(r.score):>6s} {fmt(r.true_score):>6s} {fmt(r.wrong_score):>6s}"
-                     f"  {'yes' if r.recovered else 'no ':3s}  {r.description[:60]}")
-    scores = [r.score for r in results if r.score is not None]
-    lines.append(f"recovered {sum(r.recovered for r in results)}/{len(results)}, mean score "
-                 f"{sum(scores) / max(len(scores), 1):+.3f}, true rule beats wrong rule "
-                 f"{sum((r.true_score or -2) > (r.wrong_score or -2) for r in results)}/{len(results)}")
+        lines.append(f"{r.rule:26s} {r.kind:6s} {fmt(r.score):>6s} {fmt(r.top_token):>6s} {fmt(r.top3_tokens):>6s} "
+                     f"{fmt(r.true_score):>6s} {fmt(r.wrong_score):>6s} {fmt(r.near_score):>6s} "
+                     f"{'yes' if r.unseen else 'no ':6s} {'yes' if r.recovered else 'no ':3s}  {r.description[:70]}")
+    lines.append(f"recovered {sum(r.recovered for r in results)}/{len(results)} (beats both baselines by {MARGIN} "
+                 f"and within {RECOVERED_WITHIN} of the true rule); beats both baselines "
+                 f"{sum(r.beats_baselines for r in results)}/{len(results)}; "
+                 f"mean score {mean([r.score for r in results])}"
+                 f", quote top token {mean([r.top_token for r in results])}, quote top 3 "
+                 f"{mean([r.top3_tokens for r in results])}")
+    lines.append(f"simulator on the true rules: mean {mean([r.true_score for r in results])}; true beats wrong "
+                 f"{sum((r.true_score or -2) > (r.wrong_score or -2) for r in results)}/{len(results)}, true beats "
+                 f"near miss {sum((r.true_score or -2) > (r.near_score or -2) for r in results)}/{len(results)}")
     return "\n".join(lines)
 
 
@@ -76,7 +88,7 @@ def main() -> None:
             config = DescribeConfig(explainer=spec, simulator=simulator, samples=args.samples)
             started = time.perf_counter()
             results = run(config, tokenizer, cache, RULES)
-            print(table(f"\nexplainer {spec}, simulator {simulator}, {len(RULES)} planted rules "
+            print(table(f"\nexplainer {spec}, simulator {simulator}, {len(RULES)} {PLANTED} "
                         f"({time.perf_counter() - started:.0f} s)", results), flush=True)
             if not args.highlights:
                 continue
@@ -84,9 +96,8 @@ def main() -> None:
             for highlight, k in HIGHLIGHTS:
                 chosen = config.model_copy(update={"highlight": highlight, "highlight_k": k})
                 results = run(chosen, tokenizer, cache, [r for r in RULES if r.kind == "input"])
-                scores = [r.score for r in results if r.score is not None]
                 print(f"  {highlight:8s} k={k}  recovered {sum(r.recovered for r in results)}/{len(results)}  "
-                      f"mean score {sum(scores) / max(len(scores), 1):+.3f}  "
+                      f"mean score {mean([r.score for r in results])}  "
                       + "  ".join(f"{r.rule}={fmt(r.score)}" for r in results), flush=True)
 
 

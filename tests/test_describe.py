@@ -15,7 +15,7 @@ from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
 from adag.describe import run as describe_run_module
 from adag.describe.config import DescribeOptions
-from adag.describe.evaluate import RULES, evaluate_rule
+from adag.describe.evaluate import RULES, dataset_prompts, evaluate_rule, planted_records
 from adag.describe.explain import (
     Excerpt,
     HeldOut,
@@ -23,22 +23,24 @@ from adag.describe.explain import (
     StatsExplainer,
     TargetExcerpt,
     correlation,
-    label_words,
     retry,
+    signed_label,
     simulated_score,
 )
+from adag.describe.facts import label_words
 from adag.describe.prompts import explain_messages
 from adag.describe.records import (
     Record,
     exemplar_pool,
     highlight,
-    load_cluster_records,
     normalised_scores,
     quantile_walk_threshold,
+    shown_start,
+    shown_text,
     sign_part,
     top_k_mask,
 )
-from adag.describe.run import make_llms
+from adag.describe.run import best_description, input_split, make_llms, output_split
 from adag.errors import AdagError
 from adag.llm.backends import (
     AnthropicBackend,
@@ -133,39 +135,59 @@ def test_explainer_sees_worked_examples_before_the_excerpts():
     assert messages[-1] == {"role": "user", "content": "Excerpts:\n1. the {{cat}} sat"}
 
 
-def test_stats_explainer_counts_highlighted_strings_and_their_constant_context():
-    def excerpt(country):
+def test_stats_explainer_names_the_role_weighted_by_values_and_its_constant_context():
+    def excerpt(country, value=5.0):
         tokens = ["What", " is", " the", " capital", " of", country, "?"]
-        return Excerpt(tokens, np.array([t == country for t in tokens]))
+        marked = np.array([t in (country, "?") for t in tokens])
+        return Excerpt(tokens, marked, np.where(np.array(tokens) == country, value, 0.5 * marked))
 
-    excerpts = [excerpt(" France")] * 3 + [excerpt(" Japan")] * 2
+    # "?" is highlighted in every excerpt (a template token) but weakly: the varying slot is named first.
+    excerpts = [excerpt(" France"), excerpt(" Japan"), excerpt(" Peru", 4.0)]
     assert StatsExplainer().describe("input", excerpts, 0, 0) == \
-        '" France" (3), " Japan" (2) after "capital of" before "?"'
-    varied = [Excerpt(["a", " x", " France"], np.array([0, 0, 1], bool)), Excerpt(["b", " y", " France"],
-                                                                              np.array([0, 0, 1], bool))]
-    assert StatsExplainer().describe("input", varied, 0, 0) == '" France" (2)'
+        'the filled slot " France", " Japan", " Peru" (tokens that vary across prompts; top in 3/3 prompts) ' \
+        'after "capital of"'
 
 
-def test_stats_labels_differ_unless_the_top_tokens_are_the_same():
-    def label(inputs, promoted, symbol="?"):
-        excerpts = [Excerpt(["What", " is", token, symbol], np.array([0, 0, 1, 0], bool)) for token in inputs]
-        outputs = [TargetExcerpt("What is it?", [promoted, " The"], np.array([8, -1]))]
-        return StatsExplainer().label({}, {"input": excerpts, "output": outputs}, 0)
-
-    france_japan = [" France"] * 3 + [" Japan"] * 2
-    labels = {"a": label(france_japan, " Paris"), "same top tokens": label(france_japan, " Paris", symbol="!"),
-              "another second token": label([" France"] * 3 + [" Italy"] * 2, " Paris"),
-              "another output": label(france_japan, " Rome"), "symbols": label(["?"] * 2, " Paris")}
-    assert labels["a"] == labels["same top tokens"] == "france japan paris"
-    assert len(set(labels.values())) == 4
-    assert labels["symbols"] == "question-mark paris"
-    assert all(1 <= len(v.split()) <= 3 and "group of" not in v for v in labels.values())
+def _target_excerpts(n: int, answer_push: float, the_push: float) -> list[TargetExcerpt]:
+    """n prompts, each with its own answer (a candidate once only) and ' The' everywhere, in logits."""
+    words = [f" w{i}" for i in range(n)]
+    return [TargetExcerpt(f"Say {w}? Reply:", [f" a{i}", w, " The"], np.zeros(3),
+                          np.array([answer_push, 0.0, the_push]) * (1 + 0.1 * i),
+                          ["answer", "slot:word", "token: The"], i)
+            for i, w in enumerate(words)]
 
 
-def test_stats_explainer_output_lists_promoted_and_suppressed_targets():
-    excerpts = [TargetExcerpt("capital of France?", [" Paris", " The", " It"], np.array([9, -4, 0])),
-                TargetExcerpt("capital of Japan?", [" Tokyo", " The"], np.array([7, -2]))]
-    assert StatsExplainer().describe("output", excerpts, 0, 0) == 'promotes " Paris", " Tokyo"; suppresses " The"'
+def test_output_description_holds_across_prompts_not_per_target_string():
+    """Cause 3: the list of promoted targets averaged per string, and each answer occurs in one prompt, so
+    it listed the top prompt's candidates. Now effects are grouped by role across prompts, in logits."""
+    text = StatsExplainer().describe("output", _target_excerpts(8, 3.0, -1.0), 0, 0)
+    assert text.startswith('raises the answer " a7", " a6", " a5" over the other candidates (in 8/8 prompts, mean +')
+    assert 'lowers " The" over the other candidates (in 8/8 prompts, mean -' in text and "logits)" in text
+
+
+def test_labels_come_from_roles_and_say_the_sign_once():
+    """Cause 5 and the label rule: same inputs with opposite outputs get opposite labels, never a double
+    negation; an explainer whose label already says 'suppress' gets no not[...] around it."""
+    def inputs(n):
+        roles = ["template:Say", "slot:word", "template:?"]
+        return [Excerpt(["Say", " w", "?"], np.array([0, 1, 0], bool), np.array([0, 3.0, 0]), roles, i)
+                for i in range(n)]
+
+    up = StatsExplainer().label({}, {"input": inputs(8), "output": _target_excerpts(8, 3.0, 0.0)}, 0)
+    down = StatsExplainer().label({}, {"input": inputs(8), "output": _target_excerpts(8, -3.0, 0.0)}, 0)
+    assert up == "word -> answer" and down == "not[word -> answer]"
+    assert signed_label("suppresses the", inhibitory=True) == "suppresses the"
+    assert signed_label("not[capital]", inhibitory=True) == "not[capital]"
+    assert signed_label("capital city", inhibitory=True) == "not[capital city]"
+    assert signed_label("capital city", inhibitory=False) == "capital city"
+
+
+def test_negative_part_is_explained_and_simulated_as_what_suppresses():
+    """Cause 5: the negative part was sent as 'tokens where the group fires most' and simulated as firing."""
+    system = explain_messages("negative", ["the {{cat}} sat"])[0]["content"]
+    assert "suppress" in system and "fires most" not in system
+    content = simulate_messages(Simulation("negative", "digits", ("a", "b")))[-1]["content"]
+    assert "suppresses the group" in content and "fires on it" not in content
 
 
 def _openai(server, tmp_path, **kw):
@@ -404,25 +426,30 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
         assert len(server.requests) == sent  # a rerun is served from the cache
 
 
-def test_offline_default_labels_name_tokens_of_the_cluster(clustered_run, tmp_path, monkeypatch):
-    """`adag describe` with defaults on a demo-shaped run (country-capitals prompts): every label is
-    1-3 words, each the name of a token string in that cluster's own records (highlighted input tokens
-    or targets), never a filler phrase; every input description quotes such token strings."""
+def test_offline_default_labels_name_roles_and_rows_hold_facts_and_exemplars(clustered_run, tmp_path, monkeypatch):
+    """`adag describe` with defaults on a demo-shaped run (country-capitals prompts): every label is built
+    from role words (metadata keys, template tokens, answer, all candidates), never a filler phrase; every
+    row holds its cross-prompt facts and the excerpts shown, restricted to the user's turn and the seed."""
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     result = CliRunner().invoke(app, ["describe", str(clustered_run)])
     assert result.exit_code == 0, result.output
     table = RunDir.open(clustered_run).read_table("describe", "descriptions").set_index("cluster")
-    inputs, outputs = load_cluster_records(RunView.open(clustered_run))
+    view = RunView.open(clustered_run)
     assert len(table) == 3 and (table["status"] == "ok").all()
-    for cluster, row in table.iterrows():
-        tokens = {t for r in inputs.get(cluster, []) + outputs.get(cluster, []) for t in r.tokens}
-        names = {word for token in tokens for word in label_words(token)}
-        label = row["label"].removeprefix("not[").removesuffix("]")
-        assert 1 <= len(label.split()) <= 3 and set(label.split()) <= names, (label, sorted(names))
+    strings = [*view.prompts["tokens"], *view.prompts["target_tokens"]]
+    template = {w for tokens in strings for t in tokens for w in label_words(t)}
+    allowed = template | {"country", "answer", "all", "candidates", "slot", "system", "prompt", "cue", "over", "->"}
+    for _, row in table.iterrows():
+        label = re.sub(r"^not\[(.*)\]$", r"\1", row["label"])
+        assert "not[" not in label and set(label.split()) <= allowed, label
         assert not re.search(r"\bgroup of\b|\bneurons?\b", label), label
-        quoted = [json.loads(f'"{q}"') for q in re.findall(r'"((?:[^"\\]|\\.)*)" \(\d+\)', row["input_description"])]
-        texts = ["".join(r.tokens) for r in inputs[cluster]]
-        assert quoted and all(any(q in text for text in texts) for q in quoted), row["input_description"]
+        assert any(f.startswith("layers: layers ") for f in row["facts"]), row["facts"]
+        shown = json.loads(row["exemplars"])
+        assert shown and {e["part"] for e in shown} <= {"input+", "input-", "output"}
+        for e in shown:
+            assert len(e["tokens"]) == len(e["values"]) == len(e["highlight"]) and any(e["highlight"])
+            if e["part"] != "output":
+                assert e["tokens"][0] == "What" and "".join(e["tokens"]).endswith("Answer:")
 
 
 def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(clustered_run, tmp_path, monkeypatch):
@@ -461,26 +488,31 @@ def embed_simulator(tmp_path_factory):
     return make_backend("embed:minilm", "simulator")
 
 
-@pytest.mark.parametrize("rule", [r for r in RULES if r.name in ("digits", "country names", "suppresses ' The'")],
+@pytest.mark.parametrize("rule", [r for r in RULES if r.name in ("country names", "raises the answer")],
                          ids=lambda r: r.name)
-def test_stats_explainer_recovers_planted_rules(rule, builtin, embed_simulator, tmp_path):
-    """The fast subset of benchmarks/describe_eval.py."""
+def test_stats_explainer_beats_quoting_baselines_on_unseen_strings(rule, builtin, embed_simulator, tmp_path):
+    """The fast subset of benchmarks/describe_eval.py: held-out records hold rule-matching strings the
+    explainer never saw, and the stats description beats quoting the top token and the top 3 tokens."""
     config = DescribeConfig()
     simulator = CachedBackend(embed_simulator, tmp_path / "cache.sqlite")
     result = evaluate_rule(rule, builtin.tokenizer, StatsExplainer(), simulator, config)
-    assert result.recovered and result.true_score > result.wrong_score + 0.2, result
+    assert result.unseen and result.beats_baselines, result
+    assert result.true_score > max(result.wrong_score, result.near_score) + 0.2, result
 
 
 def test_prompt_plumbing_through_the_fake_server(builtin, tmp_path):
     """A stand-in model that reads the prompts: as explainer it lists the highlighted strings, as
     simulator it scores tokens quoted in the description, so a good score needs the excerpts highlighted
-    in the last message and the simulator's indices lined up with the tokens."""
+    in the last message and the simulator's indices lined up with the tokens. (Records are split as
+    `adag describe` splits them, so held-out records hold the same digits.)"""
     with FakeOpenAI(respond=reading_model) as server:
         spec = f"openai:reading@{server.url}"
         config = DescribeConfig(explainer=spec, simulator=spec, samples=2, highlight="topk", highlight_k=1)
         explainer, simulator = make_llms(config, DescribeOptions(), tmp_path / "cache.sqlite")
         digits = next(r for r in RULES if r.name == "digits")
-        result = evaluate_rule(digits, builtin.tokenizer, explainer, simulator, config)
+        records = planted_records(digits, dataset_prompts(builtin.tokenizer, digits.datasets), builtin.tokenizer, 0)
+        excerpts, held_out = input_split(records, config)
+        result = best_description(explainer, simulator, "input", excerpts, held_out, config, "digits")
     assert result.description.startswith("the tokens '") and result.score > 0.5, result
 
 
@@ -508,17 +540,175 @@ def test_embedding_simulator_cannot_explain():
         make_backend("embed:minilm", "simulator").complete([], 0.0, 10, False, 0, 1.0)
 
 
-def test_input_records_sum_members_and_drop_the_first_token():
+def _prompts_frame(tokens, text, targets=(" a", " b"), logits=(1.0, 1.0)):
+    import pandas as pd
+
+    return pd.DataFrame({"prompt": [0], "tokens": [tokens], "text": [text], "target_tokens": [list(targets)],
+                         "target_logits": [list(logits)]})
+
+
+def test_input_records_sum_raw_contributions_and_drop_the_first_token():
     import pandas as pd
 
     from adag.describe.records import input_records
 
-    nodes = pd.DataFrame({"prompt": [0, 0, 0], "input_profile": [np.array([0.5, 0.2, 0.3]),
-                                                                 np.array([0.1, 0.6, 0.3]),
-                                                                 np.array([0.9, 0.0, 0.1])]})
-    prompts = pd.DataFrame({"prompt": [0], "tokens": [["<s>", " a", " b"]]})
+    nodes = pd.DataFrame({"prompt": [0, 0, 0], "activation": [2.0, 1.0, 4.0],
+                          "input_profile": [np.array([0.5, 0.2, 0.3]), np.array([0.1, 0.6, 0.3]),
+                                            np.array([0.9, 0.0, 0.1])]})
+    prompts = _prompts_frame(["A", " a", " b"], "A a b")  # a base model's prompt: shown from its first token
     records = input_records(nodes, prompts, np.array([0, 0, 1]))
-    assert records[0][0].values.tolist() == pytest.approx([0.0, 0.8, 0.6])
-    assert records[1][0].tokens == ["<s>", " a", " b"]
+    assert records[0][0].values.tolist() == pytest.approx([0.0, 0.4 + 0.6, 0.6 + 0.3])
+    assert records[1][0].tokens == ["A", " a", " b"]
     kept = input_records(nodes, prompts, np.array([0, 0, 1]), keep_first=True)
-    assert kept[0][0].values.tolist() == pytest.approx([0.6, 0.8, 0.6])
+    assert kept[0][0].values.tolist() == pytest.approx([1.1, 1.0, 0.9])
+
+
+def test_input_records_weight_by_activation():
+    """Cause 1: shares were summed unweighted, so a near-silent neuron (activation 0.02, share 60) decided
+    the highlights; as raw contributions (share x activation) the strongly active neuron's token leads."""
+    import pandas as pd
+
+    from adag.describe.records import input_records
+
+    nodes = pd.DataFrame({"prompt": [0, 0], "activation": [4.0, 0.02],
+                          "input_profile": [np.array([0.0, 0.0, 0.9, 0.1]), np.array([0.0, 60.0, 0.0, -59.0])]})
+    record = input_records(nodes, _prompts_frame(["The", " capital", " France", "?"], "The capital France?"),
+                           np.array([0, 0]))[0][0]
+    assert record.tokens[int(np.argmax(record.values))] == " France"
+    assert record.values.tolist() == pytest.approx([0.0, 1.2, 3.6, 0.4 - 1.18])
+
+
+def test_output_records_are_in_logit_units():
+    """Cause 2: output records were each target's share of its own logit, inflating low-logit candidates;
+    now they are the direct effect in logits (share x logit)."""
+    import pandas as pd
+
+    from adag.describe.records import output_records
+
+    nodes = pd.DataFrame({"prompt": [0, 0], "output_profile": [np.array([0.1, 0.5]), np.array([0.05, 0.1])]})
+    prompts = _prompts_frame(["x"], "x", targets=(" Rome", " Milan"), logits=(20.0, 1.0))
+    record = output_records(nodes, prompts, np.array([0, 0]))[0][0]
+    assert record.values.tolist() == pytest.approx([3.0, 0.6])  # Rome's push is the larger one in logits
+
+
+def test_shown_part_is_the_user_turn_and_the_seed():
+    """Cause 6: output prompts omitted the seed response, and every excerpt repeated the system prompt."""
+    tokens = ["<|im_start|>", "system", "\n", "Be nice.", "<|im_end|>", "\n", "<|im_start|>", "user", "\n", "What",
+              " is", " up", "?", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "Answer", ":"]
+    prompts = _prompts_frame(tokens, "What is up?")
+    assert shown_text(prompts)[0] == "What is up?<|im_end|>\n<|im_start|>assistant\nAnswer:"
+    assert shown_start(["What", " is"], "What is") == 0 and shown_start(["x"], "not there") == 0
+    excerpts, _ = output_split([Record(0, [" a", " b"], np.array([1.0, -2.0])), Record(0, [" a", " b"],
+                                                                                       np.array([0.5, 0.0]))],
+                               shown_text(prompts), DescribeConfig())
+    assert excerpts[0].render().startswith("Prompt: 'What is up?") and "Answer:' -> ' a'" in excerpts[0].render()
+
+
+def test_highlights_come_from_the_explainers_records_and_every_excerpt_shows_its_top_token():
+    """Cause 4: the threshold was computed on explainer and held-out records together (held-out values
+    leaked into what the explainer saw) and most excerpts had no highlight at all."""
+    rng = np.random.default_rng(0)
+    records = [Record(i, [f" t{j}" for j in range(6)], rng.uniform(0, 1, 6) * (10.0 if i == 0 else 1.0))
+               for i in range(40)]
+    config = DescribeConfig(highlight_k=1)
+    excerpts, held_out = input_split(records, config)
+    assert all(e.marked[int(np.argmax(e.values))] for e in excerpts)
+    assert all(e.values is not None and len(e.values) == len(e.tokens) for e in excerpts)
+    # Changing held-out values (their order in the pool kept) changes nothing the explainer sees.
+    held = {r.prompt for r in records} - {e.prompt for e in excerpts}
+    louder = [Record(r.prompt, r.tokens, np.where(r.values < r.values.max(), r.values.max() * 0.99, r.values))
+              if r.prompt in held else r for r in records]
+    again, _ = input_split(louder, config)
+    assert [e.marked.tolist() for e in again] == [e.marked.tolist() for e in excerpts]
+
+
+SYSTEM = ["<|im_start|>", "system", "\n", "Be brief.", "<|im_end|>", "\n", "<|im_start|>", "user", "\n"]
+WORDS = {"cat": "chat", "dog": "chien", "house": "maison", "tree": "arbre", "water": "eau", "bread": "pain",
+         "book": "livre", "sun": "soleil"}
+
+
+def _synthetic_run():
+    """A run of a non-capital task ("Translate X to French.") whose four clusters have known roles, with
+    the confounds: template tokens in every prompt, nodes at the last position, two clusters with the same
+    inputs and opposite outputs, per-prompt candidates with outputs in logit units."""
+    import pandas as pd
+
+    prompts, nodes = [], []
+    for p, (word, answer) in enumerate(WORDS.items()):
+        user = ["Translate", f" {word}", " to", " French", "."]
+        tokens = SYSTEM + user + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "Answer", ":"]
+        slot, cue, last = len(SYSTEM) + 1, len(tokens) - 2, len(tokens) - 1
+        targets, logits = [f" {answer}", f" {word}", " The", " It"], np.array([12.0, 10.0, 8.0, 6.0])
+        prompts.append({"prompt": p, "text": " ".join(["Translate", word, "to", "French."]), "tokens": tokens,
+                        "metadata": json.dumps({"word": word, "answer": answer}), "labels": [],
+                        "n_tokens": len(tokens), "metric": 12.0, "target_tokens": targets,
+                        "target_logits": logits.tolist()})
+
+        def node(layer, neuron, activation, inputs: dict, effects, position=last, p=p, tokens=tokens, logits=logits):
+            share = np.zeros(len(tokens))
+            for at, raw in inputs.items():
+                share[at] = raw / activation
+            nodes.append({"prompt": p, "layer": layer, "neuron": neuron, "position": position,
+                          "activation": activation, "attribution": float(np.sum(effects)) / 4,
+                          "input_profile": share, "output_profile": np.array(effects) / logits})
+
+        strength = 1 + 0.1 * p
+        # 0: the word -> raises the answer over the word; a weak template token in every prompt, and a
+        #    near-silent member with a huge share on " to" (must not matter).
+        node(5, 1, 3.9, {slot: 3.0 * strength, cue: 0.3}, [3 * strength, 0, 0, 0])
+        node(6, 2, 3.0, {slot: 2.0, last - 4: 0.2}, [2, 0, 0, 0])
+        node(6, 3, 0.02, {slot + 1: 0.02 * 60}, [0, 0, 0, 0])
+        # 1: the same inputs, the opposite output.
+        node(7, 4, 3.5, {slot: 2.5 * strength}, [-3 * strength, 0, 0, 0])
+        # 2: the template's "Answer" cue -> raises all candidates together.
+        node(2, 5, 2.0, {cue: 2.0, last: 0.5}, [2.0 * strength] * 4)
+        node(3, 6, 2.0, {cue: 1.5}, [1.5, 1.6, 1.4, 1.5])
+        # 3: the word, at its own position -> lowers " The".
+        node(1, 7, 1.5, {slot: 1.0, slot - 1: 0.2}, [0, 0, -1.0 * strength, 0], position=slot)
+    node_frame = pd.DataFrame(nodes)
+    cluster = node_frame["neuron"].map({1: 0, 2: 0, 3: 0, 4: 1, 5: 2, 6: 2, 7: 3}).to_numpy()
+    return node_frame, pd.DataFrame(prompts), cluster
+
+
+def test_synthetic_run_with_known_roles_gets_role_labels_and_cross_prompt_facts():
+    from adag.describe.facts import cluster_facts
+
+    nodes, prompts, cluster = _synthetic_run()
+    facts = cluster_facts(nodes, prompts, cluster, keep_first=False)
+    labels = {c: f.label for c, f in facts.items()}
+    assert labels == {0: "word -> answer", 1: "not[word -> answer]", 2: "answer -> all candidates",
+                      3: "not[word -> the]"}, labels
+    lines = {c: "\n".join(f.lines()) for c, f in facts.items()}
+    assert 'the word " sun", " book", " bread" (filled slot; top input in 8/8 prompts' in lines[0]
+    assert "top input in 8/8 prompts" in lines[2] and 'template token "Answer"' in lines[2]
+    assert "100% of its nodes at the last position" in lines[0] and "0% of its nodes at the last" in lines[3]
+    assert "layers 5-6" in lines[0] and "3 half-neurons" in lines[0]
+    assert 'raises the answer " soleil", " livre", " pain" over the other candidates (in 8/8 prompts, mean +' \
+        in lines[0]
+    assert "over the word (filled slot) (in 8/8 prompts" in lines[0] and "logits)" in lines[0]
+    assert "raises all candidates together (in 8/8 prompts" in lines[2]
+    assert 'lowers " The" over the other candidates (in 8/8 prompts' in lines[3]
+    assert "nearest: cluster 1" in lines[0] and "the opposite output effect" in lines[0]
+    assert "per prompt on the traced metric (positive in 0/8 prompts" in lines[1]
+
+
+def test_builtin_run_descriptions_state_coverage_position_layers_and_logit_effects(builtin, tmp_path, monkeypatch):
+    """A small traced and clustered run of the built-in model, described offline: each stored row says
+    what holds across prompts (coverage n/N, position structure, layer range, effects in logits), its
+    output excerpts end in the seed response, and its label is built from roles."""
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
+    path = tmp_path / "run"
+    # Few prompts and nodes: tracing the real model dominates this test's time.
+    trace_dataset(builtin, load_dataset("country-capitals", limit=2),
+                  TraceConfig(selection="topk", top_nodes=24, edges=False), path, progress=False)
+    cluster_run(str(path), ClusterConfig(k=3))
+    describe_run(str(path), DescribeConfig(), progress=False)
+    table = RunDir.open(path).read_table("describe", "descriptions")
+    assert len(table) == 3 and (table["status"] == "ok").all()
+    for row in table.itertuples():
+        text = "\n".join(row.facts)
+        assert re.search(r"top input in \d/[12] prompts", text), text
+        assert re.search(r"\d+% of its nodes at the last position; \d+% of their input from their own position", text)
+        assert re.search(r"layers: layers \d+-\d+", text) and "logits" in text and "traced metric" in text, text
+        assert "logits" in (row.output_description or "") or "no output effect" in text, row.output_description
+        assert not re.search(r"not\[.*(not|suppress)", row.label), row.label

@@ -28,9 +28,9 @@ class DescribeConfig(Settings):
     output_records: int = Field(20, ge=2, description="prompts pushed hardest, used for the output description")
     highlight: Literal["quantile", "topk"] = Field("quantile", description=(
         "how tokens are highlighted: quantile walk, or each record's top k"))
-    highlight_k: int = Field(3, ge=1, description=(
-        "distinct highlighted strings (quantile) or tokens per record (topk); 3 scores best in "
-        "benchmarks/describe_eval.py, where k=1 highlights too few tokens"))
+    highlight_k: int = Field(1, ge=1, description=(
+        "distinct highlighted strings (quantile) or tokens per record (topk); k=1 (as in the paper) ties "
+        "k=2 and beats k=3 in benchmarks/describe_eval.py; each excerpt also shows its own top token"))
     temperature: float = Field(1.0, ge=0, le=2, description="sampling temperature of an LLM explainer")
     attempts: int = Field(3, ge=1, description="tries for an unusable LLM reply before the cluster is marked failed")
     clusters: list[int] | None = Field(None, min_length=1, description="comma-separated cluster ids (default: all)")

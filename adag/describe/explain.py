@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 from abc import ABC, abstractmethod
-from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +18,23 @@ from typing import Literal, TypeVar
 import numpy as np
 from scipy.stats import pearsonr
 
+from adag.describe.facts import (
+    ClusterFacts,
+    Coverage,
+    Effect,
+    coverage,
+    effect_phrase,
+    effects,
+    role_label,
+    role_phrase,
+)
 from adag.describe.prompts import explain_messages, label_messages, parse_description, parse_label
 from adag.describe.records import highlight
 from adag.llm.backends import CachedBackend, make_backend
 from adag.llm.roles import UnusableReply, parse_spec
 from adag.llm.simulation import Simulation
 
-Kind = Literal["input", "output"]
+Kind = Literal["input", "negative", "output"]
 T = TypeVar("T")
 
 
@@ -38,10 +46,15 @@ class Scored:
 
 @dataclass
 class Excerpt:
-    """A record as the explainer sees it: its tokens and which of them are highlighted."""
+    """A record as the explainer sees it: its tokens, which of them are highlighted, their values (raw
+    contributions; for the negative part, how much each token suppresses the cluster) and, where known,
+    each token's role (adag.describe.facts)."""
 
     tokens: list[str]
     marked: np.ndarray
+    values: np.ndarray | None = None
+    roles: list[str] | None = None
+    prompt: int = -1
 
     def render(self) -> str:
         return highlight(self.tokens, self.marked)
@@ -49,11 +62,15 @@ class Excerpt:
 
 @dataclass
 class TargetExcerpt:
-    """A prompt with the cluster's push on each candidate next token, as integers in [-10, 10]."""
+    """A prompt (its shown part, ending in the seed response) with the cluster's direct effect on each
+    candidate next token: integers in [-10, 10] for the explainer, and the logits they come from."""
 
     prompt: str
     targets: list[str]
     scores: np.ndarray
+    values: np.ndarray | None = None
+    roles: list[str] | None = None
+    prompt_id: int = -1
 
     def render(self) -> str:
         return f"Prompt: {self.prompt!r} -> " + ", ".join(f"{t!r}: {int(s)}" for t, s in zip(self.targets, self.scores))
@@ -82,20 +99,32 @@ def retry(attempts: int, ask: Callable[[int], T]) -> T:
     return ask(attempts - 1)
 
 
+NEGATIVE_WORDS = re.compile(r"\b(not|no|suppress\w*|inhibit\w*|lower\w*|reduc\w*|against)\b|not\[", re.IGNORECASE)
+
+
+def signed_label(label: str, inhibitory: bool) -> str:
+    """`not[label]` for an inhibitory cluster, unless the label already says it (no double negation)."""
+    return f"not[{label}]" if inhibitory and not NEGATIVE_WORDS.search(label) else label
+
+
 class Explainer(ABC):
     # A deterministic explainer writes one description from all excerpts instead of samples on subsets.
     deterministic: bool = False
+    # Whether the label carries the cluster's sign itself (else inhibitory clusters get `not[...]`).
+    signs_labels: bool = False
 
     def bounded(self, seconds: float) -> Explainer:
         """The same explainer, giving up after `seconds` (for explainers that wait on a server)."""
         return self
 
     @abstractmethod
-    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
-        """One description of what makes the cluster fire (input) or what it makes the model say (output)."""
+    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int, facts: ClusterFacts | None = None) -> str:
+        """One description of what makes the cluster fire (input), what suppresses it (negative) or what it
+        makes the model say (output); `facts` are the cluster's cross-prompt facts, where known."""
 
     @abstractmethod
-    def label(self, descriptions: dict[Kind, str], excerpts: dict[Kind, list], attempt: int) -> str:
+    def label(self, descriptions: dict[str, str], excerpts: dict[str, list], attempt: int,
+              facts: ClusterFacts | None = None) -> str:
         """A 1-3 word lowercase label."""
 
 
@@ -106,57 +135,80 @@ class LLMExplainer(Explainer):
     def bounded(self, seconds: float) -> LLMExplainer:
         return LLMExplainer(self.llm.bounded(seconds), self.temperature)
 
-    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
-        messages = explain_messages(kind, [e.render() for e in excerpts])
+    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int, facts: ClusterFacts | None = None) -> str:
+        messages = explain_messages(kind, [e.render() for e in excerpts], facts.lines() if facts else [])
         reply = self.llm.complete(messages, f"explain-{kind}", temperature=self.temperature, max_tokens=60,
                                   sample=sample, attempt=attempt, accept=lambda c: parse_description(c.text))
         return parse_description(reply.text)
 
-    def label(self, descriptions: dict[Kind, str], excerpts: dict[Kind, list], attempt: int) -> str:
+    def label(self, descriptions: dict[str, str], excerpts: dict[str, list], attempt: int,
+              facts: ClusterFacts | None = None) -> str:
         reply = self.llm.complete(label_messages(descriptions["input"], descriptions["output"]), "label",
                                   max_tokens=12, attempt=attempt, accept=lambda c: parse_label(c.text))
         return parse_label(reply.text)
 
 
 class StatsExplainer(Explainer):
-    """No model: the token strings highlighted most often (with counts, and the text just before or after
-    them when it is always the same), the targets promoted and suppressed most, and a label from the
-    dominant strings."""
+    """No model: the roles of the highlighted tokens (the filled slot, template tokens, ...; see
+    adag.describe.facts) weighted by their values, with coverage over the shown prompts, example strings
+    and the text always next to them; the output effects in logit units grouped by role across prompts;
+    and a label built from those roles (or from the cluster's facts, when given)."""
 
     deterministic = True
-    SHOWN = 4  # token strings listed in a description, at most
-    SHARE = 0.25  # listed only if highlighted (or pushed) at least this share as much as the top one
+    signs_labels = True
+    ROLES = 2  # roles named in an input description, at most
+    SHARE = 0.25  # a second role is named only if it holds at least this share as much as the first
     CONTEXT = 2  # tokens of constant neighbouring text looked for, on each side
 
-    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int) -> str:
-        return self._inputs(excerpts) if kind == "input" else self._outputs(excerpts)
+    def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int, facts: ClusterFacts | None = None) -> str:
+        return self._outputs(excerpts) if kind == "output" else self._inputs(excerpts)
 
     def _inputs(self, excerpts: list[Excerpt]) -> str:
-        runs = highlighted_runs(excerpts, self.CONTEXT)
-        counts = Counter(run.text for run in runs)
-        if not counts:
+        found = input_coverage(excerpts)
+        if not found:
             return ""
-        most = counts.most_common(1)[0][1]
-        top = [s for s, n in counts.most_common(self.SHOWN) if n >= self.SHARE * most]
-        listed = [run for run in runs if run.text in top]
-        text = ", ".join(f"{quote(s)} ({counts[s]})" for s in top)
-        for word, context in (("after", common_context([r.before for r in listed], "before")),
-                              ("before", common_context([r.after for r in listed], "after"))):
-            text += f" {word} {quote(context)}" if context else ""
+        first = found[0]
+        text = role_phrase(first.role, first.examples, f"top in {first.top}/{len(excerpts)} prompts")
+        listed = [run for run in highlighted_runs(excerpts, self.CONTEXT) if run.role == first.role]
+        contexts = [(word, common_context(side, edge)) for word, side, edge in
+                    (("after", [r.before for r in listed], "before"), ("before", [r.after for r in listed], "after"))]
+        text += "".join(f" {word} {quote(context)}" for word, context in contexts if context)
+        if not any(context for _, context in contexts):  # a second role, where it cannot blur a context
+            text += "".join(f"; {role_phrase(c.role, c.examples, f'top in {c.top}/{len(excerpts)} prompts')}"
+                            for c in found[1:self.ROLES] if c.share >= self.SHARE * first.share)
         return text
 
     def _outputs(self, excerpts: list[TargetExcerpt]) -> str:
-        promoted, suppressed = pushed_targets(excerpts, self.SHARE)
-        clauses = [f"{verb} " + ", ".join(quote(t) for t in targets[:self.SHOWN])
-                   for verb, targets in (("promotes", promoted), ("suppresses", suppressed)) if targets]
-        return "; ".join(clauses)
+        return "; ".join(effect_phrase(e) for e in output_effects(excerpts)[:3])
 
-    def label(self, descriptions: dict[Kind, str], excerpts: dict[Kind, list], attempt: int) -> str:
-        counts = Counter(run.text for run in highlighted_runs(excerpts.get("input", []), self.CONTEXT))
-        promoted, _ = pushed_targets(excerpts.get("output", []), self.SHARE)
-        words = [w for s, _ in counts.most_common(2) for w in label_words(s)]
-        words += [w for t in promoted[:1] for w in label_words(t)]
-        return " ".join(list(dict.fromkeys(words))[:3]) or "no strong tokens"
+    def label(self, descriptions: dict[str, str], excerpts: dict[str, list], attempt: int,
+              facts: ClusterFacts | None = None) -> str:
+        if facts is not None:
+            return facts.label
+        return role_label(input_coverage(excerpts.get("input", [])), output_effects(excerpts.get("output", [])))
+
+
+def excerpt_roles(excerpts: list[Excerpt]) -> list[list[str]]:
+    """Each excerpt's token roles: as given, or else template (a string in every excerpt) and slot."""
+    if all(e.roles is not None for e in excerpts):
+        return [list(e.roles) for e in excerpts]
+    strings = [{t.strip() or t for t in e.tokens} for e in excerpts]
+    common = set.intersection(*strings) if len(strings) > 1 else set()
+    return [[f"template:{t.strip() or t}" if (t.strip() or t) in common else "slot" for t in e.tokens]
+            for e in excerpts]
+
+
+def input_coverage(excerpts: list[Excerpt]) -> list[Coverage]:
+    """Roles of the highlighted tokens, weighted by their values (1 each where no values are given)."""
+    return coverage([(e.tokens, roles, np.where(e.marked, e.values if e.values is not None else 1.0, 0.0))
+                     for e, roles in zip(excerpts, excerpt_roles(excerpts))])
+
+
+def output_effects(excerpts: list[TargetExcerpt]) -> list[Effect]:
+    """Output findings over the shown prompts, in logits where given (else the integer scores)."""
+    return effects([(e.targets, e.roles or [f"token:{t}" for t in e.targets],
+                     np.asarray(e.values if e.values is not None else e.scores, dtype=float)) for e in excerpts],
+                   len(excerpts))
 
 
 def quote(token: str) -> str:
@@ -171,16 +223,17 @@ class Run:
     text: str
     before: tuple[str, ...]
     after: tuple[str, ...]
+    role: str = ""
 
 
 def highlighted_runs(excerpts: list[Excerpt], context: int) -> list[Run]:
     runs = []
-    for excerpt in excerpts:
+    for excerpt, roles in zip(excerpts, excerpt_roles(excerpts)):
         marked = np.flatnonzero(excerpt.marked)
         for group in np.split(marked, np.flatnonzero(np.diff(marked) > 1) + 1) if len(marked) else []:
             start, stop = group[0], group[-1] + 1
             runs.append(Run("".join(excerpt.tokens[start:stop]), tuple(excerpt.tokens[max(0, start - context):start]),
-                            tuple(excerpt.tokens[stop:stop + context])))
+                            tuple(excerpt.tokens[stop:stop + context]), roles[start]))
     return runs
 
 
@@ -193,30 +246,6 @@ def common_context(contexts: list[tuple[str, ...]], side: Literal["before", "aft
         if len(near) == 1:
             return "".join(near.pop()).strip()
     return ""
-
-
-def pushed_targets(excerpts: list[TargetExcerpt], share: float) -> tuple[list[str], list[str]]:
-    """Target strings by mean push where they are candidates, strongest first: the promoted ones and the
-    suppressed ones, each pushed at least `share` as much as the most pushed target. (A mean, not a sum:
-    each capital city is a candidate once, " The" everywhere; summed noise must not outrank them.)"""
-    pushes: dict[str, list[int]] = defaultdict(list)
-    for excerpt in excerpts:
-        for target, score in zip(excerpt.targets, excerpt.scores):
-            pushes[target].append(int(score))
-    mean = sorted(((float(np.mean(v)), t) for t, v in pushes.items()), key=lambda item: -item[0])
-    cutoff = share * max((abs(m) for m, _ in mean), default=0)
-    return ([t for m, t in mean if m > 0 and m >= cutoff], [t for m, t in reversed(mean) if m < 0 and -m >= cutoff])
-
-
-def label_words(token: str) -> list[str]:
-    """Lowercase words of a token string; a token without letters or digits is named by its symbols'
-    Unicode names ("colon", "question-mark"), whitespace as "newline" or "space"."""
-    words = re.findall(r"[a-z0-9]+", token.lower())
-    if words:
-        return words
-    if token.strip():
-        return [unicodedata.name(c, "symbol").lower().replace(" ", "-") for c in token.strip()]
-    return ["newline" if "\n" in token else "space"]
 
 
 def make_explainer(spec: str, cache_path: Path, temperature: float, request_timeout: float,

@@ -20,9 +20,15 @@ EXPLAIN_INPUT = (
     "around them: what kind of token they are (a word class, a topic, a symbol) and, when it matters, where "
     "they stand or which words come just before them. Do not summarise the excerpts. Reply with one short "
     "phrase and nothing else.")
+EXPLAIN_NEGATIVE = (
+    "We study a group of neurons inside a language model. You see text excerpts in which the tokens that most "
+    "suppress the group (push its activation down) are marked {{like this}}. Say what the marked tokens have in "
+    "common, using the text around them: what kind of token they are and, when it matters, where they stand. "
+    "Do not summarise the excerpts. Reply with one short phrase and nothing else.")
 EXPLAIN_OUTPUT = (
     "We study a group of neurons inside a language model. For each prompt you see the model's candidate next "
-    "tokens and how much the group pushes each one, from -10 (strongly suppresses) to 10 (strongly promotes). "
+    "tokens and the group's direct effect on each one's logit, scaled to -10 (strongly suppresses) .. 10 "
+    "(strongly promotes). Prompts end with the start of the model's reply. "
     "Say which tokens the group makes the model say and which it holds back. Reply with one short phrase and "
     "nothing else.")
 
@@ -57,14 +63,17 @@ def numbered(excerpts: list[str]) -> str:
     return "\n".join(f"{i + 1}. {e}" for i, e in enumerate(excerpts))
 
 
-def explain_messages(kind: str, excerpts: list[str]) -> Messages:
-    """The explainer's conversation: instruction, worked examples as earlier turns, then the excerpts."""
-    instruction, examples = (EXPLAIN_INPUT, INPUT_EXAMPLES) if kind == "input" else (EXPLAIN_OUTPUT, OUTPUT_EXAMPLES)
+def explain_messages(kind: str, excerpts: list[str], facts: list[str] = ()) -> Messages:
+    """The explainer's conversation: instruction, worked examples as earlier turns, then the excerpts and,
+    where known, the cluster's facts across all its prompts as a compact table."""
+    instruction, examples = {"input": (EXPLAIN_INPUT, INPUT_EXAMPLES), "negative": (EXPLAIN_NEGATIVE, INPUT_EXAMPLES),
+                             "output": (EXPLAIN_OUTPUT, OUTPUT_EXAMPLES)}[kind]
     messages = [{"role": "system", "content": instruction}]
     for shown, answer in examples:
         messages += [{"role": "user", "content": f"Excerpts:\n{numbered(shown)}"},
                      {"role": "assistant", "content": answer}]
-    return [*messages, {"role": "user", "content": f"Excerpts:\n{numbered(excerpts)}"}]
+    table = "\n\nFacts across all prompts of this group:\n" + "\n".join(f"- {f}" for f in facts) if facts else ""
+    return [*messages, {"role": "user", "content": f"Excerpts:\n{numbered(excerpts)}{table}"}]
 
 
 def label_messages(inputs: str, outputs: str) -> Messages:

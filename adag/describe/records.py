@@ -21,28 +21,65 @@ class Record:
     prompt: int
     tokens: list[str]
     values: np.ndarray
+    start: int = 0  # input records: the prompt position of the first token (only the shown part is kept)
+
+
+def shown_start(tokens: list[str], text: str) -> int:
+    """The first token of the part of a prompt that matters: the user's text, then the template's turn
+    change and the seed response up to the end (a chat template's system prompt, repeated in every
+    prompt, is left out). 0 when the text is not found among the tokens."""
+    joined = "".join(tokens)
+    at = joined.rfind(text.strip()) if text.strip() else -1
+    if at < 0:
+        return 0
+    ends = np.cumsum([len(t) for t in tokens])
+    return int(np.searchsorted(ends, at, side="right"))
+
+
+def shown_text(prompts: pd.DataFrame) -> dict[int, str]:
+    """Each prompt's shown part as text: the user's turn and the seed response (e.g. "...?  Answer:")."""
+    return {int(p): "".join(tokens[shown_start(list(tokens), text):])
+            for p, tokens, text in zip(prompts["prompt"], prompts["tokens"], prompts["text"])}
+
+
+def raw_inputs(nodes: pd.DataFrame) -> list[np.ndarray]:
+    """Each node's raw input contribution per position: its share of the activation times the activation
+    (as clustering uses them), so that a near-silent neuron with a huge share counts for little."""
+    activation = nodes["activation"].to_numpy().astype(np.float64)
+    return [np.asarray(p, dtype=np.float64) * a for p, a in zip(nodes["input_profile"].to_numpy(), activation)]
+
+
+def raw_outputs(nodes: pd.DataFrame, prompts: pd.DataFrame) -> np.ndarray:
+    """Each node's direct effect on each target logit in logit units (a_n * dlogit/da_n): the stored share
+    of the target's logit times that logit, so that a low-logit candidate is not inflated."""
+    logits = prompts.set_index("prompt")["target_logits"]
+    scale = np.stack(logits.loc[nodes["prompt"].to_numpy()].to_numpy()).astype(np.float64)
+    return np.stack(nodes["output_profile"].to_numpy()).astype(np.float64) * scale
 
 
 def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray,
                   keep_first: bool = False) -> dict[int, list[Record]]:
-    """Per cluster, one record per prompt it occurs in: the members' input profiles summed per token.
-    The first token (an attention sink that takes a large, uninformative share) is set to 0 unless
-    `keep_first`."""
-    lengths = nodes["input_profile"].map(len).to_numpy()
+    """Per cluster, one record per prompt it occurs in: the members' raw input contributions summed per
+    token, over the shown part of the prompt (`shown_start`). The first token (an attention sink that
+    takes a large, uninformative share) is set to 0 unless `keep_first`."""
+    raw = raw_inputs(nodes)
+    lengths = np.array([len(r) for r in raw], dtype=np.int64)
     flat = pd.DataFrame({
         "cluster": np.repeat(node_cluster, lengths),
         "prompt": np.repeat(nodes["prompt"].to_numpy(), lengths),
-        "position": np.concatenate([np.arange(n) for n in lengths]),
-        "value": np.concatenate(nodes["input_profile"].to_numpy()).astype(np.float64),
+        "position": np.concatenate([np.arange(n) for n in lengths]) if len(lengths) else np.zeros(0, int),
+        "value": np.concatenate(raw) if raw else np.zeros(0),
     })
     if not keep_first:
         flat.loc[flat["position"] == 0, "value"] = 0.0
     summed = flat.groupby(["cluster", "prompt", "position"], sort=True)["value"].sum().reset_index()
-    tokens = prompts.set_index("prompt")["tokens"]
+    indexed = prompts.set_index("prompt")
     records: dict[int, list[Record]] = {}
     for (cluster, prompt), group in summed.groupby(["cluster", "prompt"], sort=True):
+        tokens = list(indexed.at[prompt, "tokens"])
+        start = shown_start(tokens, indexed.at[prompt, "text"])
         records.setdefault(int(cluster), []).append(
-            Record(int(prompt), list(tokens[prompt]), group["value"].to_numpy()))
+            Record(int(prompt), tokens[start:], group["value"].to_numpy()[start:], start))
     return records
 
 
@@ -54,20 +91,20 @@ def load_cluster_records(view: RunView) -> tuple[dict[int, list[Record]], dict[i
 
 
 def output_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray) -> dict[int, list[Record]]:
-    """Per cluster, one record per prompt: the members' output profiles summed per target token."""
+    """Per cluster, one record per prompt: the members' direct effects on each target logit, in logits."""
     frame = pd.DataFrame({"cluster": node_cluster, "prompt": nodes["prompt"].to_numpy()})
-    profiles = np.stack(nodes["output_profile"].to_numpy()).astype(np.float64)
+    effects = raw_outputs(nodes, prompts)
     targets = prompts.set_index("prompt")["target_tokens"]
     records: dict[int, list[Record]] = {}
     for (cluster, prompt), index in frame.groupby(["cluster", "prompt"], sort=True).indices.items():
         records.setdefault(int(cluster), []).append(
-            Record(int(prompt), list(targets[prompt]), profiles[index].sum(0)))
+            Record(int(prompt), list(targets[prompt]), effects[index].sum(0)))
     return records
 
 
 def sign_part(records: list[Record], sign: int) -> list[Record]:
     """The positive (sign=1) or negative (sign=-1) part of each record, as non-negative values."""
-    return [Record(r.prompt, r.tokens, np.clip(sign * r.values, 0, None)) for r in records]
+    return [Record(r.prompt, r.tokens, np.clip(sign * r.values, 0, None), r.start) for r in records]
 
 
 def exemplar_pool(records: list[Record], top: int = 80, random: int = 20, seed: int = 0) -> tuple[list, list]:
@@ -83,8 +120,9 @@ def exemplar_pool(records: list[Record], top: int = 80, random: int = 20, seed: 
 
 
 def quantile_walk_threshold(records: list[Record], k: int = 1) -> float:
-    """Walk quantiles of the pool's non-zero values from the most extreme down; stop at the first
-    threshold that highlights at least k distinct token strings."""
+    """Walk quantiles of the records' non-zero values from the most extreme down; stop at the first
+    threshold that highlights at least k distinct token strings. Give it the explainer's records only:
+    held-out values must not decide what the explainer sees."""
     values = np.concatenate([r.values for r in records]) if records else np.zeros(0)
     nonzero = values[values > 0]
     if not len(nonzero):
@@ -96,6 +134,12 @@ def quantile_walk_threshold(records: list[Record], k: int = 1) -> float:
         if len(distinct) >= k:
             break
     return threshold
+
+
+def quantile_masks(records: list[Record], k: int) -> list[np.ndarray]:
+    """Quantile-walk highlights, plus each record's own top token, so that no shown excerpt is bare."""
+    threshold = quantile_walk_threshold(records, k)
+    return [((r.values >= threshold) & (r.values > 0)) | top_k_mask(r, 1) for r in records]
 
 
 def top_k_mask(record: Record, k: int) -> np.ndarray:

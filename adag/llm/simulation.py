@@ -20,7 +20,7 @@ from adag.llm.roles import Messages, UnusableReply
 class Simulation:
     """A simulator's task: predict 0-10 per unit (a record's tokens, or a prompt's candidate next tokens)."""
 
-    kind: Literal["input", "output"]
+    kind: Literal["input", "negative", "output"]  # negative: how much each token suppresses the group
     description: str
     units: tuple[str, ...]
     prompt: str = ""  # outputs: the prompt the candidate tokens would follow
@@ -30,6 +30,10 @@ SIMULATE_INPUT = (
     "A group of neurons inside a language model is described as: \"{description}\". Below are the tokens of "
     "one text, one per line as index and token. For each token, predict how strongly the group fires on it, "
     "from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
+SIMULATE_NEGATIVE = (
+    "A group of neurons inside a language model is suppressed by tokens described as: \"{description}\". Below are "
+    "the tokens of one text, one per line as index and token. For each token, predict how strongly it suppresses "
+    "the group, from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
 SIMULATE_OUTPUT = (
     "A group of neurons inside a language model is described as: \"{description}\". Below are a prompt, then "
     "candidate next tokens for it, one per line as index and token. For each, predict how strongly the group pushes "
@@ -38,7 +42,7 @@ SIMULATE_OUTPUT = (
 
 
 def simulate_messages(simulation: Simulation) -> Messages:
-    template = SIMULATE_INPUT if simulation.kind == "input" else SIMULATE_OUTPUT
+    template = {"input": SIMULATE_INPUT, "negative": SIMULATE_NEGATIVE, "output": SIMULATE_OUTPUT}[simulation.kind]
     text = template.format(description=simulation.description, n=len(simulation.units))
     if simulation.prompt:
         text += f"\n\nPrompt: {json.dumps(simulation.prompt, ensure_ascii=False)}"
