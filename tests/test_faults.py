@@ -32,8 +32,9 @@ from typer.testing import CliRunner
 from adag.cli import app
 from adag.datasets import load_dataset
 from adag.outputs import OutputPath
+from adag.pipeline import cli_fields, option_name
 from adag.report.html import make_server, serve_in_background
-from adag.stages import STAGES, cli_fields, option_name
+from adag.stages import STAGES
 from adag.store import MANIFEST, STAGING, RunDir
 from tests.fake_openai import FakeOpenAI, cooperative, reply_body
 from tests.test_models import DAMAGES as MODEL_DAMAGES
