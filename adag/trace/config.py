@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from adag.datasets import DEFAULT_BASE_TEMPLATE, check_base_template
 
 # Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
 # built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
@@ -57,6 +59,17 @@ class TraceConfig(BaseModel):
                                                                     DEFAULT_BATCH_SIZE.items()))
     chunk_size: int | None = Field(None, ge=1, description="rows per batched pass (vector-Jacobian "
                                    "products or tangent rows); default: as many as fit the working memory")
+
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="how a row becomes text: chat (the tokenizer's chat template, then the seed response), "
+        "plain (--base-template) or auto (chat when the model has a chat template, plain for base models)")
+    base_template: str = Field(DEFAULT_BASE_TEMPLATE, description="a row's text under the plain format, with "
+                               "{prompt} and {seed_response} filled in (e.g. 'Q: {prompt}\\nA:')")
+
+    @field_validator("base_template")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        return check_base_template(value)
 
     def for_device(self, device_type: str) -> TraceConfig:
         """This config with the batch size resolved for a device type ("cpu", "cuda", ...)."""

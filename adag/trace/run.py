@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from adag.datasets import Dataset, encode_prompt, label_token_ids
+from adag.datasets import Dataset, encode_prompt, label_token_ids, uses_chat_template
 from adag.errors import AdagError
 from adag.models import LoadedModel
 from adag.stages import writing
@@ -89,6 +89,7 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
             raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
                             "(or delete this one) so that no finished work is lost")
         with writing(run, STAGE, config, command, shard) as (_, stage):
+            stage.facts["prompt_format"] = "chat" if uses_chat_template(lm.tokenizer, config.prompt_format) else "plain"
             largest_score = _trace_parts(lm, dataset, config, tokens, labels, stage, group is not None, progress)
             if shard is None:
                 _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"])
@@ -315,7 +316,7 @@ def encode_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig) -> tu
     limit = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None)
     tokens, labels = [], []
     for index, row in enumerate(dataset.rows):
-        ids = encode_prompt(lm.tokenizer, row)
+        ids = encode_prompt(lm.tokenizer, row, config.prompt_format, config.base_template)
         if limit and len(ids) > limit:
             raise AdagError(f"row {index}: the prompt is {len(ids)} tokens, longer than the model's context "
                             f"of {limit}; shorten it or remove the row")
