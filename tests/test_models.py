@@ -506,3 +506,24 @@ def test_gemma_batch_and_padding_invariance(gemma, gemma_traced):
         _, relp_alone = node_scores(gemma, config, alone)
         difference = (relp_alone[0] - relp[row, :, offset:]).abs().max().item()
         assert difference <= tolerance * abs(profiles.metric[row].item()), f"row {row}: {difference}"
+
+
+def test_local_llm_backend_runs_on_a_base_model(tiny_models):
+    """A model without a chat template explains, simulates and judges through a plain transcript
+    (it used to fail in apply_chat_template)."""
+    import copy
+    from dataclasses import replace
+
+    from adag.describe.llm import LocalBackend, Simulation
+
+    chat = tiny_models["llama"]
+    base = replace(chat, tokenizer=copy.deepcopy(chat.tokenizer))
+    base.tokenizer.chat_template = None
+    backend = LocalBackend("tiny-base", lm=base)
+    messages = [{"role": "system", "content": "Label it."}, {"role": "user", "content": "capital of France"}]
+    assert base.tokenizer.decode(backend._encode(messages)) == \
+        "Label it.\n\nUser: capital of France\n\nAssistant:"
+    completion = backend.complete(messages, temperature=1.0, max_tokens=4, logprobs=True, seed=0, timeout=10)
+    assert completion.output_tokens > 0 and len(completion.top_logprobs) == completion.output_tokens
+    prediction = backend.predict(Simulation("input", "digits", ("What", " is", " 4")), seed=0, timeout=10)
+    assert len(prediction.values) == 3 and all(0 <= v <= 10 for v in prediction.values)
