@@ -488,14 +488,20 @@ def test_real_weights_match_the_explicit_linear_model(real_traced):
 
 @pytest.mark.builtin
 def test_real_weights_forward_mode_and_vjp_input_profiles_agree(real_traced):
+    """One backward row per node gives the forward-mode profiles, on 16 nodes spread over the traced ones
+    (a node's profile does not depend on the other nodes; 16 keep the VJP pass short)."""
     from adag.trace import profiles_pass
+    from adag.trace.attribute import Nodes
 
     lm, batch, config, _, nodes, forward = real_traced
-    vjp = profiles_pass(lm, config.model_copy(update={"input_profiles": "vjp"}), batch, nodes)
+    pick = torch.linspace(0, len(nodes) - 1, min(16, len(nodes))).long().unique()
+    subset = Nodes(nodes.row[pick], nodes.layer[pick], nodes.position[pick], nodes.neuron[pick])
+    vjp = profiles_pass(lm, config.model_copy(update={"input_profiles": "vjp"}), batch, subset)
     assert (forward.input_profile_mode, vjp.input_profile_mode) == ("forward", "vjp")
-    scale = forward.input_profile.abs().sum(-1, keepdim=True).double()
-    assert ((forward.input_profile - vjp.input_profile).abs() <= _real_tolerance(lm) * scale).all()
-    torch.testing.assert_close(forward.attribution, vjp.attribution, rtol=0, atol=0)
+    scale = forward.input_profile[pick].abs().sum(-1, keepdim=True).double()
+    assert ((forward.input_profile[pick] - vjp.input_profile).abs() <= _real_tolerance(lm) * scale).all()
+    metric = forward.metric[subset.row].abs().double()
+    assert ((forward.attribution[pick] - vjp.attribution).abs() <= _real_tolerance(lm) * metric).all()
 
 
 @pytest.mark.builtin
