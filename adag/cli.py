@@ -208,9 +208,10 @@ def models() -> None:
     """List the built-in models and the supported model families."""
     from adag.models import ADAPTERS, BUILTIN_MODELS
 
-    typer.echo("Built-in models (no download needed):")
+    typer.echo("Built-in models (no download needed; base models get plain prompts, see trace --prompt-format):")
+    typer.echo(f"  {'name':16s} {'family':12s} {'size':5s} {'kind':9s} description")
     for name, builtin in BUILTIN_MODELS.items():
-        typer.echo(f"  {name:16s} {builtin.description}")
+        typer.echo(f"  {name:16s} {builtin.family:12s} {builtin.size:5s} {builtin.tuning:9s} {builtin.description}")
     typer.echo("\nAlso accepted: a local Hugging Face model directory, or a hub id such as org/name.")
     typer.echo(f"Supported families (config.model_type): {', '.join(sorted(ADAPTERS))}")
 

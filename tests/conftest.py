@@ -106,3 +106,12 @@ def builtin_load_times(tmp_path_factory):
 @pytest.fixture(scope="session")
 def builtin(builtin_load_times):
     return builtin_load_times[0]
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The built-in Gemma 3 270M base model in float32. Converted once per machine into the adag cache
+    (ADAG_CACHE, about two minutes); every later session loads the cached safetensors copy."""
+    from adag.models import load_model
+
+    return load_model("gemma3-270m")

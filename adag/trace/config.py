@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from adag.datasets import DEFAULT_BASE_TEMPLATE, check_base_template
 from adag.outputs import OutputPath
 from adag.pipeline import Stage
 from adag.settings import Settings, only_with
@@ -59,6 +60,17 @@ class TraceConfig(Settings):
                                                                     DEFAULT_BATCH_SIZE.items()))
     chunk_size: int | None = Field(None, ge=1, description="rows per batched pass (vector-Jacobian "
                                    "products or tangent rows); default: as many as fit the working memory")
+
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="how a row becomes text: chat (the tokenizer's chat template, then the seed response), "
+        "plain (--base-template) or auto (chat when the model has a chat template, plain for base models)")
+    base_template: str = Field(DEFAULT_BASE_TEMPLATE, description="a row's text under the plain format, with "
+                               "{prompt} and {seed_response} filled in (e.g. 'Q: {prompt}\\nA:')")
+
+    @field_validator("base_template")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        return check_base_template(value)
 
     def for_device(self, device_type: str) -> TraceConfig:
         """This config with the batch size resolved for a device type ("cpu", "cuda", ...)."""

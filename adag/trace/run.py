@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from adag.datasets import Dataset, encode_prompt, label_token_ids
+from adag.datasets import Dataset, encode_prompt, label_token_ids, uses_chat_template
 from adag.errors import AdagError
 from adag.models import LoadedModel
 from adag.pipeline import command_line, writing
@@ -77,6 +77,7 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
         raise AdagError("--shard splits a trace without torchrun; under torchrun the ranks split it already")
     shard = shard or group
     tokens, labels = encode_dataset(lm, dataset, config)
+    prompt_format = "chat" if uses_chat_template(lm.tokenizer, config.prompt_format) else "plain"
     if config.aggregation != "none" and config.aggregate_over == "dataset":
         logger.warning(f"--aggregate-over dataset keeps a key that passes in any of the {len(tokens)} prompts in all "
                        "of them, so nodes per prompt (and the trace's cost) grow with the dataset")
@@ -89,9 +90,10 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
             raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
                             "(or delete this one) so that no finished work is lost")
         with writing(run, TRACE_STAGE, config, command, shard, locked=True) as (_, stage):
+            stage.facts["prompt_format"] = prompt_format  # also left for the shard that commits
             largest_score = _trace_parts(lm, dataset, config, tokens, labels, stage, group is not None, progress)
             if shard is None:
-                _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"])
+                _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"], prompt_format)
     if group is not None:
         barrier(True)  # every rank has written its parts and let go of the lock
         if group.index == 0:
@@ -149,7 +151,7 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
 
 
 def _record_totals(stage: StageWriter, config: TraceConfig, prompts: int, largest_score: float,
-                   phase_seconds: dict[str, float]) -> None:
+                   phase_seconds: dict[str, float], prompt_format: str | None) -> None:
     """The facts of a complete trace (and the error for one that kept no node at all)."""
     totals = {name: len(stage.read_table(name, columns=["prompt"])) for name in traced_tables(config)
               if name != "prompts"}
@@ -158,6 +160,8 @@ def _record_totals(stage: StageWriter, config: TraceConfig, prompts: int, larges
         raise AdagError(_no_nodes_message(config, prompts, largest_score))
     stage.facts.clear()
     stage.facts.update(prompts=prompts, **{"edges": 0, **totals}, phase_seconds=phase_seconds)
+    if prompt_format is not None:  # "chat" or "plain": how the rows became the traced text
+        stage.facts["prompt_format"] = prompt_format
 
 
 def finish_trace(run: RunDir, wait_for_shards: bool = False) -> bool:
@@ -190,7 +194,8 @@ def finish_trace(run: RunDir, wait_for_shards: bool = False) -> bool:
                 for phase, seconds in facts.get("phase_seconds", {}).items():
                     phase_seconds[phase] = round(phase_seconds.get(phase, 0) + seconds, 2)
             largest = max([facts.get("largest_score", 0.0) for facts in shards], default=0.0)
-            _record_totals(stage, config, prompts, largest, phase_seconds)
+            formats = [facts["prompt_format"] for facts in shards if "prompt_format" in facts]
+            _record_totals(stage, config, prompts, largest, phase_seconds, formats[0] if formats else None)
             stage.facts["shards"] = len(shards)
     return True
 
@@ -314,7 +319,7 @@ def encode_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig) -> tu
     limit = getattr(lm.model.config, "max_position_embeddings", None) or getattr(lm.model.config, "n_positions", None)
     tokens, labels = [], []
     for index, row in enumerate(dataset.rows):
-        ids = encode_prompt(lm.tokenizer, row)
+        ids = encode_prompt(lm.tokenizer, row, config.prompt_format, config.base_template)
         if limit and len(ids) > limit:
             raise AdagError(f"row {index}: the prompt is {len(ids)} tokens, longer than the model's context "
                             f"of {limit}; shorten it or remove the row")

@@ -1,7 +1,8 @@
 """The trace stage's Parquet tables, one part per batch under RUN_DIR/trace/<table>/.
 
-prompts     one row per prompt: prompt, text, metadata (JSON), labels (the row's labels, as text),
-            n_tokens, tokens, token_ids, metric, target_ids, target_tokens, target_coeffs,
+prompts     one row per prompt: prompt, text (the row's prompt), traced_text (the exact text traced: the
+            chat template or base template applied, decoded from token_ids), metadata (JSON), labels
+            (the row's labels, as text), n_tokens, tokens, token_ids, metric, target_ids, target_tokens, target_coeffs,
             target_logits, target_probs (the model's next-token probabilities), embedding_relevance
             (one value per position: r_j = e_j . dm/de_j, total effect).
 nodes       one row per kept neuron node: prompt, node (id within the prompt, ordered by layer,
@@ -84,6 +85,7 @@ def batch_tables(result: BatchAttribution, batch: PromptBatch, prompt_ids: list[
     prompts_table = pa.table({
         "prompt": prompt,
         "text": [r.prompt for r in rows],
+        "traced_text": [tokenizer.decode(ids) for ids in tokens],
         "metadata": [json.dumps(r.metadata) for r in rows],
         "labels": pa.array([r.labels for r in rows], type=pa.list_(pa.string())),
         "n_tokens": np.array([width - o for o in offsets], dtype=np.int32),
