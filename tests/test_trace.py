@@ -64,6 +64,42 @@ def test_rules_are_removed_on_exit_and_on_error(tiny):
     assert count() == before
 
 
+def test_rule_hooks_run_before_a_hook_registered_earlier_on_the_same_module(tiny):
+    """A reader of the neuron activations registered before the rules still sees the half rule's rewrite:
+    the rules' order is explicit (prepend), not an accident of registration order."""
+    mlp_out = tiny.adapter.layer_list(tiny.model)[0].get_submodule(tiny.adapter.mlp_out)
+    seen, received = [], []
+    competing = mlp_out.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    after = mlp_out.register_forward_hook(lambda _m, args, _out: received.append(args[0]))
+    try:
+        with torch.enable_grad(), linearised(tiny.model, tiny.adapter, "half"):
+            tiny.model(input_ids=_batch(tiny).input_ids)
+    finally:
+        competing.remove()
+        after.remove()
+    assert seen[0] is received[0]
+
+
+def test_swapping_the_activation_and_half_rule_order_breaks_conservation(float64_models, monkeypatch):
+    """The half rule keeps the gate factor from the activation's output, so its hook must run after
+    the activation rule's. Listing it first (the only change) keeps the logits but breaks conservation."""
+    lm = float64_models["llama"]  # gated, and no biases: conservation is exact without bias shares
+    batch = _batch(lm, PROMPTS)
+
+    def gap() -> float:
+        linear_pass = linearised_pass(lm, TraceConfig(), batch)
+        (grad,) = torch.autograd.grad(linear_pass.metric.sum(), [linear_pass.tap.embeddings])
+        relevance = (grad * linear_pass.tap.embeddings).sum((1, 2))
+        metric = linear_pass.metric.detach()
+        return float(((relevance.detach() - metric) / metric).abs().max())
+
+    assert gap() < 1e-4  # the tolerance of test_conservation_with_half_rule
+    norm, attention, activation, half = RULE_SETS["half"]
+    monkeypatch.setitem(RULE_SETS, "half", (norm, attention, half, activation))
+    swapped = gap()
+    assert swapped > 1e-2
+
+
 def _bias_share(lm, prompt: str) -> torch.Tensor:
     """sum over biases of bias * dm/dbias for one prompt traced alone (a bias is shared by a batch)."""
     biases = [p for name, p in lm.model.named_parameters() if name.endswith("bias")]

@@ -29,7 +29,7 @@ from adag.half_neurons import positive_half
 from adag.models import LoadedModel
 from adag.trace.config import TraceConfig
 from adag.trace.metric import Targets, at_least_float32, choose_targets, target_logits
-from adag.trace.rules import FrozenValues, linearised
+from adag.trace.rules import FrozenValues, Hook, layer_names, linearised
 from adag.trace.tangent import tangent_input_profiles
 from adag.trace.tap import NeuronTap, NodeIndex, mlp_path, placement, tapped
 
@@ -185,18 +185,14 @@ def node_readouts(lm: LoadedModel, config: TraceConfig, linear_pass: LinearisedP
     """
     readouts = []
     layers = lm.adapter.layer_list(lm.model)
-    with torch.enable_grad(), linearised(lm.model, lm.adapter, config.rules):
+    captured: dict[int, torch.Tensor] = {}  # layer -> the input of its MLP output projection, as the rules left it
+    capture = [Hook(name, lambda _m, args, layer=layer: captured.__setitem__(layer, args[0]), pre=True)
+               for layer, name in enumerate(layer_names(lm.model, lm.adapter, lm.adapter.mlp_out))]
+    with torch.enable_grad(), linearised(lm.model, lm.adapter, config.rules, after=capture):
         for layer, (row, position, neuron) in nodes.by_layer().items():
             rows = linear_pass.tap.mlp_inputs[layer][row, position].detach().requires_grad_(True)
-            captured = []
-            # Registered after the rules' hooks, so it reads the activation the half rule rewrote.
-            handle = layers[layer].get_submodule(lm.adapter.mlp_out).register_forward_pre_hook(
-                lambda _m, args, captured=captured: captured.append(args[0]))
-            try:
-                layers[layer].get_submodule(mlp_path(lm.adapter))(rows[None])
-            finally:
-                handle.remove()
-            (readout,) = torch.autograd.grad(captured[0][0, torch.arange(len(neuron)), neuron].sum(), rows)
+            layers[layer].get_submodule(mlp_path(lm.adapter))(rows[None])
+            (readout,) = torch.autograd.grad(captured.pop(layer)[0, torch.arange(len(neuron)), neuron].sum(), rows)
             readouts.append(readout)
     return torch.cat(readouts) if readouts else linear_pass.tap.embeddings.new_zeros(0, lm.model.config.hidden_size)
 

@@ -1,20 +1,24 @@
-"""Gradient rules that linearise a model's backward pass while leaving its forward pass untouched.
+"""Gradient rules that linearise a model: one object per rule, with its backward and its tangent behaviour.
 
-Each rule is a set of hooks on the modules an adapter names. A hook returns
-`value.detach() + (surrogate - surrogate.detach())`: numerically the original value, bit for bit,
-but with the gradient of `surrogate`, the linear map the rule prescribes. Nothing global changes
-(no attention implementation is swapped, no module is replaced), and `linearised` removes every
-hook on exit, also when an exception is raised.
+Each rule names the hooks it needs (`Hook`: a module name and a function). In the backward pass a
+hook returns `value.detach() + (surrogate - surrogate.detach())`: numerically the original value, bit
+for bit, but with the gradient of `surrogate`, the linear map the rule prescribes. Nothing global
+changes (no attention implementation is swapped, no module is replaced). In a tangent pass
+(`adag.trace.tangent`) the same rule's hooks replace each nonlinearity by that linear map, with the
+constants the backward pass recorded into `FrozenValues`, keyed by module name.
 
-Given a `FrozenValues`, the rules also record what they freeze (norm scales, queries and keys,
-activation ratios, gate factors), so that `adag.trace.tangent` can push tangents through the same
-linear map in forward mode.
+Order. Hooks on one module run in a fixed order, which matters twice: the half rule keeps the gate
+factor from the activation module's output, which must already be the linearised activation; and
+anything that reads the neuron activations (the tap) must see the half rule's rewrite of the MLP
+output projection's input. `hooks_installed` is the one place that installs hooks: in list order,
+each before every hook registered on its module without `prepend`, whoever registered first.
+`linearised` lists the rules in the order of their rule set, then the caller's hooks (`after`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +26,6 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils.hooks import RemovableHandle
 
 from adag.models.families import FamilyAdapter, NormKind
 
@@ -31,13 +34,85 @@ RuleSet = Literal["half", "no_half", "plain"]
 
 @dataclass
 class FrozenValues:
-    """The constants of one linearised forward pass, detached, keyed by module order."""
+    """The constants of one linearised forward pass, detached, keyed by the name of the module whose
+    output (or, for the gate and up factors, the layer's MLP output projection's input) they freeze."""
 
-    norm_scales: dict[int, torch.Tensor] = field(default_factory=dict)  # norm index -> (B, T, 1)
-    queries_keys: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (layer, path) -> output
-    ratios: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> act(z) / z
-    gates: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> act(gate) (gated MLPs)
-    ups: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> up projection (gated MLPs)
+    norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # norm -> (B, T, 1)
+    queries_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # q/k (or fused q/k/v) projection -> output
+    ratios: dict[str, torch.Tensor] = field(default_factory=dict)  # activation -> act(z) / z
+    gates: dict[str, torch.Tensor] = field(default_factory=dict)  # MLP output projection -> act(gate)
+    ups: dict[str, torch.Tensor] = field(default_factory=dict)  # MLP output projection -> up projection
+
+
+@dataclass(frozen=True)
+class Hook:
+    """`function` as a forward hook (or, with `pre`, a forward pre-hook) of the module named `module`."""
+
+    module: str
+    function: Callable
+    pre: bool = False
+    with_kwargs: bool = False
+
+
+@contextmanager
+def hooks_installed(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
+    """Install `hooks`, removed on exit (also on error). On each module they run in list order and
+    before every hook registered there without `prepend`, earlier or later: each is registered with
+    `prepend=True`, the last first."""
+    with ExitStack() as stack:
+        for hook in reversed(hooks):
+            module = model.get_submodule(hook.module)
+            register = module.register_forward_pre_hook if hook.pre else module.register_forward_hook
+            stack.callback(register(hook.function, prepend=True, with_kwargs=hook.with_kwargs).remove)
+        yield
+
+
+def layer_names(model: nn.Module, adapter: FamilyAdapter, path: str) -> list[str]:
+    """The full module name of `path` (relative to a layer) in every layer, bottom up."""
+    return [f"{adapter.layers}.{layer}.{path}" for layer in range(len(adapter.layer_list(model)))]
+
+
+def norm_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
+    """Every norm's module name, per layer then the final norm (the order of `adapter.norm_modules`)."""
+    per_layer = [f"{adapter.layers}.{layer}.{path}" for layer in range(len(adapter.layer_list(model)))
+                 for path in adapter.norms]
+    return [*per_layer, adapter.final_norm]
+
+
+@dataclass(frozen=True)
+class TangentRows:
+    """Tangent rows: row s * B + b carries source s of prompt b, so a base-pass constant (B, ...)
+    broadcasts against the rows viewed as (S, B, ...) without copies."""
+
+    sources: int
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(S * B, ...) -> (S, B, ...)."""
+        return x.unflatten(0, (self.sources, -1))
+
+    @staticmethod
+    def per_row(constant: torch.Tensor) -> torch.Tensor:
+        """A base-pass constant (B, ...) broadcast against rows viewed as (S, B, ...)."""
+        return constant[None]
+
+    def repeat(self, constant: torch.Tensor) -> torch.Tensor:
+        """A base-pass constant (B, ...) repeated for every source: (S * B, ...)."""
+        return constant[None].expand(self.sources, *constant.shape).flatten(0, 1)
+
+
+class Rule:
+    """One linearisation rule: the hooks of its backward pass, those of its tangent pass, and a
+    context that the backward pass also needs (none by default)."""
+
+    def hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[Hook]:
+        raise NotImplementedError
+
+    def tangent_hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues,
+                      rows: TangentRows) -> list[Hook]:
+        raise NotImplementedError
+
+    def context(self) -> AbstractContextManager:
+        return nullcontext()
 
 
 def with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -55,74 +130,113 @@ def linear_through_origin(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return with_gradient_of(out, z * activation_ratio(z, out).detach())
 
 
-class FrozenNormScale:
-    """Norms: y = x * stopgrad(scale(x)); LayerNorm keeps its (linear) mean subtraction and bias."""
-
-    def install(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[RemovableHandle]:
-        kind = adapter.norm_kind
-        return [norm.register_forward_hook(self._hook(kind, index, frozen))
-                for index, norm in enumerate(adapter.norm_modules(model))]
-
-    @staticmethod
-    def _hook(kind: NormKind, index: int, frozen: FrozenValues | None):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
-            x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-            if kind is NormKind.LAYER:
-                x32 = x32 - x32.mean(-1, keepdim=True)
-            scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps).detach()
-            if frozen is not None:
-                frozen.norm_scales[index] = scale
-            surrogate = x32 * (scale * norm_weight(module, kind, x32.dtype))
-            if getattr(module, "bias", None) is not None:
-                surrogate = surrogate + module.bias.to(x32.dtype)
-            return with_gradient_of(output, surrogate.to(output.dtype))
-
-        return hook
-
-
 def norm_weight(module: nn.Module, kind: NormKind, dtype: torch.dtype) -> torch.Tensor:
     """The norm's elementwise gain (1 + weight for Gemma's norms)."""
     return module.weight.to(dtype) + (1.0 if kind is NormKind.RMS_PLUS_ONE else 0.0)
 
 
-class FrozenAttentionPattern:
+def split_fused_qkv(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused projection's output as (queries and keys, values)."""
+    return out.split([2 * out.shape[-1] // 3, out.shape[-1] // 3], dim=-1)
+
+
+class FrozenNormScale(Rule):
+    """Norms: y = x * stopgrad(scale(x)); LayerNorm keeps its (linear) mean subtraction and bias."""
+
+    def hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[Hook]:
+        kind = adapter.norm_kind
+
+        def backward(name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+                x = args[0]
+                eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+                x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+                if kind is NormKind.LAYER:
+                    x32 = x32 - x32.mean(-1, keepdim=True)
+                scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps).detach()
+                if frozen is not None:
+                    frozen.norm_scales[name] = scale
+                surrogate = x32 * (scale * norm_weight(module, kind, x32.dtype))
+                if getattr(module, "bias", None) is not None:
+                    surrogate = surrogate + module.bias.to(x32.dtype)
+                return with_gradient_of(output, surrogate.to(output.dtype))
+
+            return hook
+
+        return [Hook(name, backward(name)) for name in norm_names(model, adapter)]
+
+    def tangent_hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues,
+                      rows: TangentRows) -> list[Hook]:
+        kind = adapter.norm_kind
+
+        def tangent(name: str):
+            def hook(module: nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
+                x = args[0]
+                if kind is NormKind.LAYER:
+                    x = x - x.mean(-1, keepdim=True)
+                scale = rows.per_row(frozen.norm_scales[name]) * norm_weight(module, kind, x.dtype)
+                return (rows.split(x) * scale).flatten(0, 1).to(x.dtype)
+
+            return hook
+
+        return [Hook(name, tangent(name)) for name in norm_names(model, adapter)]
+
+
+class FrozenAttentionPattern(Rule):
     """Attention: the softmax pattern is a constant. Stopping the gradient of queries and keys does
     exactly that for any attention implementation, and keeps its masking as it is.
 
-    While installed, `BatchableAttention` also routes the gradient of fused attention kernels
+    Its backward context, `BatchableAttention`, routes the gradient of fused attention kernels
     through the math kernel (see there)."""
 
-    def install(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[RemovableHandle]:
-        handles = [
-            module.register_forward_hook(self._hook(layer, path, frozen))
-            for path, name in enumerate(adapter.attention_query_key)
-            for layer, module in enumerate(adapter.per_layer(model, name))
-        ]
-        if adapter.attention_fused_qkv:
-            for layer, module in enumerate(adapter.per_layer(model, adapter.attention_fused_qkv)):
-                handles.append(module.register_forward_hook(self._fused_hook(layer, frozen)))
-        return handles
+    @staticmethod
+    def _query_key_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
+        return [name for path in adapter.attention_query_key for name in layer_names(model, adapter, path)]
 
     @staticmethod
-    def _hook(layer: int, path: int, frozen: FrozenValues | None):
-        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            if frozen is not None:
-                frozen.queries_keys[layer, path] = out.detach()
-            return out.detach()
+    def _fused_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
+        return layer_names(model, adapter, adapter.attention_fused_qkv) if adapter.attention_fused_qkv else []
 
-        return hook
+    def hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[Hook]:
+        def query_key(name: str):
+            def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+                if frozen is not None:
+                    frozen.queries_keys[name] = out.detach()
+                return out.detach()
 
-    @staticmethod
-    def _fused_hook(layer: int, frozen: FrozenValues | None):
-        def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            query_key, value = split_fused_qkv(out)
-            if frozen is not None:
-                frozen.queries_keys[layer, 0] = query_key.detach()
-            return torch.cat([query_key.detach(), value], dim=-1)
+            return hook
 
-        return hook
+        def fused(name: str):
+            def hook(_module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+                query_key, value = split_fused_qkv(out)
+                if frozen is not None:
+                    frozen.queries_keys[name] = query_key.detach()
+                return torch.cat([query_key.detach(), value], dim=-1)
+
+            return hook
+
+        return ([Hook(name, query_key(name)) for name in self._query_key_names(model, adapter)]
+                + [Hook(name, fused(name)) for name in self._fused_names(model, adapter)])
+
+    def tangent_hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues,
+                      rows: TangentRows) -> list[Hook]:
+        def query_key(name: str):
+            def hook(_m: nn.Module, _args: tuple, _out: torch.Tensor) -> torch.Tensor:
+                return rows.repeat(frozen.queries_keys[name])
+
+            return hook
+
+        def fused(name: str):
+            def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+                return torch.cat([rows.repeat(frozen.queries_keys[name]), split_fused_qkv(out)[1]], dim=-1)
+
+            return hook
+
+        return ([Hook(name, query_key(name)) for name in self._query_key_names(model, adapter)]
+                + [Hook(name, fused(name)) for name in self._fused_names(model, adapter)])
+
+    def context(self) -> AbstractContextManager:
+        return BatchableAttention()
 
 
 class BatchableAttention(TorchFunctionMode):
@@ -146,77 +260,110 @@ class BatchableAttention(TorchFunctionMode):
         return with_gradient_of(out, surrogate)
 
 
-def split_fused_qkv(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fused projection's output as (queries and keys, values)."""
-    return out.split([2 * out.shape[-1] // 3, out.shape[-1] // 3], dim=-1)
-
-
-class LinearisedActivation:
+class LinearisedActivation(Rule):
     """Activation functions: act(z) = z * stopgrad(act(z) / z), with act(z)/z taken as 0 at z = 0."""
 
-    def install(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[RemovableHandle]:
-        return [act.register_forward_hook(self._hook(layer, frozen))
-                for layer, act in enumerate(adapter.per_layer(model, adapter.mlp_act))]
-
-    @staticmethod
-    def _hook(layer: int, frozen: FrozenValues | None):
-        def hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-            if frozen is not None:
-                frozen.ratios[layer] = activation_ratio(args[0], out).detach()
-            return linear_through_origin(args[0], out)
-
-        return hook
-
-
-class HalfRuleGate:
-    """Gated MLPs: the product g * u sends half of the gradient x activation to each factor."""
-
-    def install(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[RemovableHandle]:
-        if not adapter.gated:
-            return []
-        handles = []
-        for index, layer in enumerate(adapter.layer_list(model)):
-            factors: dict[str, torch.Tensor] = {}
-
-            def keep(name: str, store: dict = factors):
-                def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
-                    store[name] = out
-
-                return hook
-
-            def split(_m: nn.Module, args: tuple, store: dict = factors, index: int = index) -> tuple:
-                g, u = store.pop("gate"), store.pop("up")
+    def hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[Hook]:
+        def backward(name: str):
+            def hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
                 if frozen is not None:
-                    frozen.gates[index], frozen.ups[index] = g.detach(), u.detach()
+                    frozen.ratios[name] = activation_ratio(args[0], out).detach()
+                return linear_through_origin(args[0], out)
+
+            return hook
+
+        return [Hook(name, backward(name)) for name in layer_names(model, adapter, adapter.mlp_act)]
+
+    def tangent_hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues,
+                      rows: TangentRows) -> list[Hook]:
+        def tangent(name: str):
+            def hook(_m: nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
+                return (rows.split(args[0]) * rows.per_row(frozen.ratios[name])).flatten(0, 1)
+
+            return hook
+
+        return [Hook(name, tangent(name)) for name in layer_names(model, adapter, adapter.mlp_act)]
+
+
+class HalfRuleGate(Rule):
+    """Gated MLPs: the product g * u sends half of the gradient x activation to each factor.
+
+    Per layer it keeps the outputs of the activation (g) and of the up projection (u), and rewrites
+    the input of the output projection from them. Its hook on the activation must run after
+    `LinearisedActivation`'s, so that g carries the linearised gradient: the rule sets list it later.
+    """
+
+    def hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues | None) -> list[Hook]:
+        def split(name: str, factors: dict[str, torch.Tensor]):
+            def hook(_m: nn.Module, args: tuple) -> tuple:
+                g, u = factors.pop("gate"), factors.pop("up")
+                if frozen is not None:
+                    frozen.gates[name], frozen.ups[name] = g.detach(), u.detach()
                 surrogate = 0.5 * (g * u.detach() + g.detach() * u)
                 return (with_gradient_of(args[0], surrogate), *args[1:])
 
-            handles += [
-                layer.get_submodule(adapter.mlp_act).register_forward_hook(keep("gate")),
-                layer.get_submodule(adapter.mlp_up).register_forward_hook(keep("up")),
-                layer.get_submodule(adapter.mlp_out).register_forward_pre_hook(split),
-            ]
-        return handles
+            return hook
+
+        return self._layer_hooks(model, adapter, split)
+
+    def tangent_hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues,
+                      rows: TangentRows) -> list[Hook]:
+        def split(name: str, factors: dict[str, torch.Tensor]):
+            def hook(_m: nn.Module, args: tuple) -> tuple:  # d(g * u) = 0.5 * (dg * u + g * du)
+                g_t, u_t = rows.split(factors.pop("gate")), rows.split(factors.pop("up"))
+                value = 0.5 * (g_t * rows.per_row(frozen.ups[name]) + rows.per_row(frozen.gates[name]) * u_t)
+                return (value.flatten(0, 1), *args[1:])
+
+            return hook
+
+        return self._layer_hooks(model, adapter, split)
+
+    @staticmethod
+    def _layer_hooks(model: nn.Module, adapter: FamilyAdapter, split: Callable) -> list[Hook]:
+        """Per layer: keep g and u (in a store of that layer's own), and `split(mlp_out name, store)`."""
+        if not adapter.gated:
+            return []
+
+        def keep(name: str, factors: dict[str, torch.Tensor]):
+            def hook(_m: nn.Module, _a: tuple, out: torch.Tensor) -> None:
+                factors[name] = out
+
+            return hook
+
+        hooks = []
+        names = zip(layer_names(model, adapter, adapter.mlp_act), layer_names(model, adapter, adapter.mlp_up),
+                    layer_names(model, adapter, adapter.mlp_out))
+        for act, up, out in names:
+            factors: dict[str, torch.Tensor] = {}
+            hooks += [Hook(act, keep("gate", factors)), Hook(up, keep("up", factors)),
+                      Hook(out, split(out, factors), pre=True)]
+        return hooks
 
 
-RULE_SETS: dict[str, tuple] = {
+RULE_SETS: dict[str, tuple[type[Rule], ...]] = {
     "half": (FrozenNormScale, FrozenAttentionPattern, LinearisedActivation, HalfRuleGate),
     "no_half": (FrozenNormScale, FrozenAttentionPattern, LinearisedActivation),
     "plain": (),
 }
 
 
-@contextmanager
-def linearised(model: nn.Module, adapter: FamilyAdapter, rules: RuleSet = "half",
-               frozen: FrozenValues | None = None) -> Iterator[None]:
-    """Apply a named rule set ("half", "no_half" or "plain") for the duration of the block,
-    recording the frozen constants into `frozen` if given."""
+def rule_set(rules: RuleSet) -> list[Rule]:
+    """The rules of a named set, in the order their hooks run on a shared module."""
     if rules not in RULE_SETS:
         raise ValueError(f"unknown rule set {rules!r}; use one of {', '.join(RULE_SETS)}")
+    return [rule() for rule in RULE_SETS[rules]]
+
+
+@contextmanager
+def linearised(model: nn.Module, adapter: FamilyAdapter, rules: RuleSet = "half",
+               frozen: FrozenValues | None = None, after: Sequence[Hook] = ()) -> Iterator[None]:
+    """Apply a named rule set ("half", "no_half" or "plain") for the duration of the block,
+    recording the frozen constants into `frozen` if given. `after`: hooks that must see the rules'
+    rewrites (a tap), run after the rules' hooks on the same module."""
+    chosen = rule_set(rules)
+    hooks = [hook for rule in chosen for hook in rule.hooks(model, adapter, frozen)]
     with ExitStack() as stack:
-        for rule in RULE_SETS[rules]:
-            for handle in rule().install(model, adapter, frozen):
-                stack.callback(handle.remove)
-        if FrozenAttentionPattern in RULE_SETS[rules]:
-            stack.enter_context(BatchableAttention())
+        stack.enter_context(hooks_installed(model, [*hooks, *after]))
+        for rule in chosen:
+            stack.enter_context(rule.context())
         yield

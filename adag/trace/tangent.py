@@ -17,15 +17,15 @@ so the (B, T, ...) constants of the base pass broadcast over the leading S axis 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from adag.models import LoadedModel
-from adag.models.families import FamilyAdapter, NormKind
-from adag.trace.rules import FrozenValues, norm_weight, split_fused_qkv
+from adag.models.families import FamilyAdapter
+from adag.trace.rules import FrozenValues, Hook, TangentRows, hooks_installed, layer_names, rule_set
 from adag.trace.tap import NodeIndex
 
 
@@ -70,83 +70,31 @@ def tangent_input_profiles(lm: LoadedModel, input_ids: torch.Tensor, attention_m
 def _tangent_rules(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues, sources: int,
                    tangent: torch.Tensor, nodes: dict[int, NodeIndex], read: dict[int, torch.Tensor],
                    cut: bool) -> Iterator[None]:
-    """Hooks that turn one forward pass into the frozen linear map applied to `tangent`."""
-
-    def per_row(constant: torch.Tensor) -> torch.Tensor:
-        """A base-pass constant (B, ...) broadcast against tangent rows viewed as (S, B, ...)."""
-        return constant[None]
-
-    def rows(x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(0, (sources, -1))
-
-    def repeat_rows(constant: torch.Tensor) -> torch.Tensor:
-        return constant[None].expand(sources, *constant.shape).flatten(0, 1)
+    """The half rule set's tangent hooks, then a tap that feeds `tangent` in and reads the nodes'
+    values at the MLP output projections' inputs (after the half rule rewrote them)."""
+    rows = TangentRows(sources)
 
     def embeddings(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             return (tangent, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": tangent}
 
-    def norm(index: int):
-        def hook(module: nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            if adapter.norm_kind is NormKind.LAYER:
-                x = x - x.mean(-1, keepdim=True)
-            scale = per_row(frozen.norm_scales[index]) * norm_weight(module, adapter.norm_kind, x.dtype)
-            return (rows(x) * scale).flatten(0, 1).to(x.dtype)
-        return hook
-
-    def query_key(layer: int, path: int):
-        def hook(_m: nn.Module, _args: tuple, _out: torch.Tensor) -> torch.Tensor:
-            return repeat_rows(frozen.queries_keys[layer, path])
-        return hook
-
-    def fused(layer: int):
-        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            return torch.cat([repeat_rows(frozen.queries_keys[layer, 0]), split_fused_qkv(out)[1]], dim=-1)
-        return hook
-
-    factors: dict[str, torch.Tensor] = {}
-
-    def activation(layer: int):
-        def hook(_m: nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
-            factors["gate"] = (rows(args[0]) * per_row(frozen.ratios[layer])).flatten(0, 1)
-            return factors["gate"]
-        return hook
-
-    def up(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        factors["up"] = out
-
     top = max(nodes) if nodes else -1
 
     def mlp_out(layer: int):
         def hook(_m: nn.Module, args: tuple) -> tuple:
-            if adapter.gated:  # the half rule: d(g * u) = 0.5 * (dg * u + g * du)
-                g_t, u_t = rows(factors.pop("gate")), rows(factors.pop("up"))
-                value = 0.5 * (g_t * per_row(frozen.ups[layer]) + per_row(frozen.gates[layer]) * u_t)
-            else:
-                value = rows(args[0])
+            value = rows.split(args[0])
             if layer in nodes:
                 row, position, neuron = nodes[layer]
                 read[layer] = value[:, row, position, neuron]  # (S, K_layer)
             if layer == top:
                 raise _TopLayerDone
-            return (torch.zeros_like(args[0]) if cut else value.flatten(0, 1), *args[1:])
+            return (torch.zeros_like(args[0]) if cut else args[0], *args[1:])
         return hook
 
-    layers = adapter.layer_list(model)
-    hooks = [layers[0].register_forward_pre_hook(embeddings, with_kwargs=True)]
-    hooks += [module.register_forward_hook(norm(i)) for i, module in enumerate(adapter.norm_modules(model))]
-    for path, name in enumerate(adapter.attention_query_key):
-        hooks += [m.register_forward_hook(query_key(i, path)) for i, m in enumerate(adapter.per_layer(model, name))]
-    if adapter.attention_fused_qkv:
-        hooks += [m.register_forward_hook(fused(i))
-                  for i, m in enumerate(adapter.per_layer(model, adapter.attention_fused_qkv))]
-    hooks += [m.register_forward_hook(activation(i)) for i, m in enumerate(adapter.per_layer(model, adapter.mlp_act))]
-    if adapter.gated:
-        hooks += [m.register_forward_hook(up) for m in adapter.per_layer(model, adapter.mlp_up)]
-    hooks += [m.register_forward_pre_hook(mlp_out(i)) for i, m in enumerate(adapter.per_layer(model, adapter.mlp_out))]
-    with ExitStack() as stack:
-        for handle in hooks:
-            stack.callback(handle.remove)
+    rules = [hook for rule in rule_set("half") for hook in rule.tangent_hooks(model, adapter, frozen, rows)]
+    tap = [Hook(f"{adapter.layers}.0", embeddings, pre=True, with_kwargs=True)]
+    tap += [Hook(name, mlp_out(layer), pre=True)
+            for layer, name in enumerate(layer_names(model, adapter, adapter.mlp_out))]
+    with hooks_installed(model, [*rules, *tap]):
         yield

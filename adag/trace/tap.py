@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from adag.models.families import FamilyAdapter
-from adag.trace.rules import FrozenValues, RuleSet, linearised
+from adag.trace.rules import FrozenValues, Hook, RuleSet, hooks_installed, layer_names, linearised
 
 NodeIndex = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (batch row, position, neuron)
 
@@ -73,19 +73,21 @@ class NeuronTap:
         self.unembedded: torch.Tensor | None = None
         self._stack = ExitStack()
 
-    def __enter__(self) -> NeuronTap:
-        layers = self.adapter.layer_list(self.model)
-        handles = [layers[0].register_forward_pre_hook(self._take_embeddings, with_kwargs=True)]
-        for index, layer in enumerate(layers):
-            handles.append(layer.get_submodule(mlp_path(self.adapter)).register_forward_pre_hook(
-                lambda _m, args, index=index: self.mlp_inputs.__setitem__(index, args[0])))
-            mlp_out = layer.get_submodule(self.adapter.mlp_out)
-            handles.append(mlp_out.register_forward_pre_hook(self._activation_hook(index)))
+    def hooks(self) -> list[Hook]:
+        """The tap's hooks, for `hooks_installed` (or `linearised(after=...)`)."""
+        model, adapter = self.model, self.adapter
+        hooks = [Hook(f"{adapter.layers}.0", self._take_embeddings, pre=True, with_kwargs=True)]
+        names = zip(layer_names(model, adapter, mlp_path(adapter)), layer_names(model, adapter, adapter.mlp_out))
+        for index, (mlp, mlp_out) in enumerate(names):
+            hooks.append(Hook(mlp, lambda _m, args, index=index: self.mlp_inputs.__setitem__(index, args[0]), pre=True))
+            hooks.append(Hook(mlp_out, self._activation_hook(index), pre=True))
             if self.nodes and index in self.nodes:
-                handles.append(mlp_out.register_forward_hook(self._probe_hook(index)))
-        handles.append(self.model.get_submodule(self.adapter.unembedding).register_forward_hook(self._take_logits))
-        for handle in handles:
-            self._stack.callback(handle.remove)
+                hooks.append(Hook(mlp_out, self._probe_hook(index)))
+        hooks.append(Hook(adapter.unembedding, self._take_logits))
+        return hooks
+
+    def __enter__(self) -> NeuronTap:
+        self._stack.enter_context(hooks_installed(self.model, self.hooks()))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -127,12 +129,12 @@ class NeuronTap:
 @contextmanager
 def tapped(model: nn.Module, adapter: FamilyAdapter, rules: RuleSet, nodes: dict[int, NodeIndex] | None = None,
            cut: bool = False, frozen: FrozenValues | None = None) -> Iterator[NeuronTap]:
-    """The rules and the tap, installed in the one order that is correct.
+    """The rules and then the tap, installed by one `linearised`.
 
-    Hooks on one module run in the order they were registered, and both the half rule and the tap
-    hook the input of the MLP output projection: the rule must rewrite its gradient first, so that
-    the activation the tap records (and, with `cut`, detaches) is the rule's. Installing the tap
-    first would silently record activations whose gradients bypass the half rule.
+    Both the half rule and the tap hook the input of the MLP output projection: the rule must
+    rewrite its gradient first, so that the activation the tap records (and, with `cut`, detaches)
+    is the rule's. `linearised` runs the tap's hooks (`after`) after the rules' on every module.
     """
-    with linearised(model, adapter, rules, frozen), NeuronTap(model, adapter, nodes, cut) as tap:
+    tap = NeuronTap(model, adapter, nodes, cut)
+    with linearised(model, adapter, rules, frozen, after=tap.hooks()):
         yield tap
