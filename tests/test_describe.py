@@ -401,15 +401,6 @@ def test_the_judge_is_a_role_of_its_own():
     assert JudgeConfig(cluster=0, question="Is it a city?", judge="openai:gpt-4o-mini@http://h:1/v1").judge
 
 
-@pytest.fixture(scope="module")
-def clustered_run(tiny_models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    trace_dataset(tiny_models["llama"], load_dataset("country-capitals", limit=6), TraceConfig(threshold=0.03),
-                  path, progress=False)
-    cluster_run(str(path), ClusterConfig(k=3))
-    return path
-
-
 def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     with FakeOpenAI() as server:
