@@ -2,11 +2,14 @@
 
 Each table is read once and each join is made once: nodes come with their half-neuron polarity
 and (once clustered) their cluster; edges and nodes are grouped by prompt once, so per-prompt work
-is a lookup, not a filter over the whole table.
+is a lookup, not a filter over the whole table. `prompt_input_sums` is the one per-prompt aggregation of
+input profiles that clustering, descriptions and the report share, with one rule for position 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,60 @@ from adag.half_neurons import HalfNeuron, node_clusters, polarity
 from adag.store import RunDir
 
 PROFILE_COLUMNS = ["input_profile", "output_profile"]
+
+
+def first_counted_position(keep_first_position: bool) -> int:
+    """The first token position whose input contributions count (DESIGN.md section 7): position 0, an attention
+    sink that takes a large, uninformative share, counts only when the trace could keep nodes there (the trace's
+    `keep_first_position`)."""
+    return 0 if keep_first_position else 1
+
+
+@dataclass
+class PromptSums:
+    """The summed input contributions of some (unit, prompt) pairs whose prompts have one length."""
+
+    nodes: np.ndarray  # for each pair, the row (in the nodes table) of its first node
+    values: np.ndarray  # (pairs, counted positions): column j is token position first + j
+    first: int
+
+
+def prompt_input_sums(nodes: pd.DataFrame, unit: np.ndarray, keep_first_position: bool,
+                      weighted: bool = True) -> Iterator[PromptSums]:
+    """Each (unit, prompt) pair's input profiles summed over its nodes per token position, one block per prompt
+    length (pairs in order of unit, then prompt; a pair's nodes summed in table order, in float64). `unit` is each
+    node's half-neuron or cluster. Weighted: raw contributions (the stored share times the activation, so that a
+    near-silent neuron with a huge share counts for little), else the stored shares. Positions before
+    `first_counted_position` are left out."""
+    first = first_counted_position(keep_first_position)
+    prompt = nodes["prompt"].to_numpy()
+    profiles = nodes["input_profile"].to_numpy()
+    activation = nodes["activation"].to_numpy().astype(np.float64)
+    lengths = np.fromiter((len(p) for p in profiles), dtype=np.int64, count=len(profiles))
+    by_length = np.argsort(lengths, kind="stable")
+    for members in np.split(by_length, np.flatnonzero(np.diff(lengths[by_length])) + 1):
+        if not len(members):
+            continue
+        order = members[np.lexsort((prompt[members], unit[members]))]
+        pair_unit, pair_prompt = unit[order], prompt[order]
+        starts = np.flatnonzero(np.r_[True, (pair_unit[1:] != pair_unit[:-1]) | (pair_prompt[1:] != pair_prompt[:-1])])
+        block = np.stack(profiles[order]).astype(np.float64)[:, first:]
+        if weighted:
+            block *= activation[order, None]
+        yield PromptSums(order[starts], np.add.reduceat(block, starts, axis=0), first)
+
+
+def prompt_input_vectors(nodes: pd.DataFrame, unit: np.ndarray,
+                         keep_first_position: bool) -> dict[tuple[int, int], np.ndarray]:
+    """`prompt_input_sums` (weighted) as {(unit, prompt): one value per token of the prompt}, positions that do
+    not count set to 0."""
+    prompt = nodes["prompt"].to_numpy()
+    vectors = {}
+    for sums in prompt_input_sums(nodes, unit, keep_first_position):
+        padded = np.concatenate([np.zeros((len(sums.nodes), sums.first)), sums.values], axis=1)
+        for row, values in zip(sums.nodes, padded):
+            vectors[int(unit[row]), int(prompt[row])] = values
+    return vectors
 
 
 class RunView:
@@ -59,6 +116,10 @@ class RunView:
     def table(self, stage: str, name: str, columns: list[str] | None = None) -> pd.DataFrame | None:
         """A finished stage's table, or None if the stage (or the table) is absent or stale."""
         return self.run.read_table(stage, name, columns) if self.has(stage, name) else None
+
+    def file(self, stage: str, file: str) -> bytes | None:
+        """A file a finished, current stage recorded in the manifest (e.g. "plots/overview.png"), or None."""
+        return self.run.read_bytes(stage, file) if self.has(stage) and self.run.has_file(stage, file) else None
 
     # trace
 

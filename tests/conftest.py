@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -20,9 +21,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests of the built-in model and of the browser are slow: `-m "not slow"` leaves them out."""
+    """Tests of the built-in model (marked `builtin`, or taking a fixture that loads it) and of the browser are
+    slow: `-m "not slow"` leaves them out."""
     for item in items:
-        if item.get_closest_marker("builtin") or item.get_closest_marker("browser"):
+        loads_builtin = {"builtin", "builtin_load_times"} & set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("builtin") or item.get_closest_marker("browser") or loads_builtin:
             item.add_marker(pytest.mark.slow)
 
 
@@ -39,6 +42,28 @@ def tiny_models(tokenizer):
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_models):
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def shared_clustered_run(tiny_models, tmp_path_factory):
+    """The run the stage tests share, made once per session: six country-capital prompts traced with the tiny
+    Llama (threshold 0.03, with edges) and clustered (k=3). Read it only; `clustered_run` is a copy to write in."""
+    from adag.cluster import ClusterConfig, cluster_run
+    from adag.trace import TraceConfig, trace_dataset
+
+    path = tmp_path_factory.mktemp("shared") / "run"
+    trace_dataset(tiny_models["llama"], load_dataset("country-capitals", limit=6), TraceConfig(threshold=0.03), path,
+                  progress=False)
+    cluster_run(str(path), ClusterConfig(k=3))
+    return path
+
+
+@pytest.fixture(scope="module")
+def clustered_run(shared_clustered_run, tmp_path_factory):
+    """A module's own copy of the shared run, which its tests may add stages to or rewrite."""
+    copy = tmp_path_factory.mktemp("clustered") / "run"
+    shutil.copytree(shared_clustered_run, copy, ignore=shutil.ignore_patterns(".lock", ".staging"))
+    return copy
 
 
 @pytest.fixture(scope="module")

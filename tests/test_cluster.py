@@ -19,10 +19,8 @@ from adag.cluster import (
 )
 from adag.cluster.graph import cluster_graph
 from adag.cluster.similarity import knn_similarity
-from adag.datasets import load_dataset
 from adag.errors import AdagError
 from adag.store import RunDir
-from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
 from tests.planted import planted_tables
 from tests.test_faults import error_line
@@ -303,16 +301,8 @@ def test_cluster_graph_uses_direct_edges_of_each_kind():
         [0, 1, 1.0]]  # the 0 -> 1 edge stays inside cluster 0
 
 
-@pytest.fixture(scope="module")
-def traced_run(tiny_models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("traced")
-    trace_dataset(tiny_models["llama"], load_dataset("country-capitals", limit=6), TraceConfig(threshold=0.02), path,
-                  progress=False)
-    return path
-
-
-def test_cluster_stage_on_a_traced_run(traced_run):
-    run = cluster_run(str(traced_run), ClusterConfig(k=4))
+def test_cluster_stage_on_a_traced_run(clustered_run):
+    run = cluster_run(str(clustered_run), ClusterConfig(k=4))
     assert run.stage_done("cluster")
     half = run.read_table("cluster", "half_neurons")
     clusters = run.read_table("cluster", "clusters")
@@ -332,24 +322,24 @@ def test_cluster_stage_on_a_traced_run(traced_run):
         assert len(run.read_table("cluster", name))
     diagnostics = run.read_json("cluster", "diagnostics")
     assert diagnostics["k"] == 4 and diagnostics["suggested_k"] >= 1
-    again = cluster_run(str(traced_run), ClusterConfig(k=4))
+    again = cluster_run(str(clustered_run), ClusterConfig(k=4))
     pd.testing.assert_frame_equal(half, again.read_table("cluster", "half_neurons"))
-    old = cluster_run(str(traced_run), ClusterConfig(k=4, views="share", embedding="sklearn"))
+    old = cluster_run(str(clustered_run), ClusterConfig(k=4, views="share", embedding="sklearn"))
     assert old.read_json("cluster", "diagnostics")["embedding"] == "sklearn"
 
 
-def test_cli_k_above_the_half_neurons_is_refused_before_any_eigensolve(traced_run, monkeypatch):
-    view = RunView.open(traced_run)
+def test_cli_k_above_the_half_neurons_is_refused_before_any_eigensolve(clustered_run, monkeypatch):
+    view = RunView.open(clustered_run)
     n = len(half_neuron_profiles(view.nodes, view.prompts))
-    before = snapshot(traced_run)
+    before = snapshot(clustered_run)
 
     def no_clustering(*args, **kwargs):
         raise AssertionError("similarity and eigensolve must not run for an impossible k")
 
     monkeypatch.setattr(ProfileClustering, "fit", no_clustering)
-    result = CliRunner().invoke(app, ["cluster", str(traced_run), "--k", "100000"])
+    result = CliRunner().invoke(app, ["cluster", str(clustered_run), "--k", "100000"])
     error_line(result, match=f"--k 100000 is more than the {n} half-neurons")
-    assert snapshot(traced_run) == before
+    assert snapshot(clustered_run) == before
 
 
 @pytest.mark.parametrize("k", [0, 1, -3])

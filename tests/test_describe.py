@@ -33,8 +33,10 @@ from adag.describe.records import (
     Record,
     exemplar_pool,
     highlight,
+    input_records,
     normalised_scores,
     quantile_walk_threshold,
+    raw_inputs,
     shown_start,
     shown_text,
     sign_part,
@@ -53,9 +55,10 @@ from adag.llm.backends import (
 )
 from adag.llm.roles import UnusableReply
 from adag.llm.simulation import Simulation, simulate_messages
+from adag.report.data import run_payload
 from adag.store import MANIFEST, RunDir
 from adag.trace import TraceConfig, trace_dataset
-from adag.view import RunView
+from adag.view import RunView, first_counted_position, prompt_input_vectors
 from tests.fake_openai import HANG, FakeOpenAI, error_body, reading_model, reply_body
 
 REPO = Path(__file__).resolve().parents[1]
@@ -398,15 +401,6 @@ def test_the_judge_is_a_role_of_its_own():
     assert JudgeConfig(cluster=0, question="Is it a city?", judge="openai:gpt-4o-mini@http://h:1/v1").judge
 
 
-@pytest.fixture(scope="module")
-def clustered_run(tiny_models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("run")
-    trace_dataset(tiny_models["llama"], load_dataset("country-capitals", limit=6), TraceConfig(threshold=0.03),
-                  path, progress=False)
-    cluster_run(str(path), ClusterConfig(k=3))
-    return path
-
-
 def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, monkeypatch):
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
     with FakeOpenAI() as server:
@@ -450,6 +444,37 @@ def test_offline_default_labels_name_roles_and_rows_hold_facts_and_exemplars(clu
             assert len(e["tokens"]) == len(e["values"]) == len(e["highlight"]) and any(e["highlight"])
             if e["part"] != "output":
                 assert e["tokens"][0] == "What" and "".join(e["tokens"]).endswith("Answer:")
+    # the report shows the excerpts the explainer saw, not excerpts of its own choosing
+    report = {c["id"]: c for c in run_payload(RunView.open(clustered_run), [])["clusters"]}
+    for cluster, row in table.iterrows():
+        shown = json.loads(row["exemplars"])
+        assert [(e["prompt"], e["part"]) for e in report[cluster]["exemplars"]] == [(e["prompt"], e["part"])
+                                                                                 for e in shown]
+        for mine, theirs in zip(report[cluster]["exemplars"], shown):
+            assert set(mine["tokens"]) <= set(theirs["tokens"]) and any(mine["highlight"])
+
+
+def test_one_per_prompt_aggregation_with_the_traces_rule_for_position_0(clustered_run):
+    """Describe's records and facts, the report's fallback excerpts and the cluster profiles sum each (unit,
+    prompt)'s raw input contributions with `adag.view.prompt_input_sums`; position 0 counts only when the trace
+    kept it (`keep_first_position`)."""
+    view = RunView.open(clustered_run)
+    nodes, clusters, prompt = view.nodes, view.node_cluster, view.nodes["prompt"].to_numpy()
+    raw = raw_inputs(nodes)
+    for keep_first in (False, True):
+        vectors = prompt_input_vectors(nodes, clusters, keep_first)
+        assert set(vectors) == set(zip(clusters.tolist(), prompt.tolist()))
+        for (cluster, prompt_id), values in vectors.items():
+            expected = np.sum([raw[i] for i in np.flatnonzero((clusters == cluster) & (prompt == prompt_id))], axis=0)
+            expected[:first_counted_position(keep_first)] = 0.0
+            # float64 sums of the same few terms, perhaps in another grouping: a few ulps
+            np.testing.assert_allclose(values, expected, rtol=1e-12, atol=1e-12)
+        first = np.array([values[0] for values in vectors.values()])
+        assert (first != 0).any() if keep_first else (first == 0).all()
+        records = input_records(nodes, view.prompts, clusters, keep_first)
+        for cluster, items in records.items():
+            for record in items:
+                assert np.array_equal(record.values, vectors[cluster, record.prompt][record.start:])
 
 
 def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(clustered_run, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 
 from adag.errors import AdagError
 from adag.store import FORMAT_VERSION, DamagedFile, RunDir, RunLocked, Shard
+from adag.view import RunView
 
 MODEL = {"spec": "m", "weights": "w"}
 DATASET = {"name": "d", "sha256": "s", "rows": 1}
@@ -243,3 +244,16 @@ def test_lock_is_reentrant_within_a_process(tmp_path):
     with run.lock(), run.lock():
         assert run.is_locked_here()
     assert not run.is_locked_here() and not (tmp_path / ".lock").exists()
+
+
+def test_a_stage_file_is_read_through_the_manifest(tmp_path):
+    run = RunDir.create(tmp_path / "run", MODEL, DATASET)
+    with run.stage("steer", {}) as out:
+        out.file("plots/cluster-000.png").write_bytes(b"png")
+    (tmp_path / "run" / "steer" / "plots" / "stray.png").write_bytes(b"not recorded")
+    view = RunView(RunDir.open(tmp_path / "run"))
+    assert view.file("steer", "plots/cluster-000.png") == b"png"
+    assert view.file("steer", "plots/stray.png") is None and view.file("report", "report.html") is None
+    (tmp_path / "run" / "steer" / "plots" / "cluster-000.png").write_bytes(b"pn")
+    with pytest.raises(DamagedFile, match="cluster-000.png is damaged"):
+        view.file("steer", "plots/cluster-000.png")

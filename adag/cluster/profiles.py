@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from adag.cluster.config import Views
 from adag.half_neurons import half_neuron_keys
+from adag.view import first_counted_position, prompt_input_sums
 
 
 @dataclass
@@ -57,26 +58,28 @@ def half_neuron_profiles(nodes: pd.DataFrame, prompts: pd.DataFrame, views: View
     prompt = prompt_index.get_indexer(nodes["prompt"].to_numpy())
     units = _Units(half_neuron, prompt, len(keys), len(prompt_index))
     raw = views == "raw"
-    activation = nodes["activation"].to_numpy().astype(np.float64)
+    # The share views (the behaviour before the reference) count every position, unweighted.
+    keep_first = keep_first_position or not raw
+    first = first_counted_position(keep_first)
 
     lengths = prompts["n_tokens"].to_numpy().astype(np.int64)
-    first = 1 if raw and not keep_first_position else 0
     widths = np.maximum(lengths - first, 0)
     offsets = np.concatenate([[0], np.cumsum(widths)])
     k = len(nodes["output_profile"].iloc[0])
-    target_logits = np.stack(prompts["target_logits"].to_numpy()).astype(np.float64) if raw else None
     inputs = units.view(widths, offsets[-1])
+    for sums in prompt_input_sums(nodes, half_neuron, keep_first, weighted=raw):
+        units.write(inputs, units.node_unit[sums.nodes], sums.values, offsets, divide_by_sum=True)
+
+    target_logits = np.stack(prompts["target_logits"].to_numpy()).astype(np.float64) if raw else None
     outputs = units.view(np.full(len(prompt_index), k), k * len(prompt_index))
-    by_length = np.argsort(lengths[prompt], kind="stable")
-    boundaries = np.flatnonzero(np.diff(lengths[prompt][by_length])) + 1
-    for members in np.split(by_length, boundaries):  # nodes of prompts of one length: blocks of one width
-        in_block = np.stack(nodes["input_profile"].to_numpy()[members]).astype(np.float64)[:, first:]
-        out_block = np.stack(nodes["output_profile"].to_numpy()[members]).astype(np.float64)
-        if raw:
-            in_block *= activation[members, None]
-            out_block *= target_logits[prompt[members]]
-        units.fill(inputs, members, in_block, offsets, divide_by_sum=True)
-        units.fill(outputs, members, out_block, np.arange(len(prompt_index) + 1) * k, divide_by_sum=False)
+    out_block = np.stack(nodes["output_profile"].to_numpy()).astype(np.float64)
+    if raw:
+        out_block *= target_logits[prompt]
+    order = np.argsort(units.node_unit, kind="stable")
+    unit = units.node_unit[order]
+    starts = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit) else np.zeros(0, int)
+    summed = np.add.reduceat(out_block[order], starts, axis=0) if len(starts) else out_block[:0]
+    units.write(outputs, unit[starts], summed, np.arange(len(prompt_index) + 1) * k, divide_by_sum=False)
     (inputs, has_input), (outputs, has_output) = units.finish(inputs), units.finish(outputs)
     return HalfNeuronProfiles(keys, inputs, outputs, has_input, has_output, half_neuron)
 
@@ -124,23 +127,18 @@ class _Units:
         return _ViewArrays(np.zeros(indptr[-1], np.float32), np.zeros(indptr[-1], index_type), indptr, n_cols,
                            ends - unit_width, np.zeros(len(self.prompt)))
 
-    def fill(self, view: _ViewArrays, nodes: np.ndarray, block: np.ndarray, offsets: np.ndarray,
-             divide_by_sum: bool) -> None:
-        """Write the units of some nodes, whose rows (all of one width) are `block`; prompt p's
-        block starts at column offsets[p]."""
-        order = np.argsort(self.node_unit[nodes], kind="stable")
-        unit = self.node_unit[nodes][order]
-        starts = np.flatnonzero(np.r_[True, unit[1:] != unit[:-1]]) if len(unit) else np.zeros(0, int)
-        unit = unit[starts]
-        summed = np.add.reduceat(block[order], starts, axis=0) if len(starts) else block[:0]
+    def write(self, view: _ViewArrays, unit: np.ndarray, summed: np.ndarray, offsets: np.ndarray,
+              divide_by_sum: bool) -> None:
+        """Write some units' summed blocks (rows of `summed`, all of one width); prompt p's block starts at
+        column offsets[p]."""
         if divide_by_sum:
             totals = summed.sum(axis=1, keepdims=True)
             summed = np.divide(summed, totals, out=summed, where=totals != 0)
         norms = np.linalg.norm(summed, axis=1)
         view.unit_norm[unit] = norms
-        entries = view.unit_start[unit][:, None] + np.arange(block.shape[1])
+        entries = view.unit_start[unit][:, None] + np.arange(summed.shape[1])
         view.data[entries] = np.divide(summed, norms[:, None], out=np.zeros_like(summed), where=norms[:, None] > 0)
-        view.indices[entries] = offsets[self.prompt[unit]][:, None] + np.arange(block.shape[1])
+        view.indices[entries] = offsets[self.prompt[unit]][:, None] + np.arange(summed.shape[1])
 
     def finish(self, view: _ViewArrays) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         """The view matrix without explicit zeros, and the (half-neuron, prompt) indicator of its

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from adag.describe.records import raw_inputs, raw_outputs, shown_start
+from adag.view import first_counted_position, prompt_input_vectors
 
 CONSISTENT = 0.75  # an output effect is reported when its sign holds in this share of the prompts it occurs in
 PREFERRED = 0.25  # a label names a role effect over a stronger uniform one down to this share (token: twice)
@@ -295,7 +296,8 @@ def cluster_facts(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.n
     indexed = prompts.set_index("prompt")
     lengths = indexed["n_tokens"] if "n_tokens" in indexed else indexed["tokens"].map(len)
     metric = indexed["metric"].astype(float) if "metric" in indexed else None
-    first = 0 if keep_first else 1
+    first = first_counted_position(keep_first)
+    summed_inputs = prompt_input_vectors(nodes, node_cluster, keep_first)
     facts = {}
     frame = pd.DataFrame({"cluster": node_cluster, "prompt": nodes["prompt"].to_numpy()})
     for cluster, members in frame.groupby("cluster", sort=True).indices.items():
@@ -304,8 +306,7 @@ def cluster_facts(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.n
         positive, negative, outputs, attribution = [], [], [], {}
         for prompt, index in frame.iloc[members].groupby("prompt", sort=True).indices.items():
             rows = members[index]
-            summed = np.sum([raw_in[i] for i in rows], axis=0)
-            summed[:first] = 0.0
+            summed = summed_inputs[int(cluster), int(prompt)]
             tokens = list(indexed.at[prompt, "tokens"])
             positive.append((tokens, roles.tokens[prompt], np.clip(summed, 0, None)))
             negative.append((tokens, roles.tokens[prompt], np.clip(-summed, 0, None)))

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from adag.view import prompt_input_vectors
+
 if TYPE_CHECKING:
     from adag.view import RunView
 
@@ -60,26 +62,14 @@ def raw_outputs(nodes: pd.DataFrame, prompts: pd.DataFrame) -> np.ndarray:
 def input_records(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.ndarray,
                   keep_first: bool = False) -> dict[int, list[Record]]:
     """Per cluster, one record per prompt it occurs in: the members' raw input contributions summed per
-    token, over the shown part of the prompt (`shown_start`). The first token (an attention sink that
-    takes a large, uninformative share) is set to 0 unless `keep_first`."""
-    raw = raw_inputs(nodes)
-    lengths = np.array([len(r) for r in raw], dtype=np.int64)
-    flat = pd.DataFrame({
-        "cluster": np.repeat(node_cluster, lengths),
-        "prompt": np.repeat(nodes["prompt"].to_numpy(), lengths),
-        "position": np.concatenate([np.arange(n) for n in lengths]) if len(lengths) else np.zeros(0, int),
-        "value": np.concatenate(raw) if raw else np.zeros(0),
-    })
-    if not keep_first:
-        flat.loc[flat["position"] == 0, "value"] = 0.0
-    summed = flat.groupby(["cluster", "prompt", "position"], sort=True)["value"].sum().reset_index()
+    token (`adag.view.prompt_input_vectors`: position 0 counts only with the trace's `keep_first`), over
+    the shown part of the prompt (`shown_start`)."""
     indexed = prompts.set_index("prompt")
     records: dict[int, list[Record]] = {}
-    for (cluster, prompt), group in summed.groupby(["cluster", "prompt"], sort=True):
+    for (cluster, prompt), values in sorted(prompt_input_vectors(nodes, node_cluster, keep_first).items()):
         tokens = list(indexed.at[prompt, "tokens"])
         start = shown_start(tokens, indexed.at[prompt, "text"])
-        records.setdefault(int(cluster), []).append(
-            Record(int(prompt), tokens[start:], group["value"].to_numpy()[start:], start))
+        records.setdefault(cluster, []).append(Record(prompt, tokens[start:], values[start:], start))
     return records
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from adag.describe.records import load_cluster_records
+from adag.describe.records import input_records, output_records
 from adag.errors import AdagError
 from adag.report.config import DEFAULT_EDGE_SHARE, DEFAULT_SHARE
 from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
@@ -114,7 +114,8 @@ def _cluster_items(view: RunView) -> list[dict]:
     control_of: dict[int, list[dict]] = {}
     for record in controls.to_dict("records") if controls is not None else []:
         control_of.setdefault(int(record["cluster"]), []).append(record)
-    inputs, outputs = load_cluster_records(view)
+    outputs = output_records(view.nodes, view.prompts, view.node_cluster)
+    inputs = None  # made only for clusters without the describe stage's excerpts
     items = []
     for row in view.clusters.itertuples():
         c = int(row.cluster)
@@ -127,6 +128,9 @@ def _cluster_items(view: RunView) -> list[dict]:
                                                  "output_description", "output_score")})
             item.update(_described_extras(d))
         if "exemplars" not in item:
+            if inputs is None:
+                inputs = input_records(view.nodes, view.prompts, view.node_cluster,
+                                       view.config("trace")["keep_first_position"])
             records = sorted(inputs.get(c, []), key=lambda r: -float(r.values.max(initial=0)))[:EXEMPLARS]
             item["exemplars"] = [compact_excerpt(r.prompt, "input+", r.tokens, r.values) for r in records]
         item["pushed"], item["suppressed"] = _pushed(outputs.get(c, []))

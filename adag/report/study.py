@@ -87,9 +87,9 @@ def _steered(view: RunView) -> list[dict]:
                         "unmatched")
                 item["controls"].append({**{key: row[key] for key in kept}, "control_low": _quantile(spread, 0.05),
                                          "control_high": _quantile(spread, 0.95)})
-        plot = view.path / "steer" / "plots" / f"cluster-{int(cluster):03d}.png"
-        if plot.exists():
-            item["plot"] = "data:image/png;base64," + base64.b64encode(plot.read_bytes()).decode()
+        plot = view.file("steer", f"plots/cluster-{int(cluster):03d}.png")
+        if plot is not None:
+            item["plot"] = "data:image/png;base64," + base64.b64encode(plot).decode()
         out.append(item)
     return out
 

@@ -222,19 +222,27 @@ class RunDir:
         command = (self.entry(stage) or {}).get("command", f"adag {stage} {self.path}")
         return DamagedFile(f"{self.path / stage / file} is damaged ({problem}); rewrite it with `{command}`")
 
-    def read_json(self, stage: str, name: str) -> Any:
-        file = f"{name}.json"
-        path = self.path / stage / file
+    def has_file(self, stage: str, file: str) -> bool:
+        """Whether the manifest records `file` (a path inside the stage's folder) for `stage`."""
+        return file in (self.entry(stage) or {}).get("files", {})
+
+    def read_bytes(self, stage: str, file: str) -> bytes:
+        """A file the manifest records for `stage` (e.g. "plots/overview.png"), checked against its recorded size."""
         record = (self.entry(stage) or {}).get("files", {}).get(file)
         if record is None:
             raise AdagError(f"{self.path} has no '{stage}/{file}'; run the '{stage}' stage first")
+        path = self.path / stage / file
         problem = file_problem(path, record, hashes=False)
-        if problem is None:
-            try:
-                return json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                problem = "not valid JSON"
-        raise self.damaged(stage, file, problem)
+        if problem is not None:
+            raise self.damaged(stage, file, problem)
+        return path.read_bytes()
+
+    def read_json(self, stage: str, name: str) -> Any:
+        file = f"{name}.json"
+        try:
+            return json.loads(self.read_bytes(stage, file).decode())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise self.damaged(stage, file, "not valid JSON") from None
 
     def verify(self, hashes: bool = False) -> list[str]:
         """One line per committed file that is missing or damaged: sizes always, contents with `hashes`."""
