@@ -737,3 +737,20 @@ def test_builtin_run_descriptions_state_coverage_position_layers_and_logit_effec
         assert re.search(r"layers: layers \d+-\d+", text) and "logits" in text and "traced metric" in text, text
         assert "logits" in (row.output_description or "") or "no output effect" in text, row.output_description
         assert not re.search(r"not\[.*(not|suppress)", row.label), row.label
+
+
+def test_clusters_with_the_same_roles_get_labels_told_apart_by_their_layers():
+    from adag.describe.facts import ClusterFacts, _tell_apart
+
+    def facts(cluster, layers, label):
+        return ClusterFacts(cluster, 4, [], [], 1.0, 0.5, layers, [], (0.1, 4, None), 3, label=label)
+
+    found = {0: facts(0, (1, 5, 3.0), "word -> answer"), 1: facts(1, (8, 12, 10.0), "word -> answer"),
+             2: facts(2, (0, 9, 4.0), "answer cue"), 3: facts(3, (0, 9, 6.0), "answer cue"),
+             4: facts(4, (0, 9, 6.0), "answer cue"), 5: facts(5, (2, 3, 2.0), "not[word -> answer]")}
+    _tell_apart(found)
+    labels = {cluster: item.label for cluster, item in found.items()}
+    assert labels[0] == "word -> answer @L1-5" and labels[1] == "word -> answer @L8-12"
+    assert labels[5] == "not[word -> answer]"  # a label of its own keeps it as it is
+    assert len(set(labels.values())) == len(labels)
+    assert all(labels[c].startswith("answer cue @") for c in (2, 3, 4))

@@ -335,7 +335,24 @@ def cluster_facts(nodes: pd.DataFrame, prompts: pd.DataFrame, node_cluster: np.n
     _contrast(facts)
     for item in facts.values():
         item.label = role_label(item.inputs, item.outputs)
+    _tell_apart(facts)
     return facts
+
+
+def _tell_apart(facts: dict[int, ClusterFacts]) -> None:
+    """Clusters whose roles give the same label are told apart by where they sit: their layer range, else
+    their median layer, else their number, so that no two clusters of a run read alike."""
+    for suffix in (lambda f: f"L{f.layers[0]}-{f.layers[1]}", lambda f: f"L{f.layers[2]:g}",
+                   lambda f: f"#{f.cluster}"):
+        groups = defaultdict(list)
+        for item in facts.values():
+            groups[item.label.split(" @")[0]].append(item)
+        clashes = [same for same in groups.values() if len({item.label for item in same}) < len(same)]
+        if not clashes:
+            return
+        for same in clashes:
+            for item in same:
+                item.label = f"{item.label.split(' @')[0]} @{suffix(item)}"
 
 
 def _contrast(facts: dict[int, ClusterFacts]) -> None:
