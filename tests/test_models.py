@@ -524,7 +524,8 @@ def test_local_llm_backend_runs_on_a_base_model(tiny_models):
     import copy
     from dataclasses import replace
 
-    from adag.describe.llm import LocalBackend, Simulation
+    from adag.llm.backends import LocalBackend
+    from adag.llm.simulation import Simulation
 
     chat = tiny_models["llama"]
     base = replace(chat, tokenizer=copy.deepcopy(chat.tokenizer))
