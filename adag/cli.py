@@ -42,12 +42,10 @@ def stage_command(stage: Stage) -> Callable[..., None]:
             run_dir = options.pop(stage.run_dir_option)
         if not stage.writes:  # a writing stage checks what it needs under the run's lock
             reading(run_dir, stage, config)
-        result = stage.function("run")(run_dir, config, **options)
-        summary = stage.function("summary")(result, run_dir)
-        text, code = summary if isinstance(summary, tuple) else (summary, 0)
-        echo(text)
-        if code:
-            raise typer.Exit(code)
+        summary = stage.summary_function()(stage.run_function()(run_dir, config, **options))
+        echo(summary.text)
+        if summary.status:
+            raise typer.Exit(summary.status)
 
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}
@@ -198,7 +196,7 @@ def run_study_command(
     resumes where it stopped and a changed setting reruns that stage and the ones that read it."""
     from adag.study import run_study
 
-    status = max((outcome.status for outcome in run_study(study, echo=echo)), default=0)
+    status = max((outcome.summary.status for outcome in run_study(study, echo=echo)), default=0)
     if status:
         raise typer.Exit(status)
 

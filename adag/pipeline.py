@@ -4,14 +4,18 @@ imports `writing` from here) and below the registry (`adag.stages`) that lists t
 Kept light (pydantic only) so that `adag --help` starts fast; the store and the run view are
 imported when a stage writes.
 
-A stage function is called as `function(run_dir, config, **options)`:
+A stage function (`StageFunction`) is called as `function(run_dir, config, **options)` and returns a
+`StageResult`; its summary (`SummaryFunction`) turns that result into the `Summary` the CLI prints:
 
-    def cluster_run(run_dir: str, config: ClusterConfig) -> RunDir:
+    def cluster_run(run_dir: str, config: ClusterConfig) -> StageResult:
         with writing(run_dir, CLUSTER_STAGE, config) as (view, out):
             nodes = view.nodes                       # read through the run view
             out.write_table("clusters", table)       # write through the stage writer
             out.facts["clusters"] = 3                # shown by `adag info`
-        return view.run
+        return StageResult(view.run)
+
+No stage takes the run's lock: `writing` holds it while it checks the run, decides the config to record
+(a partial rerun adds to the finished result), opens the writer (which resumes or repairs) and commits.
 """
 
 from __future__ import annotations
@@ -20,14 +24,49 @@ import contextlib
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from adag.store import RunDir, Shard, StageWriter
     from adag.view import RunView
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What every stage function returns: the run it read or wrote, and what its summary reports."""
+
+    run: RunDir
+    facts: dict[str, Any] = dataclass_field(default_factory=dict)  # figures outside the manifest (a dry run)
+    table: pd.DataFrame | None = None  # the table the summary prints, if it prints one
+    file: Path | None = None  # a file written outside the run (report --out, export, figure)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the CLI prints after a stage, and its exit status: not 0 for a run that finished but must
+    not pass as a success (e.g. some prompts had no value)."""
+
+    text: str
+    status: int = 0
+
+
+class StageFunction(Protocol):
+    """`Stage.run`: does the stage's work on the run at `run_dir` with `config`; `options` are the
+    fields of `Stage.options` (and `lm=`, a model already loaded, for a stage with `model`)."""
+
+    def __call__(self, run_dir: str, config: Any, /, **options: Any) -> StageResult: ...
+
+
+class SummaryFunction(Protocol):
+    """`Stage.summary`: the lines printed after the stage ran."""
+
+    def __call__(self, result: StageResult, /) -> Summary: ...
 
 
 @dataclass(frozen=True)
@@ -38,9 +77,8 @@ class Stage:
     same config of a resumable stage resumes); `options` what only this invocation needs (another
     model to load, an output path, a dry run). `requires` must be done first; `uses` are read when
     present. The results of a stage are stale once a stage it read is rerun with other results.
-    `run` and `summary` are "module:function": `run(run_dir, config, **options)` does the work,
-    `summary(result, run_dir)` is what the CLI prints after it: a string, or (string, exit status)
-    for a run that finished but must not exit 0 (e.g. some clusters failed). A stage that does not
+    `run` and `summary` are "module:function", imported when the stage runs: a `StageFunction`
+    that does the work and the `SummaryFunction` that says what it did. A stage that does not
     `write` into the run (it writes a file elsewhere, e.g. a figure) is a command, not a step of a study.
     """
 
@@ -57,9 +95,16 @@ class Stage:
     run_dir_option: str | None = None  # the option naming the run directory, if not the RUN argument
     writes: bool = True  # commits its results into the run (a step of a study)
 
-    def function(self, which: str = "run") -> Callable:
-        module, _, name = getattr(self, which).partition(":")
-        return getattr(importlib.import_module(module), name)
+    def run_function(self) -> StageFunction:
+        return _resolved(self.run)
+
+    def summary_function(self) -> SummaryFunction:
+        return _resolved(self.summary)
+
+
+def _resolved(entry: str) -> Any:
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def cli_fields(model: type[BaseModel] | None) -> dict[str, Any]:
@@ -134,28 +179,27 @@ def reading(run_dir: str | Path, stage: Stage, config: BaseModel) -> RunView:
 
 
 @contextlib.contextmanager
-def writing(run: RunDir | str | Path, stage: Stage, config: BaseModel, command: str | None = None,
-            shard: Shard | None = None, locked: bool = False) -> Iterator[tuple[RunView, StageWriter]]:
-    """Write one stage: hold the run's lock, check the stages it needs, give a fresh view of the
-    run and a StageWriter. The results are committed when the block ends normally; on an exception
-    nothing finished changes. The stages read (those needed, and `uses` that are done) are recorded
-    as the result's inputs. With `shard`, this process writes its share of a resumable stage's parts
-    alongside the other shards and commits nothing (see StageWriter). With `locked`, the caller
-    already holds the run's lock (in the shard's mode) and checked the run under it: the lock is
-    taken once per attempt."""
-    from adag.store import RunDir
+def writing(run: RunDir | str | Path, stage: Stage, config: BaseModel | Callable[[RunView], BaseModel],
+            command: str | None = None, shard: Shard | None = None) -> Iterator[tuple[RunView, StageWriter]]:
+    """Write one stage: hold the run's lock (shared with the other shards with `shard`), read the run
+    afresh, check the stages it needs, give a view of the run and a StageWriter; the lock is held until
+    the results are committed, when the block ends normally. On an exception nothing finished changes.
+    The stages read (those needed, and `uses` that are done) are recorded as the result's inputs.
+
+    `config` is the settings to record, or a function of the view that decides them under the lock (a
+    partial rerun records the union with the finished result; adag.subsets). A resumable stage resumes
+    an unfinished attempt made with the same settings and repairs a finished one; with `shard`, this
+    process writes its share of the parts alongside the other shards and commits nothing (StageWriter)."""
+    from adag.store import RunDir, StageWriter
     from adag.view import RunView
 
     run = run if isinstance(run, RunDir) else RunDir.open(run)
-    shared = shard is not None
-    if locked and not run.holds_lock(shared):
-        raise RuntimeError(f"writing '{stage.name}' with locked=True needs the caller to hold the run's lock")
-    with contextlib.nullcontext() if locked else run.lock(shared=shared):
+    with run.lock(shared=shard is not None):
         run.reload()
         view = RunView(run)
-        for name in needed(stage, config):
+        settled = config(view) if callable(config) else config
+        for name in needed(stage, settled):
             view.require(name)
-        with run.stage(stage.name, config.model_dump(mode="json"), stage_inputs(run, stage, config),
-                       stage.resumable, command or command_line(stage, run.path, config), shard,
-                       locked=True) as out:
+        with StageWriter(run, stage.name, settled.model_dump(mode="json"), stage_inputs(run, stage, settled),
+                         stage.resumable, command or command_line(stage, run.path, settled), shard) as out:
             yield view, out

@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from adag.errors import AdagError
-from adag.pipeline import is_current, needed
+from adag.pipeline import StageResult, Summary, is_current, needed
 from adag.stages import STAGES, STEPS, validation_line
 from adag.trace.config import TraceInputs
 
@@ -119,8 +119,7 @@ class StageOutcome:
     stage: str
     ran: bool
     seconds: float
-    summary: str
-    status: int = 0
+    summary: Summary  # empty for a stage skipped as current
 
 
 def run_study(path: str | Path, echo: Callable[[str], None] = print) -> list[StageOutcome]:
@@ -152,26 +151,24 @@ def run_study(path: str | Path, echo: Callable[[str], None] = print) -> list[Sta
         run = RunDir.open(study.run_dir) if (study.run_dir / MANIFEST).exists() else None
         if run is not None and is_current(run, STAGES[stage], config):
             echo(f"{head}: current (same settings and inputs), skipped")
-            outcomes.append(StageOutcome(stage, False, 0.0, ""))
+            outcomes.append(StageOutcome(stage, False, 0.0, Summary("")))
             continue
         echo(f"{head}: running")
         started = time.perf_counter()
-        result = _run_stage(stage, config, study, model)
-        summary = STAGES[stage].function("summary")(result, str(study.run_dir))
-        text, status = summary if isinstance(summary, tuple) else (summary, 0)
+        summary = STAGES[stage].summary_function()(_run_stage(stage, config, study, model))
         seconds = time.perf_counter() - started
-        echo(f"{head}: done in {seconds:.1f}s\n" + "\n".join(f"    {line}" for line in text.splitlines()))
-        outcomes.append(StageOutcome(stage, True, seconds, text, status))
+        echo(f"{head}: done in {seconds:.1f}s\n" + "\n".join(f"    {line}" for line in summary.text.splitlines()))
+        outcomes.append(StageOutcome(stage, True, seconds, summary))
     echo(study_digest(study.run_dir))
     return outcomes
 
 
-def _run_stage(stage: str, config: BaseModel, study: Study, model: Callable) -> Any:
+def _run_stage(stage: str, config: BaseModel, study: Study, model: Callable) -> StageResult:
     spec = STAGES[stage]
     options: dict[str, Any] = {"lm": model()} if spec.model else {}
     if spec.run_dir_option:  # the stage that creates the run takes the run's identity
         options.update(study.inputs.model_dump(exclude={spec.run_dir_option}))
-    return spec.function("run")(str(study.run_dir), config, **options)
+    return spec.run_function()(str(study.run_dir), config, **options)
 
 
 def _device_type(device: str) -> str:

@@ -39,7 +39,7 @@ def synthetic_run(path: str | Path, prompts: int = 4, layers: int = 12, nodes: i
             stage.write_part(name, 0, pd.concat(parts, ignore_index=True))
         stage.facts.update(prompts=prompts, nodes=sum(map(len, tables["nodes"])),
                            edges=sum(map(len, tables["edges"])))
-    run = cluster_run(str(path), ClusterConfig(k=clusters))
+    run = cluster_run(str(path), ClusterConfig(k=clusters)).run
     if labels:
         _describe(run, labels)
     return run

@@ -302,7 +302,7 @@ def test_cluster_graph_uses_direct_edges_of_each_kind():
 
 
 def test_cluster_stage_on_a_traced_run(clustered_run):
-    run = cluster_run(str(clustered_run), ClusterConfig(k=4))
+    run = cluster_run(str(clustered_run), ClusterConfig(k=4)).run
     assert run.stage_done("cluster")
     half = run.read_table("cluster", "half_neurons")
     clusters = run.read_table("cluster", "clusters")
@@ -322,9 +322,9 @@ def test_cluster_stage_on_a_traced_run(clustered_run):
         assert len(run.read_table("cluster", name))
     diagnostics = run.read_json("cluster", "diagnostics")
     assert diagnostics["k"] == 4 and diagnostics["suggested_k"] >= 1
-    again = cluster_run(str(clustered_run), ClusterConfig(k=4))
+    again = cluster_run(str(clustered_run), ClusterConfig(k=4)).run
     pd.testing.assert_frame_equal(half, again.read_table("cluster", "half_neurons"))
-    old = cluster_run(str(clustered_run), ClusterConfig(k=4, views="share", embedding="sklearn"))
+    old = cluster_run(str(clustered_run), ClusterConfig(k=4, views="share", embedding="sklearn")).run
     assert old.read_json("cluster", "diagnostics")["embedding"] == "sklearn"
 
 

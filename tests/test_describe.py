@@ -406,9 +406,9 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
     with FakeOpenAI() as server:
         spec = f"openai:fake@{server.url}"
         config = DescribeConfig(explainer=spec, simulator=spec, samples=2)
-        estimate = describe_run(str(clustered_run), config, dry_run=True)
+        estimate = describe_run(str(clustered_run), config, dry_run=True).facts
         assert estimate["calls"] > 0 and not server.requests
-        result = describe_run(str(clustered_run), config, progress=False, concurrency=2)
+        result = describe_run(str(clustered_run), config, progress=False, concurrency=2).facts
         assert result == {"clusters": 3, "failed": 0}
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")
         assert set(table["input_description"]) == {"names of countries"}
@@ -492,7 +492,8 @@ def test_a_failing_cluster_leaves_the_stage_unfinished_and_a_rerun_finishes_it(c
         monkeypatch.setattr(describe_run_module, "describe_cluster",
                             lambda cluster, *args: described.append(cluster) or original(cluster, *args))
         # Another concurrency changes no description, so the finished cluster is kept.
-        assert describe_run(str(clustered_run), config, progress=False, concurrency=2) == {"clusters": 2, "failed": 0}
+        again = describe_run(str(clustered_run), config, progress=False, concurrency=2)
+        assert again.facts == {"clusters": 2, "failed": 0}
         assert described == [0]
         assert len(server.requests) > sent  # the refusals were not cached: asked again
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")

@@ -119,7 +119,7 @@ def test_faithfulness_run_endpoints(steered_run):
     lm, path = steered_run
     for ablation in ("zero", "mean"):
         config = FaithfulnessConfig(fractions=[0.0, 0.5, 1.0], ablation=ablation)
-        curve = faithfulness_run(str(path), config, lm=lm).set_index("fraction")
+        curve = faithfulness_run(str(path), config, lm=lm).table.set_index("fraction")
         assert curve.loc[0.0, "faithfulness"] == pytest.approx(0.0)
         assert curve.loc[0.0, "completeness"] == pytest.approx(1.0)
         assert np.isfinite(curve["faithfulness"]).all()
@@ -128,7 +128,7 @@ def test_faithfulness_run_endpoints(steered_run):
 def test_steer_sweep_with_controls(steered_run):
     lm, path = steered_run
     run = steer_run(str(path), SteerConfig(multipliers=[0, 1, 2], controls=5, positions="traced"), lm=lm,
-                    progress=False)
+                    progress=False).run
     summary = run.read_table("steer", "summary")
     assert set(summary["multiplier"]) == {0, 1, 2} and set(summary["cluster"]) == {0, 1, 2}
     identity = summary[summary["multiplier"] == 1]

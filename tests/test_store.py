@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from adag.errors import AdagError
-from adag.store import FORMAT_VERSION, DamagedFile, RunDir, RunLocked, Shard
+from adag.store import FORMAT_VERSION, DamagedFile, RunDir, RunLocked, Shard, StageWriter
 from adag.view import RunView
 
 MODEL = {"spec": "m", "weights": "w"}
@@ -22,7 +22,7 @@ def snapshot(path):
 
 
 def _commit(run, stage, config, tables, inputs=None):
-    with run.stage(stage, config, inputs=inputs) as out:
+    with StageWriter(run, stage, config, inputs=inputs) as out:
         for name, table in tables.items():
             out.write_table(name, table)
         out.facts["rows"] = sum(len(t) for t in tables.values())
@@ -30,7 +30,7 @@ def _commit(run, stage, config, tables, inputs=None):
 
 def test_commit_records_files_and_reads_back(tmp_path):
     run = RunDir.create(tmp_path / "run", MODEL, DATASET)
-    with run.stage("trace", {"k": 5}, resumable=True) as out:
+    with StageWriter(run, "trace", {"k": 5}, resumable=True) as out:
         out.write_part("nodes", 0, pd.DataFrame({"a": [1, 2]}))
         out.write_part("nodes", 1, pd.DataFrame({"a": [3]}))
         out.facts["nodes"] = 3
@@ -51,7 +51,7 @@ def test_a_failed_stage_leaves_results_and_manifest_as_they_were(tmp_path):
     _commit(run, "trace", {}, {"nodes": pd.DataFrame({"a": [1]})})
     _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})}, {"trace": run.entry("trace")["id"]})
     before = snapshot(tmp_path)
-    with pytest.raises(RuntimeError), run.stage("cluster", {"k": 6}) as out:
+    with pytest.raises(RuntimeError), StageWriter(run, "cluster", {"k": 6}) as out:
         out.write_table("clusters", pd.DataFrame({"c": range(6)}))
         raise RuntimeError("interrupted")
     assert snapshot(tmp_path) == before
@@ -60,26 +60,26 @@ def test_a_failed_stage_leaves_results_and_manifest_as_they_were(tmp_path):
 
 def test_resumable_stage_keeps_finished_parts_for_the_same_settings_only(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
-    with pytest.raises(RuntimeError), run.stage("trace", {"k": 5}, resumable=True) as out:
+    with pytest.raises(RuntimeError), StageWriter(run, "trace", {"k": 5}, resumable=True) as out:
         out.write_part("nodes", 0, pd.DataFrame({"a": [1]}))
         raise RuntimeError("interrupted")
     assert "trace" not in RunDir.open(tmp_path).manifest["stages"]
     assert run.staged_attempt("trace")["config"] == {"k": 5}
-    with run.stage("trace", {"k": 5}, resumable=True) as out:
+    with StageWriter(run, "trace", {"k": 5}, resumable=True) as out:
         assert out.has_part("nodes", 0) and not out.has_part("nodes", 1)
         out.write_part("nodes", 1, pd.DataFrame({"a": [2]}))
     assert run.read_table("trace", "nodes")["a"].tolist() == [1, 2]
-    with pytest.raises(RuntimeError), run.stage("describe", {"x": 1}, resumable=True) as out:
+    with pytest.raises(RuntimeError), StageWriter(run, "describe", {"x": 1}, resumable=True) as out:
         out.write_part("d", 0, pd.DataFrame({"a": [1]}))
         raise RuntimeError("interrupted")
-    with run.stage("describe", {"x": 2}, resumable=True) as out:
+    with StageWriter(run, "describe", {"x": 2}, resumable=True) as out:
         assert not out.has_part("d", 0)  # other settings start over
         out.cancel()
 
 
 def test_a_damaged_part_is_redone_in_place_and_said_once(tmp_path, caplog):
     run = RunDir.create(tmp_path, MODEL, DATASET)
-    with run.stage("trace", {"k": 5}, resumable=True) as out:
+    with StageWriter(run, "trace", {"k": 5}, resumable=True) as out:
         for part in range(3):
             out.write_part("nodes", part, pd.DataFrame({"a": [part] * 50}))
         out.write_table("ledger", pd.DataFrame({"calls": [1]}))
@@ -88,7 +88,7 @@ def test_a_damaged_part_is_redone_in_place_and_said_once(tmp_path, caplog):
     with pytest.raises(DamagedFile, match=r"part-000001.parquet is damaged .* rewrite it with `adag trace"):
         run.read_table("trace", "nodes")
     assert len(run.verify()) == 1
-    with caplog.at_level(logging.WARNING, logger="adag"), run.stage("trace", {"k": 5}, resumable=True) as out:
+    with caplog.at_level(logging.WARNING, logger="adag"), StageWriter(run, "trace", {"k": 5}, resumable=True) as out:
         assert out.has_part("nodes", 0) and not out.has_part("nodes", 1) and out.has_part("nodes", 2)
         out.write_part("nodes", 1, pd.DataFrame({"a": [1] * 50}))
         out.write_table("ledger", pd.DataFrame({"calls": range(20)}))  # a whole table rewritten by the repair
@@ -108,7 +108,7 @@ def test_same_content_keeps_dependents_current_other_content_makes_them_stale(tm
     assert (tmp_path / "describe" / "d.parquet").exists()  # kept until describe is rerun
     with pytest.raises(AdagError, match="'describe' results .* are stale"):
         run.require_stage("describe", "adag describe")
-    with run.stage("describe", {}, inputs={"cluster": run.entry("cluster")["id"]}, resumable=True) as out:
+    with StageWriter(run, "describe", {}, inputs={"cluster": run.entry("cluster")["id"]}, resumable=True) as out:
         assert not out.repairing and not out.has_part("d", 0)  # stale parts are never resumed
         out.write_part("d", 0, pd.DataFrame({"c": [1]}))
     assert run.stage_state("describe") == "done" and not (tmp_path / "describe" / "d.parquet").exists()
@@ -117,7 +117,7 @@ def test_same_content_keeps_dependents_current_other_content_makes_them_stale(tm
 def test_an_interrupted_commit_is_finished_by_the_next_open(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
     _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
-    out = run.stage("cluster", {"k": 2}).__enter__()
+    out = StageWriter(run, "cluster", {"k": 2}).__enter__()
     out.write_table("clusters", pd.DataFrame({"c": [0, 1]}))
     run.manifest["pending"] = {"stage": "cluster", "entry": {**run.entry("cluster"), "config": {"k": 2}}}
     run._save_manifest()  # the process dies here, between recording the commit and the renames
@@ -142,7 +142,7 @@ def test_a_second_writer_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(AdagError, match=rf"being written by another adag process \(pid {holder.pid}, started "):
-            run.stage("cluster", {}).__enter__()
+            StageWriter(run, "cluster", {}).__enter__()
     finally:
         holder.kill()
         holder.wait()
@@ -175,7 +175,7 @@ def test_shard_writers_share_the_lock_and_every_other_writer_is_refused(tmp_path
 def test_shards_write_their_own_parts_and_a_plain_writer_commits_them_all(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
     for index in (1, 0):
-        with run.stage("describe", {"x": 1}, resumable=True, shard=Shard(index, 2)) as out:
+        with StageWriter(run, "describe", {"x": 1}, resumable=True, shard=Shard(index, 2)) as out:
             for part in range(index, 5, 2):
                 out.write_part("d", part, pd.DataFrame({"part": [part]}))
             with pytest.raises(ValueError, match="cannot write part"):
@@ -184,14 +184,14 @@ def test_shards_write_their_own_parts_and_a_plain_writer_commits_them_all(tmp_pa
         assert not run.stage_done("describe")
     assert sorted(run.staged_parts("describe")) == [f"d/part-{n:06d}.parquet" for n in range(5)]
     with pytest.raises(AdagError, match="unfinished 'describe' with other settings"), \
-            run.stage("describe", {"x": 2}, resumable=True, shard=Shard(0, 2)):
+            StageWriter(run, "describe", {"x": 2}, resumable=True, shard=Shard(0, 2)):
         pass
-    with run.stage("describe", {"x": 1}, resumable=True) as out:
+    with StageWriter(run, "describe", {"x": 1}, resumable=True) as out:
         assert all(out.has_part("d", part) for part in range(5))
         assert [facts["written"] for facts in out.shard_facts()] == [3, 2]
     assert list(run.read_table("describe", "d")["part"]) == list(range(5))
     assert not list((tmp_path / "describe").glob(".*")) and not (tmp_path / ".staging").exists()
-    with run.stage("describe", {"x": 1}, resumable=True, shard=Shard(1, 2)) as out:  # finished: nothing to do
+    with StageWriter(run, "describe", {"x": 1}, resumable=True, shard=Shard(1, 2)) as out:  # finished: nothing to do
         assert out.has_part("d", 3) and not out.has_part("d", 2)
 
 
@@ -242,13 +242,13 @@ def test_missing_stage_and_table(tmp_path):
 def test_lock_is_reentrant_within_a_process(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
     with run.lock(), run.lock():
-        assert run.is_locked_here()
-    assert not run.is_locked_here() and not (tmp_path / ".lock").exists()
+        assert run.holds_lock()
+    assert not run.holds_lock() and not (tmp_path / ".lock").exists()
 
 
 def test_a_stage_file_is_read_through_the_manifest(tmp_path):
     run = RunDir.create(tmp_path / "run", MODEL, DATASET)
-    with run.stage("steer", {}) as out:
+    with StageWriter(run, "steer", {}) as out:
         out.file("plots/cluster-000.png").write_bytes(b"png")
     (tmp_path / "run" / "steer" / "plots" / "stray.png").write_bytes(b"not recorded")
     view = RunView(RunDir.open(tmp_path / "run"))

@@ -69,8 +69,9 @@ def measured_run(tiny_models, dataset_file, tmp_path_factory):
 
 def test_p_correct_and_logit_diff_match_an_explicit_float64_forward(measured_run):
     lm, path = measured_run
-    p_correct = measure_run(str(path), MeasureConfig(measure="p_correct", batch_size=3), lm=lm).set_index("prompt")
-    logit_diff = measure_run(str(path), MeasureConfig(measure="logit_diff", batch_size=5), lm=lm).set_index("prompt")
+    p_correct = measure_run(str(path), MeasureConfig(measure="p_correct", batch_size=3), lm=lm).table
+    logit_diff = measure_run(str(path), MeasureConfig(measure="logit_diff", batch_size=5), lm=lm).table
+    p_correct, logit_diff = p_correct.set_index("prompt"), logit_diff.set_index("prompt")
     model64 = copy.deepcopy(lm.model).double()
     for prompt, row in _rows(path):
         ids = torch.tensor([encode_prompt(lm.tokenizer, row)])
@@ -94,7 +95,7 @@ def _rows(path) -> list[tuple[int, PromptRow]]:
 def test_logit_diff_measure_is_the_traced_metric(measured_run):
     """Two code paths, one quantity: the trace's logit_diff metric and the measure."""
     lm, path = measured_run
-    measured = measure_run(str(path), MeasureConfig(measure="logit_diff"), lm=lm).set_index("prompt")["value"]
+    measured = measure_run(str(path), MeasureConfig(measure="logit_diff"), lm=lm).table.set_index("prompt")["value"]
     traced = RunDir.open(path).read_table("trace", "prompts").set_index("prompt")["metric"]
     # the same float32 forward pass in batches of other sizes: only padding and summation order differ
     assert np.allclose(measured.loc[traced.index], traced, rtol=1e-4, atol=1e-5)
@@ -128,7 +129,7 @@ def test_judge_measure_is_the_yes_rate_per_prompt(measured_run, tmp_path, monkey
     answers = ["Yes", "no", "yes", "Maybe"] * prompts  # two samples per prompt, answered in order
     with FakeOpenAI([(200, reply_body(a)) for a in answers]) as server:
         table = measure_run(str(path), MeasureConfig(measure="judge", question="Is the answer a city?", samples=2,
-                                                     max_new_tokens=3, judge=f"openai:fake@{server.url}"), lm=lm)
+                                                     max_new_tokens=3, judge=f"openai:fake@{server.url}"), lm=lm).table
     assert len(table) == prompts and set(table.columns) >= {"prompt", "value", "yes", "no", "unclear"}
     assert (table["yes"] + table["no"] + table["unclear"] == 2).all()
     rates = table["yes"] / (table["yes"] + table["no"])
@@ -137,9 +138,9 @@ def test_judge_measure_is_the_yes_rate_per_prompt(measured_run, tmp_path, monkey
     with FakeOpenAI() as server:  # steering a judged measure: generations under the intervention, judged
         config = MeasureConfig(measure="judge", question="Is the answer a city?", samples=2, max_new_tokens=3,
                                judge=f"openai:fake@{server.url}")
-        unsteered = measure_run(str(path), config, lm=lm).set_index("prompt")["value"]
+        unsteered = measure_run(str(path), config, lm=lm).table.set_index("prompt")["value"]
         run = steer_run(str(path), SteerConfig(clusters=[0], multipliers=[0, 1], controls=1, control_kinds=["layer"]),
-                        lm=lm, progress=False)
+                        lm=lm, progress=False).run
     results = run.read_table("steer", "results")
     same = results[results["multiplier"] == 1].set_index("prompt")["measure"]
     assert np.allclose(same, unsteered.loc[same.index], equal_nan=True)
@@ -177,11 +178,11 @@ def test_correlation_table_is_corrected_and_sorted():
 def test_correlate_reads_the_measure_and_steer_takes_the_top_clusters(measured_run):
     lm, path = measured_run
     measure_run(str(path), MeasureConfig(measure="p_correct"), lm=lm)
-    table = correlate_run(str(path), CorrelateConfig(method="spearman"))
+    table = correlate_run(str(path), CorrelateConfig(method="spearman")).table
     assert (table["field"] == "measure").all()
     top = table.loc[table["spearman"].abs().sort_values(ascending=False, kind="stable").index, "cluster"][:2]
     run = steer_run(str(path), SteerConfig(top=2, multipliers=[0, 1, 2], controls=3,
-                                           control_kinds=["traced", "layer"]), lm=lm, progress=False)
+                                           control_kinds=["traced", "layer"]), lm=lm, progress=False).run
     summary = run.read_table("steer", "summary")
     assert set(summary["cluster"]) == set(top)
     measured = run.read_table("measure", "values")["value"].mean()
@@ -193,7 +194,7 @@ def test_correlate_reads_the_measure_and_steer_takes_the_top_clusters(measured_r
     draws = run.read_table("steer", "control_draws")
     assert len(draws) == 2 * 2 * 2 * 3
     again = steer_run(str(path), SteerConfig(top=2, multipliers=[0, 1, 2], controls=3,
-                                             control_kinds=["layer", "traced"]), lm=lm, progress=False)
+                                             control_kinds=["layer", "traced"]), lm=lm, progress=False).run
     by_kind = again.read_table("steer", "controls").set_index(["cluster", "kind", "multiplier"]).sort_index()
     assert np.allclose(by_kind["control_mean"], controls.set_index(["cluster", "kind", "multiplier"])
                        .sort_index()["control_mean"])  # a kind's draws do not depend on the other kinds

@@ -10,13 +10,13 @@ from adag.cluster.graph import cluster_graph
 from adag.cluster.methods import ProfileClustering
 from adag.cluster.profiles import half_neuron_profiles
 from adag.errors import AdagError
-from adag.pipeline import number, writing
+from adag.pipeline import StageResult, Summary, number, writing
 from adag.store import RunDir
 
 STAGE = CLUSTER_STAGE.name
 
 
-def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> RunDir:
+def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> StageResult:
     """Cluster the traced half-neurons and build the cluster graph."""
     with writing(run_dir, CLUSTER_STAGE, config) as (view, out):
         nodes, prompts = view.nodes, view.prompts
@@ -45,13 +45,14 @@ def cluster_run(run_dir: str | RunDir, config: ClusterConfig) -> RunDir:
         out.write_json("diagnostics", diagnostics)
         out.facts.update(clusters=diagnostics["k"], half_neurons=len(profiles),
                          suggested_k=diagnostics["suggested_k"], silhouette=diagnostics["silhouette"])
-    return view.run
+    return StageResult(view.run)
 
 
-def cluster_summary(run: RunDir, run_dir: str) -> str:
+def cluster_summary(result: StageResult) -> Summary:
+    run = result.run
     facts = run.manifest["stages"][STAGE]
     diagnostics = run.read_json(STAGE, "diagnostics")
-    return (f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
+    return Summary(f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
             f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
             f"silhouette {number(diagnostics['silhouette'])}, "
             f"intra/inter similarity {number(diagnostics['intra_inter_ratio'])}")

@@ -42,7 +42,7 @@ from adag.llm.backends import CachedBackend, LedgerEntry, make_backend
 from adag.llm.roles import parse_spec
 from adag.models.loading import cache_dir
 from adag.outputs import printable
-from adag.pipeline import number, writing
+from adag.pipeline import StageResult, Summary, number, writing
 from adag.store import DamagedFile, RunDir, StageWriter
 from adag.subsets import kept_clusters
 from adag.view import RunView
@@ -71,7 +71,8 @@ class ClusterData:
     inhibitory: bool
 
 
-def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool = True, **options: Any) -> dict:
+def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool = True,
+                 **options: Any) -> StageResult:
     """Describe every cluster (one part per cluster: a rerun redoes only failed, missing or damaged
     ones). `options` are DescribeOptions: with `dry_run`, only count the calls and estimate tokens;
     nothing is written. If any cluster failed, this raises after saving the others, and the stage stays
@@ -80,44 +81,47 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
     if limits.dry_run:
         view = RunView(run_dir) if isinstance(run_dir, RunDir) else RunView.open(run_dir)
         view.require("cluster")
-        return _estimate(config, *_inputs(view, config))
+        return StageResult(view.run, _estimate(config, *_inputs(view, config)))
     explainer, simulator = make_llms(config, limits, cache_dir() / "llm-cache.sqlite")
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
-    with run.lock():
-        run.reload()
-        config, kept = _added_to_finished(RunView(run), config)
-        with writing(run, DESCRIBE_STAGE, config) as (view, out):
-            wanted, inputs, outputs = _inputs(view, config)
-            _keep_finished(view, out, kept)
-            inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
-            todo = [c for c in wanted if not _done(out, c)]
-            roles = prompt_roles(view.prompts)
-            facts = cluster_facts(view.nodes, view.prompts, view.node_cluster,
-                                  view.config("trace")["keep_first_position"], roles) if todo else {}
-            shown = shown_text(view.prompts)
+    asked, settled = config, {}
 
-            def work(cluster: int) -> None:
-                data = ClusterData(inputs.get(cluster, []), outputs.get(cluster, []), facts.get(cluster), roles,
-                                   shown, bool(inhibitory.get(cluster, False)))
-                row = describe_cluster(cluster, data, explainer, simulator, config, limits.cluster_timeout)
-                out.write_part("descriptions", cluster, pa.Table.from_pylist([_printable(row)], schema=DESCRIPTIONS))
+    def recorded(view: RunView) -> DescribeConfig:
+        settled["config"], settled["kept"] = _added_to_finished(view, asked)
+        return settled["config"]
 
-            bar = tqdm(total=len(todo), unit="cluster", desc="describe",
-                       disable=None if progress else True)  # None: only on a terminal
-            with ThreadPoolExecutor(limits.concurrency) as pool:
-                for _ in pool.map(work, todo):
-                    bar.update()
-            bar.close()
-            ledger = _accumulated_ledger(view, out, kept, _ledger(explainer, simulator))
-            table = out.read_table("descriptions")
-            failed = table[table["status"] != "ok"].sort_values("cluster")
-            if len(failed):
-                raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
-                                f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
-            out.facts.update(clusters=len(table), failed=0,
-                             calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
-                             cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
-    return {"clusters": len(table), "failed": 0}
+    with writing(run_dir, DESCRIBE_STAGE, recorded) as (view, out):
+        config, kept = settled["config"], settled["kept"]
+        wanted, inputs, outputs = _inputs(view, config)
+        _keep_finished(view, out, kept)
+        inhibitory = dict(zip(view.clusters["cluster"], view.clusters["mean_attribution"] < 0))
+        todo = [c for c in wanted if not _done(out, c)]
+        roles = prompt_roles(view.prompts)
+        facts = cluster_facts(view.nodes, view.prompts, view.node_cluster,
+                              view.config("trace")["keep_first_position"], roles) if todo else {}
+        shown = shown_text(view.prompts)
+
+        def work(cluster: int) -> None:
+            data = ClusterData(inputs.get(cluster, []), outputs.get(cluster, []), facts.get(cluster), roles,
+                               shown, bool(inhibitory.get(cluster, False)))
+            row = describe_cluster(cluster, data, explainer, simulator, config, limits.cluster_timeout)
+            out.write_part("descriptions", cluster, pa.Table.from_pylist([_printable(row)], schema=DESCRIPTIONS))
+
+        bar = tqdm(total=len(todo), unit="cluster", desc="describe",
+                   disable=None if progress else True)  # None: only on a terminal
+        with ThreadPoolExecutor(limits.concurrency) as pool:
+            for _ in pool.map(work, todo):
+                bar.update()
+        bar.close()
+        ledger = _accumulated_ledger(view, out, kept, _ledger(explainer, simulator))
+        table = out.read_table("descriptions")
+        failed = table[table["status"] != "ok"].sort_values("cluster")
+        if len(failed):
+            raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
+                            f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
+        out.facts.update(clusters=len(table), failed=0,
+                         calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
+                         cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
+    return StageResult(view.run, {"clusters": len(table), "failed": 0})
 
 
 # Partial reruns (adag.subsets): describing some clusters adds them to the finished descriptions.
@@ -202,17 +206,18 @@ def _inputs(view: RunView, config: DescribeConfig) -> tuple[list[int], dict, dic
     return wanted, *load_cluster_records(view)
 
 
-def describe_summary(result: dict, run_dir: str) -> str:
+def describe_summary(stage_result: StageResult) -> Summary:
+    result, run_dir = stage_result.facts, stage_result.run.path
     if "calls" in result:
-        return (f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
+        return Summary(f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
                 f"{result['estimated_tokens']} tokens (explainer {result['explainer']}, simulator "
                 f"{result['simulator']}); cached calls cost nothing")
     lines = []
-    for row in RunView.open(run_dir).table(STAGE, "descriptions").sort_values("cluster").itertuples():
+    for row in RunView(stage_result.run).table(STAGE, "descriptions").sort_values("cluster").itertuples():
         lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={number(row.input_score)} "
                      f"output r={number(row.output_score)}  | {row.input_description}")
     lines.append(f"described {result['clusters']} clusters ({result['failed']} failed) -> {run_dir}/{STAGE}")
-    return "\n".join(lines)
+    return Summary("\n".join(lines))
 
 
 def _done(out: StageWriter, cluster: int) -> bool:

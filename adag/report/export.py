@@ -9,8 +9,10 @@ from pathlib import Path
 
 from adag import __version__
 from adag.outputs import output_file, write
+from adag.pipeline import StageResult, Summary
 from adag.report.config import EXPORT_FORMATS, ExportConfig
 from adag.report.data import graph_of, prompt_row
+from adag.store import RunDir
 from adag.view import RunView
 
 
@@ -82,10 +84,10 @@ def write_neuronpedia(run_dir: str | Path, prompt: int, out: str | Path) -> Path
     return write(out, json.dumps(graph, indent=1).encode(), EXPORT_FORMATS)
 
 
-def export_run(run_dir: str, config: ExportConfig, prompt: int, out: str) -> Path:
+def export_run(run_dir: str, config: ExportConfig, prompt: int, out: str) -> StageResult:
     """`adag export`."""
-    return write_neuronpedia(run_dir, prompt, out)
+    return StageResult(RunDir.open(run_dir), file=write_neuronpedia(run_dir, prompt, out))
 
 
-def export_summary(path: Path, run_dir: str) -> str:
-    return f"graph written to {path}"
+def export_summary(result: StageResult) -> Summary:
+    return Summary(f"graph written to {result.file}")

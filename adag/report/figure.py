@@ -13,11 +13,13 @@ from matplotlib.patches import Circle, PathPatch
 from matplotlib.path import Path as CurvePath
 
 from adag.outputs import output_file, write
+from adag.pipeline import StageResult, Summary
 from adag.report.config import DEFAULT_MIN_WEIGHT, DEFAULT_SHARE, FIGURE_FORMATS, FigureConfig
 from adag.report.data import cluster_color, dataset_cluster_layout, graph_of
 from adag.report.graph import PromptGraph, collapse_clusters, pruning_order
 from adag.report.layout import FONT, LEFT, Label, Layout, prompt_layout
 from adag.report.palette import NEGATIVE, POSITIVE
+from adag.store import RunDir
 from adag.view import RunView
 
 GREY, LIGHT = "#9aa3ad", "#ccccdd"
@@ -144,10 +146,10 @@ def write_figure(run_dir: str | Path, out: str | Path, config: FigureConfig) -> 
     return write(path, buffer.getvalue(), FIGURE_FORMATS)
 
 
-def figure_run(run_dir: str, config: FigureConfig, out: str) -> Path:
+def figure_run(run_dir: str, config: FigureConfig, out: str) -> StageResult:
     """`adag figure`."""
-    return write_figure(run_dir, out, config)
+    return StageResult(RunDir.open(run_dir), file=write_figure(run_dir, out, config))
 
 
-def figure_summary(path: Path, run_dir: str) -> str:
-    return f"figure written to {path}"
+def figure_summary(result: StageResult) -> Summary:
+    return Summary(f"figure written to {result.file}")

@@ -20,11 +20,11 @@ from urllib.parse import urlsplit
 
 from adag.errors import AdagError
 from adag.outputs import output_file, write
-from adag.pipeline import writing
+from adag.pipeline import StageResult, Summary, writing
 from adag.report.config import REPORT_FORMATS, REPORT_STAGE, ReportConfig
 from adag.report.data import chosen_prompts, payload_json, prompt_payload, run_payload
 from adag.report.steering import MAX_BODY, Steerer, SteerRequestError
-from adag.store import atomic_write_bytes
+from adag.store import RunDir, atomic_write_bytes
 from adag.view import RunView
 
 STAGE = REPORT_STAGE.name
@@ -80,15 +80,16 @@ def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
     return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
 
 
-def report_run(run_dir: str, config: ReportConfig, out: str | None = None) -> tuple[Path, int, int]:
+def report_run(run_dir: str, config: ReportConfig, out: str | None = None) -> StageResult:
     """`adag report`."""
-    return write_report(run_dir, out, config)
+    path, embedded, total = write_report(run_dir, out, config)
+    return StageResult(RunDir.open(run_dir), {"embedded": embedded, "prompts": total}, file=path)
 
 
-def report_summary(result: tuple[Path, int, int], run_dir: str) -> str:
-    path, embedded, total = result
+def report_summary(result: StageResult) -> Summary:
+    embedded, total = result.facts["embedded"], result.facts["prompts"]
     left_out = f"; {total - embedded} left out, `adag serve` shows them all" if embedded < total else ""
-    return f"report written to {path} (attribution graphs of {embedded} of {total} prompts{left_out})"
+    return Summary(f"report written to {result.file} (attribution graphs of {embedded} of {total} prompts{left_out})")
 
 
 def allowed_host(header: str | None, bound: str) -> bool:

@@ -10,7 +10,7 @@ import pandas as pd
 from scipy.stats import false_discovery_control, pearsonr, spearmanr
 
 from adag.errors import AdagError
-from adag.pipeline import writing
+from adag.pipeline import StageResult, Summary, writing
 from adag.steer.config import CORRELATE_STAGE, CorrelateConfig
 from adag.store import RunDir
 from adag.view import RunView
@@ -94,7 +94,7 @@ def _finite_number(value: object) -> bool:
         return False
 
 
-def correlate_run(run_dir: str | Path | RunDir, config: CorrelateConfig) -> pd.DataFrame:
+def correlate_run(run_dir: str | Path | RunDir, config: CorrelateConfig) -> StageResult:
     """Correlate every cluster with `config.field`; written to RUN/correlate/correlation.parquet."""
     with writing(run_dir, CORRELATE_STAGE, config) as (view, out):
         values = prompt_values(view, config.field)
@@ -102,11 +102,12 @@ def correlate_run(run_dir: str | Path | RunDir, config: CorrelateConfig) -> pd.D
                           config.alpha).assign(field=config.field)
         out.write_table("correlation", table)
         out.facts.update(field=config.field, significant=int(table["significant"].sum()))
-    return table
+    return StageResult(view.run, table=table)
 
 
-def correlate_summary(table: pd.DataFrame, run_dir: str) -> str:
+def correlate_summary(result: StageResult) -> Summary:
+    table = result.table
     field = table["field"].iloc[0] if len(table) else "the field"
     head = (f"{int(table['significant'].sum())} of {len(table)} clusters correlate significantly with {field} "
             "(Benjamini-Hochberg adjusted p below alpha)")
-    return head + "\n" + table.drop(columns="field").round(4).to_string(index=False)
+    return Summary(head + "\n" + table.drop(columns="field").round(4).to_string(index=False))

@@ -12,7 +12,7 @@ from adag.errors import AdagError
 from adag.llm.backends import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
-from adag.pipeline import writing
+from adag.pipeline import StageResult, Summary, writing
 from adag.steer.config import JUDGE_STAGE, JudgeConfig
 from adag.steer.evaluate import prompt_batches
 from adag.steer.intervene import scaled
@@ -58,33 +58,30 @@ def judge_rate(judge: CachedBackend, question: str, texts: list[str]) -> dict:
 
 
 def judge_run(run_dir: str | Path | RunDir, config: JudgeConfig, model: str | None = None,
-              lm: LoadedModel | None = None) -> pd.DataFrame:
+              lm: LoadedModel | None = None) -> StageResult:
     """Steer one cluster at each multiplier, generate, and ask the judge; one row per multiplier and
     question, written to RUN/judge/rates.parquet. The rows of other clusters judged with the same
     settings are kept (adag.subsets). A judge that answers neither yes nor no to anything is an error."""
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
-    with run.lock():
-        run.reload()
-        finished = _finished_rates(RunView(run))
+    with writing(run_dir, JUDGE_STAGE, config) as (view, out):
+        finished = _finished_rates(view)
         held = set() if finished is None else {int(c) for c in finished["cluster"]}
-        kept = kept_clusters(run, JUDGE_STAGE, config, config, {"cluster"}, {config.cluster}, held,
+        kept = kept_clusters(view.run, JUDGE_STAGE, config, config, {"cluster"}, {config.cluster}, held,
                              "judge into a copy of the run directory")
-        with writing(run, JUDGE_STAGE, config) as (view, out):
-            view.check_clusters([config.cluster])
-            if config.cluster in kept and view.run.entry(STAGE)["config"] == config.model_dump(mode="json"):
-                out.cancel()  # judged already with these settings: nothing changes
-                return finished
-            if config.cluster in kept:
-                rows = finished[finished["cluster"] == config.cluster]
-            else:
-                rows = _judged(view, config, lm or run_model(view.model, model))
-            others = finished[finished["cluster"] != config.cluster] if kept else None
-            table = rows if others is None else pd.concat([others, rows], ignore_index=True).sort_values(
-                "cluster", kind="stable", ignore_index=True)
-            out.write_table("rates", table)
-            out.facts.update(clusters=sorted(int(c) for c in table["cluster"].unique()),
-                             failed=int(table["rate"].isna().sum()))
-    return table
+        view.check_clusters([config.cluster])
+        if config.cluster in kept and view.run.entry(STAGE)["config"] == config.model_dump(mode="json"):
+            out.cancel()  # judged already with these settings: nothing changes
+            return StageResult(view.run, table=finished)
+        if config.cluster in kept:
+            rows = finished[finished["cluster"] == config.cluster]
+        else:
+            rows = _judged(view, config, lm or run_model(view.model, model))
+        others = finished[finished["cluster"] != config.cluster] if kept else None
+        table = rows if others is None else pd.concat([others, rows], ignore_index=True).sort_values(
+            "cluster", kind="stable", ignore_index=True)
+        out.write_table("rates", table)
+        out.facts.update(clusters=sorted(int(c) for c in table["cluster"].unique()),
+                         failed=int(table["rate"].isna().sum()))
+    return StageResult(view.run, table=table)
 
 
 def _judged(view: RunView, config: JudgeConfig, lm: LoadedModel) -> pd.DataFrame:
@@ -112,10 +109,11 @@ def _finished_rates(view: RunView) -> pd.DataFrame | None:
         return None  # judged again
 
 
-def judge_summary(table: pd.DataFrame, run_dir: str) -> str | tuple[str, int]:
+def judge_summary(result: StageResult) -> Summary:
+    table = result.table
     text = table.round(3).to_string(index=False)
     failed = int(table["rate"].isna().sum())
     if not failed:
-        return text
-    return (text + f"\n{failed} of {len(table)} settings failed: the judge answered neither yes nor no about "
-            "any of their generations (rate undefined)", 1)
+        return Summary(text)
+    return Summary(text + f"\n{failed} of {len(table)} settings failed: the judge answered neither yes nor no "
+                   "about any of their generations (rate undefined)", 1)

@@ -19,7 +19,7 @@ from adag.half_neurons import HalfNeuron
 from adag.llm.backends import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
 from adag.models.loading import cache_dir
-from adag.pipeline import number, writing
+from adag.pipeline import StageResult, Summary, number, writing
 from adag.steer.config import MEASURE_STAGE, MeasureConfig
 from adag.steer.evaluate import last_logits, prompt_batches
 from adag.steer.intervene import scaled
@@ -110,7 +110,7 @@ def _label_ids(lm: LoadedModel, prompts: pd.DataFrame, needed: int) -> dict[int,
 
 
 def measure_run(run_dir: str | Path | RunDir, config: MeasureConfig, model: str | None = None,
-                lm: LoadedModel | None = None) -> pd.DataFrame:
+                lm: LoadedModel | None = None) -> StageResult:
     """Measure every traced prompt; written to RUN/measure/values.parquet (prompt, value, and for the
     judge its yes/no/unclear counts)."""
     with writing(run_dir, MEASURE_STAGE, config) as (view, out):
@@ -125,16 +125,18 @@ def measure_run(run_dir: str | Path | RunDir, config: MeasureConfig, model: str 
                 "the model's logits are not finite"))
         out.write_table("values", table)
         out.facts.update(measure=config.measure, mean=float(table["value"].mean()), failed=int(failed.sum()))
-    return table
+    return StageResult(view.run, table=table)
 
 
-def measure_summary(table: pd.DataFrame, run_dir: str) -> str | tuple[str, int]:
+def measure_summary(result: StageResult) -> Summary:
     """The values' range; prompts without a value (a judge that answered neither yes nor no about any of
     their generations) are failures: counted, and the exit status is 1."""
+    table = result.table
     value = table["value"]
     text = (f"measured {len(table)} prompts: mean {number(value.mean())}, min {number(value.min())}, "
-            f"max {number(value.max())} -> {run_dir}/measure/values.parquet")
+            f"max {number(value.max())} -> {result.run.path / 'measure' / 'values.parquet'}")
     failed = int(value.isna().sum())
     if not failed:
-        return text
-    return text + f"\n{failed} of {len(table)} prompts failed: no value (the judge answered neither yes nor no)", 1
+        return Summary(text)
+    return Summary(f"{text}\n{failed} of {len(table)} prompts failed: no value (the judge answered neither yes nor "
+                   "no)", 1)

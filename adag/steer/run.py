@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from adag.errors import AdagError
 from adag.half_neurons import HalfNeuron
 from adag.models import LoadedModel, run_model
-from adag.pipeline import needed, writing
+from adag.pipeline import StageResult, Summary, needed, writing
 from adag.steer.config import (
     FAITHFULNESS_STAGE,
     STEER_STAGE,
@@ -35,23 +35,26 @@ CLUSTER_TABLES = ("results", "summary", "controls", "control_draws")  # one row 
 
 
 def steer_run(run_dir: str | RunDir, config: SteerConfig, model: str | None = None, lm: LoadedModel | None = None,
-              progress: bool = True) -> RunDir:
+              progress: bool = True) -> StageResult:
     """Scale each chosen cluster by each multiplier and measure the answer; with `controls`, steer
     random same-size sets the same way and rank the cluster's change of the measure among theirs.
     The measure is the measure stage's where the run has one, else p_top. `model` names another copy
     of the run's model, `lm` passes one already loaded. Steering some clusters adds them to a finished
     steer made with the same settings (adag.subsets)."""
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir.open(run_dir)
-    with run.lock():
-        run.reload()
-        record, chosen, finished = _added_to_finished(RunView(run), config)
-        with writing(run, STEER_STAGE, record) as (view, out):
-            todo = [cluster for cluster in chosen if cluster not in finished.get("kept", ())]
-            if not todo and view.run.entry(STAGE)["config"] == record.model_dump(mode="json"):
-                out.cancel()  # every cluster asked for is there, made with these settings: nothing changes
-                return view.run
-            _sweep(view, out, config, todo, finished, model, lm, progress)
-    return run
+    settled = {}
+
+    def recorded(view: RunView) -> SteerConfig:
+        record, settled["chosen"], settled["finished"] = _added_to_finished(view, config)
+        return record
+
+    with writing(run_dir, STEER_STAGE, recorded) as (view, out):
+        chosen, finished = settled["chosen"], settled["finished"]
+        todo = [cluster for cluster in chosen if cluster not in finished.get("kept", ())]
+        if not todo and view.run.entry(STAGE)["config"] == out.config:
+            out.cancel()  # every cluster asked for is there, made with these settings: nothing changes
+            return StageResult(view.run)
+        _sweep(view, out, config, todo, finished, model, lm, progress)
+    return StageResult(view.run)
 
 
 def _added_to_finished(view: RunView, config: SteerConfig) -> tuple[SteerConfig, list[int], dict]:
@@ -191,13 +194,14 @@ def _sweep_setting(lm: LoadedModel, measure: Measure, batches, references, unste
     return results
 
 
-def steer_summary(run: RunDir, run_dir: str) -> str:
+def steer_summary(result: StageResult) -> Summary:
+    run = result.run
     view = RunView(run)
     lines = [view.table(STAGE, "summary").round(4).to_string(index=False)]
     if view.has(STAGE, "controls"):
         lines.append(view.table(STAGE, "controls").round(4).to_string(index=False))
     lines.append(f"plots in {run.path / STAGE / 'plots'}")
-    return "\n".join(lines)
+    return Summary("\n".join(lines))
 
 
 def _traced_positions(view: RunView, batches) -> dict[int, list[torch.Tensor]]:
@@ -261,7 +265,7 @@ def compare_controls(lm: LoadedModel, measure: Measure, batches, baseline: float
 
 
 def faithfulness_run(run_dir: str | RunDir, config: FaithfulnessConfig, model: str | None = None,
-                     lm: LoadedModel | None = None) -> pd.DataFrame:
+                     lm: LoadedModel | None = None) -> StageResult:
     """Faithfulness and completeness of node circuits made of the top fraction of traced nodes by
     |attribution|; every other neuron is zero- or mean-ablated. Written to RUN/faithfulness/."""
     with writing(run_dir, FAITHFULNESS_STAGE, config) as (view, out):
@@ -284,11 +288,11 @@ def faithfulness_run(run_dir: str | RunDir, config: FaithfulnessConfig, model: s
 
         curve = faithfulness_curve(config.fractions, value_of)
         out.write_table("curve", curve)
-    return curve
+    return StageResult(view.run, table=curve)
 
 
-def faithfulness_summary(curve: pd.DataFrame, run_dir: str) -> str:
-    return curve.round(4).to_string(index=False)
+def faithfulness_summary(result: StageResult) -> Summary:
+    return Summary(result.table.round(4).to_string(index=False))
 
 
 def _circuit_mask(lm, ranked: dict[int, pd.DataFrame], rows, batch, fraction, complement) -> dict[int, torch.Tensor]:

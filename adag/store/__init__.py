@@ -25,7 +25,8 @@ Every write goes to a temporary file that is renamed into place. Nothing is pick
 directory is safe to open.
 
 Modules, lowest first: `files` (atomic writes, file records), `lock` (the run's lock), `manifest`
-(its format), `writer` (StageWriter), `run` (RunDir).
+(its format), `staging` (an unfinished attempt's sidecars, `Shard`), `run` (RunDir), `writer`
+(StageWriter, which commits into a RunDir).
 """
 
 from adag.store.files import (
@@ -40,7 +41,8 @@ from adag.store.files import (
 from adag.store.lock import LOCK, RunLocked
 from adag.store.manifest import ENTRY_KEYS, FORMAT_VERSION, MANIFEST, STAGING, check_run_target, read_manifest
 from adag.store.run import RunDir
-from adag.store.writer import Shard, StageWriter
+from adag.store.staging import Shard
+from adag.store.writer import StageWriter
 
 __all__ = ["DamagedFile", "atomic_write_bytes", "file_problem", "file_record", "parquet_bytes", "part_file",
            "part_number", "LOCK", "RunLocked", "ENTRY_KEYS", "FORMAT_VERSION", "MANIFEST", "STAGING",

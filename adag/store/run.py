@@ -18,7 +18,7 @@ from adag.errors import AdagError
 from adag.store.files import DamagedFile, atomic_write_bytes, file_problem
 from adag.store.lock import holds_lock, run_lock
 from adag.store.manifest import MANIFEST, STAGING, check_run_target, new_manifest, read_manifest
-from adag.store.writer import STAGE_SIDECAR, Shard, StageWriter, read_parts
+from adag.store.staging import STAGE_SIDECAR, read_parts
 
 
 class RunDir:
@@ -83,10 +83,6 @@ class RunDir:
         """Whether this process holds the run's lock in this mode."""
         return holds_lock(self.path, shared)
 
-    def is_locked_here(self) -> bool:
-        """Whether this process holds the run's exclusive lock."""
-        return holds_lock(self.path)
-
     # stages
 
     def entry(self, stage: str) -> dict[str, Any] | None:
@@ -117,14 +113,6 @@ class RunDir:
         if state != "done":
             raise AdagError(f"{self.path} has no finished '{stage}' stage; run `{command}` first")
 
-    def stage(self, stage: str, config: dict[str, Any], inputs: dict[str, str] | None = None,
-              resumable: bool = False, command: str | None = None, shard: Shard | None = None,
-              locked: bool = False) -> StageWriter:
-        """A writer for one attempt at `stage` (use it as a context manager; see StageWriter). With
-        `locked`, the caller holds the run's lock (in the shard's mode) for the writer's lifetime."""
-        return StageWriter(self, stage, config, inputs or {}, resumable, command or f"adag {stage} {self.path}",
-                           shard, locked)
-
     def staged_attempt(self, stage: str) -> dict[str, Any] | None:
         """Config, inputs and command of an earlier, unfinished attempt at `stage` that left finished parts."""
         sidecar = self.path / STAGING / stage / STAGE_SIDECAR
@@ -151,7 +139,7 @@ class RunDir:
         pending = self.manifest["pending"]
         stage = pending["stage"]
         staged = staged or self.path / STAGING / stage
-        if not self.is_locked_here():
+        if not self.holds_lock():
             try:
                 with self.lock():
                     self.reload()
@@ -189,9 +177,6 @@ class RunDir:
             self._save_manifest()
 
     # tables
-
-    def table_path(self, stage: str, name: str) -> Path:
-        return self.path / stage / f"{name}.parquet"
 
     def has_table(self, stage: str, name: str) -> bool:
         files = (self.entry(stage) or {}).get("files", {})

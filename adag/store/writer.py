@@ -1,18 +1,17 @@
-"""`StageWriter`: one attempt at a stage, staged beside the finished results and committed whole."""
+"""`StageWriter`: one attempt at a stage, staged beside the finished results and committed whole. Above
+`RunDir`: the writer commits into the run, the run knows nothing of writers."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -21,36 +20,16 @@ import pyarrow.parquet as pq
 from adag.errors import AdagError
 from adag.store.files import atomic_write_bytes, file_problem, file_record, parquet_bytes, part_file, part_number
 from adag.store.manifest import STAGING
-
-if TYPE_CHECKING:
-    from adag.store.run import RunDir
-
-STAGE_SIDECAR = ".stage.json"  # a staged stage's config and inputs, so an interrupted attempt can resume
-PARTS_SIDECAR = ".parts{}.jsonl"  # one line per committed part of a staged resumable stage, per writer
-SHARD_FACTS = ".facts-{}.json"  # the facts of one shard writer, for the writer that commits the stage
+from adag.store.run import RunDir
+from adag.store.staging import PARTS_SIDECAR, SHARD_FACTS, STAGE_SIDECAR, Shard, read_parts
 
 log = logging.getLogger("adag")
-
-
-@dataclasses.dataclass(frozen=True)
-class Shard:
-    """One of `count` processes writing a resumable stage together; it owns the parts `index`,
-    `index + count`, ... (so the split is the same in every process and on every rerun)."""
-
-    index: int
-    count: int
-
-    def owns(self, part: int) -> bool:
-        return part % self.count == self.index
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
 
 
 class StageWriter:
     """One attempt at a stage. Used as a context manager::
 
-        with run.stage("cluster", config) as out:
+        with StageWriter(run, "cluster", config) as out:
             out.write_table("clusters", table)
             out.facts["clusters"] = 3
 
@@ -70,12 +49,12 @@ class StageWriter:
     check a finished result but leave its repair to a plain writer.
     """
 
-    def __init__(self, run: RunDir, stage: str, config: dict[str, Any], inputs: dict[str, str], resumable: bool,
-                 command: str, shard: Shard | None = None, locked: bool = False):
+    def __init__(self, run: RunDir, stage: str, config: dict[str, Any], inputs: dict[str, str] | None = None,
+                 resumable: bool = False, command: str | None = None, shard: Shard | None = None):
         if shard is not None and not resumable:
             raise ValueError(f"stage '{stage}' is not resumable, so it cannot be written in shards")
-        self.run, self.stage, self.config, self.inputs = run, stage, config, inputs
-        self.resumable, self.command, self.shard, self.locked = resumable, command, shard, locked
+        self.run, self.stage, self.config, self.inputs = run, stage, config, inputs or {}
+        self.resumable, self.command, self.shard = resumable, command or f"adag {stage} {run.path}", shard
         self.facts: dict[str, Any] = {}
         self.cancelled = False
         self.rewritten = False  # whether this attempt wrote any file (a repair that wrote none changes nothing)
@@ -83,15 +62,13 @@ class StageWriter:
         self._guard = threading.Lock()
         self._lock: contextlib.ExitStack | None = None
         entry = run.entry(stage)
-        self.repairing = resumable and entry is not None and entry["config"] == config and entry["inputs"] == inputs
+        self.repairing = (resumable and entry is not None and entry["config"] == config
+                          and entry["inputs"] == self.inputs)
         self.path = run.path / stage if self.repairing else run.path / STAGING / stage
 
     def __enter__(self) -> StageWriter:
-        self._lock = contextlib.ExitStack()
-        if not self.locked:
-            self._lock.enter_context(self.run.lock(shared=self.shard is not None))
-        elif not self.run.holds_lock(shared=self.shard is not None):
-            raise RuntimeError(f"a writer of '{self.stage}' opened with locked=True needs the run's lock held")
+        self._lock = contextlib.ExitStack()  # re-entrant: under `pipeline.writing` the lock is held already
+        self._lock.enter_context(self.run.lock(shared=self.shard is not None))
         self.started = time.time()
         try:
             if self.repairing:
@@ -260,17 +237,3 @@ class StageWriter:
             self.run.replace_entry(self.stage, entry)
         else:
             self.run.commit(self.stage, self.path, entry)
-
-
-def read_parts(folder: Path, wanted: Callable[[str], bool] | None = None) -> dict[str, dict[str, Any]]:
-    """Records of the parts that the writers of an attempt committed (those `wanted(file)` accepts);
-    a line cut by an interruption is skipped (its part is then written again)."""
-    records = {}
-    for path in sorted(folder.glob(PARTS_SIDECAR.format("*"))):
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(line)
-                file = record.pop("file")
-                if wanted is None or wanted(file):
-                    records[file] = record
-    return records

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from adag.datasets import Dataset, encode_prompt, label_token_ids, uses_chat_template
 from adag.errors import AdagError
 from adag.models import LoadedModel
-from adag.pipeline import command_line, writing
+from adag.pipeline import StageResult, Summary, command_line, writing
 from adag.store import RunDir, RunLocked, Shard, StageWriter, check_run_target, part_file, part_number
 from adag.trace.attribute import (
     BatchAttribution,
@@ -33,6 +33,7 @@ from adag.trace.attribute import (
 from adag.trace.config import TRACE_STAGE, TraceConfig
 from adag.trace.shards import any_rank, barrier, group_shard, pool_over_ranks, torchrun_group
 from adag.trace.tables import batch_tables
+from adag.view import RunView
 
 STAGE = TRACE_STAGE.name
 TABLES = ("nodes", "embeddings", "edges", "prompts")  # prompts last: its presence marks a part done
@@ -82,18 +83,20 @@ def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: s
         logger.warning(f"--aggregate-over dataset keeps a key that passes in any of the {len(tokens)} prompts in all "
                        "of them, so nodes per prompt (and the trace's cost) grow with the dataset")
     run = RunDir.create(out, *run_manifest_facts(lm, dataset))
-    settings = config.model_dump(mode="json")
-    with run.lock(shared=shard is not None):
-        run.reload()
-        unfinished = run.staged_attempt(STAGE)
-        if run.stage_config(STAGE) not in (None, settings) or (unfinished and unfinished["config"] != settings):
+
+    def unchanged(view: RunView) -> TraceConfig:
+        """`config`, once the run is found (under its lock) to hold no trace made with other settings."""
+        settings, unfinished = config.model_dump(mode="json"), view.run.staged_attempt(STAGE)
+        if view.run.stage_config(STAGE) not in (None, settings) or (unfinished and unfinished["config"] != settings):
             raise AdagError(f"{out} was traced with other settings; trace into a new --out directory "
                             "(or delete this one) so that no finished work is lost")
-        with writing(run, TRACE_STAGE, config, command, shard, locked=True) as (_, stage):
-            stage.facts["prompt_format"] = prompt_format  # also left for the shard that commits
-            largest_score = _trace_parts(lm, dataset, config, tokens, labels, stage, group is not None, progress)
-            if shard is None:
-                _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"], prompt_format)
+        return config
+
+    with writing(run, TRACE_STAGE, unchanged, command, shard) as (_, stage):
+        stage.facts["prompt_format"] = prompt_format  # also left for the shard that commits
+        largest_score = _trace_parts(lm, dataset, config, tokens, labels, stage, group is not None, progress)
+        if shard is None:
+            _record_totals(stage, config, len(dataset), largest_score, stage.facts["phase_seconds"], prompt_format)
     if group is not None:
         barrier(True)  # every rank has written its parts and let go of the lock
         if group.index == 0:
@@ -167,36 +170,36 @@ def _record_totals(stage: StageWriter, config: TraceConfig, prompts: int, larges
 def finish_trace(run: RunDir, wait_for_shards: bool = False) -> bool:
     """Commit a trace written in shards once every part is there: check the parts (their hashes too),
     total the tables, record the facts. Parts still missing are an error, or with `wait_for_shards`
-    (a shard that is not the last) leave the run to the last one and return False."""
-    with run.lock():
-        run.reload()
-        attempt = run.staged_attempt(STAGE)
-        if attempt is None:
-            if run.stage_done(STAGE):
-                return True
-            raise AdagError(f"{run.path} has no unfinished trace to finish; start one with "
-                            "`adag trace ... --shard I/N`")
-        config = TraceConfig.model_validate(attempt["config"])
-        prompts = run.manifest["dataset"]["rows"]
-        parts = -(-prompts // config.batch_size)
-        written = run.staged_parts(STAGE)
-        if _missing_parts(lambda name, part: part_file(name, part) in written, parts, config) and wait_for_shards:
-            return False
-        with writing(run, TRACE_STAGE, config, attempt.get("command"), locked=True) as (_, stage):
-            missing = _missing_parts(stage.has_part, parts, config)
-            if missing:
-                raise AdagError(f"{len(missing)} of {parts} batches of {run.path} are not traced yet (batches "
-                                f"{_listed(missing)}); rerun the shards that own them (batch b belongs to shard "
-                                "b mod N), or `adag trace` without --shard to trace them here")
-            shards = stage.shard_facts()
-            phase_seconds = {}
-            for facts in shards:
-                for phase, seconds in facts.get("phase_seconds", {}).items():
-                    phase_seconds[phase] = round(phase_seconds.get(phase, 0) + seconds, 2)
-            largest = max([facts.get("largest_score", 0.0) for facts in shards], default=0.0)
-            formats = [facts["prompt_format"] for facts in shards if "prompt_format" in facts]
-            _record_totals(stage, config, prompts, largest, phase_seconds, formats[0] if formats else None)
-            stage.facts["shards"] = len(shards)
+    (a shard that is not the last) leave the run to the last one and return False. The parts are first
+    counted without the lock: each shard counts after its own parts are recorded, so the last sees all."""
+    run.reload()
+    attempt = run.staged_attempt(STAGE)
+    if attempt is None:
+        if run.stage_done(STAGE):
+            return True
+        raise AdagError(f"{run.path} has no unfinished trace to finish; start one with "
+                        "`adag trace ... --shard I/N`")
+    config = TraceConfig.model_validate(attempt["config"])
+    prompts = run.manifest["dataset"]["rows"]
+    parts = -(-prompts // config.batch_size)
+    written = run.staged_parts(STAGE)
+    if _missing_parts(lambda name, part: part_file(name, part) in written, parts, config) and wait_for_shards:
+        return False
+    with writing(run, TRACE_STAGE, config, attempt.get("command")) as (_, stage):
+        missing = _missing_parts(stage.has_part, parts, config)
+        if missing:
+            raise AdagError(f"{len(missing)} of {parts} batches of {run.path} are not traced yet (batches "
+                            f"{_listed(missing)}); rerun the shards that own them (batch b belongs to shard "
+                            "b mod N), or `adag trace` without --shard to trace them here")
+        shards = stage.shard_facts()
+        phase_seconds = {}
+        for facts in shards:
+            for phase, seconds in facts.get("phase_seconds", {}).items():
+                phase_seconds[phase] = round(phase_seconds.get(phase, 0) + seconds, 2)
+        largest = max([facts.get("largest_score", 0.0) for facts in shards], default=0.0)
+        formats = [facts["prompt_format"] for facts in shards if "prompt_format" in facts]
+        _record_totals(stage, config, prompts, largest, phase_seconds, formats[0] if formats else None)
+        stage.facts["shards"] = len(shards)
     return True
 
 
@@ -214,7 +217,7 @@ def _listed(numbers: list[int], shown: int = 10) -> str:
 
 def trace_run(run_dir: str | None, config: TraceConfig, model: str | None = None, dataset: str | None = None,
               limit: int | None = None, dtype: str = "float32", device: str = "cpu", shard: str | None = None,
-              finish: str | None = None, lm: LoadedModel | None = None) -> RunDir:
+              finish: str | None = None, lm: LoadedModel | None = None) -> StageResult:
     """`adag trace`: load the dataset and the model (unless `lm`, already loaded), then trace (under
     torchrun: this rank's share); or with `finish`, commit a run traced in shards."""
     from adag.datasets import load_dataset
@@ -226,7 +229,7 @@ def trace_run(run_dir: str | None, config: TraceConfig, model: str | None = None
                             "in RUN")
         run = RunDir.open(finish)
         finish_trace(run)
-        return run
+        return StageResult(run)
     if model is None or dataset is None or run_dir is None:
         raise AdagError("adag trace needs --model, --dataset and --out (or --finish RUN to finish a sharded run)")
     check_run_target(Path(run_dir))
@@ -236,7 +239,7 @@ def trace_run(run_dir: str | None, config: TraceConfig, model: str | None = None
                            dtype=dtype, device=device)
     with torchrun_group(device) as rank_device:
         lm = lm or load_model(model, dtype=dtype, device=rank_device)
-        return trace_dataset(lm, rows, config, run_dir, command=command, shard=this_shard)
+        return StageResult(trace_dataset(lm, rows, config, run_dir, command=command, shard=this_shard))
 
 
 def parse_shard(text: str | None) -> Shard | None:
@@ -249,16 +252,17 @@ def parse_shard(text: str | None) -> Shard | None:
     return Shard(int(index), int(count))
 
 
-def trace_summary(run: RunDir, run_dir: str | None) -> str:
+def trace_summary(result: StageResult) -> Summary:
+    run = result.run
     if not run.stage_done(STAGE):
         attempt = run.staged_attempt(STAGE) or {"config": {"batch_size": 1}}
         parts = -(-run.manifest["dataset"]["rows"] // attempt["config"]["batch_size"])
         done = len({part_number(file) for file in run.staged_parts(STAGE) if file.startswith("prompts/")})
-        return (f"traced this shard's batches into {run.path}: {done} of {parts} batches done; the last shard (or "
-                f"`adag trace --finish {run.path}`) finishes the run")
+        return Summary(f"traced this shard's batches into {run.path}: {done} of {parts} batches done; the last "
+                       f"shard (or `adag trace --finish {run.path}`) finishes the run")
     facts = run.manifest["stages"][STAGE]
-    return (f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['embeddings']} embedding nodes, "
-            f"{facts['edges']} edges in {facts['seconds']:.1f}s -> {run_dir or run.path}")
+    return Summary(f"traced {facts['prompts']} prompts: {facts['nodes']} nodes, {facts['embeddings']} embedding "
+                   f"nodes, {facts['edges']} edges in {facts['seconds']:.1f}s -> {run.path}")
 
 
 def check_targets(lm: LoadedModel, config: TraceConfig) -> None:
