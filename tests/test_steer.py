@@ -8,6 +8,7 @@ from adag.datasets import load_dataset
 from adag.steer import FaithfulnessConfig, SteerConfig, correlate, faithfulness_run, replaced, scaled, steer_run
 from adag.steer.evaluate import faithfulness_curve
 from adag.trace import PromptBatch, TraceConfig, trace_dataset
+from adag.trace.tap import NeuronTap
 
 
 def _inputs(lm):
@@ -50,6 +51,24 @@ def test_multiplier_one_is_identity_and_zero_matches_a_hand_written_hook(tiny):
     assert not torch.equal(ablated, plain)
     assert _hook_count(tiny.model) == before
     assert torch.equal(tiny.model(**inputs).logits, plain)
+
+
+@torch.no_grad()
+def test_a_tap_entered_while_steering_reads_the_steered_values(tiny):
+    """Steering and the tap go through one installer: hooks installed inside run after the outer ones."""
+    inputs = _inputs(tiny)
+    before = _hook_count(tiny.model)
+    with NeuronTap(tiny.model, tiny.adapter) as plain:
+        tiny.model(**inputs)
+    assert (plain.activations[0][..., 5] != 0).any()
+    with scaled(tiny.model, tiny.adapter, [(0, 5, 1), (0, 5, -1)], 0.0), NeuronTap(tiny.model, tiny.adapter) as tap:
+        tiny.model(**inputs)
+        with pytest.raises(RuntimeError), NeuronTap(tiny.model, tiny.adapter):
+            raise RuntimeError("an error inside leaves the outer hooks in place")
+        assert _hook_count(tiny.model) > before
+    assert (tap.activations[0][..., 5] == 0).all()
+    assert torch.equal(tap.activations[0][..., :5], plain.activations[0][..., :5])
+    assert _hook_count(tiny.model) == before
 
 
 @torch.no_grad()

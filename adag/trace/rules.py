@@ -10,13 +10,15 @@ constants the backward pass recorded into `FrozenValues`, keyed by module name.
 Order. Hooks on one module run in a fixed order, which matters twice: the half rule keeps the gate
 factor from the activation module's output, which must already be the linearised activation; and
 anything that reads the neuron activations (the tap) must see the half rule's rewrite of the MLP
-output projection's input. `hooks_installed` is the one place that installs hooks: in list order,
-each before every hook registered on its module without `prepend`, whoever registered first.
+output projection's input. `hooks_installed` installs every hook adag puts on a model (the rules, the
+tap, steering): on each module they run in the order they were installed, so hooks installed inside
+another `hooks_installed` block (a tap while steering) see what the outer ones did.
 `linearised` lists the rules in the order of their rule set, then the caller's hooks (`after`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -54,17 +56,57 @@ class Hook:
     with_kwargs: bool = False
 
 
+class _Chain:
+    """The hooks of one kind (pre or not) that `hooks_installed` keeps on one module, in installation
+    order, run by one PyTorch hook registered with `prepend` (before hooks registered by other means)."""
+
+    def __init__(self, module: nn.Module, pre: bool):
+        self.hooks: list[Hook] = []
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self.handle = register(self._pre if pre else self._post, prepend=True, with_kwargs=True)
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for hook in self.hooks:
+            if hook.with_kwargs:
+                args, kwargs = hook.function(module, args, kwargs) or (args, kwargs)
+            else:
+                result = hook.function(module, args)
+                args = args if result is None else result if isinstance(result, tuple) else (result,)
+        return args, kwargs
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
+        for hook in self.hooks:
+            result = hook.function(module, args, kwargs, output) if hook.with_kwargs else \
+                hook.function(module, args, output)
+            output = output if result is None else result
+        return output
+
+
+_chains: weakref.WeakKeyDictionary[nn.Module, dict[bool, _Chain]] = weakref.WeakKeyDictionary()
+
+
 @contextmanager
 def hooks_installed(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
-    """Install `hooks`, removed on exit (also on error). On each module they run in list order and
-    before every hook registered there without `prepend`, earlier or later: each is registered with
-    `prepend=True`, the last first."""
-    with ExitStack() as stack:
-        for hook in reversed(hooks):
+    """Install `hooks`, removed on exit (also on error; the module is left as it was). On each module
+    they run in list order, after the hooks of the `hooks_installed` blocks around this one and before
+    any hook registered there by other means."""
+    added: list[tuple[nn.Module, bool, Hook]] = []
+    try:
+        for hook in hooks:
             module = model.get_submodule(hook.module)
-            register = module.register_forward_pre_hook if hook.pre else module.register_forward_hook
-            stack.callback(register(hook.function, prepend=True, with_kwargs=hook.with_kwargs).remove)
+            chains = _chains.setdefault(module, {})
+            if hook.pre not in chains:
+                chains[hook.pre] = _Chain(module, hook.pre)
+            chains[hook.pre].hooks.append(hook)
+            added.append((module, hook.pre, hook))
         yield
+    finally:
+        for module, pre, hook in reversed(added):
+            chain = _chains[module][pre]
+            del chain.hooks[max(i for i, h in enumerate(chain.hooks) if h is hook)]
+            if not chain.hooks:
+                chain.handle.remove()
+                del _chains[module][pre]
 
 
 def layer_names(model: nn.Module, adapter: FamilyAdapter, path: str) -> list[str]:
