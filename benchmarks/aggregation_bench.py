@@ -1,4 +1,4 @@
-"""Nodes per prompt by node pooling, for growing datasets: print the table in README ("Scaling").
+"""Nodes per prompt by node pooling, for growing datasets: print the table in docs/scaling.md.
 
     python benchmarks/aggregation_bench.py                      # built-in model, 8, 64 and 512 prompts
     python benchmarks/aggregation_bench.py --sizes 8,64 --device cuda

@@ -1,5 +1,5 @@
-"""How often each built-in model answers the built-in datasets right: print the table in README
-("Model families").
+"""How often each built-in model answers the built-in datasets right: print the table in
+docs/models.md.
 
     python benchmarks/answer_accuracy.py                                  # both built-in models
     python benchmarks/answer_accuracy.py --models gemma3-270m --datasets country-capitals

@@ -1,4 +1,4 @@
-"""Retake the README's screenshots of the viewer from a run (normally the demo's), in headless Chromium.
+"""Retake the screenshots of README and docs/guide.md of the viewer from a run (normally the demo's), in headless Chromium.
 
     make demo && .venv/bin/python docs/screenshots.py runs/demo
 

@@ -549,7 +549,7 @@ DIGIT_TEXTS = ["I bought 3 apples and 12 pears for 5 dollars", "The train leaves
 
 def test_simulator_sanity_correct_description_beats_wrong_ones(tmp_path):
     """True values are high exactly on digit tokens; the offline embedding simulator must rank the
-    right description clearly above wrong ones. (The 135M local chat model cannot: see README.)"""
+    right description clearly above wrong ones. (The 135M local chat model cannot: see docs/how-it-works.md.)"""
     records = []
     for i, text in enumerate(DIGIT_TEXTS):
         tokens = [(" " if j else "") + w for j, w in enumerate(text.split())]

@@ -46,7 +46,7 @@ def module_name(path: Path) -> str:
 def layer(module: str) -> int:
     matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
                if module == prefix or module.startswith(prefix + ".")]
-    assert matches, f"{module} is in no layer; add it to LAYERS (and README's layer list)"
+    assert matches, f"{module} is in no layer; add it to LAYERS (and to docs/how-it-works.md, Code layers)"
     return max(matches)[1]
 
 

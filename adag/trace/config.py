@@ -15,7 +15,7 @@ from adag.pipeline import Stage
 from adag.settings import Settings, only_with
 
 # Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
-# built-in model (README, "Benchmarks"). GPU: 8 fills the device better; not measured yet
+# built-in model (docs/benchmarks.md). GPU: 8 fills the device better; not measured yet
 # (benchmarks/device_check.sh prints the figures that settle it).
 DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 8}
 
