@@ -53,9 +53,9 @@ def cluster_summary(result: StageResult) -> Summary:
     facts = run.manifest["stages"][STAGE]
     diagnostics = run.read_json(STAGE, "diagnostics")
     return Summary(f"clustered {facts['half_neurons']} half-neurons into {facts['clusters']} clusters in "
-            f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
-            f"silhouette {number(diagnostics['silhouette'])}, "
-            f"intra/inter similarity {number(diagnostics['intra_inter_ratio'])}")
+                   f"{facts['seconds']:.1f}s; eigengap suggests k={diagnostics['suggested_k']}, "
+                   f"silhouette {number(diagnostics['silhouette'])}, "
+                   f"intra/inter similarity {number(diagnostics['intra_inter_ratio'])}")
 
 
 def _order_by_attribution(labels: np.ndarray, node_half_neuron: np.ndarray, attribution: np.ndarray) -> np.ndarray:

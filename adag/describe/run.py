@@ -209,9 +209,9 @@ def _inputs(view: RunView, config: DescribeConfig) -> tuple[list[int], dict, dic
 def describe_summary(stage_result: StageResult) -> Summary:
     result, run_dir = stage_result.facts, stage_result.run.path
     if "calls" in result:
-        return Summary(f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls and "
-                f"{result['estimated_tokens']} tokens (explainer {result['explainer']}, simulator "
-                f"{result['simulator']}); cached calls cost nothing")
+        return Summary(f"dry run: {result['clusters']} clusters would take about {result['calls']} LLM calls "
+                       f"and {result['estimated_tokens']} tokens (explainer {result['explainer']}, simulator "
+                       f"{result['simulator']}); cached calls cost nothing")
     lines = []
     for row in RunView(stage_result.run).table(STAGE, "descriptions").sort_values("cluster").itertuples():
         lines.append(f"  cluster {row.cluster:3d}  {row.label!s:28s} input r={number(row.input_score)} "
