@@ -10,6 +10,7 @@ rewrites it, and that command repairs the run to the tables of the clean run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -1092,3 +1093,149 @@ def test_csv_numbers_are_numbers_for_correlate(places):
     cli(new, "cluster {run} --k 2")
     assert "correlate significantly with score" in cli(new, "correlate {run} --field score").stdout
     assert "correlate significantly with rank" in cli(new, "correlate {run} --field rank").stdout
+
+
+def _hang_up(port: int, request: bytes) -> None:
+    """Send `request` and hang up at once with a reset (as a browser cancelling a fetch does)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(request)
+
+
+def _post(port: int, body: bytes, length: int | None = None) -> bytes:
+    return (f"POST /api/steer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
+
+
+@pytest.mark.slow  # a server process and 200 connections (about a minute)
+def test_the_server_survives_hang_ups_and_deep_bodies_without_a_traceback(finished_run):
+    """200 clients that hang up before their reply (GETs, steers, bodies cut short), then a body of 60,000
+    '[' (under the size limit): no line on the server's terminal, a 400 for the deep body, still serving."""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    with subprocess.Popen([sys.executable, "-c", "from adag.cli import app; app()", "serve", str(finished_run),
+                           "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as server:
+        try:
+            port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))
+            steer = json.dumps({"prompt": 0, "cluster": 0, "multiplier": 0}).encode()
+            requests = [f"GET /api/data HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),
+                        f"GET /api/prompt/1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),
+                        _post(port, steer), _post(port, steer[:5], length=len(steer)), b"GET / HT"]
+            for index in range(200):
+                _hang_up(port, requests[index % len(requests)])
+            deep = _post(port, b"[" * 60_000)
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(deep)
+                assert sock.recv(64).startswith(b"HTTP/1.0 400")
+            for path in ("/api/data", "/api/prompt/0"):
+                connection = __import__("http.client").client.HTTPConnection("127.0.0.1", port, timeout=60)
+                connection.request("GET", path)
+                assert connection.getresponse().status == 200
+        finally:
+            server.send_signal(signal.SIGINT)
+            _, stderr = server.communicate(timeout=60)
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
+# Interruptions and concurrent commands: SIGINT, SIGTERM or SIGKILL in the middle of a stage, then the same
+# command again, gives the tables of an uninterrupted run and leaves no lock and no staging behind.
+
+ADAG_PROCESS = [sys.executable, "-c", "from adag.cli import app; app()"]
+TABLES = {"trace": ("prompts", "nodes", "edges", "embeddings"), "describe": ("descriptions",)}
+
+
+def _interrupted(words: list[str], started: Callable[[], bool], sig: int, env: dict) -> int:
+    """Run the CLI in a process and send `sig` once `started()` holds; its exit status."""
+    with subprocess.Popen([*ADAG_PROCESS, *words], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as process:
+        while process.poll() is None and not started():
+            time.sleep(0.01)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def clean_trace(model_dir, tmp_path_factory):
+    """Eight prompts traced one per batch without interruption: the tables an interrupted trace must give."""
+    folder = tmp_path_factory.mktemp("clean-trace")
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps(row.model_dump()) + "\n" for row in load_dataset("country-capitals", 8).rows))
+    places = Places(model_dir, data, folder / "run", folder, folder / "run", "", folder)
+    cli(places, INTERRUPTED_TRACE)
+    return places
+
+
+INTERRUPTED_TRACE = TRACE.replace("--batch-size 2", "--batch-size 1")
+
+
+@pytest.mark.slow  # a process that loads torch
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+def test_a_trace_interrupted_then_rerun_gives_the_uninterrupted_tables(clean_trace, tmp_path, sig):
+    places = dataclasses.replace(clean_trace, new=tmp_path / "interrupted")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    parts = places.new / STAGING / "trace" / "nodes"
+    code = _interrupted(places.words(INTERRUPTED_TRACE), lambda: any(parts.glob("part-*.parquet")), sig, env)
+    assert code == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}[sig]
+    if sig != signal.SIGKILL:
+        assert not (places.new / ".lock").exists()  # released on the way out
+    assert "trace" not in RunDir.open(places.new).manifest["stages"]
+    cli(places, INTERRUPTED_TRACE)
+    clean, again = RunDir.open(clean_trace.run), RunDir.open(places.new)
+    for name in TABLES["trace"]:
+        assert again.read_table("trace", name).equals(clean.read_table("trace", name)), name
+    assert not (places.new / ".lock").exists() and not (places.new / STAGING).exists()
+
+
+@pytest.mark.slow  # a process that loads torch, and a slow LLM server
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
+def test_describe_interrupted_then_rerun_keeps_every_call_in_its_ledger(places, sig):
+    """Interrupted once a cluster is written: the rerun describes the rest, and the ledger counts the calls of
+    both invocations (those made before the interruption were paid for)."""
+    clean = RunDir.open(places.run).read_table("describe", "descriptions")
+    shutil.rmtree(places.run / "describe")
+    manifest = json.loads((places.run / MANIFEST).read_text())
+    del manifest["stages"]["describe"]
+    (places.run / MANIFEST).write_text(json.dumps(manifest))
+    with FakeOpenAI() as fake:
+        handler = fake.server.RequestHandlerClass
+        answer = handler.do_POST
+        handler.do_POST = lambda request: (time.sleep(0.1), answer(request))
+        places.llm = fake.url
+        parts = places.run / STAGING / "describe" / "descriptions"
+        env = os.environ | {"ADAG_CACHE": str(places.tmp / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+        _interrupted(places.words(f"describe {{run}} {LLM}"), lambda: any(parts.glob("part-*.parquet")), sig, env)
+        assert not (places.run / ".lock").exists()
+        sent = len(fake.requests)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("ADAG_CACHE", str(places.tmp / "cache"))
+            cli(places, f"describe {{run}} {LLM}")
+    run = RunDir.open(places.run)
+    ledger = run.read_table("describe", "ledger")
+    assert sorted(ledger["invocation"].unique()) == [0, 1]
+    assert (~ledger[ledger["invocation"] == 0]["cached"]).sum() >= 1  # the first invocation's paid calls
+    assert int((~ledger["cached"]).sum()) >= sent - 1  # every request the server saw (one may be in flight)
+    assert sorted(run.read_table("describe", "descriptions")["cluster"]) == sorted(clean["cluster"])
+    assert not (places.run / STAGING).exists() and not (places.run / ".lock").exists()
+
+
+HOLD_LOCK = ("import sys, time\nfrom adag.store import RunDir\nwith RunDir.open(sys.argv[1]).lock():\n"
+             "    print('held', flush=True)\n    time.sleep(120)\n")
+WRITERS = ["cluster {run} --k 2", "describe {run} " + LLM, "steer {run} --multipliers 0", "report {run}",
+           "faithfulness {run}", "correlate {run} --field score", TRACE.replace("{new}", "{run}")]
+
+
+def test_a_second_command_on_a_run_being_written_is_one_line_and_changes_nothing(places):
+    """Every writing command, while another process writes the run: refused in one line naming the holder."""
+    with subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(places.run)], stdout=subprocess.PIPE,
+                          text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            before = finished(places.run)
+            for command in WRITERS:
+                line = error_line(RUNNER.invoke(app, places.words(command)), "being written by another adag process")
+                assert f"pid {holder.pid}" in line, command
+            assert finished(places.run) == before
+        finally:
+            holder.kill()
