@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import signal
 import sys
 import typing
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from typer.core import TyperGroup
 
-from adag.errors import AdagError
+from adag.errors import MAX_JSON_DEPTH, AdagError
 from adag.outputs import printable
 from adag.pipeline import Stage, cli_fields, option_name, reading
 from adag.stages import STAGES, STEPS, validation_line
@@ -130,6 +131,7 @@ class AdagGroup(TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         notes = StderrNotes()
         logging.getLogger("adag").addHandler(notes)
+        previous = _terminate_as_interrupt()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click_errors.NoArgsIsHelpError as error:
@@ -137,17 +139,49 @@ class AdagGroup(TyperGroup):
             result = 0
         except click_errors.ClickException as error:
             _fail(" ".join(error.format_message().split()))
+        except Terminated:
+            _fail("terminated; rerun the same command to resume where it stopped", code=128 + signal.SIGTERM)
         except (typer.Abort, KeyboardInterrupt):
             _fail("interrupted; rerun the same command to resume where it stopped", code=130)
         except AdagError as error:
             _fail(str(error))
         except ValidationError as error:
             _fail(validation_line(error))
+        except OSError as error:  # a file adag had no reason to expect unreadable or unwritable
+            _fail(_os_error_line(error))
+        except RecursionError:
+            _fail(f"an input is nested too deeply (over {MAX_JSON_DEPTH} levels of lists or objects); flatten it")
         finally:
             logging.getLogger("adag").removeHandler(notes)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that locks are released and unfinished stages set aside
+    exactly as for Ctrl-C."""
+
+
+def _terminate_as_interrupt() -> typing.Any:
+    """Turn SIGTERM into `Terminated` while a command runs (main thread only); the handler it replaced."""
+    def terminate(_signal: int, _frame: typing.Any) -> None:
+        raise Terminated
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (e.g. a test runner's worker)
+        return None
+
+
+def _os_error_line(error: OSError) -> str:
+    """An operating-system error as one line naming the file and what to do."""
+    where = f" {error.filename}" if error.filename else ""
+    if isinstance(error, PermissionError):
+        return f"no permission for{where} ({error.strerror}); check its permissions (chmod) or choose another path"
+    return f"cannot use{where} ({error.strerror or error}); check that it exists and is a file or folder you may use"
 
 
 class StderrNotes(logging.Handler):

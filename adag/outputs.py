@@ -27,11 +27,14 @@ from adag.errors import AdagError
 
 # An escape sequence: CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ESC backslash), or a two-byte ESC sequence.
 ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])?")
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but tab and newline
+# C0 and C1 controls but tab and newline; bidi embeddings, overrides, isolates and marks, which reorder what
+# follows on the terminal (U+202E shows "gpj.exe" as "exe.jpg"); and lone surrogates, which cannot be printed.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def printable(text: object, lines: bool = False) -> str:
-    """`text` without escape sequences and control characters; newlines become spaces unless `lines`."""
+    """`text` without escape sequences, control characters and bidi controls; newlines become spaces
+    unless `lines`."""
     text = ESCAPE.sub("", str(text))
     if not lines:
         text = text.replace("\n", " ")

@@ -1,14 +1,19 @@
 """What every settings model shares (pydantic only, for the CLI's fast start): unknown keys are refused,
 numbers must be finite and within what numpy, torch and scikit-learn take, and the kinds of number that
 several stages declare (seeds, steering multipliers) are declared once here. The same models validate
-command-line options and study files, so both refuse the same values with the same words."""
+command-line options and study files, so both refuse the same values with the same words. A study file's
+true/false is refused where a number is expected (pydantic would take it as 1 or 0), and text must be text
+(no lone surrogates, which an undecodable command-line byte becomes)."""
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+
+from adag.errors import text_problem
 
 LARGEST_INTEGER = 2**53  # every integer up to this converts exactly to int64 and float64
 LARGEST_MULTIPLIER = 1000.0  # activations scaled further overflow float16 and bfloat16 models
@@ -23,6 +28,18 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers_and_text_is_text(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        for item in _numbers(value):
+            if isinstance(item, bool) and not _accepts(annotation, bool) and _accepts(annotation, int, float):
+                raise PydanticCustomError("bool_for_number", "{value} is true/false, not a number; give a number",
+                                          {"value": str(item).lower()})
+            if isinstance(item, str) and (problem := text_problem(item)):
+                raise PydanticCustomError("not_text", "{problem}", {"problem": problem})
+        return value
+
     @field_validator("*")
     @classmethod
     def _integers_in_range(cls, value: Any) -> Any:
@@ -31,6 +48,13 @@ class Settings(BaseModel):
                 raise PydanticCustomError("too_large", "{number} is too large; give at most 2**53",
                                           {"number": number})
         return value
+
+
+def _accepts(annotation: Any, *kinds: type) -> bool:
+    """Whether a field's type takes values of one of `kinds` (looking inside unions, lists and Annotated)."""
+    if annotation in kinds:
+        return True
+    return any(_accepts(argument, *kinds) for argument in typing.get_args(annotation))
 
 
 def _numbers(value: Any) -> list:

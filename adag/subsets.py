@@ -37,5 +37,5 @@ def kept_clusters(run: RunDir, stage: Stage, config: BaseModel, record: BaseMode
         names = ", ".join("--" + name.replace("_", "-") for name in changed) or "its inputs"
         raise AdagError(f"{run.path} holds finished '{stage.name}' results for clusters {lost} made with other "
                         f"settings ({names}), which this run would drop; keep them by giving the recorded settings "
-                        f"(`{entry['command']}`) with the clusters to add, or {how}")
+                        f"(`{run.command(stage.name)}`) with the clusters to add, or {how}")
     return set()

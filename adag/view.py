@@ -106,8 +106,7 @@ class RunView:
         return self.run.stage_done(stage) and (table is None or self.run.has_table(stage, table))
 
     def require(self, stage: str) -> None:
-        entry = self.run.entry(stage)
-        self.run.require_stage(stage, entry["command"] if entry else f"adag {stage} {self.path}")
+        self.run.require_stage(stage, self.run.command(stage))
 
     def config(self, stage: str) -> dict[str, Any]:
         self.require(stage)

@@ -51,7 +51,7 @@ def test_jsonl_and_csv(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text('prompt,seed_response,labels,asr\nHello,Answer:,"["" A"", "" B""]",0.3\nBye,,,0.1\n')
     rows = load_dataset(str(csv)).rows
-    assert rows[0].labels == [" A", " B"] and rows[0].metadata == {"asr": "0.3"}
+    assert rows[0].labels == [" A", " B"] and rows[0].metadata == {"asr": 0.3}
     assert rows[1].labels == [] and rows[1].seed_response == ""
 
 
@@ -218,17 +218,17 @@ def test_csv_keeps_quoted_line_breaks_and_words_that_spell_numbers(tmp_path):
     path.write_text('prompt,word,asr\n"Two lines,\nstill one prompt",infinity,0.5\nB,nan,\n')
     rows = load_dataset(str(path)).rows
     assert [row.prompt for row in rows] == ["Two lines,\nstill one prompt", "B"]
-    assert rows[0].metadata == {"word": "infinity", "asr": "0.5"} and rows[1].metadata["asr"] == ""
+    assert rows[0].metadata == {"word": "infinity", "asr": 0.5} and rows[1].metadata["asr"] is None
 
 
 @pytest.mark.parametrize("suffix, content", [
     (".csv", "prompt,asr\nHi,0.5\n"),
-    (".jsonl", '{"prompt": "Hi", "metadata": {"asr": "0.5"}}\n'),
+    (".jsonl", '{"prompt": "Hi", "metadata": {"asr": 0.5}}\n'),
 ])
 def test_utf8_byte_order_mark_is_skipped(tmp_path, suffix, content):
     path = tmp_path / f"bom{suffix}"
     path.write_bytes(b"\xef\xbb\xbf" + content.encode())
-    assert load_dataset(str(path)).rows == [PromptRow(prompt="Hi", metadata={"asr": "0.5"})]
+    assert load_dataset(str(path)).rows == [PromptRow(prompt="Hi", metadata={"asr": 0.5})]
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
@@ -296,7 +296,7 @@ def test_misleading_capitals_labels_are_distinct_single_tokens(builtin):
 def test_misleading_capitals_check_reproduces(builtin):
     """Rerunning the check on three recorded countries gives the recorded probabilities. They were rounded
     to 4 decimals; float32 logits summed in another order move a probability by far less than 1e-4."""
-    from adag.datasets.misleading_check import check_country
+    from scripts.misleading_check import check_country
 
     recorded = {entry["country"]: entry for entry in study_check()["checks"]}
     for entry in study_check()["study"][:3]:

@@ -10,10 +10,12 @@ rewrites it, and that command repairs the run to the tables of the clean run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -408,7 +410,7 @@ def test_a_reader_names_the_damaged_part_and_the_command_that_rewrites_it(places
     stage = file.split("/")[0]
     before = finished(places.run)
     line = error_line(RUNNER.invoke(app, places.words(READERS[reader])), f"{places.run / file} is damaged")
-    assert f"rewrite it with `{RunDir.open(places.run).entry(stage)['command']}`" in line
+    assert f"rewrite it with `{RunDir.open(places.run).command(stage)}`" in line
     assert finished(places.run) == before
 
 
@@ -431,7 +433,8 @@ def test_the_named_command_repairs_a_damaged_part_to_the_clean_tables(places, ca
     tables = {name: clean.read_table(stage, name) for name in ("prompts", "nodes", "edges", "descriptions")
               if clean.has_table(stage, name)}
     damage(places, case)
-    command = clean.entry(stage)["command"].replace(str(finished_run), str(places.run))  # names the original
+    command = clean.command(stage)  # names this copy of the run, not the run it was copied from
+    assert str(places.run) in command and str(finished_run) not in command
     repaired = cli(places, command.removeprefix("adag "))
     warnings = [line for line in repaired.stderr.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert len(warnings) == 1 and warnings[0].startswith("warning: 1 damaged file(s)"), repaired.stderr
@@ -762,3 +765,477 @@ def test_serving_beyond_loopback_warns_in_one_line(finished_run, caplog):
         caplog.clear()
         make_server(str(finished_run), "127.0.0.1", 0).server_close()
     assert not caplog.records
+
+
+# Issue 32: classes of fault, each as a generated set of cases. Every error case: exit 2, one line, no
+# traceback, the run byte-identical.
+
+DEEP = 100_000
+
+
+def deep_list(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def deep_object(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+def jsonl_row(metadata: str = "{}", **fields: str) -> bytes:
+    extra = "".join(f', "{key}": {value}' for key, value in fields.items())
+    return f'{{"prompt": "What is the capital of France?", "metadata": {metadata}{extra}}}\n'.encode()
+
+
+NESTING = {
+    "metadata list 100000 deep": dataset(".jsonl", jsonl_row(f'{{"x": {deep_list(DEEP)}}}')),
+    "metadata object 100000 deep": dataset(".jsonl", jsonl_row(deep_object(DEEP))),
+    "metadata 65 deep (one over the limit)": dataset(".jsonl", jsonl_row(f'{{"x": {deep_list(64)}}}')),
+    "labels 100000 deep": dataset(".jsonl", jsonl_row(labels=deep_list(DEEP))),
+    "a whole row 100000 deep": dataset(".jsonl", deep_list(DEEP).encode() + b"\n"),
+    "csv labels 100000 deep": dataset(".csv", b"prompt,labels\nHi," + deep_list(DEEP).encode() + b"\n"),
+}
+
+
+@pytest.mark.parametrize("case", NESTING)
+def test_deeply_nested_dataset_json_is_one_line(places, case):
+    NESTING[case](places, None)
+    before = finished(places.run)
+    error_line(RUNNER.invoke(app, places.words(TRACE)), str(places.data))
+    assert finished(places.run) == before and not places.new.exists()
+
+
+@pytest.mark.parametrize("command", ["info {run}", "info {run} --verify", "cluster {run} --k 2", "report {run}",
+                                     "export {run} --prompt 0 --out {tmp}/g.json", TRACE.replace("{new}", "{run}")])
+@pytest.mark.parametrize("nested", [deep_list(DEEP), deep_object(DEEP), f'{{"stages": {deep_list(70)}}}'])
+def test_a_deeply_nested_manifest_is_one_line(places, command, nested):
+    manifest(nested.encode())(places, None)
+    before = finished(places.run)
+    error_line(RUNNER.invoke(app, places.words(command)), "manifest.json is not valid JSON")
+    assert finished(places.run) == before
+
+
+def _permissions_apply() -> bool:
+    """Whether this process is refused a file without read permission (root is not, unless run without
+    CAP_DAC_OVERRIDE, e.g. under `setpriv --bounding-set -dac_override,-dac_read_search`)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as probe:
+        os.chmod(probe.name, 0)
+        try:
+            open(probe.name).close()
+        except PermissionError:
+            return True
+    return False
+
+
+NEEDS_PERMISSIONS = pytest.mark.skipif(not _permissions_apply(), reason="this process reads every file (root)")
+
+
+def unreadable_file(relative: str):
+    """Take read permission from a file: {data} (the dataset), or one of the run's files."""
+    def prepare(places: Places, stack: contextlib.ExitStack) -> None:
+        path = places.data if relative == "data" else places.run / relative
+        path.chmod(0)
+        stack.callback(path.chmod, 0o644)
+    return prepare
+
+
+def unreadable_folder(places: Places, stack: contextlib.ExitStack) -> None:
+    folder = places.tmp / "locked"
+    folder.mkdir()
+    shutil.copy(places.data, folder / "data.jsonl")
+    places.data = folder / "data.jsonl"
+    folder.chmod(0)
+    stack.callback(folder.chmod, 0o755)
+
+
+NO_READ = [  # (case, command, preparation, what the line says)
+    ("dataset jsonl", TRACE, unreadable_file("data"), "cannot read"),
+    ("dataset csv", TRACE, lambda p, s: (dataset(".csv", b"prompt\nHi\n")(p, s), unreadable_file("data")(p, s)),
+     "cannot read"),
+    ("dataset in a folder without permission", TRACE, unreadable_folder, "permission"),
+    ("manifest (info)", "info {run}", unreadable_file(MANIFEST), "cannot read"),
+    ("manifest (cluster)", "cluster {run} --k 2", unreadable_file(MANIFEST), "cannot read"),
+    ("nodes part (cluster)", "cluster {run} --k 2", unreadable_file("trace/nodes/part-000000.parquet"),
+     "cannot read"),
+    ("nodes part (report)", "report {run}", unreadable_file("trace/nodes/part-000000.parquet"), "cannot read"),
+    ("edges part (export)", "export {run} --prompt 0 --out {tmp}/g.json",
+     unreadable_file("trace/edges/part-000000.parquet"), "cannot read"),
+    ("half-neurons table (steer)", "steer {run} --multipliers 0", unreadable_file("cluster/half_neurons.parquet"),
+     "cannot read"),
+    ("descriptions part (report)", "report {run}", unreadable_file("describe/descriptions/part-000000.parquet"),
+     "cannot read"),
+    ("study file", "run {tmp}/study.toml", lambda p, s: (
+        (p.tmp / "study.toml").write_text(f'model = "{p.model}"\ndataset = "{p.data}"\nout = "{p.new}"\n'),
+        (p.tmp / "study.toml").chmod(0), s.callback((p.tmp / "study.toml").chmod, 0o644)), "Permission denied"),
+]
+
+
+@NEEDS_PERMISSIONS
+@pytest.mark.parametrize("case, command, prepare, match", NO_READ, ids=[row[0] for row in NO_READ])
+def test_an_unreadable_input_is_one_line(places, case, command, prepare, match):
+    before = finished(places.run)
+    with contextlib.ExitStack() as stack:
+        prepare(places, stack)
+        result = RUNNER.invoke(app, places.words(command))
+    error_line(result, match)
+    assert finished(places.run) == before
+
+
+@NEEDS_PERMISSIONS
+@pytest.mark.parametrize("file", ["trace/nodes/part-000001.parquet", "cluster/clusters.parquet",
+                                  "describe/ledger.parquet"])
+def test_info_verify_names_an_unreadable_run_file(places, file):
+    with contextlib.ExitStack() as stack:
+        unreadable_file(file)(places, stack)
+        result = cli(places, "info {run} --verify", code=1)
+    assert f"damaged  cannot read {places.run / file} (no permission)" in result.stdout and not result.stderr
+
+
+NOT_TEXT = {  # a lone surrogate, written as a JSON escape, in every place a row holds text
+    "prompt": jsonl_row().replace(b"France?", b"France?\\ud800"),
+    "prompt, low surrogate": jsonl_row().replace(b"What", b"\\udfffWhat"),
+    "seed_response": jsonl_row(seed_response='"Answer:\\ud83d"'),
+    "label": jsonl_row(labels='[" Paris\\udc00"]'),
+    "metadata value": jsonl_row('{"note": "x\\ud800"}'),
+    "metadata key": jsonl_row('{"x\\ud800": 1}'),
+    "nested metadata": jsonl_row('{"a": [{"b": "\\udbff"}]}'),
+}
+
+
+@pytest.mark.parametrize("case", NOT_TEXT)
+def test_text_the_tokenizer_cannot_take_is_one_line(places, case):
+    dataset(".jsonl", NOT_TEXT[case])(places, None)
+    error_line(RUNNER.invoke(app, places.words(TRACE)), "lone surrogate")
+    assert not places.new.exists()
+
+
+def test_a_surrogate_pair_is_text(places):
+    dataset(".jsonl", jsonl_row().replace(b"France?", b"France? \\ud83c\\udf0d"))(places, None)
+    assert "traced 1 prompts" in cli(places, TRACE).stdout
+
+
+INVISIBLE = ["\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u202e", "\u2066\u2069", "\u200e\u200f", "\u061c",
+             "\u00ad", "\u3164", "\u2800", "\u034f", "\ufe0f", "\U000e0020", "\u0301", " \u200b\t\u202e \u3000",
+             "\u180e", "\u2028", "\u115f\u1160"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+@pytest.mark.parametrize("text", INVISIBLE, ids=[ascii(t) for t in INVISIBLE])
+def test_a_prompt_of_only_invisible_characters_is_refused_like_whitespace(places, text, suffix):
+    row = json.dumps({"prompt": text}) + "\n" if suffix == ".jsonl" else f'prompt\n"{text}"\n'
+    dataset(suffix, row.encode())(places, None)
+    error_line(RUNNER.invoke(app, places.words(TRACE)), "prompt is empty")
+    assert not places.new.exists()
+
+
+def test_a_prompt_with_invisible_characters_and_text_is_kept(places):
+    dataset(".jsonl", (json.dumps({"prompt": "\u200bWhat is the capital of \u202aFrance\u202c?"}) + "\n").encode())(
+        places, None)
+    assert "traced 1 prompts" in cli(places, TRACE).stdout
+
+
+def swapped(file: str, other: str):
+    """Replace `file` by the bytes of `other` (same table) and record the new size in the manifest, as a
+    careless copy or a hand-edit would: only the hash is left to tell."""
+    def prepare(places: Places, _stack) -> None:
+        (places.run / file).write_bytes((places.run / other).read_bytes())
+        manifest = json.loads((places.run / MANIFEST).read_text())
+        stage, name = file.split("/", 1)
+        manifest["stages"][stage]["files"][name]["size"] = (places.run / file).stat().st_size
+        (places.run / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return prepare
+
+
+# swap: (file, the file whose bytes it gets, the readers of that table)
+SWAPS = {"nodes parts": ("trace/nodes/part-000000.parquet", "trace/nodes/part-000001.parquet",
+                         ("cluster", "report", "describe", "export", "info --verify")),
+         "edges parts": ("trace/edges/part-000001.parquet", "trace/edges/part-000002.parquet",
+                         ("cluster", "report", "export", "info --verify")),
+         "prompts parts": ("trace/prompts/part-000002.parquet", "trace/prompts/part-000000.parquet",
+                           ("cluster", "report", "describe", "export", "steer", "info --verify")),
+         "descriptions parts": ("describe/descriptions/part-000000.parquet",
+                                "describe/descriptions/part-000002.parquet", ("report", "info --verify"))}
+SWAP_READERS = {"cluster": "cluster {run} --k 2", "report": "report {run}", "describe": "describe {run} " + LLM,
+                "export": "export {run} --prompt 0 --out {tmp}/g.json", "steer": "steer {run} --multipliers 0",
+                "info --verify": "info {run} --verify"}
+
+
+@pytest.mark.parametrize("case, reader", [(case, reader) for case, (*_, readers) in SWAPS.items()
+                                          for reader in readers])
+def test_a_swapped_part_with_its_size_fixed_is_named_by_every_reader(places, case, reader):
+    file, other, _ = SWAPS[case]
+    swapped(file, other)(places, None)
+    before = finished(places.run)
+    result = RUNNER.invoke(app, places.words(SWAP_READERS[reader]))
+    if reader == "info --verify":
+        assert result.exit_code == 1 and f"{places.run / file} is damaged (contents differ" in result.stdout
+    else:
+        error_line(result, f"{places.run / file} is damaged (contents differ from the recorded SHA-256)")
+    assert finished(places.run) == before
+
+
+def test_describe_repairs_a_swapped_descriptions_part(places):
+    file, other, _ = SWAPS["descriptions parts"]
+    clean = RunDir.open(places.run).read_table("describe", "descriptions")
+    swapped(file, other)(places, None)
+    assert "warning: 1 damaged file(s)" in cli(places, "describe {run} " + LLM).stderr
+    assert RunDir.open(places.run).read_table("describe", "descriptions").equals(clean)
+
+
+@pytest.mark.parametrize("key", ['"prompt"', '"metadata"', '"labels"'])
+def test_a_jsonl_key_given_twice_is_refused_like_a_csv_column(places, key):
+    values = {'"prompt"': '"Other?"', '"metadata"': "{}", '"labels"': "[]"}
+    row = jsonl_row(labels="[]").decode().rstrip("}\n") + f", {key}: {values[key]}}}\n"
+    dataset(".jsonl", row.encode())(places, None)
+    error_line(RUNNER.invoke(app, places.words(TRACE)), f"key {key[1:-1]!r} appears twice in one object")
+
+
+def test_a_metadata_key_given_twice_is_refused(places):
+    dataset(".jsonl", jsonl_row('{"asr": 1, "asr": 2}'))(places, None)
+    error_line(RUNNER.invoke(app, places.words(TRACE)), "key 'asr' appears twice")
+
+
+def number_fields() -> list[tuple[str, str]]:
+    """(stage, field) of every setting that takes a number and not true/false."""
+    from adag.settings import _accepts
+
+    return [(stage.name, name) for stage in STAGES.values() for model in (stage.config, stage.options) if model
+            for name, spec in model.model_fields.items()
+            if _accepts(spec.annotation, int, float) and not _accepts(spec.annotation, bool)]
+
+
+@pytest.mark.parametrize("stage, name", number_fields())
+@pytest.mark.parametrize("value", [True, False])
+def test_true_or_false_is_refused_where_a_number_is_expected(stage, name, value):
+    model = next(m for m in (STAGES[stage].config, STAGES[stage].options) if m and name in m.model_fields)
+    annotation = model.model_fields[name].annotation
+    given = [value] if "list" in str(annotation) else value
+    with pytest.raises(ValueError, match="true/false, not a number"):
+        model.model_validate({name: given})
+
+
+@pytest.mark.parametrize("section, line", [("cluster", "seed = true"), ("cluster", "k = false"),
+                                           ("steer", "multipliers = [0, true]"), ("trace", "batch_size = true")])
+def test_a_study_file_with_true_for_a_number_is_one_line(places, section, line):
+    study = places.tmp / "study.toml"
+    study.write_text(f'model = "{places.model}"\ndataset = "{places.data}"\nout = "{places.run}"\n'
+                     f"[{section}]\n{line}\n")
+    before = finished(places.run)
+    error_line(RUNNER.invoke(app, ["run", str(study)]), "true/false, not a number")
+    assert finished(places.run) == before
+
+
+NOOP_RERUNS = ["cluster {run} --k 3", "faithfulness {run} --fractions 0.5", "steer {run} --multipliers 0,2",
+               "correlate {run} --field score", "describe {run} " + LLM, "report {run}",
+               TRACE.replace("{new}", "{run}")]
+
+
+def test_a_noop_rerun_of_every_stage_leaves_the_run_byte_identical(places):
+    """Each stage run once more with the settings it was made with: nothing changes, timings included."""
+    for command in NOOP_RERUNS:
+        cli(places, command)
+    before = finished(places.run)
+    for command in NOOP_RERUNS:
+        cli(places, command)
+        assert finished(places.run) == before, command
+
+
+BIDI = "\u202eexe.jpg\u202c \u2066hidden\u2069 \u200fmark \u061c"
+
+
+def bidi_llm(text: str) -> str:
+    if "label of one to" in text:
+        return "label " + BIDI
+    return cooperative(text) if "JSON list of" in text else "the tokens " + BIDI + "\x1b[2J"
+
+
+def test_bidi_controls_in_llm_text_never_reach_the_terminal(places):
+    with contextlib.ExitStack() as stack:
+        llm_server(respond=bidi_llm)(places, stack)
+        described = cli(places, f"describe {{run}} --seed 5 {LLM}")
+    controls = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\x1b]")
+    assert "exe.jpg" in described.stdout and not controls.search(described.output)
+    table = RunDir.open(places.run).read_table("describe", "descriptions")
+    for column in ("label", "input_description", "output_description"):
+        assert not table[column].str.contains(controls).any(), column
+
+
+def test_fix_hints_name_the_run_where_it_is_now(places):
+    """A run copied elsewhere: a damaged part's hint names the copy, and following it repairs the copy."""
+    moved = places.tmp / "moved here"
+    shutil.move(places.run, moved)
+    places.run = moved
+    truncate(moved / "trace/nodes/part-000000.parquet")
+    line = error_line(RUNNER.invoke(app, places.words("cluster {run} --k 2")), "is damaged")
+    command = re.search(r"rewrite it with `adag (.*)`$", line).group(1)
+    assert "moved here" in command and str(places.new.parent / "run") not in command
+    assert "traced" in RUNNER.invoke(app, shlex.split(command)).stdout
+    assert RunDir.open(moved).verify(hashes=True) == []
+    cli(places, "cluster {run} --k 2")  # describe is stale now: the report's hint names the moved run too
+    assert f"rerun `adag describe '{moved}'" in cli(places, "report {run}").stderr
+
+
+def test_report_on_a_stale_describe_says_so(places):
+    cli(places, "cluster {run} --k 2")  # describe is stale now
+    result = cli(places, "report {run}")
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "'describe' results are stale" in warnings[0]
+    assert f"rerun `adag describe {places.run}" in warnings[0]
+
+
+def test_csv_numbers_are_numbers_for_correlate(places):
+    rows = "".join(f"What is the capital of {c}?,{i * 1.5},{i}\n" for i, c in
+                   enumerate(["France", "Spain", "Italy", "Japan", "Peru", "Chad"]))
+    dataset(".csv", f"prompt,score,rank\n{rows}".encode())(places, None)
+    cli(places, TRACE)
+    new = Places(places.model, places.data, places.new, places.file, places.new, places.llm, places.tmp)
+    cli(new, "cluster {run} --k 2")
+    assert "correlate significantly with score" in cli(new, "correlate {run} --field score").stdout
+    assert "correlate significantly with rank" in cli(new, "correlate {run} --field rank").stdout
+
+
+def _hang_up(port: int, request: bytes) -> None:
+    """Send `request` and hang up at once with a reset (as a browser cancelling a fetch does)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(request)
+
+
+def _post(port: int, body: bytes, length: int | None = None) -> bytes:
+    return (f"POST /api/steer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body) if length is None else length}\r\n\r\n").encode() + body
+
+
+@pytest.mark.slow  # a server process and 200 connections (about a minute)
+def test_the_server_survives_hang_ups_and_deep_bodies_without_a_traceback(finished_run):
+    """200 clients that hang up before their reply (GETs, steers, bodies cut short), then a body of 60,000
+    '[' (under the size limit): no line on the server's terminal, a 400 for the deep body, still serving."""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    with subprocess.Popen([sys.executable, "-c", "from adag.cli import app; app()", "serve", str(finished_run),
+                           "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as server:
+        try:
+            port = int(re.search(r":(\d+)/", server.stdout.readline()).group(1))
+            steer = json.dumps({"prompt": 0, "cluster": 0, "multiplier": 0}).encode()
+            requests = [f"GET /api/data HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),
+                        f"GET /api/prompt/1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),
+                        _post(port, steer), _post(port, steer[:5], length=len(steer)), b"GET / HT"]
+            for index in range(200):
+                _hang_up(port, requests[index % len(requests)])
+            deep = _post(port, b"[" * 60_000)
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                sock.sendall(deep)
+                assert sock.recv(64).startswith(b"HTTP/1.0 400")
+            for path in ("/api/data", "/api/prompt/0"):
+                connection = __import__("http.client").client.HTTPConnection("127.0.0.1", port, timeout=60)
+                connection.request("GET", path)
+                assert connection.getresponse().status == 200
+        finally:
+            server.send_signal(signal.SIGINT)
+            _, stderr = server.communicate(timeout=60)
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
+# Interruptions and concurrent commands: SIGINT, SIGTERM or SIGKILL in the middle of a stage, then the same
+# command again, gives the tables of an uninterrupted run and leaves no lock and no staging behind.
+
+ADAG_PROCESS = [sys.executable, "-c", "from adag.cli import app; app()"]
+TABLES = {"trace": ("prompts", "nodes", "edges", "embeddings"), "describe": ("descriptions",)}
+
+
+def _interrupted(words: list[str], started: Callable[[], bool], sig: int, env: dict) -> int:
+    """Run the CLI in a process and send `sig` once `started()` holds; its exit status."""
+    with subprocess.Popen([*ADAG_PROCESS, *words], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True) as process:
+        while process.poll() is None and not started():
+            time.sleep(0.01)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=120)
+    assert "Traceback" not in stderr, stderr
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def clean_trace(model_dir, tmp_path_factory):
+    """Eight prompts traced one per batch without interruption: the tables an interrupted trace must give."""
+    folder = tmp_path_factory.mktemp("clean-trace")
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps(row.model_dump()) + "\n" for row in load_dataset("country-capitals", 8).rows))
+    places = Places(model_dir, data, folder / "run", folder, folder / "run", "", folder)
+    cli(places, INTERRUPTED_TRACE)
+    return places
+
+
+INTERRUPTED_TRACE = TRACE.replace("--batch-size 2", "--batch-size 1")
+
+
+@pytest.mark.slow  # a process that loads torch
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: signal.Signals(s).name)
+def test_a_trace_interrupted_then_rerun_gives_the_uninterrupted_tables(clean_trace, tmp_path, sig):
+    places = dataclasses.replace(clean_trace, new=tmp_path / "interrupted")
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    parts = places.new / STAGING / "trace" / "nodes"
+    code = _interrupted(places.words(INTERRUPTED_TRACE), lambda: any(parts.glob("part-*.parquet")), sig, env)
+    assert code == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -signal.SIGKILL}[sig]
+    if sig != signal.SIGKILL:
+        assert not (places.new / ".lock").exists()  # released on the way out
+    assert "trace" not in RunDir.open(places.new).manifest["stages"]
+    cli(places, INTERRUPTED_TRACE)
+    clean, again = RunDir.open(clean_trace.run), RunDir.open(places.new)
+    for name in TABLES["trace"]:
+        assert again.read_table("trace", name).equals(clean.read_table("trace", name)), name
+    assert not (places.new / ".lock").exists() and not (places.new / STAGING).exists()
+
+
+@pytest.mark.slow  # a process that loads torch, and a slow LLM server
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
+def test_describe_interrupted_then_rerun_keeps_every_call_in_its_ledger(places, sig):
+    """Interrupted once a cluster is written: the rerun describes the rest, and the ledger counts the calls of
+    both invocations (those made before the interruption were paid for)."""
+    clean = RunDir.open(places.run).read_table("describe", "descriptions")
+    shutil.rmtree(places.run / "describe")
+    manifest = json.loads((places.run / MANIFEST).read_text())
+    del manifest["stages"]["describe"]
+    (places.run / MANIFEST).write_text(json.dumps(manifest))
+    with FakeOpenAI() as fake:
+        handler = fake.server.RequestHandlerClass
+        answer = handler.do_POST
+        handler.do_POST = lambda request: (time.sleep(0.1), answer(request))
+        places.llm = fake.url
+        parts = places.run / STAGING / "describe" / "descriptions"
+        env = os.environ | {"ADAG_CACHE": str(places.tmp / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+        _interrupted(places.words(f"describe {{run}} {LLM}"), lambda: any(parts.glob("part-*.parquet")), sig, env)
+        assert not (places.run / ".lock").exists()
+        sent = len(fake.requests)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("ADAG_CACHE", str(places.tmp / "cache"))
+            cli(places, f"describe {{run}} {LLM}")
+    run = RunDir.open(places.run)
+    ledger = run.read_table("describe", "ledger")
+    assert sorted(ledger["invocation"].unique()) == [0, 1]
+    assert (~ledger[ledger["invocation"] == 0]["cached"]).sum() >= 1  # the first invocation's paid calls
+    assert int((~ledger["cached"]).sum()) >= sent - 1  # every request the server saw (one may be in flight)
+    assert sorted(run.read_table("describe", "descriptions")["cluster"]) == sorted(clean["cluster"])
+    assert not (places.run / STAGING).exists() and not (places.run / ".lock").exists()
+
+
+HOLD_LOCK = ("import sys, time\nfrom adag.store import RunDir\nwith RunDir.open(sys.argv[1]).lock():\n"
+             "    print('held', flush=True)\n    time.sleep(120)\n")
+WRITERS = ["cluster {run} --k 2", "describe {run} " + LLM, "steer {run} --multipliers 0", "report {run}",
+           "faithfulness {run}", "correlate {run} --field score", TRACE.replace("{new}", "{run}")]
+
+
+def test_a_second_command_on_a_run_being_written_is_one_line_and_changes_nothing(places):
+    """Every writing command, while another process writes the run: refused in one line naming the holder."""
+    with subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(places.run)], stdout=subprocess.PIPE,
+                          text=True, env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            before = finished(places.run)
+            for command in WRITERS:
+                line = error_line(RUNNER.invoke(app, places.words(command)), "being written by another adag process")
+                assert f"pid {holder.pid}" in line, command
+            assert finished(places.run) == before
+        finally:
+            holder.kill()

@@ -4,7 +4,7 @@ Like the paper's jailbreak prompt, each prompt is assembled from parts with vari
 false claim (or none, the control), the kind of wrong city it names, and the country. Only countries
 whose capital the built-in model answers correctly without a claim are used; which ones passed, and
 each answer's first token for the built-in tokenizer, come from the check recorded in
-`misleading_capitals.json` (rerun it with `python -m adag.datasets.misleading_check`).
+`misleading_capitals.json` (rerun it with `python scripts/misleading_check.py`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ WRONG_KINDS = ("same_country_city", "other_capital", "made_up")
 
 @cache
 def study_check() -> dict:
-    """The recorded check of the built-in model (see adag.datasets.misleading_check)."""
+    """The recorded check of the built-in model (see scripts/misleading_check.py)."""
     return json.loads(resources.files("adag.datasets").joinpath(CHECK_FILE).read_text(encoding="utf-8"))
 
 

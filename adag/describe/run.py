@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -105,22 +106,26 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
                                shown, bool(inhibitory.get(cluster, False)))
             row = describe_cluster(cluster, data, explainer, simulator, config, limits.cluster_timeout)
             out.write_part("descriptions", cluster, pa.Table.from_pylist([_printable(row)], schema=DESCRIPTIONS))
+            ledger.save(_ledger(explainer, simulator))  # an interrupted invocation's calls still count
 
+        ledger = Ledger(view, out, kept)
         bar = tqdm(total=len(todo), unit="cluster", desc="describe",
                    disable=None if progress else True)  # None: only on a terminal
-        with ThreadPoolExecutor(limits.concurrency) as pool:
-            for _ in pool.map(work, todo):
-                bar.update()
-        bar.close()
-        ledger = _accumulated_ledger(view, out, kept, _ledger(explainer, simulator))
+        try:
+            with ThreadPoolExecutor(limits.concurrency) as pool:
+                for _ in pool.map(work, todo):
+                    bar.update()
+        finally:
+            bar.close()
+            calls = ledger.save(_ledger(explainer, simulator))
         table = out.read_table("descriptions")
         failed = table[table["status"] != "ok"].sort_values("cluster")
         if len(failed):
             raise AdagError(f"{len(failed)} of {len(table)} clusters failed (cluster {failed['cluster'].iloc[0]}: "
                             f"{failed['failure'].iloc[0]}); rerun the same command to retry them")
         out.facts.update(clusters=len(table), failed=0,
-                         calls=int((~ledger["cached"]).sum()) if len(ledger) else 0,
-                         cached_calls=int(ledger["cached"].sum()) if len(ledger) else 0)
+                         calls=int((~calls["cached"]).sum()) if len(calls) else 0,
+                         cached_calls=int(calls["cached"].sum()) if len(calls) else 0)
     return StageResult(view.run, {"clusters": len(table), "failed": 0})
 
 
@@ -159,20 +164,29 @@ def _keep_finished(view: RunView, out: StageWriter, kept: set[int]) -> None:
                                                                           preserve_index=False))
 
 
-def _accumulated_ledger(view: RunView, out: StageWriter, kept: set[int], calls: list) -> pd.DataFrame:
-    """The ledger of every invocation that made these descriptions: the earlier ones' (of this attempt, or
-    of the finished descriptions it adds to) and this one's, numbered by `invocation`. Written only when
-    this invocation called anything, so that a rerun with nothing to do changes nothing."""
-    earlier = out.read_table("ledger") if out.has_table("ledger") else view.table(STAGE, "ledger") if kept else None
-    earlier = pd.DataFrame() if earlier is None else earlier
-    if not calls and out.repairing:
-        return earlier
-    numbers = earlier.get("invocation", pd.Series(dtype=float)).dropna()
-    now = pd.DataFrame([asdict(e) for e in calls], columns=LEDGER_COLUMNS).assign(
-        invocation=int(numbers.max()) + 1 if len(numbers) else 0)
-    ledger = pd.concat([earlier, now], ignore_index=True) if len(earlier) else now
-    out.write_table("ledger", ledger)
-    return ledger
+class Ledger:
+    """The ledger of every invocation that made these descriptions: the earlier ones' (of this attempt, an
+    interrupted one it resumes, or the finished descriptions it adds to) and this one's, numbered by
+    `invocation`. Saved after every cluster, so that calls made (and paid for) before an interruption are
+    counted by the rerun that finishes; written only when this invocation called anything, so that a rerun
+    with nothing to do changes nothing."""
+
+    def __init__(self, view: RunView, out: StageWriter, kept: set[int]):
+        earlier = out.read_table("ledger") if out.has_table("ledger") else view.table(STAGE, "ledger") if kept else None
+        self.earlier = pd.DataFrame() if earlier is None else earlier
+        numbers = self.earlier.get("invocation", pd.Series(dtype=float)).dropna()
+        self.invocation = int(numbers.max()) + 1 if len(numbers) else 0
+        self.out = out
+        self._guard = threading.Lock()
+
+    def save(self, calls: list) -> pd.DataFrame:
+        with self._guard:
+            if not calls and self.out.repairing:
+                return self.earlier
+            now = pd.DataFrame([asdict(e) for e in calls], columns=LEDGER_COLUMNS).assign(invocation=self.invocation)
+            ledger = pd.concat([self.earlier, now], ignore_index=True) if len(self.earlier) else now
+            self.out.write_table("ledger", ledger)
+            return ledger
 
 
 def _printable(row: dict) -> dict:

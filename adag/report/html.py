@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import functools
 import hashlib
@@ -11,6 +12,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +35,7 @@ CSP_PLACEHOLDER = "__ADAG_CSP__"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 CACHED_GRAPHS = 256
+HANGUPS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)  # a client went away
 log = logging.getLogger("adag")
 
 
@@ -74,8 +77,20 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     return view.path / STAGE / "report.html", embedded, total
 
 
+SHOWN_IF_CURRENT = ("describe", "steer")  # the stages whose results the page shows when they are current
+
+
+def warn_stale(view: RunView) -> None:
+    """Say which results the page leaves out because they are stale, and the command that brings them back."""
+    for stage in SHOWN_IF_CURRENT:
+        if view.run.stage_state(stage) == "stale":
+            log.warning(f"the '{stage}' results are stale (a stage they were computed from was rerun), so the page "
+                        f"leaves them out; rerun `{view.run.command(stage)}` to show them")
+
+
 def report_html(view: RunView, config: ReportConfig) -> tuple[bytes, int, int]:
     view.require("cluster")
+    warn_stale(view)
     chosen = chosen_prompts(view, config.prompt_count, config.prompt_ids)
     return render_page(payload_json(run_payload(view, chosen))).encode("utf-8"), len(chosen), len(view.prompts)
 
@@ -120,6 +135,15 @@ def check_port(port: int) -> None:
         raise AdagError(f"--port {port} is out of range; use 1024..65535 (or 0 for any free port)")
 
 
+class ViewerServer(ThreadingHTTPServer):
+    """The viewer's server: a client's hang-up is not an error, and no error prints a traceback."""
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, HANGUPS):
+            log.warning(f"a request from {client_address[0]} failed: {type(error).__name__}: {error}")
+
+
 def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     """Bind; an empty host (every interface, by accident) is refused, and a server reachable from other
     machines says so in one warning."""
@@ -127,7 +151,7 @@ def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thre
         raise AdagError("--host is empty; give 127.0.0.1 (this machine only) or, to be reachable from other "
                         "machines, 0.0.0.0 (every interface)")
     try:
-        server = ThreadingHTTPServer((host, port), handler)
+        server = ViewerServer((host, port), handler)
     except socket.gaierror:
         raise AdagError(f"--host {host} is not a known address; use 127.0.0.1 (this machine only), "
                         "0.0.0.0 (every interface) or an address of this machine") from None
@@ -154,6 +178,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
     POST /api/steer (the run's model, or `load_model()`, loaded on the first steer request)."""
     check_port(port)
     view = RunView.open(run_dir)
+    warn_stale(view)
     steerer = Steerer(view, load_model)
     data = json.dumps(run_payload(view, [])).encode("utf-8")
     for grouped in ("nodes_by_prompt", "embeddings_by_prompt", "edges_by_prompt"):  # once, before serving
@@ -173,7 +198,33 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
         def version_string(self) -> str:
             return "adag"
 
+        def handle_one_request(self) -> None:
+            """One request; a client that hangs up before its reply (a cancelled steer) ends the connection
+            quietly, and anything else that goes wrong is a 500 and one line on the server's terminal."""
+            try:
+                super().handle_one_request()
+            except HANGUPS:
+                self.close_connection = True
+
         def do_GET(self):  # noqa: N802 - http.server naming
+            self._answer(self._get)
+
+        def do_POST(self):  # noqa: N802 - http.server naming
+            self._answer(self._post)
+
+        def _answer(self, method: Callable[[], None]) -> None:
+            try:
+                method()
+            except HANGUPS:
+                raise
+            except Exception as error:  # noqa: BLE001 - a request must not take the server's terminal down
+                log.warning(f"{self.command} {self.path[:80]} failed: {type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+                with contextlib.suppress(OSError):
+                    self.send_error(500, "the request failed; see the server's terminal")
+                self.close_connection = True
+
+        def _get(self) -> None:
             if not allowed_host(self.headers.get("Host"), host):
                 self.send_error(403, "unexpected Host header")
                 return
@@ -188,7 +239,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
             else:
                 self.send_error(404)
 
-        def do_POST(self):  # noqa: N802 - http.server naming
+        def _post(self) -> None:
             if not allowed_host(self.headers.get("Host"), host):
                 self.send_error(403, "unexpected Host header")
                 return

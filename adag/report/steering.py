@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adag.errors import parse_json
 from adag.half_neurons import HalfNeuron
 from adag.models import LoadedModel, run_model
 from adag.steer.evaluate import last_logits, prompt_batches
@@ -62,8 +63,8 @@ class Steerer:
             raise SteerRequestError(f"request body of {len(body)} bytes is over the limit of {MAX_BODY}; "
                                     "name fewer nodes, or steer a cluster")
         try:
-            request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
+            request = parse_json(body, unique_keys=True)
+        except ValueError as error:  # also a body that is not UTF-8, or nested without end
             raise SteerRequestError(f"request body is not JSON ({str(error).splitlines()[0]}); send "
                                     '{"prompt": INT, "cluster": INT, "multiplier": FLOAT}') from None
         if not isinstance(request, dict):

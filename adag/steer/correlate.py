@@ -79,8 +79,10 @@ def prompt_values(view: RunView, field: str) -> pd.Series:
     for prompt, value in zip(prompts["prompt"], values):
         if kinds != {bool} and not _finite_number(value):
             shown = "missing" if value is None else f"{json.dumps(value)[:40]}, not a finite number"
+            text = " (a CSV column is read as numbers only when every filled cell is a number)" \
+                if isinstance(value, str) else ""
             raise AdagError(f"metadata field '{field}' is {shown} on prompt {int(prompt)}; give every prompt a "
-                            "number (or every prompt true/false)")
+                            f"number{text} (or every prompt true/false)")
     return pd.Series([float(v) for v in values], index=prompts["prompt"].to_numpy())
 
 

@@ -57,16 +57,42 @@ def file_record(path: Path) -> dict[str, Any]:
 
 
 def file_problem(path: Path, record: dict[str, Any], hashes: bool) -> str | None:
-    """Why `path` does not match its record (None if it does): missing, wrong size or, with
+    """Why `path` does not match its record (None if it does): missing, unreadable, wrong size or, with
     `hashes`, other contents."""
-    if not path.is_file():
-        return "missing"
-    size = path.stat().st_size
-    if size != record["size"]:
-        return f"{size} bytes, {record['size']} recorded"
-    if hashes and file_record(path)["sha256"] != record["sha256"]:
-        return "contents differ from the recorded SHA-256"
+    try:
+        if not path.is_file():
+            return "missing"
+        size = path.stat().st_size
+        if size != record["size"]:
+            return f"{size} bytes, {record['size']} recorded"
+        if hashes and file_record(path)["sha256"] != record["sha256"]:
+            return "contents differ from the recorded SHA-256"
+    except OSError as error:
+        return unreadable_problem(error)
     return None
+
+
+def checked_bytes(path: Path, record: dict[str, Any]) -> tuple[bytes | None, str | None]:
+    """The contents of `path` if they match its record (size and SHA-256), else None and why not: a part
+    swapped for another of the same size is caught before anything reads it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as error:
+        return None, unreadable_problem(error)
+    if len(data) != record["size"]:
+        return None, f"{len(data)} bytes, {record['size']} recorded"
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        return None, "contents differ from the recorded SHA-256"
+    return data, None
+
+
+NO_PERMISSION = "no permission to read it"
+
+
+def unreadable_problem(error: OSError) -> str:
+    return NO_PERMISSION if isinstance(error, PermissionError) else f"unreadable: {error.strerror or error}"
 
 
 def part_file(name: str, part: int) -> str:

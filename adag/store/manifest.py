@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from adag import __version__
-from adag.errors import AdagError
+from adag.errors import AdagError, parse_json, unreadable
 
 FORMAT_VERSION = 3  # 2: staged stages and file records; 3: trace embeddings table, direct embedding edges
 MANIFEST = "manifest.json"
@@ -42,12 +41,17 @@ def check_run_target(path: Path) -> None:
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest, checked for shape: any damage is one line naming the file."""
     manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise AdagError(f"{path} is not an adag run directory (no {MANIFEST}); create one with `adag trace`")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AdagError(f"{manifest_path} is not valid JSON; the run directory is damaged") from None
+        if not manifest_path.is_file():
+            raise AdagError(f"{path} is not an adag run directory (no {MANIFEST}); create one with `adag trace`")
+        text = manifest_path.read_bytes()
+    except OSError as error:
+        raise unreadable(manifest_path, error) from None
+    try:
+        manifest = parse_json(text)
+    except ValueError as error:  # also bytes that are not UTF-8
+        reason = f" ({error})" if "nested" in str(error) else ""
+        raise AdagError(f"{manifest_path} is not valid JSON{reason}; the run directory is damaged") from None
     if not isinstance(manifest, dict):
         raise AdagError(f"{manifest_path} holds a JSON {type(manifest).__name__}, not an object; "
                         "the run directory is damaged")

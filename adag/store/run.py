@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import shutil
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adag.errors import AdagError
-from adag.store.files import DamagedFile, atomic_write_bytes, file_problem
+from adag.store.files import NO_PERMISSION, DamagedFile, atomic_write_bytes, checked_bytes, file_problem
 from adag.store.lock import holds_lock, run_lock
 from adag.store.manifest import MANIFEST, STAGING, check_run_target, new_manifest, read_manifest
 from adag.store.staging import STAGE_SIDECAR, read_parts
@@ -194,18 +195,44 @@ class RunDir:
         return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)
 
     def _read_parquet(self, stage: str, file: str, columns: list[str] | None) -> pa.Table:
-        path = self.path / stage / file
-        problem = file_problem(path, self.manifest["stages"][stage]["files"][file], hashes=False)
-        if problem is None:
-            try:
-                return pq.read_table(path, columns=columns)
-            except (pa.ArrowException, OSError) as error:
-                problem = f"unreadable: {str(error).splitlines()[0][:120]}"
-        raise self.damaged(stage, file, problem)
+        data = self._checked_bytes(stage, file)
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns)
+        except (pa.ArrowException, OSError) as error:
+            raise self.damaged(stage, file, f"unreadable: {str(error).splitlines()[0][:120]}") from None
+
+    def _checked_bytes(self, stage: str, file: str) -> bytes:
+        """A committed file's contents, checked against its recorded size and SHA-256 (every read, so that
+        a part swapped for another, or edited, is named instead of read as if it were the right one)."""
+        data, problem = checked_bytes(self.path / stage / file, self.manifest["stages"][stage]["files"][file])
+        if problem is not None:
+            raise self.damaged(stage, file, problem)
+        return data
 
     def damaged(self, stage: str, file: str, problem: str) -> DamagedFile:
-        command = (self.entry(stage) or {}).get("command", f"adag {stage} {self.path}")
-        return DamagedFile(f"{self.path / stage / file} is damaged ({problem}); rewrite it with `{command}`")
+        path, command = self.path / stage / file, self.command(stage)
+        if problem == NO_PERMISSION:
+            return DamagedFile(f"cannot read {path} (no permission); give yourself read permission "
+                               f"(chmod u+r), or rewrite it with `{command}`")
+        return DamagedFile(f"{path} is damaged ({problem}); rewrite it with `{command}`")
+
+    def command(self, stage: str) -> str:
+        """The command that made `stage`, naming this run where it is now (it may have been copied or
+        moved since): following a hint must act on this run, not on the one it was made as."""
+        recorded = (self.entry(stage) or {}).get("command")
+        if not recorded:
+            return f"adag {stage} {shlex.quote(str(self.path))}"
+        try:
+            words = shlex.split(recorded)
+        except ValueError:
+            return recorded
+        where = words.index("--out") + 1 if "--out" in words else 2  # the run: --out for trace, else RUN
+        if len(words) <= where or words[0] != "adag" or words[where].startswith("-"):
+            return recorded
+        if Path(words[where]).expanduser().resolve() == self.path.resolve():
+            return recorded
+        words[where] = str(self.path)
+        return shlex.join(words)
 
     def has_file(self, stage: str, file: str) -> bool:
         """Whether the manifest records `file` (a path inside the stage's folder) for `stage`."""
@@ -213,14 +240,9 @@ class RunDir:
 
     def read_bytes(self, stage: str, file: str) -> bytes:
         """A file the manifest records for `stage` (e.g. "plots/overview.png"), checked against its recorded size."""
-        record = (self.entry(stage) or {}).get("files", {}).get(file)
-        if record is None:
+        if not self.has_file(stage, file):
             raise AdagError(f"{self.path} has no '{stage}/{file}'; run the '{stage}' stage first")
-        path = self.path / stage / file
-        problem = file_problem(path, record, hashes=False)
-        if problem is not None:
-            raise self.damaged(stage, file, problem)
-        return path.read_bytes()
+        return self._checked_bytes(stage, file)
 
     def read_json(self, stage: str, name: str) -> Any:
         file = f"{name}.json"
@@ -229,10 +251,13 @@ class RunDir:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise self.damaged(stage, file, "not valid JSON") from None
 
-    def verify(self, hashes: bool = False) -> list[str]:
-        """One line per committed file that is missing or damaged: sizes always, contents with `hashes`."""
+    def verify(self, hashes: bool = False, stages: tuple[str, ...] | None = None) -> list[str]:
+        """One line per committed file (of `stages`, or of every stage) that is missing or damaged: sizes
+        always, contents with `hashes`."""
         problems = []
         for stage, entry in self.manifest["stages"].items():
+            if stages is not None and stage not in stages:
+                continue
             for file, record in entry.get("files", {}).items():
                 problem = file_problem(self.path / stage / file, record, hashes)
                 if problem:

@@ -40,7 +40,7 @@ class StageWriter:
     config it starts over. A resumable stage rerun with the config of its finished result repairs
     that result in place: missing or damaged parts are redone, the others kept. The stage id is a
     hash of config and file contents, so a rerun that reproduces the same files leaves the stages
-    built on it current.
+    built on it current; a rerun that reproduces the finished result exactly commits nothing at all.
 
     A shard writer (`shard`) of a resumable stage shares the run's lock with the other shards of the
     same attempt, writes its own parts into the common staging folder (never removing what others
@@ -235,5 +235,14 @@ class StageWriter:
                  "started": self.started, "seconds": round(time.time() - self.started, 2), **self.facts}
         if self.repairing:
             self.run.replace_entry(self.stage, entry)
+        elif self._same_as_finished(entry["id"]):  # a no-op rerun: the run stays as it was, timings included
+            self.cancelled = True
+            self._abandon()
         else:
             self.run.commit(self.stage, self.path, entry)
+
+    def _same_as_finished(self, identity: str) -> bool:
+        """Whether the finished result is current, intact and has this id (same config, inputs and files)."""
+        finished = self.run.entry(self.stage)
+        return (finished is not None and finished["id"] == identity and self.run.stage_done(self.stage)
+                and not self.run.verify(hashes=True, stages=(self.stage,)))

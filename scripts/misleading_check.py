@@ -1,6 +1,8 @@
 """Check which capitals the built-in model knows unmisled, and choose the `misleading-capitals` study.
 
-    python -m adag.datasets.misleading_check      # rewrites adag/datasets/misleading_capitals.json
+    python scripts/misleading_check.py      # rewrites adag/datasets/misleading_capitals.json
+
+A maintenance script, not part of the package: it loads the built-in model.
 
 For each candidate country the model reads the chat-templated question followed by the seed response
 "Answer:"; the country passes when its capital's first token is the model's top next token. The study
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import adag.datasets
 from adag.datasets import PromptRow, encode_prompt
 from adag.datasets.builtin import CAPITAL_QUESTION, SEED
 from adag.datasets.misleading import CAPITALS, CHECK_FILE, LARGE_CITIES, MADE_UP_CITIES, WRONG_KINDS
@@ -94,7 +97,7 @@ def main() -> None:
         "first_tokens": {name: first_token(lm.tokenizer, name) for name in names},
         "checks": results,
     }
-    path = Path(__file__).with_name(CHECK_FILE)
+    path = Path(adag.datasets.__file__).with_name(CHECK_FILE)
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"{record['passed']} of {len(results)} countries passed; the study's {len(study)} written to {path}")
 
