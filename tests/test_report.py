@@ -36,7 +36,16 @@ from adag.report.data import (
 )
 from adag.report.export import graph_schema
 from adag.report.figure import write_figure
-from adag.report.graph import collapse_clusters, pruning_order
+from adag.report.graph import (
+    CONTINUED,
+    PARTIAL,
+    collapse_clusters,
+    correct_target,
+    expected_answer,
+    prompt_graph,
+    pruning_order,
+    readable_tokens,
+)
 from adag.report.html import allowed_host
 from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
 from adag.report.palette import NEGATIVE, POSITIVE, ciede2000, cluster_color, hex_to_rgb, rgb_to_lab
@@ -258,6 +267,38 @@ def test_cluster_layout_spreads_clusters_that_share_a_layer():
     assert all(lab.text.endswith("\u2026") for lab in layout.labels)  # cut, the full text is a tooltip
     order = np.argsort(layout.y)  # later layers higher up
     assert layout.y[13] == layout.y[order[0]]
+
+
+def test_byte_level_tokens_show_the_text_they_make():
+    """Pieces of one character (each decoding to U+FFFD alone) show the character, found in the decoded prompt."""
+    bad = "\ufffd"
+    tokens = ["The", " caf", bad, bad, " is", " open", bad]
+    shown = readable_tokens(tokens, "The caf\u00e9 is open\u20ac")
+    assert shown == ["The", " caf", "\u00e9", CONTINUED + "\u00e9", " is", " open", "\u20ac"]
+    assert readable_tokens(tokens, "") == ["The", " caf", PARTIAL, PARTIAL, " is", " open", PARTIAL]
+    assert readable_tokens(["a", "b"], "ab") == ["a", "b"]
+
+
+def test_the_expected_answer_is_marked_among_the_targets(demo_like):
+    row = pd.Series({"labels": [" Paris", " Rome"], "metadata": "{}"})
+    assert expected_answer(row) == " Paris"
+    assert expected_answer(pd.Series({"labels": [], "metadata": '{"answer": "Paris"}'})) == "Paris"
+    assert expected_answer(pd.Series({"metadata": "{}"})) == ""
+    assert correct_target([" The", " Par", " Paris", " P"], "Paris") == 2  # the longest token that begins it
+    assert correct_target([" Rome"], "Paris") == -1 and correct_target([" "], " ") == -1
+    view = RunView.open(demo_like)
+    row = prompt_row(view, 0).copy()
+    row["metadata"] = json.dumps({"answer": row["target_tokens"][1].strip() + "ville"})
+    graph = prompt_graph(row, view.nodes_by_prompt[0], view.embeddings_by_prompt[0], view.edges_by_prompt[0],
+                         view.model["layers"], view.labels)
+    logits = [label for label in prompt_layout(graph).labels if label.kind == "logit"]
+    assert [label.text.startswith("\u2713") for label in logits] == [False, True] + [False] * (len(logits) - 2)
+    assert graph.nodes["correct"].sum() == 1
+
+
+def test_cluster_graph_labels_carry_their_ids(demo_like):
+    layout = run_payload(RunView.open(demo_like), [])["cluster_graph"]["layout"]
+    assert all(label["full"].startswith(f"{c}: ") for c, label in enumerate(layout["labels"]))
 
 
 def test_prompt_graph_matches_the_tables(demo_like):
@@ -646,6 +687,7 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
     # the hover card of the lowest node stays inside the window
     lowest = max((c for c in driver.find_elements(By.CSS_SELECTOR, '#neurons circle[data-kind="neuron"]')),
                  key=lambda c: c.rect["y"])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end', inline: 'center'})", lowest)  # clear of the axis
     ActionChains(driver).move_to_element(lowest).perform()
     tooltip = driver.find_element(By.ID, "tooltip")
     WebDriverWait(driver, 10).until(lambda d: tooltip.is_displayed())
@@ -955,7 +997,16 @@ def with_facts(tmp_path_factory):
     return path
 
 
-def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, tmp_path):
+@pytest.fixture(scope="module")
+def no_edges(tmp_path_factory):
+    """A run whose trace found no edges."""
+    path = tmp_path_factory.mktemp("no-edges") / "run"
+    synthetic_run(path, prompts=2, layers=8, nodes=30, length=(10, 12), neurons=40, clusters=3, edge_density=0.0)
+    return path
+
+
+@pytest.mark.browser
+def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, no_edges, tmp_path):
     view = RunView.open(with_facts)
     item = next(c for c in run_payload(view, [])["clusters"] if c["id"] == 0)
     assert item["facts"] == ["fires at the last position in 1 of 3 prompts", "layers 2-5"]
@@ -990,12 +1041,18 @@ def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, 
         assert "adag serve" in driver.find_element(By.ID, "steer-note").text
         first_excerpt = driver.find_element(By.CSS_SELECTOR, "#exemplars .exemplar")  # the panel was redrawn
         redraw(driver, first_excerpt.click)  # an exemplar opens its prompt
-        assert driver.execute_script("return window.adag.state.prompt") == 2
+        assert page_state(driver)["prompt"] == 2
         assert Select(driver.find_element(By.ID, "neuron-prompt")).first_selected_option.get_attribute("value") == "2"
         driver.find_element(By.ID, "prompt-search").send_keys("no such text at all")
         options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
         assert [o.get_attribute("value") for o in options] == ["2"]  # the open prompt stays listed
         assert not console_errors(driver)
+        # a run with no edges: the edge slider is off and the count says why
+        bare, _, _ = write_report(str(no_edges), str(tmp_path / "bare.html"))
+        open_page(driver, bare.as_uri())
+        assert not driver.find_element(By.ID, "edge-weight").is_enabled()
+        assert "without edges" in driver.find_element(By.ID, "neuron-count").text
+        assert driver.execute_script("return window.adag.graph().edges.length") == 0
 
 
 # ---- the viewer in a notebook ----
