@@ -19,21 +19,18 @@ from selenium.webdriver.common.by import By
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adag.report import write_report  # noqa: E402
-from tests.browser import chromium, click_cluster, open_page, redraw, set_viewport  # noqa: E402
+from tests.browser import chromium, click_cluster, open_page, select, set_viewport  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
 
-# The cluster with most drawn neurons, and the top logit with the source of its strongest drawn edge.
+# The cluster with most drawn neurons, the top logit and the source of its strongest positive input.
 PICK = """
 const circles = [...document.querySelectorAll('#neurons circle[data-kind=neuron]')].map(c => Number(c.dataset.cluster));
 const counts = {};
 for (const c of circles) if (c >= 0) counts[c] = (counts[c] || 0) + 1;
 const cluster = Number(Object.entries(counts).sort((a, b) => b[1] - a[1])[0][0]);
-const logit = document.querySelector('#neurons circle[data-kind=logit]');
-const edges = [...document.querySelectorAll(`#neurons path.edge[data-target="${logit.dataset.index}"]`)];
-const widest = edges.sort((a, b) => b.getAttribute('stroke-width') - a.getAttribute('stroke-width'))[0];
-const source = widest ? document.querySelector(`#neurons circle[data-index="${widest.dataset.source}"]`) : null;
-return [cluster, logit.dataset.key, source ? source.dataset.key : null];
+const into = window.adag.drawn().edges.filter(e => e[1] === 'l:0' && e[2] > 0).sort((a, b) => b[2] - a[2]);
+return [cluster, 'l:0', into.length ? into[0][0] : null];
 """
 
 
@@ -49,8 +46,7 @@ def main() -> None:
         open_page(driver, path.as_uri())
         cluster, *pins = driver.execute_script(PICK)
         click_cluster(driver, cluster)
-        redraw(driver, lambda: driver.execute_script(
-            "for (const key of arguments[0]) if (key) window.adag.state.pins.add(key); window.adag.update()", pins))
+        select(driver, pins=[key for key in pins if key])
         url = driver.current_url
         for (width, height), name in (((1400, 900), "viewer.png"), ((1000, 700), "viewer-1000.png")):
             set_viewport(driver, width, height)

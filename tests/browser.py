@@ -88,3 +88,16 @@ def set_range(driver, element_id: str, value: int) -> None:
 
 def console_errors(driver) -> list[str]:
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def select(driver, **choice) -> dict:
+    """window.adag.select(choice) (keys as the page's URL uses them); the page's state once it is drawn."""
+    answer = driver.execute_async_script("const done = arguments[arguments.length - 1];"
+                                         "window.adag.select(arguments[0]).then(done, e => done({error: String(e)}))",
+                                         choice)
+    assert "error" not in answer, answer
+    return answer
+
+
+def page_state(driver) -> dict:
+    return driver.execute_script("return window.adag.state()")

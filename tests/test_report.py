@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from typer.testing import CliRunner
 
@@ -23,7 +24,7 @@ from adag.describe.config import DESCRIBE_STAGE
 from adag.errors import AdagError
 from adag.pipeline import writing
 from adag.report import neuronpedia_graph, serve_in_background, write_neuronpedia, write_report
-from adag.report.config import FigureConfig, ReportConfig
+from adag.report.config import TARGET_INPUTS, FigureConfig, ReportConfig
 from adag.report.data import (
     chosen_prompts,
     compact_excerpt,
@@ -35,14 +36,34 @@ from adag.report.data import (
 )
 from adag.report.export import graph_schema
 from adag.report.figure import write_figure
-from adag.report.graph import collapse_clusters, pruning_order
+from adag.report.graph import (
+    CONTINUED,
+    PARTIAL,
+    collapse_clusters,
+    correct_target,
+    expected_answer,
+    prompt_graph,
+    pruning_order,
+    readable_tokens,
+)
 from adag.report.html import allowed_host
 from adag.report.layout import GAP, cluster_layout, prompt_layout, text_width, visible
 from adag.report.palette import NEGATIVE, POSITIVE, ciede2000, cluster_color, hex_to_rgb, rgb_to_lab
 from adag.store import RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView
-from tests.browser import chromium, click_cluster, console_errors, geometry, open_page, redraw, set_range, set_viewport
+from tests.browser import (
+    chromium,
+    click_cluster,
+    console_errors,
+    geometry,
+    open_page,
+    page_state,
+    redraw,
+    select,
+    set_range,
+    set_viewport,
+)
 from tests.fake_openai import FakeOpenAI
 from tests.synthetic import synthetic_run
 
@@ -144,10 +165,9 @@ def _check_controls(driver) -> None:
     assert int(pruned.split()[0]) < int(count.split()[0])
     redraw(driver, lambda: set_range(driver, "edge-weight", 0))
     every = int(_count(driver).split()[4])
-    redraw(driver, lambda: set_range(driver, "edge-weight", 90))  # |weight| >= 1.6
+    redraw(driver, lambda: set_range(driver, "edge-weight", 90))  # 90% of each target's strongest input
     assert int(_count(driver).split()[4]) < every
-    redraw(driver, lambda: driver.execute_script("window.adag.state.weight = null; window.adag.state.share = null; "
-                                                 "window.adag.update()"))  # the defaults
+    select(driver, share=None, edges=None)  # the defaults
     assert _count(driver) == count
     redraw(driver, lambda: driver.find_element(By.ID, "supernodes").click())
     assert _count(driver) != count
@@ -247,6 +267,38 @@ def test_cluster_layout_spreads_clusters_that_share_a_layer():
     assert all(lab.text.endswith("\u2026") for lab in layout.labels)  # cut, the full text is a tooltip
     order = np.argsort(layout.y)  # later layers higher up
     assert layout.y[13] == layout.y[order[0]]
+
+
+def test_byte_level_tokens_show_the_text_they_make():
+    """Pieces of one character (each decoding to U+FFFD alone) show the character, found in the decoded prompt."""
+    bad = "\ufffd"
+    tokens = ["The", " caf", bad, bad, " is", " open", bad]
+    shown = readable_tokens(tokens, "The caf\u00e9 is open\u20ac")
+    assert shown == ["The", " caf", "\u00e9", CONTINUED + "\u00e9", " is", " open", "\u20ac"]
+    assert readable_tokens(tokens, "") == ["The", " caf", PARTIAL, PARTIAL, " is", " open", PARTIAL]
+    assert readable_tokens(["a", "b"], "ab") == ["a", "b"]
+
+
+def test_the_expected_answer_is_marked_among_the_targets(demo_like):
+    row = pd.Series({"labels": [" Paris", " Rome"], "metadata": "{}"})
+    assert expected_answer(row) == " Paris"
+    assert expected_answer(pd.Series({"labels": [], "metadata": '{"answer": "Paris"}'})) == "Paris"
+    assert expected_answer(pd.Series({"metadata": "{}"})) == ""
+    assert correct_target([" The", " Par", " Paris", " P"], "Paris") == 2  # the longest token that begins it
+    assert correct_target([" Rome"], "Paris") == -1 and correct_target([" "], " ") == -1
+    view = RunView.open(demo_like)
+    row = prompt_row(view, 0).copy()
+    row["metadata"] = json.dumps({"answer": row["target_tokens"][1].strip() + "ville"})
+    graph = prompt_graph(row, view.nodes_by_prompt[0], view.embeddings_by_prompt[0], view.edges_by_prompt[0],
+                         view.model["layers"], view.labels)
+    logits = [label for label in prompt_layout(graph).labels if label.kind == "logit"]
+    assert [label.text.startswith("\u2713") for label in logits] == [False, True] + [False] * (len(logits) - 2)
+    assert graph.nodes["correct"].sum() == 1
+
+
+def test_cluster_graph_labels_carry_their_ids(demo_like):
+    layout = run_payload(RunView.open(demo_like), [])["cluster_graph"]["layout"]
+    assert all(label["full"].startswith(f"{c}: ") for c, label in enumerate(layout["labels"]))
 
 
 def test_prompt_graph_matches_the_tables(demo_like):
@@ -504,7 +556,7 @@ def test_packaged_schema_matches_the_shared_one():
 SIZES = [(1000, 700), (1400, 900)]
 MIN_DELTA_E = 15.0  # CIEDE2000: clearly different side by side (just noticeable is about 1-2)
 RECT = "(e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; }"
-STATE = "const s = window.adag.state; return [s.prompt, s.cluster, [...s.pins].sort(), s.groups, s.names, s.share]"
+STATE = "const s = window.adag.state(); return [s.prompt, s.cluster, [...s.pins].sort(), s.groups, s.names, s.share]"
 
 
 @pytest.fixture(scope="module")
@@ -562,36 +614,27 @@ def _drawn(driver) -> dict:
                                                                       Number(p.dataset.target)])};""")
 
 
-# Per embedded prompt, the drawn target logits that have an edge in the trace but none drawn at the defaults.
-UNEXPLAINED = """
-const data = window.adag.data(), out = {};
-for (const [id, graph] of Object.entries(data.graphs)) {
-  const g = graph.neurons, {shown, edges} = window.adag.visibleGraph(g, data.defaults.share, g.min_weight);
-  const drawn = new Set(edges.map(e => g.edges.target[e])), reached = new Set(g.edges.target);
-  const missing = g.kind.map((k, i) => i).filter(i => g.kind[i] === 'l' && shown[i] && reached.has(i) && !drawn.has(i));
-  if (missing.length) out[id] = missing;
-  if (edges.length >= g.edges.source.length && g.edges.source.length > 10) out[id] = 'nothing pruned';
-}
-return out;
-"""
+def _check_targets_explained(driver) -> None:
+    """Every drawn target logit shows its TARGET_INPUTS strongest positive and negative inputs, read through
+    window.adag.graph() and drawn(); and the default cutoff does prune."""
+    whole, drawn = driver.execute_script("return [window.adag.graph(), window.adag.drawn()]")
+    shown = {(s, t) for s, t, _ in drawn["edges"]}
+    logits = [key for key in drawn["nodes"] if key.startswith("l:")]
+    assert logits, "the target logits are drawn"
+    positive, negative = TARGET_INPUTS
+    for logit in logits:
+        into = [(s, w) for s, t, w in whole["edges"] if t == logit]
+        wanted = (sorted((e for e in into if e[1] > 0), key=lambda e: -e[1])[:positive]
+                  + sorted((e for e in into if e[1] < 0), key=lambda e: e[1])[:negative])
+        missing = [e for e in wanted if (e[0], logit) not in shown]
+        assert not missing, f"{logit}: strongest inputs not drawn: {missing}"
+    assert len(drawn["edges"]) < len(whole["edges"]) or len(whole["edges"]) < 10
 
 
 def _shift_click(driver, selector: str) -> None:
     redraw(driver, lambda: driver.execute_script(
         "document.querySelector(arguments[0]).dispatchEvent(new MouseEvent('click', {bubbles: true, shiftKey: true}))",
         selector))
-
-
-def _check_answer_explained(driver, view: RunView, prompt: int) -> None:
-    """Every drawn target logit that has an edge in the trace has one drawn, and the default cutoff does prune."""
-    graph = graph_of(view, prompt)
-    drawn = _drawn(driver)
-    reached = set(graph.edges["target"].tolist())
-    logits = {i for i, kind, *_ in drawn["circles"] if kind == "logit"}
-    assert logits, "the target logits are drawn"
-    explained = {t for _, t in drawn["edges"]}
-    assert {i for i in logits if i in reached} <= explained, f"prompt {prompt}: a shown answer has no edge into it"
-    assert len(drawn["edges"]) < len(graph.edges) or len(graph.edges) < 10
 
 
 def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], every_prompt: bool) -> None:
@@ -602,8 +645,11 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
     assert driver.execute_script("return [innerWidth, innerHeight]") == list(size)
     options = [int(o.get_attribute("value")) for o in driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")]
     assert options == sorted(options)  # dataset order
-    unexplained = driver.execute_script(UNEXPLAINED)
-    assert unexplained == {}, f"shown target logits with no edge drawn into them: {unexplained}"
+    for prompt in options if every_prompt else options[:3]:
+        select(driver, prompt=prompt)
+        _check_targets_explained(driver)
+    select(driver, prompt=options[0])
+    _check_page_fits(driver)
     for prompt in options[:3] if every_prompt else options[:1]:
         if prompt != options[0]:
             redraw(driver, lambda p=prompt: Select(driver.find_element(By.ID, "neuron-prompt")).select_by_value(str(p)))
@@ -611,7 +657,6 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
         assert _inside(seen["tokens"][-1], seen["frame"]), f"prompt {prompt}: last position out of view at {size}"
         for box in seen["logits"] + seen["logitLabels"]:
             assert _inside(box, seen["frame"]), f"prompt {prompt}: a top logit is out of view at {size}"
-        _check_answer_explained(driver, view, prompt)
     prompt = options[1]
     redraw(driver, lambda: Select(driver.find_element(By.ID, "neuron-prompt")).select_by_value(str(prompt)))
     payload = prompt_payload(view, prompt)["neurons"]
@@ -642,13 +687,15 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
     # the hover card of the lowest node stays inside the window
     lowest = max((c for c in driver.find_elements(By.CSS_SELECTOR, '#neurons circle[data-kind="neuron"]')),
                  key=lambda c: c.rect["y"])
+    driver.execute_script("arguments[0].scrollIntoView({block: 'end', inline: 'center'})", lowest)  # clear of the axis
     ActionChains(driver).move_to_element(lowest).perform()
     tooltip = driver.find_element(By.ID, "tooltip")
     WebDriverWait(driver, 10).until(lambda d: tooltip.is_displayed())
     box = driver.execute_script(f"return ({RECT})(arguments[0])", tooltip)
     assert _inside(box, [0, 0, *size])
     assert "cluster" in tooltip.text and "fires on" in tooltip.text
-    # pin a logit and its strongest source, group them, rename the cluster, prune: all in the URL
+    _check_node_box(driver, logit_key="l:0")
+    # pin a logit and its strongest sources, group them, rename the cluster (Enter), prune: all in the URL
     logit = next(i for i, kind, *_ in drawn["circles"] if kind == "logit")
     sources = [s for s, t in drawn["edges"] if t == logit]
     _shift_click(driver, f'#neurons circle[data-index="{logit}"]')
@@ -656,13 +703,12 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
         _shift_click(driver, f'#neurons circle[data-index="{source}"]')
     driver.find_element(By.ID, "group-name").send_keys("my answer path")
     redraw(driver, lambda: driver.find_element(By.ID, "group-pins").click())
-    driver.find_element(By.ID, "rename-input").send_keys("renamed here")
-    redraw(driver, lambda: driver.find_element(By.ID, "rename").click())
+    redraw(driver, lambda: driver.find_element(By.ID, "rename-input").send_keys("renamed here", Keys.ENTER))
     redraw(driver, lambda: set_range(driver, "prune", 60))
     saved = driver.execute_script(STATE)
     assert len(saved[2]) == 1 + len(sources[:2]) and saved[3][0]["name"] == "my answer path"
+    _check_groups_and_export(driver, saved[2])
     subgraph = driver.execute_script("return window.adag.subgraphJson()")
-    svg = driver.execute_script("return window.adag.subgraphSvg()")
     url_with_state = driver.current_url
     assert "#" in url_with_state
     driver.get("about:blank")
@@ -684,9 +730,74 @@ def _check_researcher_view(driver, run: Path, url: str, size: tuple[int, int], e
         assert link["weight"] == pytest.approx(weights[(link["source"], link["target"])], rel=1e-3)
     assert subgraph["qParams"]["supernodes"][0][0] == "my answer path"
     assert sorted(subgraph["qParams"]["pinnedIds"]) == sorted(n["node_id"] for n in subgraph["nodes"])
-    from xml.etree import ElementTree
-    assert len(ElementTree.fromstring(svg).findall(".//{http://www.w3.org/2000/svg}circle")) == len(saved[2])
+    pinned_edges = [e for e in driver.execute_script("return window.adag.drawn()")["edges"]
+                    if e[0] in pinned and e[1] in pinned]
+    assert len(pinned_edges) == len(subgraph["links"]), "every edge between pins is drawn, as the JSON has it"
+    _check_history(driver, saved[2])
     assert not console_errors(driver)
+
+
+def _check_page_fits(driver) -> None:
+    """No sideways scroll of the page or the side panel; the cluster graph inside its box; layer numbers in view."""
+    fits = driver.execute_script(f"""
+      const rect = {RECT}, side = document.getElementById('side');
+      return {{page: [document.documentElement.scrollWidth, innerWidth], side: [side.scrollWidth, side.clientWidth],
+               graph: rect(document.getElementById('graph')), box: rect(document.getElementById('graph-box')),
+               frame: rect(document.getElementById('neurons-scroll')),
+               ticks: [...document.querySelectorAll('#neurons-axis text')].map(rect)}};""")
+    assert fits["page"][0] <= fits["page"][1], f"the page scrolls sideways: {fits['page']}"
+    assert fits["side"][0] <= fits["side"][1], f"the side panel scrolls sideways: {fits['side']}"
+    assert _inside(fits["graph"], fits["box"]) and fits["box"][2] <= fits["page"][1], "the cluster graph overflows"
+    visible_ticks = [t for t in fits["ticks"] if fits["frame"][0] <= t[0] and t[2] <= fits["frame"][2]]
+    assert len(visible_ticks) >= 3, "the layer numbers are in view"
+
+
+def _check_node_box(driver, logit_key: str) -> None:
+    """Clicking a node lists every input and output with its weight, sortable."""
+    redraw(driver, lambda: driver.execute_script(
+        "document.querySelector(`#neurons circle[data-key='${arguments[0]}']`).dispatchEvent("
+        "new MouseEvent('click', {bubbles: true}))", logit_key))
+    whole = driver.execute_script("return window.adag.graph()")
+    into = sorted(w for s, t, w in whole["edges"] if t == logit_key)
+    rows = driver.find_elements(By.CSS_SELECTOR, "#node-inputs tr.row")
+    assert len(rows) == len(into)
+    weights = [float(r.get_attribute("data-weight")) for r in rows]
+    assert weights == sorted(weights, key=lambda w: -abs(w))  # by |weight| first
+    header = driver.find_element(By.CSS_SELECTOR, '#node-inputs th[data-sort="weight"]')
+    header.click()
+    rows = driver.find_elements(By.CSS_SELECTOR, "#node-inputs tr.row")
+    weights = [float(r.get_attribute("data-weight")) for r in rows]
+    assert weights == sorted(weights, reverse=True) and weights == pytest.approx(into[::-1], rel=1e-6)
+    redraw(driver, lambda: driver.execute_script("document.getElementById('neurons').dispatchEvent("
+                                                 "new MouseEvent('click', {bubbles: true}))"))  # focus off
+
+
+def _check_groups_and_export(driver, pins: list[str]) -> None:
+    """A group rings its own members only; the SVG export holds exactly what is drawn."""
+    rings = driver.execute_script("return [...document.querySelectorAll('#neurons .group-ring')]"
+                                  ".map(r => r.dataset.member)")
+    drawn = driver.execute_script("return window.adag.drawn()")
+    assert sorted(rings) == sorted(k for k in pins if k in drawn["nodes"])
+    from xml.etree import ElementTree
+    svg = ElementTree.fromstring(driver.execute_script("return window.adag.drawnSvg()"))
+    ns = "{http://www.w3.org/2000/svg}"
+    nodes = [c.get("data-key") for c in svg.iter(f"{ns}circle") if c.get("data-key")]
+    assert sorted(nodes) == sorted(drawn["nodes"])
+    assert len([e for e in svg.iter(f"{ns}path") if "edge" in (e.get("class") or "")]) == len(drawn["edges"])
+    assert any(t.text == "layer" for t in svg.iter(f"{ns}text"))
+
+
+def _check_history(driver, pins: list[str]) -> None:
+    """Another prompt keeps this one's pins aside and says so; Back returns to this prompt with its pins."""
+    before = page_state(driver)
+    other = next(int(o.get_attribute("value")) for o in driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
+                 if int(o.get_attribute("value")) != before["prompt"])
+    redraw(driver, lambda: Select(driver.find_element(By.ID, "neuron-prompt")).select_by_value(str(other)))
+    assert page_state(driver)["pins"] == []
+    assert f"prompt {before['prompt']}" in driver.find_element(By.ID, "kept-pins").text
+    redraw(driver, driver.back)
+    after = page_state(driver)
+    assert after["prompt"] == before["prompt"] and sorted(after["pins"]) == sorted(pins)
 
 
 def view_color(driver, cluster: int) -> str:
@@ -704,6 +815,73 @@ def test_viewer_researchers_can_work_in(which, request, tmp_path):
             _check_researcher_view(driver, run, path.as_uri(), size, every_prompt=n == 0)
         driver.save_screenshot(str(tmp_path / "page.png"))
         _not_blank(str(tmp_path / "page.png"))
+
+
+# The page's fetch of /api/steer replaced by one that records each request and answers when told to.
+FAKE_STEER = """
+window.steerRequests = [];
+const real = window.fetch;
+window.fetch = (url, options) => {
+  if (!String(url).includes('api/steer')) return real(url, options);
+  const body = JSON.parse(options.body);
+  window.steerRequests.push(body);
+  return new Promise(resolve => { window.answerSteer = () => resolve(new Response(JSON.stringify({prompt: body.prompt,
+    multiplier: body.multiplier, baseline: [{token: ' Paris', prob: 0.7}, {token: ' Lyon', prob: 0.1}],
+    steered: [{token: ' Lyon', prob: 0.5}, {token: ' Paris', prob: 0.2}]}), {status: 200})); });
+};
+"""
+
+
+@pytest.mark.browser
+def test_steer_box_checks_the_multiplier_and_keeps_its_results(demo_like):
+    """Served: bad multipliers give a message and send nothing; the button waits for the answer; the result
+    says what was steered and stays through selection changes, at both sizes."""
+    server = serve_in_background(str(demo_like))
+    try:
+        with chromium() as driver:
+            for size in SIZES:
+                set_viewport(driver, *size)
+                driver.get("about:blank")
+                open_page(driver, f"http://127.0.0.1:{server.server_port}/")
+                driver.execute_script(FAKE_STEER)
+                box = driver.find_element(By.ID, "steer-box")
+                assert box.rect["y"] < size[1], "the steer box is in view without scrolling"
+                select(driver, cluster=2)
+                field = driver.find_element(By.ID, "steer-multiplier")
+                for typed in ("abc", "", "nan", "1e9"):
+                    field = driver.find_element(By.ID, "steer-multiplier")
+                    field.clear()
+                    if typed:
+                        field.send_keys(typed)
+                    driver.find_element(By.ID, "steer-run").click()
+                    message = driver.find_element(By.ID, "steer-message").text
+                    assert message and ("number" in message or "range" in message or "multiplier" in message), typed
+                assert driver.execute_script("return window.steerRequests.length") == 0
+                field = driver.find_element(By.ID, "steer-multiplier")
+                field.clear()
+                field.send_keys("0.5")
+                driver.find_element(By.ID, "steer-run").click()
+                WebDriverWait(driver, 10).until(lambda d: d.execute_script("return window.steerRequests.length") == 1)
+                assert not driver.find_element(By.ID, "steer-run").is_enabled()
+                assert "loading the model" in driver.find_element(By.ID, "steer-message").text
+                assert driver.execute_script("return window.steerRequests[0]") == {"prompt": 0, "cluster": 2,
+                                                                                   "multiplier": 0.5}
+                driver.execute_script("window.answerSteer()")
+                WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-steered tr"))
+                said = driver.find_element(By.ID, "steer-what-was").text
+                assert "cluster 2" in said and "\u00d70.5" in said and "prompt 0" in said
+                _shift_click(driver, '#neurons circle[data-kind="neuron"]')  # a selection change
+                select(driver, cluster=3, prompt=1)
+                assert driver.find_element(By.ID, "steer-what-was").text == said
+                assert len(driver.find_elements(By.CSS_SELECTOR, "#steer-steered tr")) == 3
+                assert driver.find_element(By.ID, "steer-run").is_enabled()
+                driver.find_element(By.ID, "steer-run").click()  # a second request does not load the model again
+                WebDriverWait(driver, 10).until(lambda d: d.execute_script("return window.steerRequests.length") == 2)
+                assert "loading the model" not in driver.find_element(By.ID, "steer-message").text
+                assert not console_errors(driver)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _post(server, body: bytes, kind: str = "application/json", host: str | None = None) -> tuple[int, bytes]:
@@ -819,7 +997,16 @@ def with_facts(tmp_path_factory):
     return path
 
 
-def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, tmp_path):
+@pytest.fixture(scope="module")
+def no_edges(tmp_path_factory):
+    """A run whose trace found no edges."""
+    path = tmp_path_factory.mktemp("no-edges") / "run"
+    synthetic_run(path, prompts=2, layers=8, nodes=30, length=(10, 12), neurons=40, clusters=3, edge_density=0.0)
+    return path
+
+
+@pytest.mark.browser
+def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, no_edges, tmp_path):
     view = RunView.open(with_facts)
     item = next(c for c in run_payload(view, [])["clusters"] if c["id"] == 0)
     assert item["facts"] == ["fires at the last position in 1 of 3 prompts", "layers 2-5"]
@@ -854,9 +1041,79 @@ def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, 
         assert "adag serve" in driver.find_element(By.ID, "steer-note").text
         first_excerpt = driver.find_element(By.CSS_SELECTOR, "#exemplars .exemplar")  # the panel was redrawn
         redraw(driver, first_excerpt.click)  # an exemplar opens its prompt
-        assert driver.execute_script("return window.adag.state.prompt") == 2
+        assert page_state(driver)["prompt"] == 2
         assert Select(driver.find_element(By.ID, "neuron-prompt")).first_selected_option.get_attribute("value") == "2"
         driver.find_element(By.ID, "prompt-search").send_keys("no such text at all")
         options = driver.find_elements(By.CSS_SELECTOR, "#neuron-prompt option")
         assert [o.get_attribute("value") for o in options] == ["2"]  # the open prompt stays listed
         assert not console_errors(driver)
+        # a run with no edges: the edge slider is off and the count says why
+        bare, _, _ = write_report(str(no_edges), str(tmp_path / "bare.html"))
+        open_page(driver, bare.as_uri())
+        assert not driver.find_element(By.ID, "edge-weight").is_enabled()
+        assert "without edges" in driver.find_element(By.ID, "neuron-count").text
+        assert driver.execute_script("return window.adag.graph().edges.length") == 0
+
+
+# ---- the viewer in a notebook ----
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_show_in_a_notebook_on_a_run_made_by_the_cli(model_dir, tmp_path):
+    """adag.show on a run the CLI traced and clustered: the frame's page opens at the prompt and cluster asked
+    for (read back with window.adag.state()), and graph() in Python equals window.adag.graph() in the page."""
+    import adag
+
+    run = tmp_path / "run"
+    runner = CliRunner()
+    for args in (["trace", "--model", str(model_dir), "--dataset", "country-capitals", "--limit", "2",
+                  "--threshold", "0.05", "--out", str(run)], ["cluster", str(run), "--k", "2"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    shown = adag.show(run, prompt=1, cluster=1)
+    assert shown.state == {"prompt": 1, "cluster": 1, "pins": []}
+    with pytest.raises(AdagError, match="no prompt 9"):
+        adag.show(run, prompt=9)
+    cell = shown.html()
+    assert cell.startswith("<iframe srcdoc=") and "http://" not in cell.replace("http://www.w3.org/2000/svg", "")
+    (tmp_path / "notebook.html").write_text(f"<!DOCTYPE html><html><body>{cell}</body></html>")
+    with chromium() as driver:
+        driver.get((tmp_path / "notebook.html").as_uri())
+        driver.switch_to.frame(driver.find_element(By.TAG_NAME, "iframe"))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        state = page_state(driver)
+        assert (state["prompt"], state["cluster"]) == (1, 1)
+        page = driver.execute_script("return window.adag.graph()")
+        assert not console_errors(driver)
+    mine = shown.graph()
+    assert page["nodes"] == mine["nodes"]
+    assert [e[:2] for e in page["edges"]] == [e[:2] for e in mine["edges"]]
+    np.testing.assert_allclose([e[2] for e in page["edges"]], [e[2] for e in mine["edges"]], rtol=5e-3)  # 3 digits
+    served = serve_in_background(str(run), embeddable=True)
+    try:
+        frame = adag.show(run, prompt=0, server=served).html()
+        assert f'src="http://127.0.0.1:{served.server_port}/#prompt=0"' in frame
+        policy = _get(served, "/").getheader("Content-Security-Policy")
+        assert "frame-ancestors http://localhost:*" in policy
+    finally:
+        served.shutdown()
+        served.server_close()
+
+
+@pytest.mark.builtin
+def test_example_notebook_runs(tmp_path, monkeypatch):
+    """examples/viewer.ipynb, executed headless (nbclient, no network): traces, clusters, describes and shows."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("ADAG_EXAMPLE_RUN", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = [str(EXAMPLES.parent), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, path)))  # the kernel imports this checkout
+    notebook = nbformat.read(EXAMPLES / "viewer.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=900, kernel_name="python3", cwd=str(tmp_path)).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("<iframe srcdoc=" in o.get("data", {}).get("text/html", "") for o in outputs)
+    assert RunView.open(tmp_path / "run").has("describe")

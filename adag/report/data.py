@@ -11,8 +11,15 @@ import pandas as pd
 
 from adag.describe.records import input_records, output_records
 from adag.errors import AdagError
-from adag.report.config import DEFAULT_EDGE_SHARE, DEFAULT_SHARE
-from adag.report.graph import PromptGraph, collapse_clusters, prompt_graph, pruning_order
+from adag.report.config import DEFAULT_EDGE_SHARE, DEFAULT_SHARE, MAX_MULTIPLIER, TARGET_INPUTS
+from adag.report.graph import (
+    PromptGraph,
+    collapse_clusters,
+    correct_target,
+    expected_answer,
+    prompt_graph,
+    pruning_order,
+)
 from adag.report.layout import CLUSTER_R_MAX, CLUSTER_R_MIN, Layout, cluster_layout, prompt_layout
 from adag.report.palette import NEGATIVE, POSITIVE, cluster_color
 from adag.report.study import study_payload
@@ -90,18 +97,25 @@ def run_payload(view: RunView, graph_prompts: list[int]) -> dict:
     prompts = [{"id": int(p.prompt), "text": p.text, "metric": float(p.metric), "tokens": [str(t) for t in p.tokens],
                 "token_ids": [int(t) for t in p.token_ids], "target_ids": [int(t) for t in p.target_ids],
                 "total_attribution": float(totals.get(p.prompt, 0.0)), "embedded": int(p.prompt) in embedded,
-                "targets": [{"token": t, "logit": float(logit), "probability": float(prob)}
-                            for t, logit, prob in zip(p.target_tokens, p.target_logits, p.target_probs)]}
-               for p in view.prompts.itertuples()]
+                "targets": _targets(p)} for _, p in view.prompts.iterrows()]
     return _clean({
         "run": {"model": view.model, "dataset": view.dataset, "prompts": len(prompts), "embedded": len(embedded)},
-        "defaults": {"share": DEFAULT_SHARE, "edge_share": DEFAULT_EDGE_SHARE},
+        "defaults": {"share": DEFAULT_SHARE, "edge_share": DEFAULT_EDGE_SHARE, "target_inputs": list(TARGET_INPUTS),
+                     "max_multiplier": MAX_MULTIPLIER},
         "colors": {"positive": POSITIVE, "negative": NEGATIVE},
         "prompts": prompts,
         "clusters": _cluster_items(view),
         "cluster_graph": _cluster_graph(view),
         "study": study_payload(view),
     }) | {"graphs": {str(p): prompt_payload(view, p) for p in sorted(embedded)}}
+
+
+def _targets(prompt: pd.Series) -> list[dict]:
+    """The prompt's target tokens with their logits and probabilities; the expected answer's marked `correct`."""
+    tokens = [str(t) for t in prompt["target_tokens"]]
+    correct = correct_target(tokens, expected_answer(prompt))
+    return [{"token": t, "logit": float(logit), "probability": float(prob), "correct": n == correct}
+            for n, (t, logit, prob) in enumerate(zip(tokens, prompt["target_logits"], prompt["target_probs"]))]
 
 
 def _cluster_items(view: RunView) -> list[dict]:
@@ -193,11 +207,11 @@ def _pushed(records) -> tuple[list, list]:
 
 
 def dataset_cluster_layout(view: RunView) -> Layout:
-    """The dataset cluster graph's layout, in the order of `view.clusters`."""
+    """The dataset cluster graph's layout, in the order of `view.clusters`; each label begins with its id."""
     clusters = view.clusters["cluster"]
     mean = view.table("cluster", "mean_clusters").set_index("cluster")["attribution"].reindex(clusters, fill_value=0)
     return cluster_layout(view.clusters["mean_layer"].to_numpy(), mean.to_numpy(),
-                          [view.labels[int(c)] for c in clusters])
+                          [f"{int(c)}: {view.labels[int(c)]}" for c in clusters])
 
 
 def _cluster_graph(view: RunView) -> dict:
@@ -243,16 +257,8 @@ def graph_json(graph: PromptGraph, layout: Layout, edge_attribution: bool) -> di
         "neuron": nodes["neuron"].astype(int).tolist(), "activation": round_significant(nodes["activation"], 4),
         "attribution": round_significant(nodes["attribution"], 4), "cluster": nodes["cluster"].astype(int).tolist(),
         "members": nodes["members"].astype(int).tolist(), "prune": round_significant(pruning_order(graph), 4),
-        "min_weight": default_min_weight(graph), "edges": edges, "layout": layout.to_json(),
+        "edges": edges, "layout": layout.to_json(),
     }
-
-
-def default_min_weight(graph: PromptGraph) -> float:
-    """The edge cutoff a graph opens with: DEFAULT_EDGE_SHARE of its largest |weight|, so that graphs
-    with weak edges throughout still show their strongest paths (the viewer also keeps every drawn
-    node's strongest incoming edge)."""
-    weights = np.abs(graph.edges["weight"].to_numpy(float))
-    return float(round_significant([DEFAULT_EDGE_SHARE * weights.max(initial=0.0)], 2)[0])
 
 
 def prompt_payload(view: RunView, prompt: int) -> dict:

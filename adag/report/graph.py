@@ -4,12 +4,62 @@ pruning drops nodes."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 FEATURE_KINDS = ("neuron", "supernode")
+REPLACEMENT = "\ufffd"  # what decoding one byte of a multi-byte character alone gives
+PARTIAL = "\u27e8byte\u27e9"  # shown for such a byte where the character it belongs to cannot be found
+CONTINUED = "\u2190"  # marks the later tokens of a character split over several
+
+
+def readable_tokens(tokens: list[str], text: str) -> list[str]:
+    """`tokens` with each run of byte-level pieces (tokens that decode to U+FFFD alone) shown as the text they
+    make together, found in `text` (the decoded prompt) between the tokens around them: the run's first token
+    shows that text, the others it marked as continued. A run that cannot be found shows PARTIAL."""
+    shown, cursor, i = list(tokens), 0, 0
+    while i < len(tokens):
+        if REPLACEMENT not in tokens[i]:
+            found = text.find(tokens[i], cursor) if tokens[i] else -1
+            cursor = found + len(tokens[i]) if found >= 0 else cursor
+            i += 1
+            continue
+        end = i
+        while end < len(tokens) and REPLACEMENT in tokens[end]:
+            end += 1
+        stop = text.find(tokens[end], cursor) if end < len(tokens) and tokens[end] else len(text)
+        merged = text[cursor:stop] if stop >= 0 else ""
+        if merged.strip() and REPLACEMENT not in merged and len(merged) <= 4 * (end - i):
+            shown[i:end] = [merged] + [CONTINUED + merged] * (end - i - 1)
+            cursor = stop
+        else:
+            shown[i:end] = [PARTIAL] * (end - i)
+        i = end
+    return shown
+
+
+def expected_answer(prompt: pd.Series) -> str:
+    """The prompt's expected answer, where its dataset row says: the first label, else the metadata's `answer`
+    or `correct`; "" where it says none."""
+    labels = prompt.get("labels")
+    if labels is not None and len(labels):
+        return str(labels[0])
+    try:
+        metadata = json.loads(prompt.get("metadata") or "{}")
+    except ValueError:
+        return ""
+    answer = metadata.get("answer", metadata.get("correct")) if isinstance(metadata, dict) else None
+    return str(answer) if answer is not None else ""
+
+
+def correct_target(targets: list[str], answer: str) -> int:
+    """The index of the target token that begins the expected answer (the longest such), or -1."""
+    wanted = answer.strip()
+    candidates = [(len(t.strip()), -i) for i, t in enumerate(targets) if t.strip() and wanted.startswith(t.strip())]
+    return -max(candidates)[1] if wanted and candidates else -1
 
 
 @dataclass
@@ -17,7 +67,8 @@ class PromptGraph:
     """`nodes` has one row per node: kind ("embedding", "neuron", "supernode" or "logit"), layer
     (-1 for embeddings, the model's layer count for logits, a cluster's mean layer for supernodes),
     position, attribution (relevance for embeddings, RelP for neurons, coefficient x logit for
-    logits), neuron, activation, cluster, label (the cluster's), token, probability, members.
+    logits), neuron, activation, cluster, label (the cluster's), token (byte-level pieces made readable),
+    probability, members, correct (the target logit of the expected answer).
     `edges` joins node rows: source, target, weight (direct effect, as share of the target),
     attribution."""
 
@@ -32,9 +83,10 @@ def prompt_graph(prompt: pd.Series, nodes: pd.DataFrame, embeddings: pd.DataFram
                  n_layers: int, labels: dict[int, str]) -> PromptGraph:
     """Build the graph of one prompt from its rows of the trace tables (`nodes` with a `cluster`
     column, -1 where a node has none) and the clusters' labels."""
-    tokens = [str(t) for t in prompt["tokens"]]
+    tokens = readable_tokens([str(t) for t in prompt["tokens"]], str(prompt.get("traced_text") or ""))
     last = len(tokens) - 1
-    targets = [str(t) for t in prompt["target_tokens"]]
+    targets = [PARTIAL if REPLACEMENT in str(t) else str(t) for t in prompt["target_tokens"]]
+    correct = correct_target([str(t) for t in prompt["target_tokens"]], expected_answer(prompt))
     signed_logits = np.asarray(prompt["target_logits"], float) * np.asarray(prompt["target_coeffs"], float)
     n_emb, n_neu, n_log = len(embeddings), len(nodes), len(targets)
     frame = pd.DataFrame({
@@ -49,9 +101,10 @@ def prompt_graph(prompt: pd.Series, nodes: pd.DataFrame, embeddings: pd.DataFram
                                       np.full(n_log, np.nan)]),
         "cluster": np.concatenate([np.full(n_emb, -1), nodes["cluster"].to_numpy(int), np.full(n_log, -1)]),
         "label": [""] * n_emb + [labels.get(int(c), "") for c in nodes["cluster"]] + [""] * n_log,
-        "token": ([str(t) for t in embeddings["token"]] + [tokens[p] for p in nodes["position"]] + targets),
+        "token": ([tokens[p] for p in embeddings["position"]] + [tokens[p] for p in nodes["position"]] + targets),
         "probability": np.concatenate([np.full(n_emb + n_neu, np.nan), np.asarray(prompt["target_probs"], float)]),
         "members": np.ones(n_emb + n_neu + n_log, dtype=int),
+        "correct": np.r_[np.zeros(n_emb + n_neu, bool), np.arange(n_log) == correct],
     })
     row_of_position = pd.Series(np.arange(n_emb), index=embeddings["position"].to_numpy(int))
     row_of_node = pd.Series(n_emb + np.arange(n_neu), index=nodes["node"].to_numpy(int))
@@ -90,7 +143,7 @@ def collapse_clusters(graph: PromptGraph) -> PromptGraph:
         "kind": "supernode", "layer": by_cluster["layer"].mean(), "position": dominant,
         "attribution": by_cluster["attribution"].sum(), "neuron": -1, "activation": np.nan,
         "cluster": clusters, "label": by_cluster["label"].first(), "token": [graph.tokens[p] for p in dominant],
-        "probability": np.nan, "members": by_cluster.size()}).reset_index(drop=True)
+        "probability": np.nan, "members": by_cluster.size(), "correct": False}).reset_index(drop=True)
     collapsed = pd.concat([nodes.iloc[kept], supernodes], ignore_index=True)
 
     edges = graph.edges

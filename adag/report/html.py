@@ -33,6 +33,7 @@ STAGE = REPORT_STAGE.name
 DATA_PLACEHOLDER = "__ADAG_DATA__"
 CSP_PLACEHOLDER = "__ADAG_CSP__"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+NOTEBOOK_FRAMERS = "http://localhost:* http://127.0.0.1:*"  # the pages that may frame an embeddable viewer
 WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 CACHED_GRAPHS = 256
 HANGUPS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)  # a client went away
@@ -172,10 +173,11 @@ def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thre
 
 
 def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
-                load_model: Callable | None = None) -> ThreadingHTTPServer:
+                load_model: Callable | None = None, embeddable: bool = False) -> ThreadingHTTPServer:
     """An HTTP server for the viewer: the page at /, the run's cluster views at /api/data, each
     prompt's attribution graph at /api/prompt/ID, computed when first asked for, and steering at
-    POST /api/steer (the run's model, or `load_model()`, loaded on the first steer request)."""
+    POST /api/steer (the run's model, or `load_model()`, loaded on the first steer request).
+    `embeddable`: pages of this machine (a local Jupyter) may show it in a frame; else no page may."""
     check_port(port)
     view = RunView.open(run_dir)
     warn_stale(view)
@@ -185,7 +187,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
         getattr(view, grouped)
     template = page_template()
     page = render_page().encode("utf-8")
-    policy = content_security_policy(template) + "; frame-ancestors 'none'"
+    framers = NOTEBOOK_FRAMERS if embeddable else "'none'"
+    policy = content_security_policy(template) + f"; frame-ancestors {framers}"
     known = set(view.prompts["prompt"].tolist())
     lock = threading.Lock()
 
@@ -270,7 +273,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
         def end_headers(self) -> None:
             self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("X-Frame-Options", "DENY")
+            if not embeddable:
+                self.send_header("X-Frame-Options", "DENY")
             self.send_header("Content-Security-Policy", policy)
             self.send_header("Referrer-Policy", "no-referrer")
             super().end_headers()
@@ -289,7 +293,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
 
 
 def serve_in_background(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
-                        load_model: Callable | None = None) -> ThreadingHTTPServer:
-    server = make_server(run_dir, host, port, load_model)
+                        load_model: Callable | None = None, embeddable: bool = False) -> ThreadingHTTPServer:
+    server = make_server(run_dir, host, port, load_model, embeddable)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

@@ -198,13 +198,16 @@ def prompt_layout(graph: PromptGraph, min_width: float = 1200.0, grid: Grid | No
 
 
 def _place_logits(nodes, x, y, labels, width, center):
-    """Logits in the top row, centred over the last position, each with its token and probability above."""
+    """Logits in the top row, centred over the last position, each with its token and probability above (the
+    expected answer's marked with a tick)."""
     logits = np.flatnonzero(nodes["kind"].to_numpy() == "logit")
     if not len(logits):
         return x, y, labels, width
-    texts = [visible(str(nodes["token"].iat[i]), TOKEN_CHARS) + f" {nodes['probability'].iat[i]:.0%}"
-             for i in logits]
-    fulls = [f"{nodes['token'].iat[i]!r} p={nodes['probability'].iat[i]:.3f}" for i in logits]
+    correct = nodes["correct"].to_numpy() if "correct" in nodes else np.zeros(len(nodes), bool)
+    texts = [("\u2713" if correct[i] else "") + visible(str(nodes["token"].iat[i]), TOKEN_CHARS)
+             + f" {nodes['probability'].iat[i]:.0%}" for i in logits]
+    fulls = [f"{nodes['token'].iat[i]!r} p={nodes['probability'].iat[i]:.3f}" + (" (the expected answer)" if correct[i]
+                                                                                  else "") for i in logits]
     spacing = max(SLOT, max(text_width(t) for t in texts) + 3 * GAP)
     span = spacing * (len(logits) - 1)
     start = min(max(center[-1] - span / 2, LEFT + spacing / 2), max(LEFT, width - RIGHT - spacing / 2 - span))

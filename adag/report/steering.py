@@ -16,13 +16,13 @@ import torch
 from adag.errors import parse_json
 from adag.half_neurons import HalfNeuron
 from adag.models import LoadedModel, run_model
+from adag.report.config import MAX_MULTIPLIER
 from adag.steer.evaluate import last_logits, prompt_batches
 from adag.steer.intervene import scaled
 from adag.view import RunView
 
 MAX_BODY = 64 * 1024  # bytes of one request
 MAX_NODES = 2048  # neurons named in one request
-MAX_MULTIPLIER = 100.0  # |multiplier| at most
 TOP = 10  # tokens of each distribution in the answer
 FIELDS = {"prompt", "cluster", "nodes", "multiplier"}
 
