@@ -135,4 +135,4 @@ def test_no_import_cycle():
 def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
     assert layer("adag.store.writer") < layer("adag.pipeline") < layer("adag.trace.config") < layer("adag.stages")
-    assert layer("adag.steer.config") > layer("adag.describe.run") > layer("adag.llm.backends")
+    assert layer("adag.steer.config") > layer("adag.describe.run") > layer("adag.llm.cache")
