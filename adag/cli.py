@@ -241,9 +241,10 @@ def models() -> None:
     from adag.models import ADAPTERS, BUILTIN_MODELS
 
     typer.echo("Built-in models (no download needed; base models get plain prompts, see trace --prompt-format):")
-    typer.echo(f"  {'name':16s} {'family':12s} {'size':5s} {'kind':9s} description")
-    for name, builtin in BUILTIN_MODELS.items():
-        typer.echo(f"  {name:16s} {builtin.family:12s} {builtin.size:5s} {builtin.tuning:9s} {builtin.description}")
+    typer.echo(f"  {'name':19s} {'family':12s} {'size':5s} {'kind':9s} {'upstream':35s} {'license':19s} description")
+    for name, b in BUILTIN_MODELS.items():
+        typer.echo(f"  {name:19s} {b.family:12s} {b.size:5s} {b.tuning:9s} {b.upstream:35s} {b.license:19s} "
+                   f"{b.description}")
     typer.echo("\nAlso accepted: a local Hugging Face model directory, or a hub id such as org/name.")
     typer.echo(f"Supported families (config.model_type): {', '.join(sorted(ADAPTERS))}")
 

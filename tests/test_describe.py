@@ -44,7 +44,7 @@ from adag.describe.records import (
 )
 from adag.describe.run import best_description, input_split, make_llms, output_split
 from adag.errors import AdagError
-from adag.llm.backends import (
+from adag.llm import (
     AnthropicBackend,
     CachedBackend,
     EndpointDown,
@@ -121,9 +121,17 @@ def test_expected_score_from_logprobs():
 
 
 def test_simulator_sees_tokens_one_per_line_with_indices():
-    content = simulate_messages(Simulation("input", "digits", ("What", " is", " 4", "\n")))[-1]["content"]
-    assert content.splitlines()[-4:] == ['0\t"What"', '1\t" is"', '2\t" 4"', '3\t"\\n"']
-    assert "JSON list of 4 integers, the i-th for token i" in content
+    system, record = simulate_messages(Simulation("input", "digits", ("What", " is", " 4", "\n")))
+    assert record["content"].splitlines()[:4] == ['0\t"What"', '1\t" is"', '2\t" 4"', '3\t"\\n"']
+    assert "JSON list of integers, the i-th for token i" in system["content"]
+    assert record["content"].endswith("JSON list of 4 integers.")
+
+
+def test_simulator_records_of_one_description_share_the_first_turn():
+    """What a local simulator computes once per description: the system turn holds the task and the
+    description, the user turn only the record."""
+    first, second = (simulate_messages(Simulation("input", "digits", units)) for units in (("a",), ("b", "c")))
+    assert first[0] == second[0] and "digits" in first[0]["content"] and first[1] != second[1]
 
 
 def test_output_simulator_sees_the_prompt():
@@ -189,7 +197,7 @@ def test_negative_part_is_explained_and_simulated_as_what_suppresses():
     """Cause 5: the negative part was sent as 'tokens where the group fires most' and simulated as firing."""
     system = explain_messages("negative", ["the {{cat}} sat"])[0]["content"]
     assert "suppress" in system and "fires most" not in system
-    content = simulate_messages(Simulation("negative", "digits", ("a", "b")))[-1]["content"]
+    content = "\n".join(m["content"] for m in simulate_messages(Simulation("negative", "digits", ("a", "b"))))
     assert "suppresses the group" in content and "fires on it" not in content
 
 

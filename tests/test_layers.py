@@ -152,4 +152,4 @@ def test_the_checks_catch_a_cycle_an_upward_import_and_a_long_function(tmp_path)
     assert imports({"adag.m": module}) == {"adag.m": {"adag.store"}}  # counted though typing-only
     assert over_limits({"m.py": module}) == {"m.py": MODULE_LINES + 5, "m.py:f": FUNCTION_LINES + 1}
     assert layer("adag.store.writer") < layer("adag.pipeline") < layer("adag.trace.config") < layer("adag.stages")
-    assert layer("adag.steer.config") > layer("adag.describe.run") > layer("adag.llm.backends")
+    assert layer("adag.steer.config") > layer("adag.describe.run") > layer("adag.llm.cache")

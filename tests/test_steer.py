@@ -161,7 +161,7 @@ def test_steer_sweep_with_controls(steered_run):
 
 
 def test_generation_under_steering_and_judge_rate(steered_run, tmp_path):
-    from adag.llm.backends import CachedBackend, OpenAIBackend
+    from adag.llm import CachedBackend, OpenAIBackend
     from adag.steer.judge import generate, judge_rate
     from adag.view import RunView
     from tests.fake_openai import FakeOpenAI, reply_body

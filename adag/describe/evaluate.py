@@ -31,7 +31,7 @@ from adag.describe.explain import Explainer, HeldOut, quote, simulated_score
 from adag.describe.facts import Roles, prompt_roles
 from adag.describe.records import Record, exemplar_pool, shown_start
 from adag.describe.run import best_description, input_excerpts, output_excerpts, output_held_out
-from adag.llm.backends import CachedBackend
+from adag.llm.cache import CachedBackend
 
 RECOVERED_WITHIN = 0.1
 MARGIN = 0.05  # how much a recovered description must beat both baselines by

@@ -30,7 +30,7 @@ from adag.describe.facts import (
 )
 from adag.describe.prompts import explain_messages, label_messages, parse_description, parse_label
 from adag.describe.records import highlight
-from adag.llm.backends import CachedBackend, make_backend
+from adag.llm import CachedBackend, make_backend
 from adag.llm.roles import UnusableReply, parse_spec
 from adag.llm.simulation import Simulation
 
@@ -267,7 +267,7 @@ def simulated_score(simulator: CachedBackend, kind: Kind, description: str, held
                     attempts: int) -> float | None:
     """Pearson r between the true values of held-out records and the simulator's predictions."""
     prompts = held_out.prompts or [""] * len(held_out)
-    predicted = [retry(attempts, lambda attempt, u=units, p=prompt: simulator.predict(
-        Simulation(kind, description, tuple(u), p), f"simulate-{kind}", attempt))
-        for units, prompt in zip(held_out.units, prompts)]
+    simulations = [Simulation(kind, description, tuple(units), prompt)
+                   for units, prompt in zip(held_out.units, prompts)]
+    predicted = simulator.predict_many(simulations, f"simulate-{kind}", attempts)
     return correlation(np.concatenate(held_out.truth).astype(float), np.concatenate(predicted))

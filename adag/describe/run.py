@@ -39,9 +39,8 @@ from adag.describe.records import (
     top_k_mask,
 )
 from adag.errors import AdagError
-from adag.llm.backends import CachedBackend, LedgerEntry, make_backend
+from adag.llm import CachedBackend, LedgerEntry, llm_cache_path, make_backend
 from adag.llm.roles import parse_spec
-from adag.models.loading import cache_dir
 from adag.outputs import printable
 from adag.pipeline import StageResult, Summary, number, writing
 from adag.store import DamagedFile, RunDir, StageWriter
@@ -83,7 +82,7 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
         view = RunView(run_dir) if isinstance(run_dir, RunDir) else RunView.open(run_dir)
         view.require("cluster")
         return StageResult(view.run, _estimate(config, *_inputs(view, config)))
-    explainer, simulator = make_llms(config, limits, cache_dir() / "llm-cache.sqlite")
+    explainer, simulator = make_llms(config, limits, llm_cache_path())
     asked, settled = config, {}
 
     def recorded(view: RunView) -> DescribeConfig:

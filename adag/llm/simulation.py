@@ -29,25 +29,27 @@ class Simulation:
 SIMULATE_INPUT = (
     "A group of neurons inside a language model is described as: \"{description}\". Below are the tokens of "
     "one text, one per line as index and token. For each token, predict how strongly the group fires on it, "
-    "from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
+    "from 0 (not at all) to 10 (maximally). Reply with a JSON list of integers, the i-th for token i.")
 SIMULATE_NEGATIVE = (
     "A group of neurons inside a language model is suppressed by tokens described as: \"{description}\". Below are "
     "the tokens of one text, one per line as index and token. For each token, predict how strongly it suppresses "
-    "the group, from 0 (not at all) to 10 (maximally). Reply with a JSON list of {n} integers, the i-th for token i.")
+    "the group, from 0 (not at all) to 10 (maximally). Reply with a JSON list of integers, the i-th for token i.")
 SIMULATE_OUTPUT = (
     "A group of neurons inside a language model is described as: \"{description}\". Below are a prompt, then "
     "candidate next tokens for it, one per line as index and token. For each, predict how strongly the group pushes "
     "the model to say it, from 0 (strongly suppresses) through 5 (no effect) to 10 (strongly promotes). "
-    "Reply with a JSON list of {n} integers, the i-th for token i.")
+    "Reply with a JSON list of integers, the i-th for token i.")
 
 
 def simulate_messages(simulation: Simulation) -> Messages:
+    """The task and the description as the system turn, the record as the user's: every record scored
+    against one description shares the first turn (a local model computes it once)."""
     template = {"input": SIMULATE_INPUT, "negative": SIMULATE_NEGATIVE, "output": SIMULATE_OUTPUT}[simulation.kind]
-    text = template.format(description=simulation.description, n=len(simulation.units))
-    if simulation.prompt:
-        text += f"\n\nPrompt: {json.dumps(simulation.prompt, ensure_ascii=False)}"
-    listing = "\n".join(f"{i}\t{json.dumps(unit, ensure_ascii=False)}" for i, unit in enumerate(simulation.units))
-    return [{"role": "user", "content": f"{text}\n\n{listing}"}]
+    record = f"Prompt: {json.dumps(simulation.prompt, ensure_ascii=False)}\n\n" if simulation.prompt else ""
+    record += "\n".join(f"{i}\t{json.dumps(unit, ensure_ascii=False)}" for i, unit in enumerate(simulation.units))
+    record += f"\n\nReply with a JSON list of {len(simulation.units)} integers."
+    return [{"role": "system", "content": template.format(description=simulation.description)},
+            {"role": "user", "content": record}]
 
 
 def parse_scores(text: str, n: int) -> np.ndarray:

@@ -9,9 +9,8 @@ import pandas as pd
 import torch
 
 from adag.errors import AdagError
-from adag.llm.backends import CachedBackend, make_backend
+from adag.llm import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
-from adag.models.loading import cache_dir
 from adag.pipeline import StageResult, Summary, writing
 from adag.steer.config import JUDGE_STAGE, JudgeConfig
 from adag.steer.evaluate import prompt_batches
@@ -85,7 +84,7 @@ def judge_run(run_dir: str | Path | RunDir, config: JudgeConfig, model: str | No
 
 
 def _judged(view: RunView, config: JudgeConfig, lm: LoadedModel) -> pd.DataFrame:
-    judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
+    judge = CachedBackend(make_backend(config.judge, "judge"))
     members = view.cluster_members[config.cluster]
     questions = [config.question] + ([COHERENCE] if config.coherence else [])
     rows = []

@@ -16,9 +16,8 @@ import torch
 from adag.datasets import PromptRow, label_token_ids
 from adag.errors import AdagError
 from adag.half_neurons import HalfNeuron
-from adag.llm.backends import CachedBackend, make_backend
+from adag.llm import CachedBackend, make_backend
 from adag.models import LoadedModel, run_model
-from adag.models.loading import cache_dir
 from adag.pipeline import StageResult, Summary, number, writing
 from adag.steer.config import MEASURE_STAGE, MeasureConfig
 from adag.steer.evaluate import last_logits, prompt_batches
@@ -43,7 +42,7 @@ class Measure:
         self.judge: CachedBackend | None = None
         self.label_ids: dict[int, np.ndarray] = {}  # the tokens whose logits the measure reads, per prompt
         if config.measure == "judge":
-            self.judge = CachedBackend(make_backend(config.judge, "judge"), cache_dir() / "llm-cache.sqlite")
+            self.judge = CachedBackend(make_backend(config.judge, "judge"))
         elif config.measure == "p_top":
             self.label_ids = {int(p): np.asarray(t[:1], dtype=np.int64)
                               for p, t in zip(prompts["prompt"], prompts["target_ids"])}
