@@ -1,6 +1,8 @@
 """ADAG: automatically trace and describe circuits of MLP neurons in transformer language models."""
 
-__version__ = "0.1.0"
+from adag.version import __version__
+
+__all__ = ["__version__", "show"]
 
 
 def __getattr__(name: str):

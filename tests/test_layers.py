@@ -43,7 +43,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+# The package root re-exports the public API (`adag.show`, the viewer in a notebook): it stands above
+# every layer, while modules that only share its prefix (adag.errors, adag.half_neurons) stay lowest.
+FACADE = "adag"
+
+
 def layer(module: str) -> int:
+    if module == FACADE:
+        return len(LAYERS)
     matches = [(len(prefix), index) for index, prefixes in enumerate(LAYERS) for prefix in prefixes
                if module == prefix or module.startswith(prefix + ".")]
     assert matches, f"{module} is in no layer; add it to LAYERS (and to docs/how-it-works.md, Code layers)"

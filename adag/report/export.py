@@ -7,12 +7,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from adag import __version__
 from adag.outputs import output_file, write
 from adag.pipeline import StageResult, Summary
 from adag.report.config import EXPORT_FORMATS, ExportConfig
 from adag.report.data import graph_of, prompt_row
 from adag.store import RunDir
+from adag.version import __version__
 from adag.view import RunView
 
 

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adag import __version__
 from adag.errors import AdagError, parse_json, unreadable
+from adag.version import __version__
 
 FORMAT_VERSION = 3  # 2: staged stages and file records; 3: trace embeddings table, direct embedding edges
 MANIFEST = "manifest.json"
