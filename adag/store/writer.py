@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from adag.errors import AdagError
+from adag.errors import AdagError, parse_json
 from adag.store.files import atomic_write_bytes, file_problem, file_record, parquet_bytes, part_file, part_number
 from adag.store.manifest import STAGING
 
@@ -113,7 +113,8 @@ class StageWriter:
         previous = None
         if sidecar.is_file():
             with contextlib.suppress(ValueError):
-                previous = json.loads(sidecar.read_text())
+                previous = parse_json(sidecar.read_bytes())
+            previous = previous if isinstance(previous, dict) else None
         same = bool(previous) and previous.get("config") == self.config and previous.get("inputs") == self.inputs
         if self.resumable and same:
             self._records = read_parts(self.path, self._owns)
@@ -277,8 +278,8 @@ def read_parts(folder: Path, wanted: Callable[[str], bool] | None = None) -> dic
     records = {}
     for path in sorted(folder.glob(PARTS_SIDECAR.format("*"))):
         for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(line)
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                record = parse_json(line)
                 file = record.pop("file")
                 if wanted is None or wanted(file):
                     records[file] = record
