@@ -303,8 +303,11 @@ def serve(
 ) -> None:
     """Browse a run: cluster graph, cluster panels, every prompt's attribution graph (loaded on demand)."""
     from adag.report import make_server
+    from adag.report.html import warn_stale
+    from adag.view import RunView
 
     server = make_server(run_dir, host, port)
+    warn_stale(RunView.open(run_dir))
     typer.echo(f"serving {run_dir} at http://{host}:{server.server_port}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()

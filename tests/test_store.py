@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from adag.errors import AdagError
-from adag.store import FORMAT_VERSION, DamagedFile, RunDir, RunLocked, Shard, StageWriter
+from adag.store import FORMAT_VERSION, MANIFEST, DamagedFile, RunDir, RunLocked, Shard, StageWriter
 from adag.view import RunView
 
 MODEL = {"spec": "m", "weights": "w"}
@@ -257,3 +257,57 @@ def test_a_stage_file_is_read_through_the_manifest(tmp_path):
     (tmp_path / "run" / "steer" / "plots" / "cluster-000.png").write_bytes(b"pn")
     with pytest.raises(DamagedFile, match="cluster-000.png is damaged"):
         view.file("steer", "plots/cluster-000.png")
+
+
+# Issue 32: every read is checked against size and SHA-256; entries are checked for shape; no-op commits.
+
+def test_a_part_swapped_for_another_of_the_same_size_is_named(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    with run.stage("trace", {}, resumable=True) as out:
+        out.write_part("nodes", 0, pd.DataFrame({"a": [1]}))
+        out.write_part("nodes", 1, pd.DataFrame({"a": [2]}))
+    first, second = tmp_path / "trace/nodes/part-000000.parquet", tmp_path / "trace/nodes/part-000001.parquet"
+    assert first.stat().st_size == second.stat().st_size
+    first.write_bytes(second.read_bytes())
+    with pytest.raises(DamagedFile, match=r"part-000000.parquet is damaged \(contents differ from the recorded"):
+        RunDir.open(tmp_path).read_table("trace", "nodes")
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda files: files["clusters.parquet"].pop("size"), lambda files: files["clusters.parquet"].update(size=True),
+    lambda files: files["clusters.parquet"].update(sha256=None), lambda files: files.update({"../../x": files.pop(
+        "clusters.parquet")}), lambda files: files.update({"/etc/passwd": {"size": 1, "sha256": "x"}})],
+    ids=["no size", "size a boolean", "no hash", "a file outside the stage", "an absolute file"])
+def test_a_manifest_entry_without_sizes_and_hashes_is_damaged(tmp_path, spoil):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    _commit(run, "cluster", {}, {"clusters": pd.DataFrame({"c": [0]})})
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    spoil(manifest["stages"]["cluster"]["files"])
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AdagError, match="the entry of stage 'cluster' is damaged"):
+        RunDir.open(tmp_path)
+
+
+def test_a_commit_that_reproduces_the_finished_result_changes_nothing(tmp_path):
+    run = RunDir.create(tmp_path, MODEL, DATASET)
+    _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
+    before = snapshot(tmp_path)
+    with run.stage("cluster", {"k": 3}, command="adag cluster elsewhere") as out:
+        out.write_table("clusters", pd.DataFrame({"c": [0, 1, 2]}))
+        out.facts["rows"] = 3
+    assert snapshot(tmp_path) == before
+    (tmp_path / "cluster/clusters.parquet").write_bytes(b"x")  # a damaged result is rewritten, not kept
+    _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
+    assert RunDir.open(tmp_path).verify(hashes=True) == [] and snapshot(tmp_path) != before
+
+
+def test_a_moved_run_names_itself_in_its_hints(tmp_path):
+    run = RunDir.create(tmp_path / "old", MODEL, DATASET)
+    with run.stage("cluster", {}, command=f"adag cluster {tmp_path / 'old'} --k 3") as out:
+        out.write_table("clusters", pd.DataFrame({"c": [0]}))
+    (tmp_path / "old").rename(tmp_path / "new place")
+    moved = RunDir.open(tmp_path / "new place")
+    assert moved.command("cluster") == f"adag cluster '{tmp_path / 'new place'}' --k 3"
+    (tmp_path / "new place/cluster/clusters.parquet").write_bytes(b"")
+    with pytest.raises(DamagedFile, match="rewrite it with `adag cluster '.*new place' --k 3`"):
+        moved.read_table("cluster", "clusters")

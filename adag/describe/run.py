@@ -105,7 +105,8 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
                                shown, bool(inhibitory.get(cluster, False)))
             row = describe_cluster(cluster, data, explainer, simulator, config, limits.cluster_timeout)
             out.write_part("descriptions", cluster, pa.Table.from_pylist([_printable(row)], schema=DESCRIPTIONS))
-            ledger.save(_ledger(explainer, simulator))  # an interrupted invocation's calls still count
+            if not out.repairing:  # staged: an interrupted invocation's calls (paid for) still count
+                ledger.save(_ledger(explainer, simulator))
 
         ledger = Ledger(view, out, kept)
         bar = tqdm(total=len(todo), unit="cluster", desc="describe",
@@ -116,7 +117,9 @@ def describe_run(run_dir: str | RunDir, config: DescribeConfig, progress: bool =
                     bar.update()
         finally:
             bar.close()
-            calls = ledger.save(_ledger(explainer, simulator))
+            if not out.repairing:  # also when interrupted: the staged attempt keeps the calls made
+                ledger.save(_ledger(explainer, simulator))
+        calls = ledger.save(_ledger(explainer, simulator))
         table = out.read_table("descriptions")
         failed = table[table["status"] != "ok"].sort_values("cluster")
         if len(failed):

@@ -136,6 +136,41 @@ def check_port(port: int) -> None:
         raise AdagError(f"--port {port} is out of range; use 1024..65535 (or 0 for any free port)")
 
 
+class GuardedHandler(BaseHTTPRequestHandler):
+    """Requests answered by `_get` and `_post`. A client that hangs up before its reply (a cancelled steer)
+    ends its connection quietly; anything else that goes wrong is a 500 and one line on the server's terminal."""
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except HANGUPS:
+            self.close_connection = True
+
+    def do_GET(self):  # noqa: N802 - http.server naming
+        self._answer(self._get)
+
+    def do_POST(self):  # noqa: N802 - http.server naming
+        self._answer(self._post)
+
+    def _get(self) -> None:
+        self.send_error(404)
+
+    def _post(self) -> None:
+        self.send_error(404)
+
+    def _answer(self, method: Callable[[], None]) -> None:
+        try:
+            method()
+        except HANGUPS:
+            raise
+        except Exception as error:  # noqa: BLE001 - one request must not stop the server or flood its terminal
+            reason = str(error).splitlines()[0][:200] if str(error) else ""
+            log.warning(f"{self.command} {self.path[:80]} failed: {type(error).__name__}: {reason}")
+            with contextlib.suppress(OSError):
+                self.send_error(500, "the request failed; see the server's terminal")
+            self.close_connection = True
+
+
 class ViewerServer(ThreadingHTTPServer):
     """The viewer's server: a client's hang-up is not an error, and no error prints a traceback."""
 
@@ -180,7 +215,6 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
     `embeddable`: pages of this machine (a local Jupyter) may show it in a frame; else no page may."""
     check_port(port)
     view = RunView.open(run_dir)
-    warn_stale(view)
     steerer = Steerer(view, load_model)
     data = json.dumps(run_payload(view, [])).encode("utf-8")
     for grouped in ("nodes_by_prompt", "embeddings_by_prompt", "edges_by_prompt"):  # once, before serving
@@ -197,35 +231,9 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
         with lock:  # pandas reads of shared frames from several threads
             return json.dumps(prompt_payload(view, prompt)).encode("utf-8")
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(GuardedHandler):
         def version_string(self) -> str:
             return "adag"
-
-        def handle_one_request(self) -> None:
-            """One request; a client that hangs up before its reply (a cancelled steer) ends the connection
-            quietly, and anything else that goes wrong is a 500 and one line on the server's terminal."""
-            try:
-                super().handle_one_request()
-            except HANGUPS:
-                self.close_connection = True
-
-        def do_GET(self):  # noqa: N802 - http.server naming
-            self._answer(self._get)
-
-        def do_POST(self):  # noqa: N802 - http.server naming
-            self._answer(self._post)
-
-        def _answer(self, method: Callable[[], None]) -> None:
-            try:
-                method()
-            except HANGUPS:
-                raise
-            except Exception as error:  # noqa: BLE001 - a request must not take the server's terminal down
-                log.warning(f"{self.command} {self.path[:80]} failed: {type(error).__name__}: "
-                            f"{str(error).splitlines()[0][:200] if str(error) else ''}")
-                with contextlib.suppress(OSError):
-                    self.send_error(500, "the request failed; see the server's terminal")
-                self.close_connection = True
 
         def _get(self) -> None:
             if not allowed_host(self.headers.get("Host"), host):

@@ -75,10 +75,11 @@ def file_problem(path: Path, record: dict[str, Any], hashes: bool) -> str | None
 def checked_bytes(path: Path, record: dict[str, Any]) -> tuple[bytes | None, str | None]:
     """The contents of `path` if they match its record (size and SHA-256), else None and why not: a part
     swapped for another of the same size is caught before anything reads it."""
+    problem = file_problem(path, record, hashes=False)  # first, so that nothing is read that cannot be right
+    if problem is not None:
+        return None, problem
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        return None, "missing"
     except OSError as error:
         return None, unreadable_problem(error)
     if len(data) != record["size"]:

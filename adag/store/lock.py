@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from adag.errors import AdagError
+from adag.errors import AdagError, parse_json
 
 LOCK = ".lock"
 SHARD_PATIENCE_S = 10
@@ -108,9 +108,9 @@ def _release(run_path: Path, fd: int, shared: bool) -> None:
 
 def _lock_holder(fd: int) -> str:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        holder = parse_json(os.pread(fd, 4096, 0) or b"{}")
         if "shards" in holder:
             return holder["shards"]
         return f"pid {holder['pid']}, started {holder['started']}"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "holder unknown"

@@ -65,8 +65,27 @@ def read_manifest(path: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), kind):
             raise AdagError(f"{manifest_path} lacks '{key}' (or it is not a {kind.__name__}); "
                             "the run directory is damaged")
-    for stage, entry in manifest["stages"].items():
-        if not isinstance(entry, dict) or not all(key in entry for key in ("id", "config", "inputs", "files")):
+    pending = manifest.get("pending")
+    entries = list(manifest["stages"].items())
+    if pending is not None:
+        entries.append((pending.get("stage"), pending.get("entry")) if isinstance(pending, dict) else ("pending", None))
+    for stage, entry in entries:
+        if not isinstance(stage, str) or not _entry_shape(entry):
             raise AdagError(f"{manifest_path}: the entry of stage '{stage}' is damaged; "
                             f"rerun `adag {stage}` into a new run directory")
     return manifest
+
+
+def _entry_shape(entry: Any) -> bool:
+    """Whether a stage's entry has what readers rely on: a config and inputs, and a size and SHA-256 for
+    each file, named inside the stage's folder."""
+    if not isinstance(entry, dict) or not all(key in entry for key in ("id", "config", "inputs", "files")):
+        return False
+    files = entry["files"]
+    return (isinstance(entry["config"], dict) and isinstance(entry["inputs"], dict) and isinstance(files, dict)
+            and all(_file_record_shape(file, record) for file, record in files.items()))
+
+
+def _file_record_shape(file: str, record: Any) -> bool:
+    return (isinstance(record, dict) and type(record.get("size")) is int and isinstance(record.get("sha256"), str)
+            and not Path(file).is_absolute() and ".." not in Path(file).parts)

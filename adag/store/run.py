@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from adag.errors import AdagError
+from adag.errors import AdagError, parse_json
 from adag.store.files import NO_PERMISSION, DamagedFile, atomic_write_bytes, checked_bytes, file_problem
 from adag.store.lock import holds_lock, run_lock
 from adag.store.manifest import MANIFEST, STAGING, check_run_target, new_manifest, read_manifest
@@ -119,8 +119,9 @@ class RunDir:
         sidecar = self.path / STAGING / stage / STAGE_SIDECAR
         if not sidecar.is_file() or not self.staged_parts(stage):
             return None
-        with contextlib.suppress(ValueError):
-            return json.loads(sidecar.read_text())
+        with contextlib.suppress(ValueError, OSError):
+            attempt = parse_json(sidecar.read_bytes())
+            return attempt if isinstance(attempt, dict) else None
         return None
 
     def staged_parts(self, stage: str) -> dict[str, dict[str, Any]]:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from adag.errors import parse_json
 
 STAGE_SIDECAR = ".stage.json"  # a staged stage's config and inputs, so an interrupted attempt can resume
 PARTS_SIDECAR = ".parts{}.jsonl"  # one line per committed part of a staged resumable stage, per writer
@@ -37,8 +38,8 @@ def read_parts(folder: Path, wanted: Callable[[str], bool] | None = None) -> dic
     records = {}
     for path in sorted(folder.glob(PARTS_SIDECAR.format("*"))):
         for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = json.loads(line)
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                record = parse_json(line)
                 file = record.pop("file")
                 if wanted is None or wanted(file):
                     records[file] = record

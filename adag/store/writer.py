@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from adag.errors import AdagError
+from adag.errors import AdagError, parse_json
 from adag.store.files import atomic_write_bytes, file_problem, file_record, parquet_bytes, part_file, part_number
 from adag.store.manifest import STAGING
 from adag.store.run import RunDir
@@ -90,7 +90,8 @@ class StageWriter:
         previous = None
         if sidecar.is_file():
             with contextlib.suppress(ValueError):
-                previous = json.loads(sidecar.read_text())
+                previous = parse_json(sidecar.read_bytes())
+            previous = previous if isinstance(previous, dict) else None
         same = bool(previous) and previous.get("config") == self.config and previous.get("inputs") == self.inputs
         if self.resumable and same:
             self._records = read_parts(self.path, self._owns)
