@@ -14,23 +14,27 @@ MAX_DESCRIPTION = 160
 REFUSALS = re.compile(r"\b(i can(not|'t)|i'm sorry|i am sorry|as an ai|unable to)\b", re.IGNORECASE)
 
 
+# For a small chat model (tried on Qwen2.5-Coder-1.5B-Instruct): say what kind of answer is wanted (a
+# category, not the tokens), forbid the two failures seen (a list of the marked tokens, a copy of the
+# excerpt), and bound the length in words on one line (the local backend stops at the line's end).
+ANSWER = ("Name what they share in one short phrase of at most eight words, on one line. Do not list the marked "
+          "tokens and do not copy the excerpts.")
 EXPLAIN_INPUT = (
     "We study a group of neurons inside a language model. You see text excerpts in which the tokens where "
     "the group fires most are marked {{like this}}. Say what the marked tokens have in common, using the text "
-    "around them: what kind of token they are (a word class, a topic, a symbol) and, when it matters, where "
-    "they stand or which words come just before them. Do not summarise the excerpts. Reply with one short "
-    "phrase and nothing else.")
+    "around them: what kind of token they are (a word class, a topic, a symbol, one word of a fixed template) "
+    "and, when it matters, where they stand or which words come just before them. " + ANSWER)
 EXPLAIN_NEGATIVE = (
     "We study a group of neurons inside a language model. You see text excerpts in which the tokens that most "
     "suppress the group (push its activation down) are marked {{like this}}. Say what the marked tokens have in "
     "common, using the text around them: what kind of token they are and, when it matters, where they stand. "
-    "Do not summarise the excerpts. Reply with one short phrase and nothing else.")
+    + ANSWER)
 EXPLAIN_OUTPUT = (
     "We study a group of neurons inside a language model. For each prompt you see the model's candidate next "
     "tokens and the group's direct effect on each one's logit, scaled to -10 (strongly suppresses) .. 10 "
     "(strongly promotes). Prompts end with the start of the model's reply. "
-    "Say which tokens the group makes the model say and which it holds back. Reply with one short phrase and "
-    "nothing else.")
+    "Say which kind of tokens the group makes the model say and which it holds back, in one short phrase of at "
+    "most twelve words, on one line.")
 
 # Worked examples, shown as earlier turns of the conversation: excerpts -> a good description.
 INPUT_EXAMPLES = [
@@ -46,6 +50,10 @@ INPUT_EXAMPLES = [
       "Call the function f(x{{)}} twice",
       "the list [1, 2, 3{{]}} is sorted"],
      "closing brackets at the end of a parenthesis"),
+    (["How many legs does a {{spider}} have? Reply:{{ }}",
+      "How many legs does a {{horse}} have? Reply:{{ }}",
+      "How many legs does an {{ant}} have? Reply:{{ }}"],
+     "the animal asked about, and the space after 'Reply:'"),
 ]
 OUTPUT_EXAMPLES = [
     (["Prompt: 'The capital of Peru is' -> ' Lima': 9, ' a': -2, ' the': -1",
@@ -55,8 +63,8 @@ OUTPUT_EXAMPLES = [
 
 LABEL = (
     "A group of neurons responds to: \"{inputs}\". It makes the model: \"{outputs}\". Give a label of one to "
-    "three lowercase words that names what is specific to this group (not 'neurons' or 'a group of'). Reply "
-    "with the label only.")
+    "three lowercase words that names what is specific to this group (not 'neurons', 'group' or 'tokens'), "
+    "such as \"city names\" or \"closing brackets\". Reply with the label only.")
 
 
 def numbered(excerpts: list[str]) -> str:
