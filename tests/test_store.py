@@ -263,7 +263,7 @@ def test_a_stage_file_is_read_through_the_manifest(tmp_path):
 
 def test_a_part_swapped_for_another_of_the_same_size_is_named(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
-    with run.stage("trace", {}, resumable=True) as out:
+    with StageWriter(run, "trace", {}, resumable=True) as out:
         out.write_part("nodes", 0, pd.DataFrame({"a": [1]}))
         out.write_part("nodes", 1, pd.DataFrame({"a": [2]}))
     first, second = tmp_path / "trace/nodes/part-000000.parquet", tmp_path / "trace/nodes/part-000001.parquet"
@@ -292,7 +292,7 @@ def test_a_commit_that_reproduces_the_finished_result_changes_nothing(tmp_path):
     run = RunDir.create(tmp_path, MODEL, DATASET)
     _commit(run, "cluster", {"k": 3}, {"clusters": pd.DataFrame({"c": [0, 1, 2]})})
     before = snapshot(tmp_path)
-    with run.stage("cluster", {"k": 3}, command="adag cluster elsewhere") as out:
+    with StageWriter(run, "cluster", {"k": 3}, command="adag cluster elsewhere") as out:
         out.write_table("clusters", pd.DataFrame({"c": [0, 1, 2]}))
         out.facts["rows"] = 3
     assert snapshot(tmp_path) == before
@@ -303,7 +303,7 @@ def test_a_commit_that_reproduces_the_finished_result_changes_nothing(tmp_path):
 
 def test_a_moved_run_names_itself_in_its_hints(tmp_path):
     run = RunDir.create(tmp_path / "old", MODEL, DATASET)
-    with run.stage("cluster", {}, command=f"adag cluster {tmp_path / 'old'} --k 3") as out:
+    with StageWriter(run, "cluster", {}, command=f"adag cluster {tmp_path / 'old'} --k 3") as out:
         out.write_table("clusters", pd.DataFrame({"c": [0]}))
     (tmp_path / "old").rename(tmp_path / "new place")
     moved = RunDir.open(tmp_path / "new place")
