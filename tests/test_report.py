@@ -259,7 +259,7 @@ def test_layouts_leave_no_overlaps(crowded, demo_like):
 
 def test_cluster_layout_spreads_clusters_that_share_a_layer():
     mean_layer = np.array([5.0] * 12 + [5.2, 9.0])
-    labels = [f"a label of some length {i}" for i in range(14)]
+    labels = [f"a label of some length, longer than fits {i}" for i in range(14)]
     layout = cluster_layout(mean_layer, np.linspace(1, 2, 14), labels)
     boxes = [[x - 13, y - 13, x + 13 + GAP + text_width(lab.text), y + 13]
              for x, y, lab in zip(layout.x, layout.y, layout.labels)]
