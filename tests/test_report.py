@@ -1061,6 +1061,7 @@ def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.browser
 def test_show_in_a_notebook_on_a_run_made_by_the_cli(model_dir, tmp_path):
     """adag.show on a run the CLI traced and clustered: the frame's page opens at the prompt and cluster asked
     for (read back with window.adag.state()), and graph() in Python equals window.adag.graph() in the page."""
