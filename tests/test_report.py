@@ -806,6 +806,7 @@ def view_color(driver, cluster: int) -> str:
                                ).get_attribute("fill")
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("which", ["demo_like", "forty"])
 def test_viewer_researchers_can_work_in(which, request, tmp_path):
     """At 1000x700 and 1400x900: the answer in view, explained, linked selection, state in the URL, saved subgraph."""
