@@ -259,7 +259,7 @@ def test_layouts_leave_no_overlaps(crowded, demo_like):
 
 def test_cluster_layout_spreads_clusters_that_share_a_layer():
     mean_layer = np.array([5.0] * 12 + [5.2, 9.0])
-    labels = [f"a label of some length {i}" for i in range(14)]
+    labels = [f"a label of some length, longer than fits {i}" for i in range(14)]
     layout = cluster_layout(mean_layer, np.linspace(1, 2, 14), labels)
     boxes = [[x - 13, y - 13, x + 13 + GAP + text_width(lab.text), y + 13]
              for x, y, lab in zip(layout.x, layout.y, layout.labels)]
@@ -806,6 +806,7 @@ def view_color(driver, cluster: int) -> str:
                                ).get_attribute("fill")
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("which", ["demo_like", "forty"])
 def test_viewer_researchers_can_work_in(which, request, tmp_path):
     """At 1000x700 and 1400x900: the answer in view, explained, linked selection, state in the URL, saved subgraph."""
@@ -1061,6 +1062,7 @@ def test_cluster_panel_shows_facts_and_compact_exemplars(with_facts, demo_like, 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.browser
 def test_show_in_a_notebook_on_a_run_made_by_the_cli(model_dir, tmp_path):
     """adag.show on a run the CLI traced and clustered: the frame's page opens at the prompt and cluster asked
     for (read back with window.adag.state()), and graph() in Python equals window.adag.graph() in the page."""

@@ -15,7 +15,7 @@ DEFAULT_PROMPTS = 50  # prompt graphs a report embeds
 DEFAULT_SHARE = 0.8  # of the attribution carried by the neurons drawn (viewer and figures)
 DEFAULT_MIN_WEIGHT = 0.1  # |weight| of the edges drawn in figures
 REPORT_FORMATS, EXPORT_FORMATS, FIGURE_FORMATS = (".html", ".htm"), (".json",), (".svg", ".png", ".pdf")
-DEFAULT_EDGE_SHARE = 0.25  # the viewer first draws edges into a node with |weight| at least this share of its largest
+DEFAULT_EDGE_SHARE = 0.5  # the viewer first draws edges into a node with |weight| at least this share of its largest
 TARGET_INPUTS = (3, 1)  # a drawn target logit always shows this many of its strongest positive and negative inputs
 MAX_MULTIPLIER = 100.0  # |multiplier| at most, when steering from the viewer
 

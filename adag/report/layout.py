@@ -28,7 +28,8 @@ SLOT = 2 * R_MAX + 3  # one node's share of a cell
 LINE = 1.2 * FONT  # the glyph box of one line of monospace text
 COLUMN_MIN = max(LINE, 2 * R_MAX) + GAP  # a column with one embedding node and a vertical token label
 TOKEN_CHARS = 14  # token labels are cut to this length (the full text is a tooltip)
-LABEL_CHARS = 22  # cluster labels likewise
+LABEL_CHARS = 22  # supernode labels likewise
+CLUSTER_LABEL_CHARS = 32  # labels in the cluster graph, which has more room
 LEFT, RIGHT, TOP = 64.0, 16.0, 30.0
 BOTTOM = TOKEN_CHARS * CHAR + 2 * R_MAX
 CLUSTER_R_MIN, CLUSTER_R_MAX = 4.0, 13.0
@@ -284,12 +285,12 @@ class _Placer:
         return float(x), float(y)
 
 
-def cluster_layout(mean_layer: np.ndarray, strength: np.ndarray, labels: list[str], width: float = 640.0) -> Layout:
+def cluster_layout(mean_layer: np.ndarray, strength: np.ndarray, labels: list[str], width: float = 760.0) -> Layout:
     """Clusters at their mean layer on a y axis, spread across so that no circle or label touches
     another (a label goes to the right of its circle). Space for the largest circle is kept around
     every node, so circles may be redrawn at other sizes (another prompt's attributions) in place."""
     mean_layer = np.asarray(mean_layer, float)
-    cut = [shortened(text, LABEL_CHARS) for text in labels]
+    cut = [shortened(text, CLUSTER_LABEL_CHARS) for text in labels]
     r = _radii(np.abs(np.asarray(strength, float)), CLUSTER_R_MIN, CLUSTER_R_MAX)
     low = np.floor(mean_layer.min()) if len(mean_layer) else 0.0
     high = max(np.ceil(mean_layer.max()) if len(mean_layer) else 0.0, low + 1)
