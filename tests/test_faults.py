@@ -1239,3 +1239,46 @@ def test_a_second_command_on_a_run_being_written_is_one_line_and_changes_nothing
             assert finished(places.run) == before
         finally:
             holder.kill()
+
+
+STAGE_COMMANDS = {"cluster": "cluster {run} --k 2", "describe": "describe {run} --seed 4 " + LLM,
+                  "steer": "steer {run} --multipliers 0,3", "faithfulness": "faithfulness {run} --fractions 0.25",
+                  "correlate": "correlate {run} --field score", "report": "report {run} --prompts 2"}
+
+
+@pytest.mark.slow  # each stage three times
+@pytest.mark.parametrize("stage", STAGE_COMMANDS)
+def test_every_stage_interrupted_midway_then_rerun_gives_the_uninterrupted_tables(places, finished_run, stage,
+                                                                                   monkeypatch):
+    """Ctrl-C at a stage's second file write through the store (in the middle of its work, or as it commits):
+    one line, exit 130, the finished results as they were, no lock; the same command again gives the tables
+    of an uninterrupted run."""
+    from adag.store import run as run_module
+    from adag.store import writer
+
+    clean = places.tmp / "clean"
+    shutil.copytree(finished_run, clean)
+    cli(dataclasses.replace(places, run=clean), STAGE_COMMANDS[stage])
+    before = finished(places.run)
+    writes = []
+    real = writer.atomic_write_bytes
+
+    def interrupted(path, data, exclusive=False):
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real(path, data, exclusive)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "atomic_write_bytes", interrupted)
+        patch.setattr(run_module, "atomic_write_bytes", interrupted)
+        result = RUNNER.invoke(app, places.words(STAGE_COMMANDS[stage]))
+    assert result.exit_code == 130 and "interrupted; rerun the same command" in result.stderr, result.output
+    assert finished(places.run) == before and not (places.run / ".lock").exists()
+    cli(places, STAGE_COMMANDS[stage])
+    again, reference = RunDir.open(places.run), RunDir.open(clean)
+    for file in reference.entry(stage)["files"]:
+        if file.endswith(".parquet") and "ledger" not in file:
+            name = file.removesuffix(".parquet").split("/part-")[0]
+            assert again.read_table(stage, name).equals(reference.read_table(stage, name)), file
+    assert not (places.run / STAGING).exists() and not (places.run / ".lock").exists()
