@@ -1282,3 +1282,32 @@ def test_every_stage_interrupted_midway_then_rerun_gives_the_uninterrupted_table
             name = file.removesuffix(".parquet").split("/part-")[0]
             assert again.read_table(stage, name).equals(reference.read_table(stage, name)), file
     assert not (places.run / STAGING).exists() and not (places.run / ".lock").exists()
+
+
+def broken_cache(places: Places, stack: contextlib.ExitStack) -> None:
+    cache = places.tmp / "cache"
+    cache.mkdir()
+    (cache / "llm-cache.sqlite").write_bytes(b"not a database " * 100)
+    stack.enter_context(pytest.MonkeyPatch.context()).setenv("ADAG_CACHE", str(cache))
+
+
+def test_an_llm_cache_that_is_not_a_database_is_one_line(places):
+    before = finished(places.run)
+    with contextlib.ExitStack() as stack:
+        broken_cache(places, stack)
+        result = RUNNER.invoke(app, places.words("describe {run} --seed 9 " + LLM))
+    error_line(result, "the LLM cache cannot be used (file is not a database)")
+    assert finished(places.run) == before
+
+
+def test_ctrl_c_is_one_line_and_changes_nothing(places, monkeypatch):
+    """typer turns KeyboardInterrupt into a silent exit status 130: the CLI says what happened."""
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    before = finished(places.run)
+    monkeypatch.setattr(importlib.import_module("adag.store.writer").StageWriter, "write_table", interrupt)
+    result = RUNNER.invoke(app, places.words("cluster {run} --k 2"))
+    assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted; rerun the same command to " \
+        "resume where it stopped", result.output
+    assert finished(places.run) == before and not (places.run / ".lock").exists()
