@@ -323,4 +323,6 @@ def serve(
     try:
         server.serve_forever()
     except KeyboardInterrupt:
+        pass
+    finally:  # also on SIGTERM: no steer left running in a thread as the process exits
         server.server_close()
