@@ -322,7 +322,7 @@ def serve(
     typer.echo(f"serving {run_dir} at http://{host}:{server.server_port}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # the way to stop a server
         pass
-    finally:  # also on SIGTERM: no steer left running in a thread as the process exits
+    finally:  # no steer left running in a thread as the process exits
         server.server_close()
