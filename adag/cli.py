@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import signal
+import sqlite3
 import sys
 import typing
 from collections.abc import Callable
@@ -142,22 +143,31 @@ class AdagGroup(TyperGroup):
         except Terminated:
             _fail("terminated; rerun the same command to resume where it stopped", code=128 + signal.SIGTERM)
         except (typer.Abort, KeyboardInterrupt):
-            _fail("interrupted; rerun the same command to resume where it stopped", code=130)
+            _fail(INTERRUPTED, code=INTERRUPTED_STATUS)
         except AdagError as error:
             _fail(str(error))
         except ValidationError as error:
             _fail(validation_line(error))
         except OSError as error:  # a file adag had no reason to expect unreadable or unwritable
             _fail(_os_error_line(error))
+        except sqlite3.Error as error:  # the only database is the LLM cache
+            _fail(f"the LLM cache cannot be used ({error}); move llm-cache.sqlite out of the cache folder "
+                  "($ADAG_CACHE, default ~/.cache/adag), or set ADAG_CACHE to another folder")
         except RecursionError:
             _fail(f"an input is nested too deeply (over {MAX_JSON_DEPTH} levels of lists or objects); flatten it")
         finally:
             logging.getLogger("adag").removeHandler(notes)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+        if result == INTERRUPTED_STATUS:  # typer turns Ctrl-C into this status without a word
+            _fail(INTERRUPTED, code=INTERRUPTED_STATUS)
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+
+INTERRUPTED = "interrupted; rerun the same command to resume where it stopped"
+INTERRUPTED_STATUS = 130
 
 
 class Terminated(BaseException):
@@ -311,5 +321,7 @@ def serve(
     typer.echo(f"serving {run_dir} at http://{host}:{server.server_port}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):  # the way to stop a server
+        pass
+    finally:  # no steer left running in a thread as the process exits
         server.server_close()

@@ -3,7 +3,7 @@ numbers must be finite and within what numpy, torch and scikit-learn take, and t
 several stages declare (seeds, steering multipliers) are declared once here. The same models validate
 command-line options and study files, so both refuse the same values with the same words. A study file's
 true/false is refused where a number is expected (pydantic would take it as 1 or 0), and text must be text
-(no lone surrogates, which an undecodable command-line byte becomes)."""
+(no lone surrogates, which an undecodable command-line byte becomes) with something visible in it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from adag.errors import text_problem
+from adag.errors import has_visible, text_problem
 
 LARGEST_INTEGER = 2**53  # every integer up to this converts exactly to int64 and float64
 LARGEST_MULTIPLIER = 1000.0  # activations scaled further overflow float16 and bfloat16 models
@@ -38,6 +38,9 @@ class Settings(BaseModel):
                                           {"value": str(item).lower()})
             if isinstance(item, str) and (problem := text_problem(item)):
                 raise PydanticCustomError("not_text", "{problem}", {"problem": problem})
+            if isinstance(item, str) and item and not has_visible(item):
+                raise PydanticCustomError("invisible", "holds only whitespace or invisible characters (zero-width "
+                                          "spaces, direction marks); give visible text")
         return value
 
     @field_validator("*")

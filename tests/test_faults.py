@@ -1134,7 +1134,8 @@ def test_the_server_survives_hang_ups_and_deep_bodies_without_a_traceback(finish
         finally:
             server.send_signal(signal.SIGINT)
             _, stderr = server.communicate(timeout=60)
-    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr and "terminate" not in stderr, stderr
+    assert server.returncode == 0  # stopped as a server is stopped: no model left running in a thread
 
 
 # Interruptions and concurrent commands: SIGINT, SIGTERM or SIGKILL in the middle of a stage, then the same
@@ -1239,3 +1240,75 @@ def test_a_second_command_on_a_run_being_written_is_one_line_and_changes_nothing
             assert finished(places.run) == before
         finally:
             holder.kill()
+
+
+STAGE_COMMANDS = {"cluster": "cluster {run} --k 2", "describe": "describe {run} --seed 4 " + LLM,
+                  "steer": "steer {run} --multipliers 0,3", "faithfulness": "faithfulness {run} --fractions 0.25",
+                  "correlate": "correlate {run} --field score", "report": "report {run} --prompts 2"}
+
+
+@pytest.mark.slow  # each stage three times
+@pytest.mark.parametrize("stage", STAGE_COMMANDS)
+def test_every_stage_interrupted_midway_then_rerun_gives_the_uninterrupted_tables(places, finished_run, stage,
+                                                                                   monkeypatch):
+    """Ctrl-C at a stage's second file write through the store (in the middle of its work, or as it commits):
+    one line, exit 130, the finished results as they were, no lock; the same command again gives the tables
+    of an uninterrupted run."""
+    from adag.store import run as run_module
+    from adag.store import writer
+
+    clean = places.tmp / "clean"
+    shutil.copytree(finished_run, clean)
+    cli(dataclasses.replace(places, run=clean), STAGE_COMMANDS[stage])
+    before = finished(places.run)
+    writes = []
+    real = writer.atomic_write_bytes
+
+    def interrupted(path, data, exclusive=False):
+        writes.append(path)
+        if len(writes) == 2:
+            raise KeyboardInterrupt
+        return real(path, data, exclusive)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "atomic_write_bytes", interrupted)
+        patch.setattr(run_module, "atomic_write_bytes", interrupted)
+        result = RUNNER.invoke(app, places.words(STAGE_COMMANDS[stage]))
+    assert result.exit_code == 130 and "interrupted; rerun the same command" in result.stderr, result.output
+    assert finished(places.run) == before and not (places.run / ".lock").exists()
+    cli(places, STAGE_COMMANDS[stage])
+    again, reference = RunDir.open(places.run), RunDir.open(clean)
+    for file in reference.entry(stage)["files"]:
+        if file.endswith(".parquet") and "ledger" not in file:
+            name = file.removesuffix(".parquet").split("/part-")[0]
+            assert again.read_table(stage, name).equals(reference.read_table(stage, name)), file
+    assert not (places.run / STAGING).exists() and not (places.run / ".lock").exists()
+
+
+def broken_cache(places: Places, stack: contextlib.ExitStack) -> None:
+    cache = places.tmp / "cache"
+    cache.mkdir()
+    (cache / "llm-cache.sqlite").write_bytes(b"not a database " * 100)
+    stack.enter_context(pytest.MonkeyPatch.context()).setenv("ADAG_CACHE", str(cache))
+
+
+def test_an_llm_cache_that_is_not_a_database_is_one_line(places):
+    before = finished(places.run)
+    with contextlib.ExitStack() as stack:
+        broken_cache(places, stack)
+        result = RUNNER.invoke(app, places.words("describe {run} --seed 9 " + LLM))
+    error_line(result, "the LLM cache cannot be used (file is not a database)")
+    assert finished(places.run) == before
+
+
+def test_ctrl_c_is_one_line_and_changes_nothing(places, monkeypatch):
+    """typer turns KeyboardInterrupt into a silent exit status 130: the CLI says what happened."""
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    before = finished(places.run)
+    monkeypatch.setattr(importlib.import_module("adag.store.writer").StageWriter, "write_table", interrupt)
+    result = RUNNER.invoke(app, places.words("cluster {run} --k 2"))
+    assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted; rerun the same command to " \
+        "resume where it stopped", result.output
+    assert finished(places.run) == before and not (places.run / ".lock").exists()

@@ -172,7 +172,14 @@ class GuardedHandler(BaseHTTPRequestHandler):
 
 
 class ViewerServer(ThreadingHTTPServer):
-    """The viewer's server: a client's hang-up is not an error, and no error prints a traceback."""
+    """The viewer's server: a client's hang-up is not an error, and no error prints a traceback. Closing it
+    waits for the work in progress (`finish`), so that the process never exits with a model running."""
+
+    finish: Callable[[], None] = staticmethod(lambda: None)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.finish()
 
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
@@ -180,7 +187,8 @@ class ViewerServer(ThreadingHTTPServer):
             log.warning(f"a request from {client_address[0]} failed: {type(error).__name__}: {error}")
 
 
-def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler],
+            finish: Callable[[], None] | None = None) -> ThreadingHTTPServer:
     """Bind; an empty host (every interface, by accident) is refused, and a server reachable from other
     machines says so in one warning."""
     if not host.strip():
@@ -204,6 +212,8 @@ def _listen(host: str, port: int, handler: type[BaseHTTPRequestHandler]) -> Thre
     if not ipaddress.ip_address(server.server_address[0]).is_loopback:
         log.warning(f"--host {host} serves this run to every machine that can reach this one, without a "
                     "password; use 127.0.0.1 to keep it on this machine")
+    if finish is not None:
+        server.finish = finish
     return server
 
 
@@ -297,7 +307,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
         def log_message(self, *args):
             pass
 
-    return _listen(host, port, Handler)
+    return _listen(host, port, Handler, steerer.stop)
 
 
 def serve_in_background(run_dir: str | Path, host: str = "127.0.0.1", port: int = 0,

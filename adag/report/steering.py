@@ -109,6 +109,11 @@ class Steerer:
             checked.append(tuple(node))
         return tuple(checked)
 
+    def stop(self) -> None:
+        """Wait for the steer in progress, if any, and take no more: the model must not be running in a
+        thread when the process exits (torch aborts it)."""
+        self._lock.acquire()
+
     def __call__(self, request: SteerRequest) -> dict:
         """The top TOP tokens of the next-token distribution, unsteered and steered."""
         with self._lock:
