@@ -108,9 +108,9 @@ class LocalBackend(Backend):
         tokenizer = self.lm.tokenizer
         candidates = [tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in SCORE_TOKENS]
         requests = [self._teacher_forced(simulation) for simulation in simulations]
-        groups: dict[int, list[int]] = {}
-        for index, (_, shared, _) in enumerate(requests):
-            groups.setdefault(hash(tuple(requests[index][0][:shared])), []).append(index)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, (ids, shared, _) in enumerate(requests):
+            groups.setdefault(tuple(ids[:shared]), []).append(index)
         predictions: list[Prediction | None] = [None] * len(requests)
         with self._lock, torch.no_grad():
             for members in groups.values():
