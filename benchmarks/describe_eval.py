@@ -3,6 +3,8 @@ comparison of highlight settings (quantile walk with k = 1, 2, 3 against top-k).
 
     python benchmarks/describe_eval.py --explainer stats
     python benchmarks/describe_eval.py --explainer local:smollm2-135m
+    python benchmarks/describe_eval.py --explainer stats --explainer local:qwen2.5-coder-1.5b \
+        --simulator embed:minilm --simulator local:qwen2.5-coder-1.5b --samples 1   # explainers x simulators
     python benchmarks/describe_eval.py --explainer stats --highlights
     python benchmarks/describe_eval.py --explainer openai:MODEL@http://127.0.0.1:8000/v1 --simulator openai:...
     python benchmarks/describe_eval.py --fake-server      # prompt plumbing, through tests/fake_openai.py
@@ -66,7 +68,9 @@ def run(config: DescribeConfig, tokenizer, cache: Path, rules) -> list[CaseResul
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--explainer", action="append", help="explainer spec (repeatable; default stats)")
-    parser.add_argument("--simulator", default="embed:minilm")
+    parser.add_argument("--simulator", action="append",
+                        help="simulator spec (repeatable; default embed:minilm): every explainer is scored with each")
+    parser.add_argument("--rules", type=int, help="only the first N planted rules (a reduced run)")
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--highlights", action="store_true", help="also compare highlight settings")
     parser.add_argument("--fake-server", action="store_true",
@@ -77,25 +81,26 @@ def main() -> None:
     tokenizer = load_model("smollm2-135m").tokenizer
     with ExitStack() as stack:
         cache = args.cache or Path(stack.enter_context(tempfile.TemporaryDirectory())) / "cache.sqlite"
-        explainers, simulator = args.explainer or ["stats"], args.simulator
+        explainers, simulators = args.explainer or ["stats"], args.simulator or ["embed:minilm"]
+        rules = RULES[:args.rules]
         if args.fake_server:
             from tests.fake_openai import FakeOpenAI, reading_model
 
             server = stack.enter_context(FakeOpenAI(respond=reading_model))
             spec = f"openai:reading-model@{server.url}"
-            explainers, simulator = [spec], spec
-        for spec in explainers:
+            explainers, simulators = [spec], [spec]
+        for spec, simulator in ((e, s) for e in explainers for s in simulators):
             config = DescribeConfig(explainer=spec, simulator=simulator, samples=args.samples)
             started = time.perf_counter()
-            results = run(config, tokenizer, cache, RULES)
-            print(table(f"\nexplainer {spec}, simulator {simulator}, {len(RULES)} {PLANTED} "
+            results = run(config, tokenizer, cache, rules)
+            print(table(f"\nexplainer {spec}, simulator {simulator}, {len(rules)} {PLANTED} "
                         f"({time.perf_counter() - started:.0f} s)", results), flush=True)
-            if not args.highlights:
+            if not args.highlights or simulator != simulators[0]:
                 continue
             print(f"\nhighlight settings (input rules), explainer {spec}:")
             for highlight, k in HIGHLIGHTS:
                 chosen = config.model_copy(update={"highlight": highlight, "highlight_k": k})
-                results = run(chosen, tokenizer, cache, [r for r in RULES if r.kind == "input"])
+                results = run(chosen, tokenizer, cache, [r for r in rules if r.kind == "input"])
                 print(f"  {highlight:8s} k={k}  recovered {sum(r.recovered for r in results)}/{len(results)}  "
                       f"mean score {mean([r.score for r in results])}  "
                       + "  ".join(f"{r.rule}={fmt(r.score)}" for r in results), flush=True)

@@ -10,6 +10,7 @@ phrase, a label, a word or a list on one line.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -36,7 +37,7 @@ class LocalBackend(Backend):
         """`lm`: an already loaded model to use under the name `model`; `batch_size`: simulator records per
         forward pass."""
         super().__init__(model)
-        self.lm = lm or load_model(model)
+        self.lm = lm or shared_model(model)
         self.batch_size = batch_size
         self.prefix_caching = prefix_caching
         self._prefixes: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
@@ -108,9 +109,9 @@ class LocalBackend(Backend):
         tokenizer = self.lm.tokenizer
         candidates = [tokenizer(s, add_special_tokens=False)["input_ids"][0] for s in SCORE_TOKENS]
         requests = [self._teacher_forced(simulation) for simulation in simulations]
-        groups: dict[int, list[int]] = {}
-        for index, (_, shared, _) in enumerate(requests):
-            groups.setdefault(hash(tuple(requests[index][0][:shared])), []).append(index)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, (ids, shared, _) in enumerate(requests):
+            groups.setdefault(tuple(ids[:shared]), []).append(index)
         predictions: list[Prediction | None] = [None] * len(requests)
         with self._lock, torch.no_grad():
             for members in groups.values():
@@ -155,6 +156,13 @@ class LocalBackend(Backend):
             logprobs = logits[row, [column[slot - shared] for slot in slots]].double().log_softmax(-1)[:, candidates]
             scores.append([expected_score(dict(zip(SCORE_TOKENS, values))) or 0.0 for values in logprobs.tolist()])
         return scores
+
+
+@functools.lru_cache(maxsize=1)
+def shared_model(model: str) -> LoadedModel:
+    """One copy of a model's weights per process, whichever roles use it (an explainer and a different
+    simulator on the same 1.5B model would otherwise hold 7 GB twice)."""
+    return load_model(model)
 
 
 def first_line(text: str) -> str:
