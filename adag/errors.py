@@ -54,6 +54,10 @@ def parse_json(text: str | bytes, unique_keys: bool = False) -> Any:
         value = json.loads(text, object_pairs_hook=_unique_object if unique_keys else None)
     except RecursionError:
         raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as error:
+        if "int_max_str_digits" in str(error):  # Python's guard against huge integers, with a hint for programmers
+            raise ValueError("an integer of more than 4300 digits; write it as text or as a float") from None
+        raise
     if json_depth(value) > MAX_JSON_DEPTH:
         raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
     return value

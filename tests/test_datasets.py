@@ -302,3 +302,16 @@ def test_misleading_capitals_check_reproduces(builtin):
     for entry in study_check()["study"][:3]:
         again = check_country(builtin, entry["country"], entry["capital"])
         assert again["passed"] and abs(again["p_capital"] - recorded[entry["country"]]["p_capital"]) <= 2e-4
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "Hi", "metadata": {"x": ' + "9" * 5000 + "}}\n", "an integer of more than 4300 digits"),
+    ('{"prompt": "Hi", "metadata": {"x": ' + "[" * 65 + "]" * 65 + "}}\n", "nested more than 64 levels deep"),
+    ('{"prompt": "Hi", "prompt": "Ho"}\n', "key 'prompt' appears twice in one object"),
+    ('{"prompt": "Hi\\ud800"}\n', "lone surrogate (U+D800 at character 2)"),
+    ('{"prompt": "\\u200b\\u202e"}\n', "prompt is empty (only whitespace or invisible characters"),
+])
+def test_jsonl_rows_that_cannot_be_used_are_one_line(tmp_path, content, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content)
+    assert message in _load_error(path)

@@ -207,6 +207,8 @@ def test_concurrent_creators_of_one_run_agree(tmp_path):
     (bytes(range(256)), "is not valid JSON"),
     (b"{", "is not valid JSON"),
     (json.dumps({"format_version": 999}).encode(), "run format 999"),
+    (json.dumps({"format_version": "3"}).encode(), 'format_version is "3", not a number'),
+    (b"[" * 100_000, r"is not valid JSON \(nested more than 64 levels deep\)"),
 ])
 def test_a_damaged_manifest_is_one_clear_error(tmp_path, content, message):
     RunDir.create(tmp_path, MODEL, DATASET)
@@ -285,6 +287,15 @@ def test_a_manifest_entry_without_sizes_and_hashes_is_damaged(tmp_path, spoil):
     spoil(manifest["stages"]["cluster"]["files"])
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AdagError, match="the entry of stage 'cluster' is damaged"):
+        RunDir.open(tmp_path)
+
+
+@pytest.mark.parametrize("pending", [[1], {"stage": "cluster"}, {"stage": 3, "entry": {}}])
+def test_a_damaged_record_of_an_interrupted_commit_is_one_line(tmp_path, pending):
+    RunDir.create(tmp_path, MODEL, DATASET)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest | {"pending": pending}))
+    with pytest.raises(AdagError, match=r"the record of an interrupted commit \('pending'\) is damaged"):
         RunDir.open(tmp_path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise AdagError(f"{manifest_path} holds a JSON {type(manifest).__name__}, not an object; "
                         "the run directory is damaged")
     version = manifest.get("format_version")
+    if type(version) is not int:
+        raise AdagError(f"{manifest_path}: format_version is {json.dumps(version)[:40]}, not a number; "
+                        "the run directory is damaged")
     if version != FORMAT_VERSION:
         raise AdagError(
             f"{path} was written in run format {version} (adag {manifest.get('adag_version', '?')}); "
@@ -66,10 +70,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise AdagError(f"{manifest_path} lacks '{key}' (or it is not a {kind.__name__}); "
                             "the run directory is damaged")
     pending = manifest.get("pending")
-    entries = list(manifest["stages"].items())
-    if pending is not None:
-        entries.append((pending.get("stage"), pending.get("entry")) if isinstance(pending, dict) else ("pending", None))
-    for stage, entry in entries:
+    if pending is not None and not (isinstance(pending, dict) and isinstance(pending.get("stage"), str)
+                                    and _entry_shape(pending.get("entry"))):
+        raise AdagError(f"{manifest_path}: the record of an interrupted commit ('pending') is damaged; "
+                        "the run directory is damaged")
+    for stage, entry in manifest["stages"].items():
         if not isinstance(stage, str) or not _entry_shape(entry):
             raise AdagError(f"{manifest_path}: the entry of stage '{stage}' is damaged; "
                             f"rerun `adag {stage}` into a new run directory")
