@@ -39,6 +39,7 @@ from adag.report.html import make_server, serve_in_background
 from adag.stages import STAGES
 from adag.store import MANIFEST, STAGING, RunDir
 from tests.fake_openai import FakeOpenAI, cooperative, reply_body
+from tests.permissions import permissions_can_be_enforced, permissions_enforced
 from tests.test_models import DAMAGES as MODEL_DAMAGES
 from tests.test_models import HAS_ACCELERATOR, RANDOM_BYTES
 from tests.test_report import _get
@@ -50,6 +51,9 @@ TRACE = "trace --model {model} --dataset {data} --out {new} --threshold 0.03 --b
 LLM = "--explainer openai:fake@{llm} --simulator openai:fake@{llm} --samples 1 --concurrency 1"
 # Describe options that keep a failing server's rows short.
 FAST_FAILURE = "--retries 1 --request-timeout 1 --cluster-timeout 5"
+
+NEEDS_PERMISSIONS = pytest.mark.skipif(not permissions_can_be_enforced(),
+                                       reason="file permissions cannot be enforced on this system")
 
 
 @dataclass
@@ -610,11 +614,13 @@ def test_a_tilde_in_an_output_path_is_the_home_folder(places, monkeypatch):
     assert not Path("~").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+@NEEDS_PERMISSIONS
 def test_an_output_folder_without_permission_is_one_line(places):
     locked = places.tmp / "locked"
     locked.mkdir(mode=0o500)
-    error_line(RUNNER.invoke(app, places.words("export {run} --prompt 0 --out {tmp}/locked/g.json")), "no permission")
+    with permissions_enforced():
+        result = RUNNER.invoke(app, places.words("export {run} --prompt 0 --out {tmp}/locked/g.json"))
+    assert re.search("no permission|Permission denied", error_line(result, "locked/g.json"))
 
 
 def test_a_write_that_fails_is_one_line(places, monkeypatch):
@@ -814,21 +820,6 @@ def test_a_deeply_nested_manifest_is_one_line(places, command, nested):
     assert finished(places.run) == before
 
 
-def _permissions_apply() -> bool:
-    """Whether this process is refused a file without read permission (root is not, unless run without
-    CAP_DAC_OVERRIDE, e.g. under `setpriv --bounding-set -dac_override,-dac_read_search`)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile() as probe:
-        os.chmod(probe.name, 0)
-        try:
-            open(probe.name).close()
-        except PermissionError:
-            return True
-    return False
-
-
-NEEDS_PERMISSIONS = pytest.mark.skipif(not _permissions_apply(), reason="this process reads every file (root)")
 
 
 def unreadable_file(relative: str):
@@ -877,7 +868,8 @@ def test_an_unreadable_input_is_one_line(places, case, command, prepare, match):
     before = finished(places.run)
     with contextlib.ExitStack() as stack:
         prepare(places, stack)
-        result = RUNNER.invoke(app, places.words(command))
+        with permissions_enforced():
+            result = RUNNER.invoke(app, places.words(command))
     error_line(result, match)
     assert finished(places.run) == before
 
@@ -888,7 +880,8 @@ def test_an_unreadable_input_is_one_line(places, case, command, prepare, match):
 def test_info_verify_names_an_unreadable_run_file(places, file):
     with contextlib.ExitStack() as stack:
         unreadable_file(file)(places, stack)
-        result = cli(places, "info {run} --verify", code=1)
+        with permissions_enforced():
+            result = cli(places, "info {run} --verify", code=1)
     assert f"damaged  cannot read {places.run / file} (no permission)" in result.stdout and not result.stderr
 
 
