@@ -18,7 +18,9 @@ from adag.trace import (
     select_nodes,
     trace_dataset,
 )
-from adag.trace.attribute import EMBEDDING, LOGIT, NEURON, BatchAttribution, linearised_pass
+from adag.trace.attribute import BatchAttribution
+from adag.trace.edges import EMBEDDING, LOGIT, NEURON
+from adag.trace.passes import linearised_pass
 from adag.trace.rules import RULE_SETS
 from adag.trace.tables import batch_tables
 from tests.explicit import ExplicitLinearModel
