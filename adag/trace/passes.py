@@ -15,7 +15,7 @@ import torch
 
 from adag.models import LoadedModel
 from adag.trace.batch import Nodes, PromptBatch
-from adag.trace.config import TraceConfig
+from adag.trace.config import DEFAULT_WORKING_MEMORY_MIB, TraceConfig
 from adag.trace.metric import Targets, at_least_float32, choose_targets, target_logits
 from adag.trace.rules import FrozenValues, Hook, layer_names, linearised
 from adag.trace.tap import NeuronTap, mlp_path, placement, tapped
@@ -88,16 +88,19 @@ def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, no
     return LinearisedPass(tap, targets, logits, probs)
 
 
-def working_memory(device: torch.device) -> int:
-    """Bytes that one batched pass may use for its rows: a fixed 512 MiB on CPU (with the model
-    this keeps a trace of the built-in model under about 2 GB), half of the free memory on a GPU."""
-    if device.type == "cuda":
+def working_memory(config: TraceConfig, device: torch.device) -> int:
+    """Bytes that one batched pass may hold for its rows: --working-memory-mib, else the device
+    type's default (DEFAULT_WORKING_MEMORY_MIB), else (a GPU) half of its free memory."""
+    mib = config.working_memory_mib or DEFAULT_WORKING_MEMORY_MIB.get(device.type)
+    if mib is None:
         return torch.cuda.mem_get_info(device)[0] // 2
-    return 512 * 2**20
+    return mib * 2**20
 
 
 def rows_per_pass(config: TraceConfig, device: torch.device, bytes_per_row: int) -> int:
-    return config.chunk_size or max(1, working_memory(device) // max(1, bytes_per_row))
+    """The one chunking rule: as many rows as the working-memory budget holds (at least one), unless
+    --chunk-size fixes the count."""
+    return config.chunk_size or max(1, working_memory(config, device) // max(1, bytes_per_row))
 
 
 def logit_vjps(linear_pass: LinearisedPass, layers: list[int], keep_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
