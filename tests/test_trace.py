@@ -497,7 +497,7 @@ def test_aggregation_warns_when_prompts_are_not_one_template(tiny_models, tmp_pa
     mixed = load_dataset("country-capitals", limit=2)
     mixed.rows = [PromptRow(prompt="Hi"), PromptRow(prompt="What is 3 + 4? Think step by step and then answer."),
                   PromptRow(prompt="the state containing Dallas is Texas, and its capital is")]
-    config = TraceConfig(threshold=0.05, edges=False)
+    config = TraceConfig(threshold=0.05, edges=False, batch_size=2)  # pooled over batches of 2 prompts
     with caplog.at_level("WARNING", logger="adag.trace.run"):
         trace_dataset(lm, load_dataset("country-capitals", limit=4), config, tmp_path / "template", progress=False)
         assert not caplog.records

@@ -1,11 +1,12 @@
 """Attribution graphs for one batch of prompts, phase after phase (DESIGN.md sections 4-6).
 
 1. Nodes (`adag.trace.nodes`): one linearised forward pass and one backward pass of the metric give
-   RelP_v = a_v * dm/da_v for every neuron at every position; the important ones are kept.
-2. Profiles (`adag.trace.profiles`): a forward pass with a zero probe at each kept node and at each
-   input embedding; vector-Jacobian products from the target logits give every node's output
-   profile and RelP and every embedding's relevance; input profiles come from forward mode or from
-   one backward row per kept node.
+   RelP_v = a_v * dm/da_v for every neuron at every position; the important ones are kept. The pass
+   (with a probe on each input embedding) is kept for phase 2.
+2. Profiles (`adag.trace.profiles`): k vector-Jacobian products from the target logits through phase
+   1's pass give every kept node's output profile and RelP and every embedding's relevance; input
+   profiles come from forward mode (with phase 1's constants) or from one backward row per kept
+   node. Direct-effect profiles run a pass of their own with every MLP output held constant.
 3. Edges (`adag.trace.edges`): the same probes in a forward pass whose MLP outputs re-enter the model
    as constants (direct effects); one batched VJP per chunk of target nodes gives all of their
    incoming edges, and k VJPs from the target logits the edges into the logits.
@@ -28,7 +29,7 @@ from adag.models import LoadedModel
 from adag.trace.batch import NodeKeys, Nodes, PromptBatch
 from adag.trace.config import TraceConfig
 from adag.trace.edges import Edges, edges_pass
-from adag.trace.nodes import node_scores, nodes_from_keys, select_batch_nodes
+from adag.trace.nodes import nodes_from_keys, score_nodes, select_batch_nodes
 from adag.trace.profiles import Profiles, profiles_pass
 
 __all__ = ["BatchAttribution", "Nodes", "PhaseTimer", "PromptBatch", "attribute"]
@@ -68,16 +69,16 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, keys: No
     """The attribution graph of one batch: its nodes (selected here, or the dataset-level `keys`
     placed in each prompt), their profiles and, if configured, the direct edges between them."""
     timer = timer or PhaseTimer(lm.device)
-    largest_score = 0.0
+    largest_score, scored = 0.0, None
     with timer("node_scores"):
         if keys is None:
-            scores, _ = node_scores(lm, config, batch)
-            largest_score = float(scores.max())
-            nodes = select_batch_nodes(scores, batch, config)
+            scored = score_nodes(lm, config, batch)
+            largest_score = float(scored.scores.max())
+            nodes = select_batch_nodes(scored.scores, batch, config)
         else:
             nodes = nodes_from_keys(keys, batch, config)
     with timer("profiles"):
-        profiles = profiles_pass(lm, config, batch, nodes)
+        profiles = profiles_pass(lm, config, batch, nodes, scored)
     with timer("edges"):
         edges = edges_pass(lm, config, batch, profiles) if config.edges else None
     return BatchAttribution(profiles, edges, largest_score)

@@ -58,6 +58,12 @@ class Nodes:
     def __len__(self) -> int:
         return len(self.row)
 
+    @classmethod
+    def none(cls, device: torch.device) -> Nodes:
+        """No node: a pass with probes on the input embeddings only."""
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(empty, empty, empty, empty)
+
     def sorted(self) -> Nodes:
         """The canonical order: by layer, then row, position and neuron."""
         order = torch.from_numpy(

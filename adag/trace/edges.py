@@ -72,7 +72,7 @@ def edges_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, profile
         parts.append((source_row[s], source_kind[s], source_index[s], torch.full_like(t, NEURON), t, weight[c, s],
                       weight[c, s] * profiles.attribution[t]))
 
-    to_nodes, to_embeddings = logit_vjps(cut_pass, layers, keep_graph=False)  # (K, k), (B, T, k)
+    to_nodes, to_embeddings = logit_vjps(cut_pass, nodes, keep_graph=False)  # (K, k), (B, T, k)
     logit_numerators = numerators(to_embeddings.permute(2, 0, 1), to_nodes.T).T  # (sources, k)
     weight = logit_numerators / cut_pass.target_logits.detach()[source_row]
     s, rank = (weight.abs() >= config.edge_threshold).nonzero(as_tuple=True)

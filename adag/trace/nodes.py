@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from adag.half_neurons import positive_half
@@ -9,22 +11,41 @@ from adag.models import LoadedModel
 from adag.trace.batch import NodeKeys, Nodes, PromptBatch
 from adag.trace.config import TraceConfig
 from adag.trace.metric import at_least_float32
-from adag.trace.passes import linearised_pass
+from adag.trace.passes import LinearisedPass, linearised_pass
+from adag.trace.rules import FrozenValues
 
 
-def node_scores(lm: LoadedModel, config: TraceConfig, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class NodeScores:
+    """Phase 1's results, and its linearised pass, which the profiles phase goes on from (its graph is
+    kept, with a probe on every input embedding and the constants of the half rule's forward mode)."""
+
+    scores: torch.Tensor  # (B, L, T, N) |RelP| / |m|, zero where no node may be kept
+    relp: torch.Tensor  # (B, L, T, N)
+    linear_pass: LinearisedPass
+    frozen: FrozenValues | None
+
+
+def score_nodes(lm: LoadedModel, config: TraceConfig, batch: PromptBatch) -> NodeScores:
     """|RelP| / |m| for every (row, layer, position, neuron), zero where a node may not be kept
-    (padding, the first position unless configured, blacklisted half-neurons). Also returns RelP."""
-    base_pass = linearised_pass(lm, config, batch)
+    (padding, the first position unless configured, blacklisted half-neurons), and RelP."""
+    frozen = FrozenValues() if config.rules == "half" else None
+    base_pass = linearised_pass(lm, config, batch, Nodes.none(batch.input_ids.device), frozen=frozen)
     activations = [base_pass.tap.activations[layer] for layer in range(lm.n_layers)]
-    grads = torch.autograd.grad(base_pass.metric.sum(), activations)
+    grads = torch.autograd.grad(base_pass.metric.sum(), activations, retain_graph=True)
     relp = torch.stack([at_least_float32(a * g).detach() for a, g in zip(activations, grads)], dim=1)  # (B, L, T, N)
     allowed = batch.selectable(config.keep_first_position)
     scores = relp.abs() / base_pass.metric.detach().abs().clamp_min(1e-12)[:, None, None, None]
     scores = scores * allowed[:, None, :, None]
     for layer, neuron, polarity in config.blacklist:
         scores[:, layer, :, neuron] *= positive_half(activations[layer][..., neuron].detach()) != (polarity > 0)
-    return scores, relp
+    return NodeScores(scores, relp, base_pass, frozen)
+
+
+def node_scores(lm: LoadedModel, config: TraceConfig, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`score_nodes`' scores and RelP, (B, L, T, N) each."""
+    scored = score_nodes(lm, config, batch)
+    return scored.scores, scored.relp
 
 
 def _kept(scores: torch.Tensor, config: TraceConfig) -> torch.Tensor:

@@ -103,14 +103,20 @@ def rows_per_pass(config: TraceConfig, device: torch.device, bytes_per_row: int)
     return config.chunk_size or max(1, working_memory(config, device) // max(1, bytes_per_row))
 
 
-def logit_vjps(linear_pass: LinearisedPass, layers: list[int], keep_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """d logit_i / d a_n for every kept node (K, k), and e_j . d logit_i / d e_j (B, T, k)."""
+def logit_vjps(linear_pass: LinearisedPass, nodes: Nodes, keep_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """d logit_i / d a_n for every node (K, k), and e_j . d logit_i / d e_j (B, T, k). Read at the
+    nodes' probes, or in a pass without them (phase 1's) from the gradients to whole activations of
+    the nodes' layers, which the backward pass forms on its way down anyway."""
     k = linear_pass.target_logits.shape[1]
+    index = nodes.by_layer()
+    probed = bool(linear_pass.tap.probes)
+    reads = linear_pass.probes(list(index)) if probed else [linear_pass.tap.activations[layer] for layer in index]
     cotangents = torch.eye(k)[:, None, :].expand(k, *linear_pass.target_logits.shape).to(linear_pass.target_logits)
-    grads = torch.autograd.grad(linear_pass.target_logits, [linear_pass.tap.embedding_probe,
-                                                            *linear_pass.probes(layers)],
+    grads = torch.autograd.grad(linear_pass.target_logits, [linear_pass.tap.embedding_probe, *reads],
                                 cotangents, is_grads_batched=True, retain_graph=keep_graph)
-    to_nodes = torch.cat(grads[1:], dim=1) if layers else grads[0].new_zeros(k, 0)
+    parts = grads[1:] if probed else [g[:, row, position, neuron] for g, (row, position, neuron)
+                                      in zip(grads[1:], index.values())]
+    to_nodes = torch.cat(parts, dim=1) if index else grads[0].new_zeros(k, 0)
     return at_least_float32(to_nodes.T), at_least_float32(grads[0].permute(1, 2, 0))
 
 

@@ -10,6 +10,7 @@ from adag.models import LoadedModel
 from adag.trace.batch import EmbeddingNodes, Nodes, PromptBatch
 from adag.trace.config import TraceConfig
 from adag.trace.metric import Targets, at_least_float32
+from adag.trace.nodes import NodeScores, score_nodes
 from adag.trace.passes import linearised_pass, logit_vjps, node_vjps, rows_per_pass
 from adag.trace.rules import FrozenValues
 from adag.trace.tangent import tangent_input_profiles
@@ -38,17 +39,25 @@ class Profiles:
     input_profile_mode: str  # "forward" or "vjp", as chosen for this batch
 
 
-def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes) -> Profiles:
-    """RelP, output profiles, input profiles and embedding relevance of the kept nodes of a batch."""
+def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes,
+                  scored: NodeScores | None = None) -> Profiles:
+    """RelP, output profiles, input profiles and embedding relevance of the kept nodes of a batch.
+
+    Total effects go on from phase 1's pass (`scored`, scored here if not given); direct effects
+    need a pass of their own with every MLP output held constant."""
     layers = list(nodes.by_layer())
     mode = input_profile_mode(config, batch, nodes)
     cut = config.profiles == "direct"
-    frozen = FrozenValues() if mode == "forward" else None
-    base_pass = linearised_pass(lm, config, batch, nodes, cut=cut, frozen=frozen)
+    if cut:
+        frozen = FrozenValues() if mode == "forward" else None
+        base_pass = linearised_pass(lm, config, batch, nodes, cut=True, frozen=frozen)
+    else:
+        scored = scored or score_nodes(lm, config, batch)
+        base_pass, frozen = scored.linear_pass, scored.frozen
     activation = at_least_float32(base_pass.selected_activations(nodes).detach())
     logits = base_pass.target_logits.detach()
     coeffs = base_pass.targets.coeffs.to(logits.dtype)
-    to_nodes, to_embeddings = logit_vjps(base_pass, layers, keep_graph=mode == "vjp")
+    to_nodes, to_embeddings = logit_vjps(base_pass, nodes, keep_graph=mode == "vjp")
     relevance = (to_embeddings * coeffs[:, None, :]).sum(-1) * batch.valid
 
     width = batch.input_ids.shape[1]
