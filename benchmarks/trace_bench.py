@@ -54,7 +54,7 @@ def main() -> None:
         for size, row in result["batches"].items():
             cells = [f"{row[p]:6.2f}s {row[p] / row['unit']:5.1f}u" for p in (*PHASES, "total")]
             print(f"{model:<20} {size:>5} {row['unit']:7.3f}s " + " ".join(cells)
-                  + f" {row['nodes']:6.0f} {row['edges']:7.0f} {result['peak_rss_mib']:6.0f} MiB "
+                  + f" {row['node_count']:6.0f} {row['edge_count']:7.0f} {result['peak_rss_mib']:6.0f} MiB "
                   f"{result['weights_mib'] + result['budget_mib']:10.0f} MiB")
         fastest = min(result["batches"], key=lambda size: result["batches"][size]["total"])
         print(f"{model:<20} default-rule batch size here: {fastest}; "
@@ -84,16 +84,17 @@ def measure(model: str, args: argparse.Namespace) -> dict:
         config = TraceConfig(batch_size=size)
         runs = []
         for _ in range(args.repeats):
-            timer, unit, nodes, edges = PhaseTimer(lm.device), 0.0, 0, 0
+            timer, unit, node_count, edge_count = PhaseTimer(lm.device), 0.0, 0, 0
             for first in range(0, len(tokens), size):
                 chunk = tokens[first:first + size]
                 batch = PromptBatch.left_pad(chunk, [[]] * len(chunk), lm.pad_id, lm.device)
                 unit += _forward_backward_seconds(lm, batch)
                 result = attribute(lm, config, batch, timer=timer)
-                nodes, edges = nodes + len(result.profiles.nodes), edges + len(result.edges)
-            runs.append({**timer.seconds, "unit": unit, "nodes": nodes, "edges": edges})
+                node_count += len(result.profiles.nodes)
+                edge_count += len(result.edges)
+            runs.append({**timer.seconds, "unit": unit, "node_count": node_count, "edge_count": edge_count})
         batches[size] = {key: statistics.median(run[key] for run in runs) / len(tokens)
-                         for key in (*PHASES, "unit", "nodes", "edges")}
+                         for key in (*PHASES, "unit", "node_count", "edge_count")}
         batches[size]["total"] = statistics.median(sum(run[p] for p in PHASES) for run in runs) / len(tokens)
     weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
