@@ -23,7 +23,7 @@ from adag.datasets import PromptRow, encode_prompt
 from adag.datasets.builtin import addition
 from adag.models import load_model
 from adag.trace import PromptBatch, TraceConfig, node_scores
-from adag.trace.attribute import nodes_from_keys, pool_from_end, select_batch_nodes, select_keys
+from adag.trace.nodes import nodes_from_keys, pool_from_end, select_batch_nodes, select_keys
 from adag.trace.run import batch_plan
 
 

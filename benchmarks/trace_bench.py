@@ -1,124 +1,142 @@
-"""Trace prompts of `country-capitals` and print where the time goes, per phase and batch size.
+"""Trace prompts of `country-capitals` with every built-in model and print what a prompt costs.
 
-    python benchmarks/trace_bench.py                         # built-in model, CPU, 2 threads
-    python benchmarks/trace_bench.py --batch-sizes 4 --input-profiles vjp   # the backward-mode profiles
+    python benchmarks/trace_bench.py                                  # every built-in model, CPU, 2 threads
+    python benchmarks/trace_bench.py --models smollm2-135m --batch-sizes 1,2,4
     python benchmarks/trace_bench.py --device cuda --dtype bfloat16
 
-For each batch size, the prompts are traced `--repeats` times; every figure is the median over the
-repeats, in seconds per prompt: wall-clock and CPU time (process time, all threads: on a shared
-machine it is steadier than wall-clock). Also printed: the input-profile mode chosen per batch,
-node and edge counts, the overhead against a plain forward+backward, peak RSS (process lifetime,
-so it only grows down the table) and, on a GPU, peak GPU memory per batch size.
+Per model and batch size (each model in its own process, so that peak memory is that model's): seconds
+per prompt of the trace (`adag.trace.attribute`, default settings but the batch size) and the same in
+units of one forward+backward of that model on the same prompts (weights frozen, gradient to the
+input embeddings, measured in the same process between the traces), per phase; the median over
+`--repeats`. On a shared machine seconds are noisy; units are the steadier figure. Also: peak RSS
+(and peak GPU memory) against the weights plus the working-memory budget, the batch size that the
+default rule picks (the least time per prompt), and the whole process (`adag trace --limit 2`,
+start-up and model loading included) against its trace stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
 
-import torch
-
-from adag.datasets import encode_prompt, load_dataset
-from adag.models import load_model
-from adag.trace import PromptBatch, TraceConfig, edges_pass, node_scores, profiles_pass, select_nodes
-
-PHASES = ("node pass", "profiles", "edges")
+PHASES = ("node_scores", "profiles", "edges")
 
 
 def main() -> None:
+    from adag.models.loading import BUILTIN_MODELS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(BUILTIN_MODELS), help="comma-separated built-in models")
     parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--batch-sizes", default="1,2,4", help="comma-separated")
+    parser.add_argument("--batch-sizes", default="1,2", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--threshold", type=float, default=0.005)
-    parser.add_argument("--n-targets", type=int, default=5)
-    parser.add_argument("--input-profiles", default="auto", choices=["auto", "forward", "vjp"])
-    parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return
+    print(f"{args.prompts} country-capitals prompts, {args.device} {args.dtype}, {args.threads} threads, "
+          f"default settings, median of {args.repeats}; s = seconds per prompt, u = units of one fwd+bwd")
+    print(f"{'model':<20} {'batch':>5} {'fwd+bwd':>8} " + " ".join(f"{p:>14}" for p in (*PHASES, "total"))
+          + f" {'nodes':>6} {'edges':>7} {'peak RSS':>9} {'weights+budget':>14}")
+    for model in args.models.split(","):
+        command = [sys.executable, __file__, "--one", model, *_passed_on(args)]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        for size, row in result["batches"].items():
+            cells = [f"{row[p]:6.2f}s {row[p] / row['unit']:5.1f}u" for p in (*PHASES, "total")]
+            print(f"{model:<20} {size:>5} {row['unit']:7.3f}s " + " ".join(cells)
+                  + f" {row['node_count']:6.0f} {row['edge_count']:7.0f} {result['peak_rss_mib']:6.0f} MiB "
+                  f"{result['weights_mib'] + result['budget_mib']:10.0f} MiB")
+        fastest = min(result["batches"], key=lambda size: result["batches"][size]["total"])
+        print(f"{model:<20} default-rule batch size here: {fastest}; "
+              + whole_process(model, args.device, args.dtype, args.threads))
+
+
+def _passed_on(args: argparse.Namespace) -> list[str]:
+    return [f"--prompts={args.prompts}", f"--batch-sizes={args.batch_sizes}", f"--repeats={args.repeats}",
+            f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}"]
+
+
+def measure(model: str, args: argparse.Namespace) -> dict:
+    """One model's figures per batch size: seconds per prompt per phase and of one forward+backward."""
+    import torch
+
+    from adag.datasets import encode_prompt, load_dataset
+    from adag.models import load_model
+    from adag.trace import PromptBatch, TraceConfig
+    from adag.trace.attribute import PhaseTimer, attribute
+    from adag.trace.passes import working_memory
 
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    rows = load_dataset("country-capitals", limit=args.prompts).rows
-    tokens = [encode_prompt(lm.tokenizer, row) for row in rows]
-    config = TraceConfig(aggregation="none", threshold=args.threshold, n_targets=args.n_targets,
-                         input_profiles=args.input_profiles, chunk_size=args.chunk_size)
-    print(f"model {args.model} ({args.dtype}, {args.device}), {len(rows)} prompts of "
-          f"{min(map(len, tokens))}-{max(map(len, tokens))} tokens, threshold {args.threshold}, "
-          f"{args.n_targets} targets, input profiles {args.input_profiles}, torch threads {torch.get_num_threads()}, "
-          f"median of {args.repeats} runs; seconds per prompt, wall / CPU")
-    print(f"{'batch':>5}  " + "  ".join(f"{phase:>15}" for phase in (*PHASES, "total")) +
-          f"  {'plain f+b':>9}  {'overhead':>8}  {'nodes':>6}  {'edges':>6}  modes           peak RSS  peak GPU")
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        _bench_batch_size(lm, config, tokens, batch_size, args.repeats)
-
-
-def _bench_batch_size(lm, config: TraceConfig, tokens: list[list[int]], batch_size: int, repeats: int) -> None:
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    batches = [PromptBatch.left_pad(tokens[i:i + batch_size], [[]] * len(tokens[i:i + batch_size]), pad, lm.device)
-               for i in range(0, len(tokens), batch_size)]
+    lm = load_model(model, dtype=args.dtype, device=args.device)
+    tokens = [encode_prompt(lm.tokenizer, row) for row in load_dataset("country-capitals", limit=args.prompts).rows]
+    batches = {}
+    for size in [int(b) for b in args.batch_sizes.split(",")]:
+        config = TraceConfig(batch_size=size)
+        runs = []
+        for _ in range(args.repeats):
+            timer, unit, node_count, edge_count = PhaseTimer(lm.device), 0.0, 0, 0
+            for first in range(0, len(tokens), size):
+                chunk = tokens[first:first + size]
+                batch = PromptBatch.left_pad(chunk, [[]] * len(chunk), lm.pad_id, lm.device)
+                unit += _forward_backward_seconds(lm, batch)
+                result = attribute(lm, config, batch, timer=timer)
+                node_count += len(result.profiles.nodes)
+                edge_count += len(result.edges)
+            runs.append({**timer.seconds, "unit": unit, "node_count": node_count, "edge_count": edge_count})
+        batches[size] = {key: statistics.median(run[key] for run in runs) / len(tokens)
+                         for key in (*PHASES, "unit", "node_count", "edge_count")}
+        batches[size]["total"] = statistics.median(sum(run[p] for p in PHASES) for run in runs) / len(tokens)
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if lm.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(lm.device)
-    runs: list[dict[str, tuple[float, float]]] = []
-    modes: Counter[str] = Counter()
-    counts = {"nodes": 0, "edges": 0}
-    for _ in range(repeats):
-        seconds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-        modes.clear()
-        counts.update(nodes=0, edges=0)
-        for batch in batches:
-            _timed(lm, seconds, "plain f+b", lambda b=batch: _plain_forward_backward(lm, b))
-            nodes = _timed(lm, seconds, "node pass",
-                           lambda b=batch: select_nodes(node_scores(lm, config, b)[0], config))
-            profiles = _timed(lm, seconds, "profiles", lambda b=batch, n=nodes: profiles_pass(lm, config, b, n))
-            edges = _timed(lm, seconds, "edges", lambda b=batch, p=profiles: edges_pass(lm, config, b, p))
-            modes[profiles.input_profile_mode] += 1
-            counts["nodes"] += len(nodes)
-            counts["edges"] += len(edges)
-        runs.append({phase: (wall, cpu) for phase, (wall, cpu) in seconds.items()})
-
-    n = len(tokens)
-
-    def median(phase: str, which: int) -> float:
-        return statistics.median(run[phase][which] for run in runs) / n
-
-    def total(which: int) -> float:
-        return statistics.median(sum(run[p][which] for p in PHASES) for run in runs) / n
-
-    cells = [f"{median(p, 0):7.2f} /{median(p, 1):6.2f}" for p in PHASES] + [f"{total(0):7.2f} /{total(1):6.2f}"]
-    overhead = total(0) / median("plain f+b", 0)
-    mode_text = ",".join(f"{mode}:{count}" for mode, count in sorted(modes.items()))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu = f"{torch.cuda.max_memory_allocated(lm.device) / 2**20:7.0f} MiB" if lm.device.type == "cuda" else "-"
-    print(f"{batch_size:>5}  " + "  ".join(f"{c:>15}" for c in cells) + f"  {median('plain f+b', 0):9.3f}  "
-          f"{overhead:7.0f}x  {counts['nodes'] / n:6.0f}  {counts['edges'] / n:6.0f}  {mode_text:14s}  "
-          f"{rss:6.0f} MiB  {gpu}")
+        peak = torch.cuda.max_memory_allocated(lm.device) / 2**20
+    return {"batches": batches, "peak_rss_mib": peak, "weights_mib": weights / 2**20,
+            "budget_mib": working_memory(TraceConfig(), lm.device) / 2**20}
 
 
-def _timed(lm, seconds: dict[str, list[float]], phase: str, work: Callable):
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = work()
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize(lm.device)
-    seconds[phase][0] += time.perf_counter() - wall
-    seconds[phase][1] += time.process_time() - cpu
-    return result
+def _forward_backward_seconds(lm, batch) -> float:
+    """One plain forward+backward of the batch: weights frozen, gradient to the input embeddings."""
+    import torch
 
-
-def _plain_forward_backward(lm, batch: PromptBatch) -> None:
-    embeddings = lm.model.get_input_embeddings()
+    started = time.perf_counter()
     with torch.enable_grad():
-        inputs = embeddings(batch.input_ids).detach().requires_grad_(True)
+        inputs = lm.model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
         logits = lm.model(inputs_embeds=inputs, attention_mask=batch.attention_mask,
                           position_ids=batch.position_ids, logits_to_keep=1).logits
         logits[:, -1].max(-1).values.sum().backward()
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+    return time.perf_counter() - started
+
+
+def whole_process(model: str, device: str, dtype: str, threads: int) -> str:
+    """`adag trace --limit 2` from the command line: its wall time against the trace stage's seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/run"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "adag", "trace", "--model", model, "--dataset", "country-capitals",
+                        "--limit", "2", "--out", out, "--device", device, "--dtype", dtype],
+                       check=True, capture_output=True, env=_env(threads))
+        wall = time.perf_counter() - started
+        with open(f"{out}/manifest.json") as f:
+            stage = json.load(f)["stages"]["trace"]["seconds"]
+    return f"whole process for 2 prompts {wall:.1f}s, trace stage {stage:.1f}s ({wall / stage:.2f}x)"
+
+
+def _env(threads: int) -> dict:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
 
 
 if __name__ == "__main__":

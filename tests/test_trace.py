@@ -18,7 +18,9 @@ from adag.trace import (
     select_nodes,
     trace_dataset,
 )
-from adag.trace.attribute import EMBEDDING, LOGIT, NEURON, BatchAttribution, linearised_pass
+from adag.trace.attribute import BatchAttribution
+from adag.trace.edges import EMBEDDING, LOGIT, NEURON
+from adag.trace.passes import linearised_pass
 from adag.trace.rules import RULE_SETS
 from adag.trace.tables import batch_tables
 from tests.explicit import ExplicitLinearModel
@@ -184,6 +186,52 @@ def test_forward_mode_and_vjp_input_profiles_agree(tiny64, profiles):
     assert forward.input_profile_mode == "forward" and vjp.input_profile_mode == "vjp" and len(nodes) > 3
     torch.testing.assert_close(forward.input_profile, vjp.input_profile, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(forward.attribution, vjp.attribution, rtol=0, atol=0)
+
+
+def test_batched_passes_take_the_rows_the_working_memory_budget_holds(tiny_models, monkeypatch):
+    """The one chunking rule: every batched backward pass (node VJPs) and tangent pass takes at most
+    budget // bytes-per-row rows, so a trace's peak beyond the weights and one forward pass follows
+    --working-memory-mib; a smaller budget means more, smaller passes and the same results."""
+    from adag.trace import passes, tangent
+
+    lm = tiny_models["llama"]
+    batch = _batch(lm, PROMPTS)
+    config = TraceConfig(aggregation="none", threshold=0.01, input_profiles="forward")
+    nodes = select_nodes(node_scores(lm, config, batch)[0], config)
+    rows_seen: list[tuple[str, int, int]] = []  # (pass, rows taken, rows the rule allows)
+    rule, grad, call = passes.rows_per_pass, torch.autograd.grad, tangent.functional_call
+    allowed: list[int] = []
+
+    def counted_rule(config, device, bytes_per_row):
+        allowed.append(passes.working_memory(config, device) // bytes_per_row)
+        return rule(config, device, bytes_per_row)
+
+    def counted_grad(outputs, inputs, grad_outputs=None, is_grads_batched=False, **kwargs):
+        if is_grads_batched and grad_outputs.ndim == 2:  # node VJPs: (rows, nodes); logit VJPs are 3-D
+            rows_seen.append(("vjp", grad_outputs.shape[0], allowed[-1]))
+        return grad(outputs, inputs, grad_outputs, is_grads_batched=is_grads_batched, **kwargs)
+
+    def counted_call(model, parameters, kwargs):
+        rows_seen.append(("tangent", len(kwargs["input_ids"]) // len(batch.input_ids), allowed[-1]))
+        return call(model, parameters, kwargs=kwargs)
+
+    monkeypatch.setattr(passes, "rows_per_pass", counted_rule)
+    monkeypatch.setattr("adag.trace.profiles.rows_per_pass", counted_rule)
+    monkeypatch.setattr(torch.autograd, "grad", counted_grad)
+    monkeypatch.setattr(tangent, "functional_call", counted_call)
+    results = {}
+    for mib in (1, 4):
+        rows_seen.clear()
+        budget = config.model_copy(update={"working_memory_mib": mib})
+        profiles = profiles_pass(lm, budget, batch, nodes)
+        edges = edges_pass(lm, budget, batch, profiles)
+        results[mib] = (profiles, edges, list(rows_seen))
+        assert {kind for kind, _, _ in rows_seen} == {"vjp", "tangent"}
+        assert all(0 < rows <= max(1, limit) for _, rows, limit in rows_seen), rows_seen
+    small, large = results[1][2], results[4][2]
+    assert len(small) > len(large) and max(r for _, r, _ in small) < max(r for _, r, _ in large)
+    torch.testing.assert_close(results[1][0].input_profile, results[4][0].input_profile, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1].weight, results[4][1].weight, rtol=1e-5, atol=1e-6)
 
 
 def _edge_weights(edges) -> dict[tuple[int, int, int, int], float]:
@@ -449,7 +497,7 @@ def test_aggregation_warns_when_prompts_are_not_one_template(tiny_models, tmp_pa
     mixed = load_dataset("country-capitals", limit=2)
     mixed.rows = [PromptRow(prompt="Hi"), PromptRow(prompt="What is 3 + 4? Think step by step and then answer."),
                   PromptRow(prompt="the state containing Dallas is Texas, and its capital is")]
-    config = TraceConfig(threshold=0.05, edges=False)
+    config = TraceConfig(threshold=0.05, edges=False, batch_size=2)  # pooled over batches of 2 prompts
     with caplog.at_level("WARNING", logger="adag.trace.run"):
         trace_dataset(lm, load_dataset("country-capitals", limit=4), config, tmp_path / "template", progress=False)
         assert not caplog.records

@@ -14,10 +14,16 @@ from adag.outputs import OutputPath
 from adag.pipeline import Stage
 from adag.settings import Settings, only_with
 
-# Prompts per batch when not given, by device type. CPU: 2 costs the least time per prompt on the
-# built-in model (docs/benchmarks.md). GPU: 8 fills the device better; not measured yet
-# (benchmarks/device_check.sh prints the figures that settle it).
-DEFAULT_BATCH_SIZE = {"cpu": 2, "cuda": 8}
+# Prompts per batch when not given, by device type: the batch size with the least time per prompt
+# that `benchmarks/trace_bench.py --batch-sizes 1,2,4` measures on that device type (it prints its
+# choice). CPU: 1, since one prompt already keeps the cores busy and batching only adds padding and
+# larger working sets (docs/benchmarks.md). GPU: 8, not measured yet.
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 8}
+
+# The working-memory budget when not given, in MiB, by device type: what one batched pass (VJP rows,
+# tangent rows, the logit VJPs' gradients) may hold beyond the weights and one linearised forward
+# pass. On a GPU (no entry) it is half of the memory free when the pass starts.
+DEFAULT_WORKING_MEMORY_MIB = {"cpu": 512}
 
 
 class TraceConfig(Settings):
@@ -58,8 +64,13 @@ class TraceConfig(Settings):
     batch_size: int | None = Field(None, ge=1, description="prompts per batch (one part of the tables per batch); "
                                    "default by device: " + ", ".join(f"{device} {size}" for device, size in
                                                                     DEFAULT_BATCH_SIZE.items()))
-    chunk_size: int | None = Field(None, ge=1, description="rows per batched pass (vector-Jacobian "
-                                   "products or tangent rows); default: as many as fit the working memory")
+    working_memory_mib: int | None = Field(
+        None, ge=1, description="MiB that one batched pass may hold for its rows (vector-Jacobian products, "
+        "tangent rows); default by device: "
+        + ", ".join(f"{device} {mib}" for device, mib in DEFAULT_WORKING_MEMORY_MIB.items())
+        + ", GPU half of the free memory")
+    chunk_size: int | None = Field(None, ge=1, description="rows per batched pass, overriding the working-memory "
+                                   "budget (for tests); default: as many rows as fit --working-memory-mib")
 
     prompt_format: Literal["auto", "chat", "plain"] = Field(
         "auto", description="how a row becomes text: chat (the tokenizer's chat template, then the seed response), "

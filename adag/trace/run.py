@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,19 +16,10 @@ from adag.errors import AdagError
 from adag.models import LoadedModel
 from adag.pipeline import StageResult, Summary, command_line, writing
 from adag.store import RunDir, RunLocked, Shard, StageWriter, check_run_target, part_file, part_number
-from adag.trace.attribute import (
-    BatchAttribution,
-    NodeKeys,
-    PromptBatch,
-    edges_pass,
-    node_scores,
-    nodes_from_keys,
-    pool_from_end,
-    profiles_pass,
-    select_batch_nodes,
-    select_keys,
-)
+from adag.trace.attribute import PhaseTimer, attribute
+from adag.trace.batch import NodeKeys, PromptBatch
 from adag.trace.config import TRACE_STAGE, TraceConfig
+from adag.trace.nodes import node_scores, pool_from_end, select_keys
 from adag.trace.shards import any_rank, barrier, group_shard, pool_over_ranks, torchrun_group
 from adag.trace.tables import batch_tables
 from adag.view import RunView
@@ -45,22 +34,6 @@ def run_manifest_facts(lm: LoadedModel, dataset: Dataset) -> tuple[dict, dict]:
     model = {"spec": lm.spec, "weights": lm.weights_hash, "family": lm.model.config.model_type,
              "layers": lm.n_layers, "neurons": lm.n_neurons}
     return model, {"name": dataset.name, "sha256": dataset.sha256, "rows": len(dataset)}
-
-
-class PhaseTimer:
-    """Seconds per phase, summed over batches (waiting for the GPU before reading the clock)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        started = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[phase] += time.perf_counter() - started
 
 
 def trace_dataset(lm: LoadedModel, dataset: Dataset, config: TraceConfig, out: str | Path, progress: bool = True,
@@ -130,20 +103,10 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
             bar.update(len(prompt_ids))
             continue
         batch = _batch(lm, tokens, labels, prompt_ids)
-        with timer("node_scores"):
-            if keys is None:
-                scores, _ = node_scores(lm, config, batch)
-                largest_score = max(largest_score, float(scores.max()))
-                nodes = select_batch_nodes(scores, batch, config)
-            else:
-                nodes = nodes_from_keys(keys, batch, config)
-        with timer("profiles"):
-            profiles = profiles_pass(lm, config, batch, nodes)
-        with timer("edges"):
-            edges = edges_pass(lm, config, batch, profiles) if config.edges else None
+        result = attribute(lm, config, batch, keys, timer)
+        largest_score = max(largest_score, result.largest_score)
         with timer("write"):
-            batch_result = batch_tables(BatchAttribution(profiles, edges), batch, prompt_ids,
-                                        [dataset.rows[i] for i in prompt_ids], lm.tokenizer)
+            batch_result = batch_tables(result, batch, prompt_ids, [dataset.rows[i] for i in prompt_ids], lm.tokenizer)
             for name in tables:
                 stage.write_part(name, part, batch_result[name])
         bar.update(len(prompt_ids))

@@ -27,7 +27,9 @@ import numpy as np
 import pyarrow as pa
 
 from adag.datasets import PromptRow
-from adag.trace.attribute import EMBEDDING, LOGIT, NEURON, BatchAttribution, Edges, PromptBatch
+from adag.trace.attribute import BatchAttribution
+from adag.trace.batch import PromptBatch
+from adag.trace.edges import EMBEDDING, LOGIT, NEURON, Edges
 
 KIND_NAMES = {NEURON: "neuron", EMBEDDING: "embedding", LOGIT: "logit"}
 
