@@ -9,14 +9,23 @@ the constant text around the first, a second effect, the top token string) befor
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from adag.describe.effects import is_weak, leading
-from adag.describe.inputs import SECOND
+from adag.describe.effects import Effect, is_weak, leading
+from adag.describe.inputs import SECOND, Coverage
 from adag.describe.roles import label_words, name_of
 
-if TYPE_CHECKING:
-    from adag.describe.facts import ClusterFacts
+
+class ClusterFacts(Protocol):
+    """What a label is built from (adag.describe.facts.ClusterFacts has it; no import back to it)."""
+
+    cluster: int
+    inputs: list[Coverage]
+    context: tuple[str, str]
+    common: Effect | None
+    outputs: list[Effect]
+    layers: tuple[int, int, float]
+    label: str
 
 
 def _input_parts(facts: ClusterFacts) -> list[str]:
