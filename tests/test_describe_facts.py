@@ -3,6 +3,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from adag.describe.categories import slot_category
@@ -133,3 +134,17 @@ def test_stats_label_needs_facts_and_signs_are_said_once():
     assert signed_label("suppresses the", inhibitory=True) == "suppresses the"
     assert signed_label("not[capital]", inhibitory=True) == "not[capital]"
     assert signed_label("capital city", inhibitory=True) == "not[capital city]"
+
+
+def test_a_repeated_constant_string_is_top_by_its_strongest_occurrence_and_a_slot_by_its_tokens_together():
+    """Three "\\n" of 0.5 each sum to 1.5 but no single one beats a slot token of 1.0; a slot of two tokens
+    of 0.6 (one filled value) beats a single template token of 1.0."""
+    from adag.describe.inputs import coverage
+
+    tokens = ["\n", "Say", " New", " York", "\n", ".", "\n"]
+    roles = ["template:\n", "template:Say", "slot:city", "slot:city", "template:\n", "template:.", "template:\n"]
+    repeated = coverage([(tokens, roles, np.array([0.5, 0, 1.0, 0, 0.5, 0, 0.5]))] * 3)
+    assert next(c for c in repeated if c.role == "slot:city").top == 3
+    assert next(c for c in repeated if c.role == "template:\n").share > 0.5  # the mass is still summed
+    together = coverage([(tokens, roles, np.array([0, 1.0, 0.6, 0.6, 0, 0, 0]))] * 3)
+    assert together[0].role == "slot:city" and together[0].top == 3

@@ -37,19 +37,22 @@ class Coverage:
 
 
 def coverage(records: list[InputRecord], namer: Namer | None = None) -> list[Coverage]:
-    """Per role: in how many records it is the strongest role, its share of all the mass and its
+    """Per role: in how many records it is the strongest role (a slot by its tokens together, as one filled
+    value; a constant string by its strongest occurrence, as a token), its share of all the mass and its
     strongest token strings; slots get a category from `namer`. Strongest share first."""
     mass: dict[str, float] = defaultdict(float)
     top: Counter = Counter()
     strings: dict[str, Counter] = defaultdict(Counter)
     for tokens, roles, values in records:
         per_role: dict[str, float] = defaultdict(float)
+        strongest: dict[str, float] = defaultdict(float)  # a slot's tokens together, a constant string's best one
         for token, role, value in zip(tokens, roles, values):
             if value > 0:
                 per_role[role] += float(value)
                 strings[role][token] += float(value)
+                strongest[role] = per_role[role] if role.startswith("slot") else max(strongest[role], float(value))
         if per_role:
-            top[max(per_role, key=per_role.get)] += 1
+            top[max(strongest, key=strongest.get)] += 1
             for role, value in per_role.items():
                 mass[role] += value
     total = sum(mass.values())
