@@ -168,7 +168,7 @@ def translation_run() -> RoleRun:
     """A run of a non-capital task ("Translate X to French.") whose four clusters have known roles, with
     the confounds: template tokens in every prompt, nodes at the last position, two clusters with the same
     inputs and opposite outputs, per-prompt candidates with outputs in logit units, a cluster that moves
-    every candidate together."""
+    all candidates together."""
     run = RoleRun()
     for p, (word, answer) in enumerate(WORDS.items()):
         user = ["Translate", f" {word}", " to", " French", "."]

@@ -38,7 +38,7 @@ def test_translation_run_gets_role_labels_and_cross_prompt_facts():
     assert 'raises the answer " soleil", " livre", " pain" over the other candidates (in 8/8 prompts, mean +' \
         in lines[0]
     assert 'over the word (filled slot "word") (in 8/8 prompts' in lines[0] and "logits)" in lines[0]
-    assert "raises every candidate together (in 8/8 prompts" in lines[2]
+    assert "raises all candidates together (in 8/8 prompts" in lines[2]
     assert not [line for line in facts[2].lines() if line.startswith("output:") and " over " in line]
     assert 'lowers " The" over the other candidates (in 8/8 prompts' in lines[3]
     assert "nearest: cluster 1" in lines[0] and "the opposite relative output effect" in lines[0]
@@ -69,9 +69,9 @@ def test_the_common_mode_is_reported_and_the_label_names_the_relative_effect():
     strong = _facts(_run(lambda c, p: [13.0 + 0.1 * p, 10, 10, 10]))[0]
     assert strong.label == "word -> answer", strong.label
     assert strong.output_line().startswith("raises the answer")
-    assert "raises every candidate together (in 8/8 prompts, mean +" in strong.output_line()
+    assert "raises all candidates together (in 8/8 prompts, mean +" in strong.output_line()
     weak = _facts(_run(lambda c, p: [10.5, 10, 10, 10]))[0]
-    assert weak.label == "word -> answer (weak)" and weak.output_line().startswith("weakly: raises the answer")
+    assert weak.label == "word -> answer (weak)" and weak.output_line().startswith("weak: raises the answer")
     lowered = _facts(_run(lambda c, p: [10, 10, 7.0, 10]))[0]
     assert lowered.label == 'not[word -> "The"]', lowered.label
 

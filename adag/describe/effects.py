@@ -1,4 +1,4 @@
-"""The output side of a cluster across prompts, in logits. A shift of every candidate together (the
+"""The output side of a cluster across prompts, in logits. A shift of all candidates together (the
 common mode) leaves the choice among them unchanged (softmax is shift-invariant), so it is reported as
 what it is, and what tells clusters apart is the relative effect: which candidates a cluster moves
 against the others (each role relative to the mean of the other candidates; the answer against a slot
@@ -49,7 +49,7 @@ class Effect:
         measured = f", a candidate in {self.measured}" if self.measured < self.total and self.over != "all" else ""
         where = f"(in {self.agree}/{self.total} prompts{measured}, mean {self.mean:+.2f} logits)"
         if self.over == "all":
-            return f"{verb} every candidate together {where}: how sure the model is, not which candidate it picks"
+            return f"{verb} all candidates together {where}: how sure the model is, not which candidate it picks"
         over = "the other candidates" if self.over == "others" else role_phrase(self.over)
         return f"{verb} {role_phrase(self.role, self.examples)} over {over} {where}"
 
@@ -104,6 +104,6 @@ def output_line(common: Effect | None, relative: list[Effect]) -> str:
     """One line: the leading relative effects first (what changes the model's pick), then the common mode."""
     parts = [e.phrase() for e in leading(relative)]
     if relative and is_weak(relative[0], common):
-        parts[0] = f"weakly: {parts[0]}"
+        parts[0] = f"weak: {parts[0]}"
     parts += [common.phrase()] if common is not None else []
     return "; ".join(parts) or "no output effect consistent across prompts"
