@@ -152,7 +152,7 @@ def test_stats_explainer_names_the_role_weighted_by_values_its_category_and_its_
     assert text.startswith('country words " France", " Japan", " Peru" (tokens that vary across prompts; '
                            'top in 3/3 prompts, '), text
     assert text.endswith(' after "capital of" before "?"'), text
-    assert StatsExplainer(namer=None).describe("input", excerpts, 0, 0).startswith('the varying tokens " France"')
+    assert StatsExplainer(namer=None).describe("input", excerpts, 0, 0).startswith('the slot tokens " France"')
 
 
 def _target_excerpts(n: int, answer_push: float, the_push: float) -> list[TargetExcerpt]:

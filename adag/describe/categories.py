@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import cache
 
 import numpy as np
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 # General category words, none of them about one dataset. A slot's strings are compared with each.
 VOCABULARY = (
@@ -41,10 +42,17 @@ def nearest_categories(strings: list[str], embed: Callable[[list[str]], np.ndarr
     return [VOCABULARY[i] for i in similarity.argmax(1)]
 
 
+def content_strings(strings: list[str]) -> list[str]:
+    """The distinct stripped strings with letters or digits that are not English function words ("Who",
+    "the"): a category or a name is read from content words only."""
+    return [s for s in dict.fromkeys(s.strip() for s in strings)
+            if any(c.isalnum() for c in s) and s.lower() not in ENGLISH_STOP_WORDS]
+
+
 def slot_category(strings: list[str], embed: Callable[[list[str]], np.ndarray] | None = None) -> str:
-    """The category most of the strongest strings share, or '' (fewer than two strings with letters or
-    digits, or no category held by AGREE of them)."""
-    words = [s for s in dict.fromkeys(s.strip() for s in strings) if any(c.isalnum() for c in s)][:STRINGS]
+    """The category most of the strongest content strings share, or '' (fewer than two, or no category
+    held by AGREE of them)."""
+    words = content_strings(strings)[:STRINGS]
     if len(words) < 2:
         return ""
     category, count = Counter(nearest_categories(words, embed)).most_common(1)[0]

@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-from adag.describe.categories import STRINGS, Namer
+from adag.describe.categories import STRINGS, Namer, content_strings
 from adag.describe.roles import name_of, role_phrase, role_words
 
 SECOND = 0.25  # a second role is named only if it holds at least this share as much as the first
@@ -29,6 +29,10 @@ class Coverage:
     category: str = ""  # a slot's category word (adag.describe.categories), where its strings share one
 
     def words(self) -> str:
+        """Label words; a slot of no category or key by "slot" and its first shown content string."""
+        if self.role == "slot" and not self.category and self.examples:
+            shown = self.examples[:3]
+            return f"slot {name_of((content_strings(shown) or [shown[0].strip() or shown[0]])[0])}"
         return role_words(self.role, self.category)
 
     def phrase(self, prompts: int, what: str) -> str:
@@ -61,6 +65,9 @@ def coverage(records: list[InputRecord], namer: Namer | None = None) -> list[Cov
     for item in found[:2]:
         if item.role.startswith("slot") and namer is not None:
             item.category = namer(item.examples)
+            if item.category:  # the strings it is read from first
+                content = set(content_strings(item.examples))
+                item.examples.sort(key=lambda s: s.strip() not in content)
     return found
 
 

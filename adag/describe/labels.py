@@ -40,7 +40,7 @@ def _input_parts(facts: ClusterFacts) -> list[str]:
                                              for word, near in (("after", before), ("before", after)) if near))
     elif len(facts.inputs) > 1 and facts.inputs[1].share >= SECOND * first.share:
         parts.append(f"{first.words()} + {facts.inputs[1].words()}")
-    if first.role.startswith("slot") and first.examples:
+    if (first.role.startswith("slot:") or first.category) and first.examples:
         parts.append(f"{parts[-1]} {name_of(first.examples[0].strip())}")
     return parts
 

@@ -136,7 +136,7 @@ def role_phrase(role: str, examples: list[str] | None = None, note: str = "", ca
     kind, _, detail = role.partition(":")
     if kind == "token":
         return name_of(detail)
-    name = {"slot": f"the {detail}" if detail else "the varying tokens",
+    name = {"slot": f"the {detail}" if detail else "the slot tokens",
             "system": f"the system-prompt token {name_of(detail)}",
             "template": f"the template token {name_of(detail)}"}.get(kind, f"the {kind}")
     what = {"slot": f"filled slot {name_of(detail)}" if detail else "tokens that vary across prompts",
