@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adag.cluster import ClusterConfig, cluster_run  # noqa: E402
 from adag.describe import DescribeConfig, describe_run  # noqa: E402
-from adag.describe.labels import label_input_words  # noqa: E402
-from adag.describe.roles import label_words  # noqa: E402
+from adag.describe.labels import grounded  # noqa: E402
 from adag.view import RunView  # noqa: E402
 
 
@@ -44,7 +43,7 @@ def figures(run: Path, k: int) -> None:
         core = row.label.split(" @")[0]
         cores.add(core)
         all_candidates += core.removeprefix("not[").removesuffix("]").split(" -> ")[-1] == "all candidates"
-        if not label_input_words(row.label) <= set(label_words(row.input_description or "")):
+        if not grounded(row.label, row.input_description or ""):
             ungrounded.append(row.label)
         texts = [row.input_description or "", row.output_description or "", *row.facts]
         wrong_counts += [m for text in texts for m in re.findall(r"in \d+/(\d+) prompts", text) if int(m) != total]

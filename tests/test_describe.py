@@ -26,7 +26,7 @@ from adag.describe.explain import (
     retry,
     simulated_score,
 )
-from adag.describe.labels import label_input_words
+from adag.describe.labels import grounded
 from adag.describe.prompts import explain_messages
 from adag.describe.records import (
     Record,
@@ -424,7 +424,7 @@ def test_offline_default_labels_name_roles_and_rows_hold_facts_and_exemplars(clu
     for _, row in table.iterrows():
         label = re.sub(r"^not\[(.*)\]$", r"\1", row["label"])
         assert "not[" not in label and set(label_words(label.replace("->", " "))) <= allowed, label
-        assert label_input_words(row["label"]) <= set(label_words(row["input_description"])), row["label"]
+        assert grounded(row["label"], row["input_description"]), row["label"]
         assert not re.search(r"\bgroup of\b|\bneurons?\b", label), label
         assert any(f.startswith("layers: layers ") for f in row["facts"]), row["facts"]
         shown = json.loads(row["exemplars"])

@@ -8,6 +8,8 @@ the constant text around the first, a second effect, the top token string) befor
 
 from __future__ import annotations
 
+import json
+import re
 from collections import defaultdict
 from typing import Protocol
 
@@ -66,10 +68,20 @@ def label_at(facts: ClusterFacts, inputs: int = 0, outputs: int = 0) -> str:
     return text if sign > 0 or not target else f"not[{text}]"
 
 
-def label_input_words(label: str) -> set[str]:
-    """The words of a label's input part (before '->'), without not[...] and a layer tag."""
-    core = label.split(" @")[0].removeprefix("not[").removesuffix("]")
-    return {w for w in label_words(core.split(" -> ")[0]) if w}
+QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _quoted(text: str) -> set[str]:
+    return {json.loads(q).strip() for q in QUOTED.findall(text)}
+
+
+def grounded(label: str, description: str) -> bool:
+    """Whether the label's input part (before '->', without not[...] and a layer tag) is found in the
+    description: each quoted string quoted there too, each other word a word of it."""
+    source = label.split(" @")[0].removeprefix("not[").removesuffix("]").split(" -> ")[0]
+    bare = QUOTED.sub(" ", source)
+    words = set(label_words(bare)) if bare.strip() else set()
+    return _quoted(source) <= _quoted(description) and words <= set(label_words(QUOTED.sub(" ", description)))
 
 
 def tell_apart(facts: dict[int, ClusterFacts]) -> None:
