@@ -101,8 +101,10 @@ def leading(relative: list[Effect]) -> list[Effect]:
 
 
 def output_line(common: Effect | None, relative: list[Effect]) -> str:
-    """One line: the leading relative effects first (what changes the model's pick), then the common mode."""
-    parts = [e.phrase() for e in leading(relative)]
+    """One line: the three strongest relative effects and the leading ones (what changes the model's pick),
+    then the common mode."""
+    shown = relative[:3] + [e for e in leading(relative) if all(e is not f for f in relative[:3])]
+    parts = [e.phrase() for e in shown]
     if relative and is_weak(relative[0], common):
         parts[0] = f"weak: {parts[0]}"
     parts += [common.phrase()] if common is not None else []
