@@ -9,7 +9,7 @@ comparison of highlight settings (quantile walk with k = 1, 2, 3 against top-k).
     python benchmarks/describe_eval.py --explainer openai:MODEL@http://127.0.0.1:8000/v1 --simulator openai:...
     python benchmarks/describe_eval.py --fake-server      # prompt plumbing, through tests/fake_openai.py
 
-Cases and scoring: adag/describe/evaluate.py. Replies are cached in --cache (default: a fresh one).
+Cases and scoring: tests/planted_rules.py. Replies are cached in --cache (default: a fresh one).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adag.describe.config import DescribeConfig, DescribeOptions  # noqa: E402
-from adag.describe.evaluate import MARGIN, RECOVERED_WITHIN, RULES, CaseResult, evaluate_rule  # noqa: E402
 from adag.describe.run import make_llms  # noqa: E402
 from adag.models import load_model  # noqa: E402
+from tests.planted_rules import MARGIN, RECOVERED_WITHIN, RULES, CaseResult, evaluate_rule  # noqa: E402
 
 HIGHLIGHTS = [("quantile", 1), ("quantile", 2), ("quantile", 3), ("topk", 1), ("topk", 3)]
 PLANTED = "planted rules; score, baselines (top1, top3), true, wrong and near-miss rules on the same held-out records"

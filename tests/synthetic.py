@@ -4,6 +4,7 @@ strings with whitespace, markup and long words, and no model needed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,75 @@ def _prompt_tables(rng: np.random.Generator, prompt: int, layers: int, n_nodes: 
     return {"prompts": prompts, "nodes": nodes[["prompt", "node", "layer", "position", "neuron", "activation",
                                                 "attribution", "input_profile", "output_profile"]],
             "embeddings": embeddings, "edges": edges}
+
+
+class RoleRun:
+    """Trace tables with known roles, built by hand for the describe stage's facts: prompts with their
+    tokens, metadata and candidates; nodes with raw input contributions per position and direct effects
+    on the candidates in logits (stored as the trace stores them: shares of the activation and of each
+    target's logit)."""
+
+    def __init__(self) -> None:
+        self.prompts: list[dict] = []
+        self.nodes: list[dict] = []
+        self.clusters: list[int] = []
+
+    def prompt(self, tokens: list[str], text: str, targets: list[str], logits: list[float],
+               metadata: dict | None = None, labels: list[str] | None = None) -> int:
+        self.prompts.append({"prompt": len(self.prompts), "text": text, "tokens": tokens,
+                             "metadata": json.dumps(metadata or {}), "labels": labels or [],
+                             "n_tokens": len(tokens), "metric": float(max(logits)), "target_tokens": targets,
+                             "target_logits": list(logits)})
+        return len(self.prompts) - 1
+
+    def node(self, cluster: int, prompt: int, layer: int, activation: float, inputs: dict[int, float],
+             effects: list[float], position: int | None = None, neuron: int | None = None) -> None:
+        row = self.prompts[prompt]
+        share = np.zeros(row["n_tokens"])
+        for at, raw in inputs.items():
+            share[at] = raw / activation
+        self.nodes.append({"prompt": prompt, "layer": layer, "neuron": len(self.nodes) if neuron is None else neuron,
+                           "position": row["n_tokens"] - 1 if position is None else position,
+                           "activation": activation, "attribution": float(np.sum(effects)) / len(effects),
+                           "input_profile": share,
+                           "output_profile": np.array(effects) / np.array(row["target_logits"])})
+        self.clusters.append(cluster)
+
+    def tables(self) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+        """Nodes, prompts and each node's cluster."""
+        return pd.DataFrame(self.nodes), pd.DataFrame(self.prompts), np.array(self.clusters)
+
+
+CHAT = ["<|im_start|>", "system", "\n", "You", " are", " a", " helpful", " assistant", ".", "<|im_end|>", "\n",
+        "<|im_start|>", "user", "\n"]
+TURN = ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "Answer", ":"]
+WORDS = {"cat": "chat", "dog": "chien", "house": "maison", "tree": "arbre", "water": "eau", "bread": "pain",
+         "book": "livre", "sun": "soleil"}
+
+
+def translation_run() -> RoleRun:
+    """A run of a non-capital task ("Translate X to French.") whose four clusters have known roles, with
+    the confounds: template tokens in every prompt, nodes at the last position, two clusters with the same
+    inputs and opposite outputs, per-prompt candidates with outputs in logit units, a cluster that moves
+    all candidates together."""
+    run = RoleRun()
+    for p, (word, answer) in enumerate(WORDS.items()):
+        user = ["Translate", f" {word}", " to", " French", "."]
+        tokens = CHAT + user + TURN
+        slot, cue, last = len(CHAT) + 1, len(tokens) - 2, len(tokens) - 1
+        run.prompt(tokens, f"Translate {word} to French.", [f" {answer}", f" {word}", " The", " It"],
+                   [12.0, 10.0, 8.0, 6.0], {"word": word, "answer": answer})
+        strength = 1 + 0.1 * p
+        # 0: the word -> raises the answer; a weak template token in every prompt, and a near-silent member
+        #    with a huge share on " to" (must not matter).
+        run.node(0, p, 5, 3.9, {slot: 3.0 * strength, cue: 0.3}, [3 * strength, 0, 0, 0], neuron=1)
+        run.node(0, p, 6, 3.0, {slot: 2.0, last - 4: 0.2}, [2, 0, 0, 0], neuron=2)
+        run.node(0, p, 6, 0.02, {slot + 1: 0.02 * 60}, [0, 0, 0, 0], neuron=3)
+        # 1: the same inputs, the opposite output.
+        run.node(1, p, 7, 3.5, {slot: 2.5 * strength}, [-3 * strength, 0, 0, 0], neuron=4)
+        # 2: the template's "Answer" cue -> raises all candidates together (nothing relative).
+        run.node(2, p, 2, 2.0, {cue: 2.0, last: 0.5}, [2.0 * strength] * 4, neuron=5)
+        run.node(2, p, 3, 2.0, {cue: 1.5}, [1.5] * 4, neuron=6)
+        # 3: the word, at its own position -> lowers " The".
+        run.node(3, p, 1, 1.5, {slot: 1.0, slot - 1: 0.2}, [0, 0, -1.0 * strength, 0], position=slot, neuron=7)
+    return run

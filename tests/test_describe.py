@@ -14,8 +14,8 @@ from adag.cluster import ClusterConfig, cluster_run
 from adag.datasets import load_dataset
 from adag.describe import DescribeConfig, describe_run
 from adag.describe import run as describe_run_module
+from adag.describe.categories import VOCABULARY
 from adag.describe.config import DescribeOptions
-from adag.describe.evaluate import RULES, dataset_prompts, evaluate_rule, planted_records
 from adag.describe.explain import (
     Excerpt,
     HeldOut,
@@ -24,10 +24,9 @@ from adag.describe.explain import (
     TargetExcerpt,
     correlation,
     retry,
-    signed_label,
     simulated_score,
 )
-from adag.describe.facts import label_words
+from adag.describe.labels import grounded
 from adag.describe.prompts import explain_messages
 from adag.describe.records import (
     Record,
@@ -42,6 +41,7 @@ from adag.describe.records import (
     sign_part,
     top_k_mask,
 )
+from adag.describe.roles import label_words
 from adag.describe.run import best_description, input_split, make_llms, output_split
 from adag.errors import AdagError
 from adag.llm import (
@@ -60,6 +60,7 @@ from adag.store import MANIFEST, RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView, first_counted_position, prompt_input_vectors
 from tests.fake_openai import HANG, FakeOpenAI, error_body, reading_model, reply_body
+from tests.planted_rules import RULES, dataset_prompts, evaluate_rule, planted_records
 
 REPO = Path(__file__).resolve().parents[1]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -146,17 +147,20 @@ def test_explainer_sees_worked_examples_before_the_excerpts():
     assert messages[-1] == {"role": "user", "content": "Excerpts:\n1. the {{cat}} sat"}
 
 
-def test_stats_explainer_names_the_role_weighted_by_values_and_its_constant_context():
+def test_stats_explainer_names_the_role_weighted_by_values_its_category_and_its_constant_context():
     def excerpt(country, value=5.0):
         tokens = ["What", " is", " the", " capital", " of", country, "?"]
         marked = np.array([t in (country, "?") for t in tokens])
         return Excerpt(tokens, marked, np.where(np.array(tokens) == country, value, 0.5 * marked))
 
-    # "?" is highlighted in every excerpt (a template token) but weakly: the varying slot is named first.
+    # "?" is highlighted in every excerpt (a template token) but weakly: the varying slot is named first,
+    # by the category its strings share (nearest category word in the shipped embedding model).
     excerpts = [excerpt(" France"), excerpt(" Japan"), excerpt(" Peru", 4.0)]
-    assert StatsExplainer().describe("input", excerpts, 0, 0) == \
-        'the filled slot " France", " Japan", " Peru" (tokens that vary across prompts; top in 3/3 prompts) ' \
-        'after "capital of"'
+    text = StatsExplainer().describe("input", excerpts, 0, 0)
+    assert text.startswith('country words " France", " Japan", " Peru" (tokens that vary across prompts; '
+                           'top in 3/3 prompts, '), text
+    assert text.endswith(' after "capital of" before "?"'), text
+    assert StatsExplainer(namer=None).describe("input", excerpts, 0, 0).startswith('the slot tokens " France"')
 
 
 def _target_excerpts(n: int, answer_push: float, the_push: float) -> list[TargetExcerpt]:
@@ -174,23 +178,6 @@ def test_output_description_holds_across_prompts_not_per_target_string():
     text = StatsExplainer().describe("output", _target_excerpts(8, 3.0, -1.0), 0, 0)
     assert text.startswith('raises the answer " a7", " a6", " a5" over the other candidates (in 8/8 prompts, mean +')
     assert 'lowers " The" over the other candidates (in 8/8 prompts, mean -' in text and "logits)" in text
-
-
-def test_labels_come_from_roles_and_say_the_sign_once():
-    """Cause 5 and the label rule: same inputs with opposite outputs get opposite labels, never a double
-    negation; an explainer whose label already says 'suppress' gets no not[...] around it."""
-    def inputs(n):
-        roles = ["template:Say", "slot:word", "template:?"]
-        return [Excerpt(["Say", " w", "?"], np.array([0, 1, 0], bool), np.array([0, 3.0, 0]), roles, i)
-                for i in range(n)]
-
-    up = StatsExplainer().label({}, {"input": inputs(8), "output": _target_excerpts(8, 3.0, 0.0)}, 0)
-    down = StatsExplainer().label({}, {"input": inputs(8), "output": _target_excerpts(8, -3.0, 0.0)}, 0)
-    assert up == "word -> answer" and down == "not[word -> answer]"
-    assert signed_label("suppresses the", inhibitory=True) == "suppresses the"
-    assert signed_label("not[capital]", inhibitory=True) == "not[capital]"
-    assert signed_label("capital city", inhibitory=True) == "not[capital city]"
-    assert signed_label("capital city", inhibitory=False) == "capital city"
 
 
 def test_negative_part_is_explained_and_simulated_as_what_suppresses():
@@ -440,10 +427,12 @@ def test_offline_default_labels_name_roles_and_rows_hold_facts_and_exemplars(clu
     assert len(table) == 3 and (table["status"] == "ok").all()
     strings = [*view.prompts["tokens"], *view.prompts["target_tokens"]]
     template = {w for tokens in strings for t in tokens for w in label_words(t)}
-    allowed = template | {"country", "answer", "all", "candidates", "slot", "system", "prompt", "cue", "over", "->"}
+    allowed = template | {w for c in VOCABULARY for w in label_words(c)} | {
+        "country", "answer", "alternative", "all", "candidates", "slot", "system", "over", "not", "weak"}
     for _, row in table.iterrows():
         label = re.sub(r"^not\[(.*)\]$", r"\1", row["label"])
-        assert "not[" not in label and set(label.split()) <= allowed, label
+        assert "not[" not in label and set(label_words(label.replace("->", " "))) <= allowed, label
+        assert grounded(row["label"], row["input_description"]), row["label"]
         assert not re.search(r"\bgroup of\b|\bneurons?\b", label), label
         assert any(f.startswith("layers: layers ") for f in row["facts"]), row["facts"]
         shown = json.loads(row["exemplars"])
@@ -656,76 +645,6 @@ def test_highlights_come_from_the_explainers_records_and_every_excerpt_shows_its
     assert [e.marked.tolist() for e in again] == [e.marked.tolist() for e in excerpts]
 
 
-SYSTEM = ["<|im_start|>", "system", "\n", "Be brief.", "<|im_end|>", "\n", "<|im_start|>", "user", "\n"]
-WORDS = {"cat": "chat", "dog": "chien", "house": "maison", "tree": "arbre", "water": "eau", "bread": "pain",
-         "book": "livre", "sun": "soleil"}
-
-
-def _synthetic_run():
-    """A run of a non-capital task ("Translate X to French.") whose four clusters have known roles, with
-    the confounds: template tokens in every prompt, nodes at the last position, two clusters with the same
-    inputs and opposite outputs, per-prompt candidates with outputs in logit units."""
-    import pandas as pd
-
-    prompts, nodes = [], []
-    for p, (word, answer) in enumerate(WORDS.items()):
-        user = ["Translate", f" {word}", " to", " French", "."]
-        tokens = SYSTEM + user + ["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "Answer", ":"]
-        slot, cue, last = len(SYSTEM) + 1, len(tokens) - 2, len(tokens) - 1
-        targets, logits = [f" {answer}", f" {word}", " The", " It"], np.array([12.0, 10.0, 8.0, 6.0])
-        prompts.append({"prompt": p, "text": " ".join(["Translate", word, "to", "French."]), "tokens": tokens,
-                        "metadata": json.dumps({"word": word, "answer": answer}), "labels": [],
-                        "n_tokens": len(tokens), "metric": 12.0, "target_tokens": targets,
-                        "target_logits": logits.tolist()})
-
-        def node(layer, neuron, activation, inputs: dict, effects, position=last, p=p, tokens=tokens, logits=logits):
-            share = np.zeros(len(tokens))
-            for at, raw in inputs.items():
-                share[at] = raw / activation
-            nodes.append({"prompt": p, "layer": layer, "neuron": neuron, "position": position,
-                          "activation": activation, "attribution": float(np.sum(effects)) / 4,
-                          "input_profile": share, "output_profile": np.array(effects) / logits})
-
-        strength = 1 + 0.1 * p
-        # 0: the word -> raises the answer over the word; a weak template token in every prompt, and a
-        #    near-silent member with a huge share on " to" (must not matter).
-        node(5, 1, 3.9, {slot: 3.0 * strength, cue: 0.3}, [3 * strength, 0, 0, 0])
-        node(6, 2, 3.0, {slot: 2.0, last - 4: 0.2}, [2, 0, 0, 0])
-        node(6, 3, 0.02, {slot + 1: 0.02 * 60}, [0, 0, 0, 0])
-        # 1: the same inputs, the opposite output.
-        node(7, 4, 3.5, {slot: 2.5 * strength}, [-3 * strength, 0, 0, 0])
-        # 2: the template's "Answer" cue -> raises all candidates together.
-        node(2, 5, 2.0, {cue: 2.0, last: 0.5}, [2.0 * strength] * 4)
-        node(3, 6, 2.0, {cue: 1.5}, [1.5, 1.6, 1.4, 1.5])
-        # 3: the word, at its own position -> lowers " The".
-        node(1, 7, 1.5, {slot: 1.0, slot - 1: 0.2}, [0, 0, -1.0 * strength, 0], position=slot)
-    node_frame = pd.DataFrame(nodes)
-    cluster = node_frame["neuron"].map({1: 0, 2: 0, 3: 0, 4: 1, 5: 2, 6: 2, 7: 3}).to_numpy()
-    return node_frame, pd.DataFrame(prompts), cluster
-
-
-def test_synthetic_run_with_known_roles_gets_role_labels_and_cross_prompt_facts():
-    from adag.describe.facts import cluster_facts
-
-    nodes, prompts, cluster = _synthetic_run()
-    facts = cluster_facts(nodes, prompts, cluster, keep_first=False)
-    labels = {c: f.label for c, f in facts.items()}
-    assert labels == {0: "word -> answer", 1: "not[word -> answer]", 2: "answer -> all candidates",
-                      3: "not[word -> the]"}, labels
-    lines = {c: "\n".join(f.lines()) for c, f in facts.items()}
-    assert 'the word " sun", " book", " bread" (filled slot; top input in 8/8 prompts' in lines[0]
-    assert "top input in 8/8 prompts" in lines[2] and 'template token "Answer"' in lines[2]
-    assert "100% of its nodes at the last position" in lines[0] and "0% of its nodes at the last" in lines[3]
-    assert "layers 5-6" in lines[0] and "3 half-neurons" in lines[0]
-    assert 'raises the answer " soleil", " livre", " pain" over the other candidates (in 8/8 prompts, mean +' \
-        in lines[0]
-    assert "over the word (filled slot) (in 8/8 prompts" in lines[0] and "logits)" in lines[0]
-    assert "raises all candidates together (in 8/8 prompts" in lines[2]
-    assert 'lowers " The" over the other candidates (in 8/8 prompts' in lines[3]
-    assert "nearest: cluster 1" in lines[0] and "the opposite output effect" in lines[0]
-    assert "per prompt on the traced metric (positive in 0/8 prompts" in lines[1]
-
-
 def test_builtin_run_descriptions_state_coverage_position_layers_and_logit_effects(builtin, tmp_path, monkeypatch):
     """A small traced and clustered run of the built-in model, described offline: each stored row says
     what holds across prompts (coverage n/N, position structure, layer range, effects in logits), its
@@ -746,20 +665,3 @@ def test_builtin_run_descriptions_state_coverage_position_layers_and_logit_effec
         assert re.search(r"layers: layers \d+-\d+", text) and "logits" in text and "traced metric" in text, text
         assert "logits" in (row.output_description or "") or "no output effect" in text, row.output_description
         assert not re.search(r"not\[.*(not|suppress)", row.label), row.label
-
-
-def test_clusters_with_the_same_roles_get_labels_told_apart_by_their_layers():
-    from adag.describe.facts import ClusterFacts, _tell_apart
-
-    def facts(cluster, layers, label):
-        return ClusterFacts(cluster, 4, [], [], 1.0, 0.5, layers, [], (0.1, 4, None), 3, label=label)
-
-    found = {0: facts(0, (1, 5, 3.0), "word -> answer"), 1: facts(1, (8, 12, 10.0), "word -> answer"),
-             2: facts(2, (0, 9, 4.0), "answer cue"), 3: facts(3, (0, 9, 6.0), "answer cue"),
-             4: facts(4, (0, 9, 6.0), "answer cue"), 5: facts(5, (2, 3, 2.0), "not[word -> answer]")}
-    _tell_apart(found)
-    labels = {cluster: item.label for cluster, item in found.items()}
-    assert labels[0] == "word -> answer @L1-5" and labels[1] == "word -> answer @L8-12"
-    assert labels[5] == "not[word -> answer]"  # a label of its own keeps it as it is
-    assert len(set(labels.values())) == len(labels)
-    assert all(labels[c].startswith("answer cue @") for c in (2, 3, 4))

@@ -7,7 +7,6 @@ Either way every description is scored the same way, by the simulator on held-ou
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -18,16 +17,10 @@ from typing import Literal, TypeVar
 import numpy as np
 from scipy.stats import pearsonr
 
-from adag.describe.facts import (
-    ClusterFacts,
-    Coverage,
-    Effect,
-    coverage,
-    effect_phrase,
-    effects,
-    role_label,
-    role_phrase,
-)
+from adag.describe.categories import Namer, slot_category
+from adag.describe.effects import Effect, effects, output_line
+from adag.describe.facts import ClusterFacts
+from adag.describe.inputs import InputRecord, coverage, input_line, role_context
 from adag.describe.prompts import explain_messages, label_messages, parse_description, parse_label
 from adag.describe.records import highlight
 from adag.llm import CachedBackend, make_backend
@@ -149,43 +142,31 @@ class LLMExplainer(Explainer):
 
 
 class StatsExplainer(Explainer):
-    """No model: the roles of the highlighted tokens (the filled slot, template tokens, ...; see
-    adag.describe.facts) weighted by their values, with coverage over the shown prompts, example strings
-    and the text always next to them; the output effects in logit units grouped by role across prompts;
-    and a label built from those roles (or from the cluster's facts, when given)."""
+    """No model. In a run, the descriptions and the label are read from the cluster's facts over all
+    prompts (adag.describe.facts), so that they state the same thing; without facts (excerpts alone),
+    the same lines are built from the roles of the highlighted tokens weighted by their values and from
+    the output effects in logits across the shown prompts."""
 
     deterministic = True
     signs_labels = True
-    ROLES = 2  # roles named in an input description, at most
-    SHARE = 0.25  # a second role is named only if it holds at least this share as much as the first
-    CONTEXT = 2  # tokens of constant neighbouring text looked for, on each side
+
+    def __init__(self, namer: Namer | None = slot_category):
+        self.namer = namer
 
     def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int, facts: ClusterFacts | None = None) -> str:
-        return self._outputs(excerpts) if kind == "output" else self._inputs(excerpts)
-
-    def _inputs(self, excerpts: list[Excerpt]) -> str:
-        found = input_coverage(excerpts)
-        if not found:
-            return ""
-        first = found[0]
-        text = role_phrase(first.role, first.examples, f"top in {first.top}/{len(excerpts)} prompts")
-        listed = [run for run in highlighted_runs(excerpts, self.CONTEXT) if run.role == first.role]
-        contexts = [(word, common_context(side, edge)) for word, side, edge in
-                    (("after", [r.before for r in listed], "before"), ("before", [r.after for r in listed], "after"))]
-        text += "".join(f" {word} {quote(context)}" for word, context in contexts if context)
-        if not any(context for _, context in contexts):  # a second role, where it cannot blur a context
-            text += "".join(f"; {role_phrase(c.role, c.examples, f'top in {c.top}/{len(excerpts)} prompts')}"
-                            for c in found[1:self.ROLES] if c.share >= self.SHARE * first.share)
-        return text
-
-    def _outputs(self, excerpts: list[TargetExcerpt]) -> str:
-        return "; ".join(effect_phrase(e) for e in output_effects(excerpts)[:3])
+        if facts is not None:
+            return {"input": facts.input_line, "negative": facts.suppressor_line, "output": facts.output_line}[kind]()
+        if kind == "output":
+            return output_line(*output_effects(excerpts)) if excerpts else ""
+        records = input_part(excerpts)
+        found = coverage(records, self.namer)
+        return input_line(found, len(excerpts), role_context(records, found[0].role), "top") if found else ""
 
     def label(self, descriptions: dict[str, str], excerpts: dict[str, list], attempt: int,
               facts: ClusterFacts | None = None) -> str:
-        if facts is not None:
-            return facts.label
-        return role_label(input_coverage(excerpts.get("input", [])), output_effects(excerpts.get("output", [])))
+        if facts is None:
+            raise ValueError("the stats explainer labels a cluster from its facts")
+        return facts.label
 
 
 def excerpt_roles(excerpts: list[Excerpt]) -> list[list[str]]:
@@ -198,54 +179,17 @@ def excerpt_roles(excerpts: list[Excerpt]) -> list[list[str]]:
             for e in excerpts]
 
 
-def input_coverage(excerpts: list[Excerpt]) -> list[Coverage]:
-    """Roles of the highlighted tokens, weighted by their values (1 each where no values are given)."""
-    return coverage([(e.tokens, roles, np.where(e.marked, e.values if e.values is not None else 1.0, 0.0))
-                     for e, roles in zip(excerpts, excerpt_roles(excerpts))])
+def input_part(excerpts: list[Excerpt]) -> list[InputRecord]:
+    """The highlighted tokens with their roles, weighted by their values (1 each where none are given)."""
+    return [(e.tokens, roles, np.where(e.marked, e.values if e.values is not None else 1.0, 0.0))
+            for e, roles in zip(excerpts, excerpt_roles(excerpts))]
 
 
-def output_effects(excerpts: list[TargetExcerpt]) -> list[Effect]:
+def output_effects(excerpts: list[TargetExcerpt]) -> tuple[Effect | None, list[Effect]]:
     """Output findings over the shown prompts, in logits where given (else the integer scores)."""
     return effects([(e.targets, e.roles or [f"token:{t}" for t in e.targets],
                      np.asarray(e.values if e.values is not None else e.scores, dtype=float)) for e in excerpts],
                    len(excerpts))
-
-
-def quote(token: str) -> str:
-    """A token string in double quotes, with its spaces and escapes visible (as JSON writes it)."""
-    return json.dumps(token, ensure_ascii=False)
-
-
-@dataclass
-class Run:
-    """Consecutive highlighted tokens of one excerpt, with the tokens just before and after them."""
-
-    text: str
-    before: tuple[str, ...]
-    after: tuple[str, ...]
-    role: str = ""
-
-
-def highlighted_runs(excerpts: list[Excerpt], context: int) -> list[Run]:
-    runs = []
-    for excerpt, roles in zip(excerpts, excerpt_roles(excerpts)):
-        marked = np.flatnonzero(excerpt.marked)
-        for group in np.split(marked, np.flatnonzero(np.diff(marked) > 1) + 1) if len(marked) else []:
-            start, stop = group[0], group[-1] + 1
-            runs.append(Run("".join(excerpt.tokens[start:stop]), tuple(excerpt.tokens[max(0, start - context):start]),
-                            tuple(excerpt.tokens[stop:stop + context]), roles[start]))
-    return runs
-
-
-def common_context(contexts: list[tuple[str, ...]], side: Literal["before", "after"]) -> str:
-    """The longest text next to every occurrence (of at least two) on that side, or ''."""
-    if len(contexts) < 2:
-        return ""
-    for size in range(min(len(c) for c in contexts), 0, -1):
-        near = {c[-size:] if side == "before" else c[:size] for c in contexts}
-        if len(near) == 1:
-            return "".join(near.pop()).strip()
-    return ""
 
 
 def make_explainer(spec: str, cache_path: Path, temperature: float, request_timeout: float,

@@ -27,7 +27,7 @@ from adag.describe.explain import (
     signed_label,
     simulated_score,
 )
-from adag.describe.facts import ClusterFacts, Roles, cluster_facts, prompt_roles
+from adag.describe.facts import ClusterFacts, cluster_facts
 from adag.describe.records import (
     Record,
     exemplar_pool,
@@ -38,6 +38,7 @@ from adag.describe.records import (
     sign_part,
     top_k_mask,
 )
+from adag.describe.roles import Roles, prompt_roles
 from adag.errors import AdagError
 from adag.llm import CachedBackend, LedgerEntry, llm_cache_path, make_backend
 from adag.llm.roles import parse_spec

@@ -1,4 +1,5 @@
-"""Explainer evaluation on synthetic clusters with a planted rule (benchmarks/describe_eval.py prints it).
+"""Explainer evaluation on synthetic clusters with a planted rule, for tests and benchmarks/describe_eval.py
+(which prints it); not part of the package.
 
 Each case builds records in the describe stage's own format from the built-in datasets' real prompts,
 tokenised by a real tokenizer (with its chat template, as a trace stores them; records keep the shown
@@ -27,9 +28,9 @@ import pandas as pd
 
 from adag.datasets import PromptRow, format_prompt, load_dataset
 from adag.describe.config import DescribeConfig
-from adag.describe.explain import Explainer, HeldOut, quote, simulated_score
-from adag.describe.facts import Roles, prompt_roles
+from adag.describe.explain import Explainer, HeldOut, simulated_score
 from adag.describe.records import Record, exemplar_pool, shown_start
+from adag.describe.roles import Roles, name_of, prompt_roles
 from adag.describe.run import best_description, input_excerpts, output_excerpts, output_held_out
 from adag.llm.cache import CachedBackend
 
@@ -222,8 +223,8 @@ def baselines(kind: str, shown: list[Record]) -> tuple[str, str]:
 
     def quoted(tokens: list[str]) -> str:
         if kind == "input":
-            return ", ".join(quote(t) for t in tokens)
-        return "; ".join(f"{'promotes' if totals[t] > 0 else 'suppresses'} {quote(t)}" for t in tokens)
+            return ", ".join(name_of(t) for t in tokens)
+        return "; ".join(f"{'promotes' if totals[t] > 0 else 'suppresses'} {name_of(t)}" for t in tokens)
 
     return quoted(ranked[:1]), quoted(ranked[:3])
 
