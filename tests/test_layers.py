@@ -30,12 +30,6 @@ LAYERS = [
 ]
 
 MODULE_LINES, FUNCTION_LINES = 450, 80
-# Over the limits until the work of other issues is merged (each splits its own modules); empty after.
-OVER_LIMITS_PENDING = {
-    "adag/llm/backends.py",  # issue 29: one module per backend and llm/cache.py
-    "adag/trace/attribute.py",  # issue 34: the trace split by phase
-    "adag/report/html.py:make_server",  # issue 31: the viewer's server
-}
 
 
 def module_name(path: Path) -> str:
@@ -148,7 +142,7 @@ def test_no_import_cycle_even_for_type_checking():
 def test_no_module_or_function_over_the_size_limits():
     paths = {path.relative_to(PACKAGE.parent).as_posix(): path for path in sorted(PACKAGE.rglob("*.py"))}
     found = over_limits(paths)
-    assert set(found) - OVER_LIMITS_PENDING == set(), f"over the limits: {found}"
+    assert found == {}, f"over the limits: {found}"
 
 
 def test_the_checks_catch_a_cycle_an_upward_import_and_a_long_function(tmp_path):

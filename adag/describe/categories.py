@@ -30,7 +30,7 @@ Namer = Callable[[list[str]], str]
 
 @cache
 def _embedder():
-    from adag.llm.backends import make_backend
+    from adag.llm import make_backend
 
     return make_backend("embed:minilm", "simulator")
 

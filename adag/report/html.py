@@ -171,6 +171,50 @@ class GuardedHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+class ViewerHandler(GuardedHandler):
+    """The viewer's request plumbing: a JSON body within MAX_BODY, the security headers, one reply."""
+
+    embeddable = False  # whether local pages (a Jupyter notebook) may show the page in a frame
+    policy = ""  # the Content-Security-Policy header
+
+    def version_string(self) -> str:
+        return "adag"
+
+    def _body(self) -> bytes:
+        """The request body, refused unless it is JSON (which a page of another site cannot send
+        here without asking first) of a stated length within MAX_BODY."""
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            raise SteerRequestError("send the request as Content-Type: application/json")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise SteerRequestError("the request needs a Content-Length header") from None
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True  # the unread body must not be taken for the next request
+            raise SteerRequestError(f"request body of {length} bytes is over the limit of {MAX_BODY}; "
+                                    "name fewer nodes, or steer a cluster")
+        return self.rfile.read(length)
+
+    def end_headers(self) -> None:
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if not self.embeddable:
+            self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Content-Security-Policy", self.policy)
+        self.send_header("Referrer-Policy", "no-referrer")
+        super().end_headers()
+
+    def _send(self, body: bytes, kind: str, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+
 class ViewerServer(ThreadingHTTPServer):
     """The viewer's server: a client's hang-up is not an error, and no error prints a traceback. Closing it
     waits for the work in progress (`finish`), so that the process never exits with a model running."""
@@ -232,7 +276,7 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
     template = page_template()
     page = render_page().encode("utf-8")
     framers = NOTEBOOK_FRAMERS if embeddable else "'none'"
-    policy = content_security_policy(template) + f"; frame-ancestors {framers}"
+    embeddable_here, csp = embeddable, content_security_policy(template) + f"; frame-ancestors {framers}"
     known = set(view.prompts["prompt"].tolist())
     lock = threading.Lock()
 
@@ -241,9 +285,8 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
         with lock:  # pandas reads of shared frames from several threads
             return json.dumps(prompt_payload(view, prompt)).encode("utf-8")
 
-    class Handler(GuardedHandler):
-        def version_string(self) -> str:
-            return "adag"
+    class Handler(ViewerHandler):
+        embeddable, policy = embeddable_here, csp
 
         def _get(self) -> None:
             if not allowed_host(self.headers.get("Host"), host):
@@ -273,39 +316,6 @@ def make_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
                 self._send(f"{error}\n".encode(), "text/plain; charset=utf-8", 400)
                 return
             self._send(json.dumps(steerer(request)).encode("utf-8"), "application/json")
-
-        def _body(self) -> bytes:
-            """The request body, refused unless it is JSON (which a page of another site cannot send
-            here without asking first) of a stated length within MAX_BODY."""
-            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-                raise SteerRequestError("send the request as Content-Type: application/json")
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise SteerRequestError("the request needs a Content-Length header") from None
-            if not 0 <= length <= MAX_BODY:
-                self.close_connection = True  # the unread body must not be taken for the next request
-                raise SteerRequestError(f"request body of {length} bytes is over the limit of {MAX_BODY}; "
-                                        "name fewer nodes, or steer a cluster")
-            return self.rfile.read(length)
-
-        def end_headers(self) -> None:
-            self.send_header("X-Content-Type-Options", "nosniff")
-            if not embeddable:
-                self.send_header("X-Frame-Options", "DENY")
-            self.send_header("Content-Security-Policy", policy)
-            self.send_header("Referrer-Policy", "no-referrer")
-            super().end_headers()
-
-        def _send(self, body: bytes, kind: str, status: int = 200) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
 
     return _listen(host, port, Handler, steerer.stop)
 
