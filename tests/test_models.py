@@ -464,7 +464,7 @@ def test_qwen_is_an_instruct_model_that_answers_paris(qwen):
 def _bias_shares(lm, config, batch) -> torch.Tensor:
     """Per prompt, the biases' share of its metric, sum over biases of bias * dm/dbias (zero without
     biases; Qwen2 has them on the attention's q/k/v projections)."""
-    from adag.trace.attribute import linearised_pass
+    from adag.trace.passes import linearised_pass
 
     biases = [p for name, p in lm.model.named_parameters() if name.endswith("bias")]
     if not biases:
@@ -527,7 +527,7 @@ def test_real_weights_forward_mode_and_vjp_input_profiles_agree(real_traced):
     """One backward row per node gives the forward-mode profiles, on 16 nodes spread over the traced ones
     (a node's profile does not depend on the other nodes; 16 keep the VJP pass short)."""
     from adag.trace import profiles_pass
-    from adag.trace.attribute import Nodes
+    from adag.trace.batch import Nodes
 
     lm, batch, config, _, nodes, forward = real_traced
     pick = torch.linspace(0, len(nodes) - 1, min(16, len(nodes))).long().unique()
