@@ -71,6 +71,16 @@ def reading_model(text: str) -> str:
     return "the tokens " + ", ".join(f"'{m}'" for m in marked[:5]) if marked else "nothing in particular"
 
 
+def asked(body: dict) -> str:
+    """What a request asks: its last turn, after the system turn when there is no other (a simulator puts
+    its task and the description there, and the record in the user's turn)."""
+    turns = body["messages"]
+    system = body.get("system") or (turns[0]["content"] if turns[0]["role"] == "system" else "")
+    if system and len([turn for turn in turns if turn["role"] != "system"]) == 1:
+        return f"{system}\n\n{turns[-1]['content']}"
+    return turns[-1]["content"]
+
+
 class QuietServer(ThreadingHTTPServer):
     """Says nothing when a client went away mid-reply (a killed describe): that is what tests do to it."""
 
@@ -103,7 +113,7 @@ class FakeOpenAI:
                     outer.released.wait()
                     return
                 if payload is None:
-                    text = respond(body["messages"][-1]["content"])
+                    text = respond(asked(body))
                     payload = message_body(text) if self.path.endswith("/messages") else reply_body(text)
                 data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
                 self.send_response(status)

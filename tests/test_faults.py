@@ -471,7 +471,7 @@ def test_a_trace_that_finished_no_batch_accepts_new_settings(places, monkeypatch
         raise RuntimeError("out of memory")
 
     with monkeypatch.context() as patch:
-        patch.setattr(importlib.import_module("adag.trace.run"), "profiles_pass", out_of_memory)
+        patch.setattr(importlib.import_module("adag.trace.attribute"), "profiles_pass", out_of_memory)
         assert isinstance(RUNNER.invoke(app, places.words(TRACE)).exception, RuntimeError)
     assert "trace" not in RunDir.open(places.new).manifest["stages"]
     cli(places, TRACE.replace("0.03", "0.05"))

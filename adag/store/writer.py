@@ -67,8 +67,10 @@ class StageWriter:
         self.path = run.path / stage if self.repairing else run.path / STAGING / stage
 
     def __enter__(self) -> StageWriter:
-        self._lock = contextlib.ExitStack()  # re-entrant: under `pipeline.writing` the lock is held already
-        self._lock.enter_context(self.run.lock(shared=self.shard is not None))
+        self._lock = contextlib.ExitStack()
+        shared = self.shard is not None
+        if not self.run.holds_lock(shared):  # under `pipeline.writing` it is held already
+            self._lock.enter_context(self.run.lock(shared=shared))
         self.started = time.time()
         try:
             if self.repairing:
