@@ -29,7 +29,7 @@ class NodeScores:
 def score_nodes(lm: LoadedModel, config: TraceConfig, batch: PromptBatch) -> NodeScores:
     """|RelP| / |m| for every (row, layer, position, neuron), zero where a node may not be kept
     (padding, the first position unless configured, blacklisted half-neurons), and RelP."""
-    frozen = FrozenValues() if config.rules == "half" else None
+    frozen = FrozenValues() if config.rules != "plain" else None
     base_pass = linearised_pass(lm, config, batch, Nodes.none(batch.input_ids.device), frozen=frozen)
     activations = [base_pass.tap.activations[layer] for layer in range(lm.n_layers)]
     grads = torch.autograd.grad(base_pass.metric.sum(), activations, retain_graph=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from adag.models import LoadedModel
 from adag.trace.batch import Nodes, PromptBatch
@@ -29,6 +30,7 @@ class LinearisedPass:
     targets: Targets
     target_logits: torch.Tensor  # (B, k)
     target_probs: torch.Tensor  # (B, k) the model's next-token probabilities of the targets
+    cache: DynamicCache  # the pass's keys and values, for tangent passes over a window
 
     @property
     def metric(self) -> torch.Tensor:
@@ -73,19 +75,25 @@ def node_readouts(lm: LoadedModel, config: TraceConfig, linear_pass: LinearisedP
     return torch.cat(readouts) if readouts else linear_pass.tap.embeddings.new_zeros(0, lm.model.config.hidden_size)
 
 
+def readouts_by_layer(readouts: torch.Tensor, nodes: Nodes) -> dict[int, torch.Tensor]:
+    """(K, d) readouts in node order (layers ascending) split into {layer: (K_layer, d)}."""
+    layers, counts = nodes.layer.unique(return_counts=True)
+    return dict(zip(layers.tolist(), readouts.split(counts.tolist())))
+
+
 def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes | None = None,
                     cut: bool = False, frozen: FrozenValues | None = None) -> LinearisedPass:
     """One forward pass under the rules, with probes at `nodes` (and every embedding) if given."""
     index = nodes.by_layer() if nodes is not None else None
     with torch.enable_grad(), tapped(lm.model, lm.adapter, config.rules, index, cut, frozen) as tap:
         output = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, logits_to_keep=1, use_cache=False)
+                          position_ids=batch.position_ids, logits_to_keep=1, use_cache=True)
         last = output.logits[:, -1]
         targets = choose_targets(config.metric, config.n_targets, last, batch.labels)
         softcap = lm.adapter.logit_softcap(lm.model) if config.rules != "plain" else None
         logits = target_logits(last, tap.unembedded, softcap, targets)
         probs = last.detach().float().softmax(-1).gather(-1, targets.ids)
-    return LinearisedPass(tap, targets, logits, probs)
+    return LinearisedPass(tap, targets, logits, probs, output.cache)
 
 
 def working_memory(config: TraceConfig, device: torch.device) -> int:

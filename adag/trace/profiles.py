@@ -11,9 +11,16 @@ from adag.trace.batch import EmbeddingNodes, Nodes, PromptBatch
 from adag.trace.config import TraceConfig
 from adag.trace.metric import Targets, at_least_float32
 from adag.trace.nodes import NodeScores, score_nodes
-from adag.trace.passes import linearised_pass, logit_vjps, node_vjps, rows_per_pass
+from adag.trace.passes import (
+    linearised_pass,
+    logit_vjps,
+    node_readouts,
+    node_vjps,
+    readouts_by_layer,
+    rows_per_pass,
+)
 from adag.trace.rules import FrozenValues
-from adag.trace.tangent import tangent_input_profiles
+from adag.trace.tangent import BasePass, Injections, Reads, plan_windows, push_forward
 
 # A backward row through one layer costs about this many tangent rows through one layer (same
 # tokens). Measured on the built-in model (CPU, fp32, a 39-token prompt with 362 nodes): forward mode
@@ -37,6 +44,7 @@ class Profiles:
     input_profile: torch.Tensor  # (K, T)
     output_profile: torch.Tensor  # (K, k)
     input_profile_mode: str  # "forward" or "vjp", as chosen for this batch
+    base: BasePass | None  # the linearised pass the profiles went on from, with its constants (not under plain rules)
 
 
 def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, nodes: Nodes,
@@ -49,7 +57,7 @@ def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, node
     mode = input_profile_mode(config, batch, nodes)
     cut = config.profiles == "direct"
     if cut:
-        frozen = FrozenValues() if mode == "forward" else None
+        frozen = FrozenValues() if config.rules != "plain" else None
         base_pass = linearised_pass(lm, config, batch, nodes, cut=True, frozen=frozen)
     else:
         scored = scored or score_nodes(lm, config, batch)
@@ -60,16 +68,11 @@ def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, node
     to_nodes, to_embeddings = logit_vjps(base_pass, nodes, keep_graph=mode == "vjp")
     relevance = (to_embeddings * coeffs[:, None, :]).sum(-1) * batch.valid
 
-    width = batch.input_ids.shape[1]
+    base = BasePass(batch, base_pass, frozen) if frozen is not None else None
     if mode == "forward":
-        embeddings = base_pass.tap.embeddings.detach()
-        d_model, neurons = embeddings.shape[-1], lm.n_neurons
-        bytes_per_source = len(batch.valid) * width * (4 * neurons + 8 * d_model) * embeddings.element_size()
-        numerators = at_least_float32(tangent_input_profiles(
-            lm, batch.input_ids, batch.attention_mask, batch.position_ids, embeddings, frozen, nodes.by_layer(),
-            len(nodes), rows_per_pass(config, embeddings.device, bytes_per_source), cut=cut))
+        numerators = forward_input_profiles(lm, config, base, nodes, cut)
     else:
-        numerators = activation.new_zeros(len(nodes), width)
+        numerators = activation.new_zeros(len(nodes), batch.input_ids.shape[1])
         for members, slot, to_embedding_rows, _ in node_vjps(lm, base_pass, nodes, layers, config, to_nodes=False):
             numerators[members] = to_embedding_rows[slot, nodes.row[members]]
     metric = base_pass.metric.detach()
@@ -82,7 +85,33 @@ def profiles_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, node
         input_profile=numerators / _nonzero(activation)[:, None],
         output_profile=activation[:, None] * to_nodes / logits[nodes.row],
         input_profile_mode=mode,
+        base=base,
     )
+
+
+def forward_input_profiles(lm: LoadedModel, config: TraceConfig, base: BasePass, nodes: Nodes,
+                           cut: bool) -> torch.Tensor:
+    """(K, T) numerators e_j . d a_n / d e_j in forward mode: one tangent row per source position j
+    (carrying e_j), from the last node's position down, in windows (`adag.trace.tangent`). With `cut`,
+    every MLP output is held constant (direct effects)."""
+    embeddings = base.linear_pass.tap.embeddings.detach() * base.batch.valid[..., None]  # padding is no source
+    batch, width, d_model = embeddings.shape
+    result = embeddings.new_zeros(len(nodes), width)
+    if not len(nodes):
+        return result
+    positions = list(range(int(nodes.position.max()), int(base.batch.offsets.min()) - 1, -1))
+    bytes_per_position = batch * (4 * lm.n_neurons + 8 * d_model) * embeddings.element_size()
+    readouts = readouts_by_layer(node_readouts(lm, config, base.linear_pass, nodes), nodes) if cut else None
+    reads = Reads(nodes.by_layer(), readouts)
+    plan = plan_windows(positions if base.windows else [0] * len(positions), width,
+                        lambda w: rows_per_pass(config, embeddings.device, w * bytes_per_position))
+    for first, stop, start in plan:
+        slot, row = torch.cartesian_prod(torch.arange(stop - first), torch.arange(batch)).T.to(embeddings.device)
+        position = torch.tensor(positions[first:stop], device=embeddings.device)[slot]
+        injections = Injections(slot, row, torch.full_like(slot, -1), position, embeddings[row, position])
+        read = push_forward(lm, base, stop - first, start, injections, reads, cut)
+        result[:, position[::batch]] = torch.cat([read[layer] for layer in reads.nodes], dim=1).T
+    return result
 
 
 def input_profile_mode(config: TraceConfig, batch: PromptBatch, nodes: Nodes) -> str:

@@ -123,23 +123,25 @@ def norm_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
 
 @dataclass(frozen=True)
 class TangentRows:
-    """Tangent rows: row s * B + b carries source s of prompt b, so a base-pass constant (B, ...)
-    broadcasts against the rows viewed as (S, B, ...) without copies."""
+    """Tangent rows: row s * B + b carries source s of prompt b, so a base-pass constant (B, T, ...)
+    broadcasts against the rows viewed as (S, B, ...) without copies. The rows cover the positions
+    from `start` on (a window; the tangent is zero before it), so constants are sliced to them."""
 
     sources: int
+    start: int = 0
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """(S * B, ...) -> (S, B, ...)."""
         return x.unflatten(0, (self.sources, -1))
 
-    @staticmethod
-    def per_row(constant: torch.Tensor) -> torch.Tensor:
-        """A base-pass constant (B, ...) broadcast against rows viewed as (S, B, ...)."""
-        return constant[None]
+    def per_row(self, constant: torch.Tensor) -> torch.Tensor:
+        """A base-pass constant (B, T, ...) at the window's positions, broadcast against rows viewed as (S, B, ...)."""
+        return constant[None, :, self.start:]
 
     def repeat(self, constant: torch.Tensor) -> torch.Tensor:
-        """A base-pass constant (B, ...) repeated for every source: (S * B, ...)."""
-        return constant[None].expand(self.sources, *constant.shape).flatten(0, 1)
+        """A base-pass constant (B, T, ...) at the window's positions, repeated for every source: (S * B, ...)."""
+        window = constant[:, self.start:]
+        return window[None].expand(self.sources, *window.shape).flatten(0, 1)
 
 
 class Rule:

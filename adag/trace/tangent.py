@@ -1,100 +1,243 @@
-"""Input profiles in forward mode: the linearised model pushed forward on tangent rows.
+"""Forward mode: the linearised model pushed forward on tangent rows.
 
-The linearised model is linear in the input embeddings once every nonlinear coefficient is frozen
-(norm scales, attention queries and keys, activation ratios, the half rule's gate and up factors)
-and every bias is removed. So a node's input profile numerator at source position j,
-`e_j . d a_n / d e_j`, is simply the node's value in that linear model when the input is e_j alone
-(at position j, zero elsewhere). One tangent row per source position gives every kept node's
-entry for that position at once: T rows of T tokens, against one backward row per kept node.
+The linearised model is linear in its inputs once every nonlinear coefficient is frozen (norm scales,
+attention queries and keys, activation ratios, the half rule's gate and up factors) and every bias is
+removed. So `e_j . d a_n / d e_j` (an input profile's numerator) is node n's value in that linear
+model when the input is e_j alone, and a direct edge's numerator is the target's value when a unit of
+the source neuron's output direction is added at its position and every MLP output is held (`cut`).
+One tangent row per source gives that source's entry for every node at once.
 
-A tangent forward is the model's own forward pass (so every family's attention, masking and
-position handling is reused as it is) with hooks that replace each nonlinearity by its frozen
-linear version, and with zero biases passed through `torch.func.functional_call` (the model's
-parameters are never touched). Tangent row s * B + b carries source position j0 + s of prompt b,
-so the (B, T, ...) constants of the base pass broadcast over the leading S axis without copies.
+A tangent pass is the model's own forward pass (so every family's attention, masking and position
+handling is reused as it is) with hooks that replace each nonlinearity by its frozen linear version,
+and zero biases passed through `torch.func.functional_call` (the model's parameters are never
+touched). Tangent row s * B + b carries source s of prompt b. Two savings keep rows cheap:
+
+- Windows. A source at position p changes nothing before p, so a pass whose sources all lie at or
+  after `start` runs on positions start.. only; the positions before it enter every attention layer
+  from a key/value cache holding the base pass's keys (the frozen pattern) and zero values (no
+  tangent). A source at the last position costs one position per row.
+- With `cut`, no MLP runs: its output is zero (plus the sources injected there) and a node's value is
+  its readout r_n = d a_n / d x_n applied to the MLP input x_n; nor do frozen query/key projections run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from transformers import DynamicCache
 
 from adag.models import LoadedModel
 from adag.models.families import FamilyAdapter
-from adag.trace.rules import FrozenValues, Hook, TangentRows, hooks_installed, layer_names, rule_set
-from adag.trace.tap import NodeIndex
+from adag.trace.batch import PromptBatch
+from adag.trace.passes import LinearisedPass
+from adag.trace.rules import (
+    FrozenAttentionPattern,
+    FrozenNormScale,
+    FrozenValues,
+    Hook,
+    TangentRows,
+    hooks_installed,
+    layer_names,
+    rule_set,
+)
+from adag.trace.tap import NodeIndex, mlp_path
+
+# A pass's fixed cost (hooks, cache, per-layer launches) in units of one tangent position-row through the
+# model: the planner starts a new, later window when widening the current one would cost more than this.
+# Measured on the built-in model (CPU, fp32, 39-token prompts): ~15 ms per pass against ~1 ms per row.
+PASS_COST_IN_ROWS = 16
 
 
-class _TopLayerDone(Exception):
-    """Raised once the highest layer with kept nodes has been read: later layers are not needed."""
+@dataclass
+class Injections:
+    """The tangent's sources: row `slot * B + row` gets `vector` added at `position`, to the input of the
+    first layer (`layer` -1) or to the output of layer `layer`'s MLP."""
+
+    slot: torch.Tensor
+    row: torch.Tensor
+    layer: torch.Tensor
+    position: torch.Tensor
+    vector: torch.Tensor  # (n, d)
+
+    def at(self, layer: int) -> torch.Tensor:
+        return (self.layer == layer).nonzero(as_tuple=True)[0]
 
 
-def tangent_input_profiles(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           position_ids: torch.Tensor, embeddings: torch.Tensor, frozen: FrozenValues,
-                           nodes: dict[int, NodeIndex], node_count: int, sources_per_pass: int,
-                           cut: bool = False) -> torch.Tensor:
-    """(K, T) numerators e_j . d a_n / d e_j for the nodes in `nodes` ({layer: index}, node order
-    = layers ascending, then index order), from the constants `frozen` of a half-rule pass over
-    `embeddings` (B, T, d). With `cut`, every MLP output is held constant (direct effects)."""
-    batch, width = input_ids.shape
-    result = embeddings.new_zeros(node_count, width)
-    starts = {}
-    offset = 0
-    for layer, index in nodes.items():
-        starts[layer] = offset
-        offset += len(index[0])
-    source_embeddings = embeddings * attention_mask[..., None].to(embeddings.dtype)  # padding is no source
+@dataclass
+class Reads:
+    """What a tangent pass reads: nodes' values, {layer: (row, position, neuron)}; with `readouts`
+    ({layer: (K_layer, d)}, cut passes) as r_n . (MLP input); and with `logits` (B, k, d), the target
+    logits as `logits` . (final norm output at the last position)."""
+
+    nodes: dict[int, NodeIndex]
+    readouts: dict[int, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+
+
+@dataclass
+class BasePass:
+    """A linearised forward pass of a batch with its frozen constants: what tangent passes start from."""
+
+    batch: PromptBatch
+    linear_pass: LinearisedPass
+    frozen: FrozenValues
+
+    @property
+    def windows(self) -> bool:
+        """Windows need the keys at every position of every layer (a sliding-window layer keeps only
+        the last ones of a prompt longer than its window)."""
+        width = self.batch.input_ids.shape[1]
+        return all(layer.keys is not None and layer.keys.shape[-2] == width
+                   for layer in self.linear_pass.cache.layers)
+
+    def logit_readouts(self, lm: LoadedModel) -> torch.Tensor:
+        """(B, k, d): d logit_i / d (final norm output at the last position) for each prompt's targets,
+        soft-capping linearised as the pass did (the ratio of capped to uncapped logit)."""
+        unembedding = lm.model.get_submodule(lm.adapter.unembedding).weight[self.linear_pass.targets.ids]
+        uncapped = self.linear_pass.tap.unembedded[:, -1].detach().gather(-1, self.linear_pass.targets.ids)
+        capped = self.linear_pass.target_logits.detach().to(uncapped.dtype)
+        ratio = torch.where(uncapped == 0, torch.zeros_like(uncapped), capped / uncapped)
+        return unembedding * ratio[..., None].to(unembedding.dtype)
+
+
+class _Done(Exception):
+    """Raised once everything to read has been read: later layers are not needed."""
+
+
+def push_forward(lm: LoadedModel, base: BasePass, sources: int, start: int, injections: Injections,
+                 reads: Reads, cut: bool = False) -> dict[int | str, torch.Tensor]:
+    """The tangent values of S tangent rows per prompt carrying `injections`, over the positions from
+    `start` on: per read layer (S, K_layer), and under "logits" (S, B, k) if asked. Without `cut` a
+    node's value is its activation's tangent; with `cut` every MLP output is held (direct effects)."""
+    batch, width = base.batch.input_ids.shape
+    rows = TangentRows(sources, start)
+    first = injections.layer == -1
+    tangent = injections.vector.new_zeros(sources, batch, width - start, injections.vector.shape[-1])
+    tangent[injections.slot[first], injections.row[first], injections.position[first] - start] = \
+        injections.vector[first]
     zero_biases = {name: torch.zeros_like(p) for name, p in lm.model.named_parameters() if name.endswith("bias")}
-    for first in range(0, width, sources_per_pass):
-        sources = min(sources_per_pass, width - first)
-        tangent = embeddings.new_zeros(sources, batch, width, embeddings.shape[-1])
-        positions = torch.arange(first, first + sources, device=embeddings.device)
-        tangent[torch.arange(sources), :, positions] = source_embeddings[:, positions].transpose(0, 1)
-        tangent = tangent.flatten(0, 1)
-        read: dict[int, torch.Tensor] = {}
-        inputs = dict(input_ids=input_ids.repeat(sources, 1), attention_mask=attention_mask.repeat(sources, 1),
-                      position_ids=position_ids.repeat(sources, 1), logits_to_keep=1, use_cache=False)
-        with torch.no_grad(), _tangent_rules(lm.model, lm.adapter, frozen, sources, tangent, nodes, read, cut), \
-                suppress(_TopLayerDone):
-            functional_call(lm.model, zero_biases, kwargs=inputs)
-        for layer, values in read.items():
-            result[starts[layer]:starts[layer] + values.shape[1], first:first + sources] = values.T
-    return result
+    cache = _prefix_cache(lm, base.linear_pass.cache, rows) if start else None
+    inputs = dict(input_ids=base.batch.input_ids[:, start:].repeat(sources, 1),
+                  attention_mask=base.batch.attention_mask.repeat(sources, 1),
+                  position_ids=base.batch.position_ids[:, start:].repeat(sources, 1),
+                  cache=cache, logits_to_keep=1, use_cache=False)
+    read: dict[int | str, torch.Tensor] = {}
+    hooks = _tangent_hooks(lm.model, lm.adapter, base.frozen, rows, tangent.flatten(0, 1), injections, reads,
+                           read, cut)
+    with torch.no_grad(), hooks_installed(lm.model, hooks), suppress(_Done):
+        functional_call(lm.model, zero_biases, kwargs=inputs)
+    return read
 
 
-@contextmanager
-def _tangent_rules(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues, sources: int,
-                   tangent: torch.Tensor, nodes: dict[int, NodeIndex], read: dict[int, torch.Tensor],
-                   cut: bool) -> Iterator[None]:
-    """The half rule set's tangent hooks, then a tap that feeds `tangent` in and reads the nodes'
-    values at the MLP output projections' inputs (after the half rule rewrote them)."""
-    rows = TangentRows(sources)
+def plan_windows(latest_first: list[int], width: int,
+                 max_rows_at: Callable[[int], int]) -> Iterator[tuple[int, int, int]]:
+    """Passes over sources ordered latest position first (`latest_first[s]`: the earliest position of
+    source slot s over the batch's prompts; all 0 where windows are not available): yields (first
+    slot, stop slot, window start). A pass widens its window for one more source while that costs its
+    rows less than a new pass would cost (PASS_COST_IN_ROWS), and takes at most
+    `max_rows_at(window width)` slots."""
+    first = 0
+    while first < len(latest_first):
+        start, stop = latest_first[first], first + 1
+        while stop < len(latest_first):
+            position = min(start, latest_first[stop])
+            widening = (stop - first) * (start - position)
+            if widening > PASS_COST_IN_ROWS or stop - first >= max_rows_at(width - position):
+                break
+            start, stop = position, stop + 1
+        yield first, stop, start
+        first = stop
+
+
+def _prefix_cache(lm: LoadedModel, base_cache: DynamicCache, rows: TangentRows) -> DynamicCache:
+    """A cache for the positions before the window: the base pass's keys, zero values, for every row."""
+    cache = DynamicCache(config=lm.model.config)
+    for index, layer in enumerate(base_cache.layers):
+        keys = layer.keys[:, :, :rows.start]
+        keys = keys[None].expand(rows.sources, *keys.shape).flatten(0, 1)
+        cache.update(keys, torch.zeros_like(keys), index)
+    return cache
+
+
+def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues, rows: TangentRows,
+                   tangent: torch.Tensor, injections: Injections, reads: Reads, read: dict[int | str, torch.Tensor],
+                   cut: bool) -> list[Hook]:
+    """The rules' tangent hooks, then a tap that feeds `tangent` in, adds the injections at MLP outputs
+    and reads what `reads` asks for."""
+    nodes = reads.nodes
+    last = max(nodes) if nodes and reads.logits is None else None  # the layer after which nothing is read
 
     def embeddings(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:
             return (tangent, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": tangent}
 
-    top = max(nodes) if nodes else -1
-
-    def mlp_out(layer: int):
-        def hook(_m: nn.Module, args: tuple) -> tuple:
+    def read_activations(layer: int):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            row, position, neuron = nodes[layer]
+            inside = position >= rows.start  # nodes before the window read 0
             value = rows.split(args[0])
-            if layer in nodes:
-                row, position, neuron = nodes[layer]
-                read[layer] = value[:, row, position, neuron]  # (S, K_layer)
-            if layer == top:
-                raise _TopLayerDone
-            return (torch.zeros_like(args[0]) if cut else args[0], *args[1:])
+            read[layer] = value.new_zeros(len(value), len(row))
+            read[layer][:, inside] = value[:, row[inside], position[inside] - rows.start, neuron[inside]]
+            if layer == last:
+                raise _Done
         return hook
 
-    rules = [hook for rule in rule_set("half") for hook in rule.tangent_hooks(model, adapter, frozen, rows)]
+    def read_mlp_input(layer: int):
+        def hook(_m: nn.Module, args: tuple) -> tuple:
+            if layer in nodes:
+                row, position, _ = nodes[layer]
+                value = rows.split(args[0])
+                read[layer] = value.new_zeros(len(value), len(row))
+                for b, p in torch.stack([row, position], 1).unique(dim=0).tolist():  # one product per position
+                    if p >= rows.start:
+                        ids = ((row == b) & (position == p)).nonzero(as_tuple=True)[0]
+                        read[layer][:, ids] = value[:, b, p - rows.start] @ reads.readouts[layer][ids].T.to(value.dtype)
+            if layer == last:
+                raise _Done
+            return (args[0][:, :0], *args[1:])  # the MLP runs on no position: its output is replaced below
+        return hook
+
+    def mlp_output(layer: int):
+        ids = injections.at(layer)
+
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+            if cut:
+                out = tangent.new_zeros(tangent.shape)
+            if len(ids):
+                out = rows.split(out).index_put((injections.slot[ids], injections.row[ids],
+                                                 injections.position[ids] - rows.start),
+                                                injections.vector[ids].to(out.dtype), accumulate=True).flatten(0, 1)
+            return out
+        return hook
+
+    def read_logits(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        read["logits"] = torch.einsum("sbd,bkd->sbk", rows.split(out)[:, :, -1], reads.logits.to(out.dtype))
+        raise _Done
+
     tap = [Hook(f"{adapter.layers}.0", embeddings, pre=True, with_kwargs=True)]
-    tap += [Hook(name, mlp_out(layer), pre=True)
-            for layer, name in enumerate(layer_names(model, adapter, adapter.mlp_out))]
-    with hooks_installed(model, [*rules, *tap]):
-        yield
+    mlps = layer_names(model, adapter, mlp_path(adapter))
+    if cut:
+        rules = [FrozenNormScale(), FrozenAttentionPattern()]
+        tap += [Hook(name, read_mlp_input(layer), pre=True) for layer, name in enumerate(mlps)]
+    else:
+        rules = rule_set("half")
+        tap += [Hook(name, read_activations(layer), pre=True)
+                for layer, name in enumerate(layer_names(model, adapter, adapter.mlp_out)) if layer in nodes]
+    tap += [Hook(name, mlp_output(layer)) for layer, name in enumerate(mlps) if cut or len(injections.at(layer))]
+    tap += _skipped_query_keys(model, adapter)
+    if reads.logits is not None:
+        tap.append(Hook(adapter.final_norm, read_logits))
+    return [hook for rule in rules for hook in rule.tangent_hooks(model, adapter, frozen, rows)] + tap
+
+
+def _skipped_query_keys(model: nn.Module, adapter: FamilyAdapter) -> list[Hook]:
+    """Separate query/key projections run on no position: the rule's tangent hook replaces their output
+    with the frozen one anyway."""
+    names = [name for path in adapter.attention_query_key for name in layer_names(model, adapter, path)]
+    return [Hook(name, lambda _m, args: (args[0][:, :0], *args[1:]), pre=True) for name in names]
