@@ -189,9 +189,10 @@ def test_forward_mode_and_vjp_input_profiles_agree(tiny64, profiles):
 
 
 def test_batched_passes_take_the_rows_the_working_memory_budget_holds(tiny_models, monkeypatch):
-    """The one chunking rule: every batched backward pass (node VJPs) and tangent pass takes at most
-    budget // bytes-per-row rows, so a trace's peak beyond the weights and one forward pass follows
-    --working-memory-mib; a smaller budget means more, smaller passes and the same results."""
+    """The one chunking rule: every batched backward pass (node VJPs) takes at most budget //
+    bytes-per-row rows and every tangent pass at most what `row_bytes` says its window holds, so a
+    trace's peak beyond the weights and one forward pass follows --working-memory-mib; a smaller budget
+    means more, smaller passes and the same results."""
     from adag.trace import passes, tangent
 
     lm = tiny_models["llama"]
@@ -199,7 +200,7 @@ def test_batched_passes_take_the_rows_the_working_memory_budget_holds(tiny_model
     config = TraceConfig(aggregation="none", threshold=0.01, input_profiles="forward")
     nodes = select_nodes(node_scores(lm, config, batch)[0], config)
     rows_seen: list[tuple[str, int, int]] = []  # (pass, rows taken, rows the rule allows)
-    rule, grad, call = passes.rows_per_pass, torch.autograd.grad, tangent.functional_call
+    rule, grad, push = passes.rows_per_pass, torch.autograd.grad, tangent.push_forward
     allowed: list[int] = []
 
     def counted_rule(config, device, bytes_per_row):
@@ -211,27 +212,78 @@ def test_batched_passes_take_the_rows_the_working_memory_budget_holds(tiny_model
             rows_seen.append(("vjp", grad_outputs.shape[0], allowed[-1]))
         return grad(outputs, inputs, grad_outputs, is_grads_batched=is_grads_batched, **kwargs)
 
-    def counted_call(model, parameters, kwargs):
-        rows_seen.append(("tangent", len(kwargs["input_ids"]) // len(batch.input_ids), allowed[-1]))
-        return call(model, parameters, kwargs=kwargs)
+    def counted_push(lm, base, sources, start, injections, reads, cut=False):
+        window_bytes = tangent.row_bytes(lm, base, batch.input_ids.shape[1] - start, cut)
+        rows_seen.append(("tangent", sources, passes.working_memory(budget, lm.device) // window_bytes))
+        return push(lm, base, sources, start, injections, reads, cut)
 
     monkeypatch.setattr(passes, "rows_per_pass", counted_rule)
-    monkeypatch.setattr("adag.trace.profiles.rows_per_pass", counted_rule)
+    monkeypatch.setattr(tangent, "rows_per_pass", counted_rule)
     monkeypatch.setattr(torch.autograd, "grad", counted_grad)
-    monkeypatch.setattr(tangent, "functional_call", counted_call)
+    for module in ("profiles", "edges"):
+        monkeypatch.setattr(f"adag.trace.{module}.push_forward", counted_push)
     results = {}
     for mib in (1, 4):
         rows_seen.clear()
         budget = config.model_copy(update={"working_memory_mib": mib})
         profiles = profiles_pass(lm, budget, batch, nodes)
         edges = edges_pass(lm, budget, batch, profiles)
-        results[mib] = (profiles, edges, list(rows_seen))
+        by_vjp = edges_pass(lm, budget, batch, profiles, method="vjp")
+        results[mib] = (profiles, edges, by_vjp, list(rows_seen))
         assert {kind for kind, _, _ in rows_seen} == {"vjp", "tangent"}
         assert all(0 < rows <= max(1, limit) for _, rows, limit in rows_seen), rows_seen
-    small, large = results[1][2], results[4][2]
-    assert len(small) > len(large) and max(r for _, r, _ in small) < max(r for _, r, _ in large)
+    small, large = results[1][3], results[4][3]
+    assert len(small) > len(large) and any(rows == limit > 1 for _, rows, limit in small)  # the budget binds
     torch.testing.assert_close(results[1][0].input_profile, results[4][0].input_profile, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(results[1][1].weight, results[4][1].weight, rtol=1e-5, atol=1e-6)
+    for edges in (1, 2):
+        torch.testing.assert_close(results[1][edges].weight, results[4][edges].weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("profiles", ["total", "direct"])
+def test_windowed_tangent_passes_equal_full_width_ones(tiny64, profiles, monkeypatch):
+    """A pass per window (each source position its own window, the earlier positions entering attention
+    from the cache) gives the input profiles and edges of passes over every position. Short prompts, so
+    that Gemma's sliding-window layers (8 positions here) keep every key and windows are used."""
+    from adag.trace import tangent
+
+    batch = _batch(tiny64, ["What is 3 + 4?", "Paris is in", "the state of Texas"])
+    config = TraceConfig(aggregation="none", threshold=0.01, input_profiles="forward", profiles=profiles)
+    nodes = select_nodes(node_scores(tiny64, config, batch)[0], config)
+    starts: list[int] = []
+    push = tangent.push_forward
+
+    def recorded(lm, base, sources, start, *args, **kwargs):
+        starts.append(start)
+        return push(lm, base, sources, start, *args, **kwargs)
+
+    for module in ("profiles", "edges"):
+        monkeypatch.setattr(f"adag.trace.{module}.push_forward", recorded)
+    monkeypatch.setattr(tangent, "PASS_COST_IN_ROWS", 0)
+    windowed = profiles_pass(tiny64, config, batch, nodes)
+    windowed_edges = _edge_weights(edges_pass(tiny64, config, batch, windowed))
+    assert windowed.base.windows and len(set(starts)) > 2 and max(starts) > 0
+    starts.clear()
+    monkeypatch.setattr(tangent.BasePass, "windows", property(lambda _self: False))
+    full = profiles_pass(tiny64, config, batch, nodes)
+    full_edges = _edge_weights(edges_pass(tiny64, config, batch, full))
+    assert set(starts) == {0}
+    torch.testing.assert_close(windowed.input_profile, full.input_profile, rtol=1e-9, atol=1e-12)
+    assert windowed_edges.keys() == full_edges.keys() and len(full_edges) > 10
+    for key, weight in full_edges.items():  # float64, depth 3: rounding ~1e-14 relative
+        assert abs(windowed_edges[key] - weight) <= 1e-9 * max(1.0, abs(weight))
+
+
+def test_forward_and_vjp_edges_agree(tiny64):
+    """Edges from tangent rows (one per source) equal those from backward rows (one per target)."""
+    batch = _batch(tiny64, PROMPTS)
+    config = TraceConfig(aggregation="none", threshold=0.01, edge_threshold=0.0)
+    nodes = select_nodes(node_scores(tiny64, config, batch)[0], config)
+    profiles = profiles_pass(tiny64, config, batch, nodes)
+    forward = _edge_weights(edges_pass(tiny64, config, batch, profiles, method="forward"))
+    vjp = _edge_weights(edges_pass(tiny64, config.model_copy(update={"chunk_size": 3}), batch, profiles, method="vjp"))
+    assert forward.keys() == vjp.keys() and any(kind == LOGIT for _, _, kind, _ in forward)
+    for key, weight in vjp.items():  # float64, depth 3: rounding ~1e-14 relative
+        assert abs(forward[key] - weight) <= 1e-9 * max(1.0, abs(weight))
 
 
 def _edge_weights(edges) -> dict[tuple[int, int, int, int], float]:

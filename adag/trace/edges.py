@@ -19,7 +19,6 @@ from adag.trace.passes import (
     node_readouts,
     node_vjps,
     readouts_by_layer,
-    rows_per_pass,
 )
 from adag.trace.profiles import Profiles
 from adag.trace.tangent import BasePass, Injections, Reads, plan_windows, push_forward
@@ -133,10 +132,7 @@ def _forward_derivatives(lm: LoadedModel, config: TraceConfig, base: BasePass, s
             neuron_directions(outputs[layer])[neuron].to(vectors)
     reads = Reads(nodes.by_layer(), readouts_by_layer(node_readouts(lm, config, base.linear_pass, nodes), nodes),
                   base.logit_readouts(lm))
-    width, d_model = embeddings.shape[1], embeddings.shape[-1]
-    bytes_per_position = len(batch.valid) * 12 * d_model * embeddings.element_size()
-    plan = plan_windows(earliest.tolist() if base.windows else [0] * slots, width,
-                        lambda w: rows_per_pass(config, embeddings.device, w * bytes_per_position))
+    plan = plan_windows(lm, config, base, earliest.tolist(), cut=True)
     parts, to_logits = [], embeddings.new_zeros(len(sources), reads.logits.shape[1])
     for first, stop, start in plan:
         members = ((rank >= first) & (rank < stop)).nonzero(as_tuple=True)[0]

@@ -17,7 +17,6 @@ from adag.trace.passes import (
     node_readouts,
     node_vjps,
     readouts_by_layer,
-    rows_per_pass,
 )
 from adag.trace.rules import FrozenValues
 from adag.trace.tangent import BasePass, Injections, Reads, plan_windows, push_forward
@@ -100,11 +99,9 @@ def forward_input_profiles(lm: LoadedModel, config: TraceConfig, base: BasePass,
     if not len(nodes):
         return result
     positions = list(range(int(nodes.position.max()), int(base.batch.offsets.min()) - 1, -1))
-    bytes_per_position = batch * (4 * lm.n_neurons + 8 * d_model) * embeddings.element_size()
     readouts = readouts_by_layer(node_readouts(lm, config, base.linear_pass, nodes), nodes) if cut else None
     reads = Reads(nodes.by_layer(), readouts)
-    plan = plan_windows(positions if base.windows else [0] * len(positions), width,
-                        lambda w: rows_per_pass(config, embeddings.device, w * bytes_per_position))
+    plan = plan_windows(lm, config, base, positions, cut)
     for first, stop, start in plan:
         slot, row = torch.cartesian_prod(torch.arange(stop - first), torch.arange(batch)).T.to(embeddings.device)
         position = torch.tensor(positions[first:stop], device=embeddings.device)[slot]

@@ -22,7 +22,7 @@ touched). Tangent row s * B + b carries source s of prompt b. Two savings keep r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -34,7 +34,8 @@ from transformers import DynamicCache
 from adag.models import LoadedModel
 from adag.models.families import FamilyAdapter
 from adag.trace.batch import PromptBatch
-from adag.trace.passes import LinearisedPass
+from adag.trace.config import TraceConfig
+from adag.trace.passes import LinearisedPass, rows_per_pass
 from adag.trace.rules import (
     FrozenAttentionPattern,
     FrozenNormScale,
@@ -134,24 +135,41 @@ def push_forward(lm: LoadedModel, base: BasePass, sources: int, start: int, inje
     return read
 
 
-def plan_windows(latest_first: list[int], width: int,
-                 max_rows_at: Callable[[int], int]) -> Iterator[tuple[int, int, int]]:
+def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_first: list[int],
+                 cut: bool) -> Iterator[tuple[int, int, int]]:
     """Passes over sources ordered latest position first (`latest_first[s]`: the earliest position of
-    source slot s over the batch's prompts; all 0 where windows are not available): yields (first
-    slot, stop slot, window start). A pass widens its window for one more source while that costs its
-    rows less than a new pass would cost (PASS_COST_IN_ROWS), and takes at most
-    `max_rows_at(window width)` slots."""
+    source slot s over the batch's prompts): yields (first slot, stop slot, window start). A pass
+    widens its window for one more source while that costs its rows less than a new pass would cost
+    (PASS_COST_IN_ROWS), and takes as many rows as the working-memory budget holds (`row_bytes`).
+    Without windows (`BasePass.windows`) every pass starts at 0."""
+    width = base.batch.input_ids.shape[1]
+    latest_first = latest_first if base.windows else [0] * len(latest_first)
+    device = base.batch.input_ids.device
+
+    def fits(rows: int, start: int) -> bool:
+        return rows <= rows_per_pass(config, device, row_bytes(lm, base, width - start, cut))
+
     first = 0
     while first < len(latest_first):
         start, stop = latest_first[first], first + 1
         while stop < len(latest_first):
             position = min(start, latest_first[stop])
-            widening = (stop - first) * (start - position)
-            if widening > PASS_COST_IN_ROWS or stop - first >= max_rows_at(width - position):
+            if (stop - first) * (start - position) > PASS_COST_IN_ROWS or not fits(stop + 1 - first, position):
                 break
             start, stop = position, stop + 1
         yield first, stop, start
         first = stop
+
+
+def row_bytes(lm: LoadedModel, base: BasePass, window: int, cut: bool) -> int:
+    """What one tangent row per prompt holds in a pass over `window` positions: per window position a
+    layer's hidden states (a few d-wide tensors; without `cut` also the MLP's, a few neuron-wide ones),
+    per earlier position every layer's cached key and zero value."""
+    batch, width, d_model = base.linear_pass.tap.embeddings.shape
+    keys = base.linear_pass.cache.layers[0].keys
+    cached = 2 * len(base.linear_pass.cache.layers) * keys.shape[1] * keys.shape[-1]
+    per_position = 8 * d_model + (0 if cut else 4 * lm.n_neurons)
+    return batch * (window * per_position + (width - window) * cached) * keys.element_size()
 
 
 def _prefix_cache(lm: LoadedModel, base_cache: DynamicCache, rows: TangentRows) -> DynamicCache:
