@@ -5,11 +5,13 @@
    (with a probe on each input embedding) is kept for phase 2.
 2. Profiles (`adag.trace.profiles`): k vector-Jacobian products from the target logits through phase
    1's pass give every kept node's output profile and RelP and every embedding's relevance; input
-   profiles come from forward mode (with phase 1's constants) or from one backward row per kept
-   node. Direct-effect profiles run a pass of their own with every MLP output held constant.
-3. Edges (`adag.trace.edges`): the same probes in a forward pass whose MLP outputs re-enter the model
-   as constants (direct effects); one batched VJP per chunk of target nodes gives all of their
-   incoming edges, and k VJPs from the target logits the edges into the logits.
+   profiles come from forward mode (`adag.trace.tangent`: one tangent row per source position, with
+   phase 1's constants) or from one backward row per kept node. Direct-effect profiles run a pass of
+   their own with every MLP output held constant.
+3. Edges (`adag.trace.edges`): direct effects, every MLP output held. In forward mode one tangent row
+   per source (kept neuron or embedding node) from phase 1's constants gives all of its outgoing
+   edges, into neurons and target logits; under plain gradients, a cut forward pass with probes,
+   one backward row per target neuron and k from the target logits.
 
 Prompts in a batch never interact, so a batch-summed output gives per-prompt gradients.
 """
@@ -81,4 +83,5 @@ def attribute(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, keys: No
         profiles = profiles_pass(lm, config, batch, nodes, scored)
     with timer("edges"):
         edges = edges_pass(lm, config, batch, profiles) if config.edges else None
+    profiles.base = None  # the linearised pass is not needed past the edges: let its memory go
     return BatchAttribution(profiles, edges, largest_score)

@@ -94,7 +94,7 @@ def forward_input_profiles(lm: LoadedModel, config: TraceConfig, base: BasePass,
     (carrying e_j), from the last node's position down, in windows (`adag.trace.tangent`). With `cut`,
     every MLP output is held constant (direct effects)."""
     embeddings = base.linear_pass.tap.embeddings.detach() * base.batch.valid[..., None]  # padding is no source
-    batch, width, d_model = embeddings.shape
+    batch, width, _ = embeddings.shape
     result = embeddings.new_zeros(len(nodes), width)
     if not len(nodes):
         return result
@@ -114,17 +114,18 @@ def forward_input_profiles(lm: LoadedModel, config: TraceConfig, base: BasePass,
 def input_profile_mode(config: TraceConfig, batch: PromptBatch, nodes: Nodes) -> str:
     """'forward' or 'vjp': the configured mode, or under 'auto' the cheaper for this batch.
 
-    Forward mode runs T tangent rows of T tokens per prompt through the layers up to the highest
-    node; VJP mode runs one backward row per node rank (a row serves every prompt of the batch) from
-    that rank's highest layer down to the embeddings. Both scale with the batch's tokens, so the
-    comparison is T * (top layer + 1) against BACKWARD_ROW_COST * sum over ranks of (layer + 1).
+    Forward mode runs T tangent rows per prompt through the layers up to the highest node, the row of
+    source position j over the T - j positions from j on (windows; (T + 1) / 2 positions on average);
+    VJP mode runs one backward row of T tokens per node rank (a row serves every prompt of the batch)
+    from that rank's highest layer down to the embeddings. So the comparison is (T + 1) / 2 * (top
+    layer + 1) against BACKWARD_ROW_COST * sum over ranks of (layer + 1).
     """
     if config.input_profiles != "auto":
         return config.input_profiles
     if config.rules != "half" or not len(nodes):
         return "vjp"
     top_by_rank = nodes.top_layer_by_rank(nodes.rank_in_prompt())
-    forward_cost = batch.input_ids.shape[1] * (int(nodes.layer.max()) + 1)
+    forward_cost = (batch.input_ids.shape[1] + 1) / 2 * (int(nodes.layer.max()) + 1)
     backward_cost = BACKWARD_ROW_COST * float((top_by_rank + 1).sum())
     return "forward" if forward_cost <= backward_cost else "vjp"
 
