@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
+                        help="plain: the same text for every model (chat templates add a system prompt), so that "
+                        "units compare at similar prompt lengths")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model, print JSON
     args = parser.parse_args()
     if args.one:
@@ -46,24 +49,25 @@ def main() -> None:
         return
     print(f"{args.prompts} country-capitals prompts, {args.device} {args.dtype}, {args.threads} threads, "
           f"default settings, median of {args.repeats}; s = seconds per prompt, u = units of one fwd+bwd")
-    print(f"{'model':<20} {'batch':>5} {'fwd+bwd':>8} " + " ".join(f"{p:>14}" for p in (*PHASES, "total"))
+    print(f"{'model':<20} {'tokens':>6} {'batch':>5} {'fwd+bwd':>8} " + " ".join(f"{p:>14}" for p in (*PHASES, "total"))
           + f" {'nodes':>6} {'edges':>7} {'peak RSS':>9} {'weights+budget':>14}")
     for model in args.models.split(","):
         command = [sys.executable, __file__, "--one", model, *_passed_on(args)]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         for size, row in result["batches"].items():
             cells = [f"{row[p]:6.2f}s {row[p] / row['unit']:5.1f}u" for p in (*PHASES, "total")]
-            print(f"{model:<20} {size:>5} {row['unit']:7.3f}s " + " ".join(cells)
+            print(f"{model:<20} {result['tokens']:6.1f} {size:>5} {row['unit']:7.3f}s " + " ".join(cells)
                   + f" {row['node_count']:6.0f} {row['edge_count']:7.0f} {result['peak_rss_mib']:6.0f} MiB "
                   f"{result['weights_mib'] + result['budget_mib']:10.0f} MiB")
         fastest = min(result["batches"], key=lambda size: result["batches"][size]["total"])
         print(f"{model:<20} default-rule batch size here: {fastest}; "
-              + whole_process(model, args.device, args.dtype, args.threads))
+              + whole_process(model, args))
 
 
 def _passed_on(args: argparse.Namespace) -> list[str]:
     return [f"--prompts={args.prompts}", f"--batch-sizes={args.batch_sizes}", f"--repeats={args.repeats}",
-            f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}"]
+            f"--threads={args.threads}", f"--device={args.device}", f"--dtype={args.dtype}",
+            f"--prompt-format={args.prompt_format}"]
 
 
 def measure(model: str, args: argparse.Namespace) -> dict:
@@ -78,10 +82,11 @@ def measure(model: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     lm = load_model(model, dtype=args.dtype, device=args.device)
-    tokens = [encode_prompt(lm.tokenizer, row) for row in load_dataset("country-capitals", limit=args.prompts).rows]
+    tokens = [encode_prompt(lm.tokenizer, row, args.prompt_format)
+              for row in load_dataset("country-capitals", limit=args.prompts).rows]
     batches = {}
     for size in [int(b) for b in args.batch_sizes.split(",")]:
-        config = TraceConfig(batch_size=size)
+        config = TraceConfig(batch_size=size, prompt_format=args.prompt_format)
         runs = []
         for _ in range(args.repeats):
             timer, unit, node_count, edge_count = PhaseTimer(lm.device), 0.0, 0, 0
@@ -100,8 +105,8 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if lm.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(lm.device) / 2**20
-    return {"batches": batches, "peak_rss_mib": peak, "weights_mib": weights / 2**20,
-            "budget_mib": working_memory(TraceConfig(), lm.device) / 2**20}
+    return {"batches": batches, "tokens": statistics.mean(len(t) for t in tokens), "peak_rss_mib": peak,
+            "weights_mib": weights / 2**20, "budget_mib": working_memory(TraceConfig(), lm.device) / 2**20}
 
 
 def _forward_backward_seconds(lm, batch) -> float:
@@ -119,14 +124,14 @@ def _forward_backward_seconds(lm, batch) -> float:
     return time.perf_counter() - started
 
 
-def whole_process(model: str, device: str, dtype: str, threads: int) -> str:
+def whole_process(model: str, args: argparse.Namespace) -> str:
     """`adag trace --limit 2` from the command line: its wall time against the trace stage's seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/run"
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "adag", "trace", "--model", model, "--dataset", "country-capitals",
-                        "--limit", "2", "--out", out, "--device", device, "--dtype", dtype],
-                       check=True, capture_output=True, env=_env(threads))
+                        "--limit", "2", "--out", out, "--device", args.device, "--dtype", args.dtype,
+                        "--prompt-format", args.prompt_format], check=True, capture_output=True, env=_env(args.threads))
         wall = time.perf_counter() - started
         with open(f"{out}/manifest.json") as f:
             stage = json.load(f)["stages"]["trace"]["seconds"]
