@@ -88,6 +88,14 @@ class BasePass:
     batch: PromptBatch
     linear_pass: LinearisedPass
     frozen: FrozenValues
+    _zero_biases: dict[str, torch.Tensor] | None = None
+
+    def zero_biases(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Zeros for every bias of the model, made once for all of this batch's tangent passes."""
+        if self._zero_biases is None:
+            self._zero_biases = {name: torch.zeros_like(p) for name, p in model.named_parameters()
+                                 if name.endswith("bias")}
+        return self._zero_biases
 
     @property
     def windows(self) -> bool:
@@ -122,7 +130,6 @@ def push_forward(lm: LoadedModel, base: BasePass, sources: int, start: int, inje
     tangent = injections.vector.new_zeros(sources, batch, width - start, injections.vector.shape[-1])
     tangent[injections.slot[first], injections.row[first], injections.position[first] - start] = \
         injections.vector[first]
-    zero_biases = {name: torch.zeros_like(p) for name, p in lm.model.named_parameters() if name.endswith("bias")}
     cache = _prefix_cache(lm, base.linear_pass.cache, rows) if start else None
     inputs = dict(input_ids=base.batch.input_ids[:, start:].repeat(sources, 1),
                   attention_mask=base.batch.attention_mask.repeat(sources, 1),
@@ -132,7 +139,7 @@ def push_forward(lm: LoadedModel, base: BasePass, sources: int, start: int, inje
     hooks = _tangent_hooks(lm.model, lm.adapter, base.frozen, rows, tangent.flatten(0, 1), injections, reads,
                            read, cut)
     with torch.no_grad(), hooks_installed(lm.model, hooks), suppress(_Done):
-        functional_call(lm.model, zero_biases, kwargs=inputs)
+        functional_call(lm.model, base.zero_biases(lm.model), kwargs=inputs)
     return read
 
 
