@@ -223,7 +223,7 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
                 for b, p in torch.stack([row, position], 1).unique(dim=0).tolist():  # one product per position
                     if p >= rows.start:
                         ids = ((row == b) & (position == p)).nonzero(as_tuple=True)[0]
-                        read[layer][:, ids] = value[:, b, p - rows.start] @ reads.readouts[layer][ids].T.to(value.dtype)
+                        read[layer][:, ids] = value[:, b, p - rows.start] @ reads.readouts[layer][ids].T.to(value)
             if layer == last:
                 raise _Done
             return (args[0][:, :0], *args[1:])  # the MLP runs on no position: its output is replaced below
@@ -238,12 +238,12 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
             if len(ids):
                 out = rows.split(out).index_put((injections.slot[ids], injections.row[ids],
                                                  injections.position[ids] - rows.start),
-                                                injections.vector[ids].to(out.dtype), accumulate=True).flatten(0, 1)
+                                                injections.vector[ids].to(out), accumulate=True).flatten(0, 1)
             return out
         return hook
 
     def read_logits(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        read["logits"] = torch.einsum("sbd,bkd->sbk", rows.split(out)[:, :, -1], reads.logits.to(out.dtype))
+        read["logits"] = torch.einsum("sbd,bkd->sbk", rows.split(out)[:, :, -1], reads.logits.to(out))
         raise _Done
 
     tap = [Hook(f"{adapter.layers}.0", embeddings, pre=True, with_kwargs=True)]
