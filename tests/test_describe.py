@@ -27,7 +27,7 @@ from adag.describe.explain import (
     simulated_score,
 )
 from adag.describe.labels import grounded
-from adag.describe.prompts import DESCRIPTION_WORDS, LABEL_WORDS, explain_messages, reply_tokens
+from adag.describe.prompts import DESCRIPTION_WORDS, LABEL_WORDS, explain_messages, parse_description, reply_tokens
 from adag.describe.records import (
     Record,
     exemplar_pool,
@@ -414,6 +414,13 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
         assert sent > 0
         describe_run(str(clustered_run), config.model_copy(update={"clusters": None}), progress=False)
         assert len(server.requests) == sent  # a rerun is served from the cache
+
+
+def test_a_description_with_broken_characters_is_unusable():
+    """Seen from a local model sampling at temperature 1: "The\u7b3c\ufffd" (a cut byte sequence)."""
+    with pytest.raises(UnusableReply):
+        parse_description("The\u7b3c\ufffd", "input")
+    assert parse_description("names of cities. And more", "input") == "names of cities"
 
 
 def test_template_labels_and_run_on_replies_are_asked_again_then_kept_as_one_plain_phrase(clustered_run, tmp_path,

@@ -18,6 +18,7 @@ from adag.llm.roles import Messages, UnusableReply
 MAX_DESCRIPTION = 160
 DESCRIPTION_WORDS = {"input": 8, "negative": 8, "output": 12}  # asked for, and kept at most
 LABEL_WORDS = 3  # the explainer's words; an inhibitory cluster's label gets one more (adag.describe.explain)
+BROKEN = "\ufffd"  # what decoding a cut or invalid byte sequence gives: sampled noise, not a description
 REFUSALS = re.compile(r"\b(i can(not|'t)|i'm sorry|i am sorry|as an ai|unable to)\b", re.IGNORECASE)
 
 
@@ -124,7 +125,7 @@ def parse_description(reply: str, kind: str, strict: bool = True) -> str:
     words asked for: unusable when `strict`, else cut to its first phrase."""
     line = re.sub(r"^(description|answer)\s*:\s*", "", first_sentence(reply), flags=re.IGNORECASE)
     description = line.strip().strip('"').strip()[:MAX_DESCRIPTION].strip()
-    if not description or REFUSALS.search(description):
+    if not description or REFUSALS.search(description) or BROKEN in description:
         raise UnusableReply(f"explainer gave no usable description ({reply.strip()[:60]!r})")
     words = DESCRIPTION_WORDS[kind]
     if strict and len(description.split()) > words:
