@@ -420,6 +420,7 @@ def test_a_description_with_broken_characters_is_unusable():
     """Seen from a local model sampling at temperature 1: "The\u7b3c\ufffd" (a cut byte sequence)."""
     with pytest.raises(UnusableReply):
         parse_description("The\u7b3c\ufffd", "input")
+    assert parse_description("city\ufffd names", "input", strict=False) == "city names"
     assert parse_description("names of cities. And more", "input") == "names of cities"
 
 

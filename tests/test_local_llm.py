@@ -71,11 +71,13 @@ def test_a_reply_ends_with_its_first_sentence(tokenizer):
     start = len(tokenizer("Answer:", add_special_tokens=False)["input_ids"])
     for text, ends in (("Answer: capital cities\nand more", True), ("Answer: capital cities. And more", True),
                        ("Answer: \"capital cities.\" And more", True), ("Answer: U.S. states", False),
-                       ("Answer: digits 3.5 and", False), ("Answer:\n capital", False)):
+                       ("Answer: digits 3.5 and", False), ("Answer:\n capital", False),
+                       ("Answer: Label:\n", False), ("Answer: Label:\ncapital cities\n", True)):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert EndOfSentence(tokenizer, start)(torch.tensor([ids]), None).tolist() == [ends], text
     assert first_sentence("\n  capital cities \nand more") == "capital cities"
     assert first_sentence("1. capital cities. They are") == "capital cities."
+    assert first_sentence("Answer:\ncapital cities\n") == first_sentence(" label: capital cities") == "capital cities"
     assert first_sentence("U.S. states, e.g. Ohio") == "U.S. states, e.g. Ohio"
 
 

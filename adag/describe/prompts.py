@@ -121,11 +121,14 @@ def first_phrase(text: str, words: int) -> str:
 
 
 def parse_description(reply: str, kind: str, strict: bool = True) -> str:
-    """The first sentence of the first line, without quotes or a 'Description:' prefix. Longer than the
-    words asked for: unusable when `strict`, else cut to its first phrase."""
-    line = re.sub(r"^(description|answer)\s*:\s*", "", first_sentence(reply), flags=re.IGNORECASE)
-    description = line.strip().strip('"').strip()[:MAX_DESCRIPTION].strip()
-    if not description or REFUSALS.search(description) or BROKEN in description:
+    """The first sentence of the first line (adag.llm.backend.first_sentence), without quotes. Longer than the
+    words asked for or holding a broken byte sequence: unusable when `strict`, else cut to its first phrase
+    without the broken characters."""
+    description = first_sentence(reply).strip('"').strip()[:MAX_DESCRIPTION].strip()
+    if strict and BROKEN in description:
+        raise UnusableReply(f"explainer's description holds a broken byte sequence ({description[:60]!r})")
+    description = " ".join(description.replace(BROKEN, " ").split())
+    if not description or REFUSALS.search(description):
         raise UnusableReply(f"explainer gave no usable description ({reply.strip()[:60]!r})")
     words = DESCRIPTION_WORDS[kind]
     if strict and len(description.split()) > words:
@@ -136,7 +139,7 @@ def parse_description(reply: str, kind: str, strict: bool = True) -> str:
 def parse_label(reply: str, strict: bool = True) -> str:
     """1-LABEL_WORDS lowercase words. A label in the stats explainer's notation or longer than asked:
     unusable when `strict`, else its input part (before an arrow, inside `not[...]`) cut to its first phrase."""
-    line = re.sub(r"^label\s*:\s*", "", first_sentence(reply), flags=re.IGNORECASE)
+    line = first_sentence(reply)
     if not line or REFUSALS.search(reply):
         raise UnusableReply(f"explainer gave no usable label ({reply.strip()[:40]!r})")
     if strict and TEMPLATE.search(line):

@@ -22,6 +22,8 @@ SCORE_TOKENS = [str(i) for i in range(11)]
 # nor "e.g."), then perhaps a closing quote or parenthesis, then a space; and a list marker a reply may begin with.
 SENTENCE_END = re.compile(r"(?<=[a-z'\")\]][.!?])(?<!\.[a-z]\.)[\"')]?\s")
 LIST_MARKER = re.compile(r"^(\d+[.)]|[-*\u2022])\s+")
+# A lead-in a chat model may put before its reply, on the same line or on a line of its own.
+LEAD_IN = re.compile(r"^\s*(answer|description|label|reply|output)\s*:\s*", re.IGNORECASE)
 
 
 class TransientError(Exception):
@@ -101,9 +103,9 @@ class Backend(ABC):
 
 
 def first_sentence(text: str) -> str:
-    """A reply up to the end of its first sentence on its first non-empty line, without a list marker before
-    it: every request adag sends asks for one phrase, label, word or list."""
-    stripped = text.strip()
+    """A reply up to the end of its first sentence on its first non-empty line, without a lead-in ("Answer:")
+    or a list marker before it: every request adag sends asks for one phrase, label, word or list."""
+    stripped = LEAD_IN.sub("", text).strip()
     line = LIST_MARKER.sub("", stripped.splitlines()[0].strip()) if stripped else ""
     return SENTENCE_END.split(line, maxsplit=1)[0].strip()
 

@@ -18,7 +18,16 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from adag.llm.backend import SCORE_TOKENS, SENTENCE_END, Backend, Completion, Prediction, expected_score, first_sentence
+from adag.llm.backend import (
+    LEAD_IN,
+    SCORE_TOKENS,
+    SENTENCE_END,
+    Backend,
+    Completion,
+    Prediction,
+    expected_score,
+    first_sentence,
+)
 from adag.llm.roles import Messages
 from adag.llm.simulation import Simulation, simulate_messages
 from adag.models import LoadedModel, load_model
@@ -166,14 +175,15 @@ def shared_model(model: str) -> LoadedModel:
 
 
 class EndOfSentence(StoppingCriteria):
-    """Stops decoding once the reply holds a line break or a sentence's end after some text: the end of the
-    phrase asked for (what follows it would be cut by `first_sentence` anyway)."""
+    """Stops decoding once the reply holds a line break or a sentence's end after some text (not counting a
+    lead-in such as "Answer:"): the end of the phrase asked for (`first_sentence` cuts what follows)."""
 
     def __init__(self, tokenizer: object, start: int):
         self.tokenizer, self.start = tokenizer, start
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = [self.tokenizer.decode(row[self.start:], skip_special_tokens=True).lstrip() for row in input_ids]
+        texts = [LEAD_IN.sub("", self.tokenizer.decode(row[self.start:], skip_special_tokens=True)).lstrip()
+                 for row in input_ids]
         return torch.tensor(["\n" in text or SENTENCE_END.search(text) is not None for text in texts],
                             device=input_ids.device)
 
