@@ -28,11 +28,12 @@ import pandas as pd
 
 from adag.datasets import PromptRow, format_prompt, load_dataset
 from adag.describe.config import DescribeConfig
-from adag.describe.explain import Explainer, HeldOut, simulated_score
+from adag.describe.explain import Explainer, HeldOut, Scored, simulated_score
 from adag.describe.records import Record, exemplar_pool, shown_start
 from adag.describe.roles import Roles, name_of, prompt_roles
 from adag.describe.run import best_description, input_excerpts, output_excerpts, output_held_out
 from adag.llm.cache import CachedBackend
+from adag.llm.roles import UnusableReply
 
 RECOVERED_WITHIN = 0.1
 MARGIN = 0.05  # how much a recovered description must beat both baselines by
@@ -267,7 +268,10 @@ def evaluate_rule(rule: PlantedRule, tokenizer: Any, explainer: Explainer, simul
     else:
         texts = {p.id: "".join(p.tokens[shown_start(p.tokens, p.row.prompt):]) for p in prompts}
         excerpts, held_out = output_excerpts(shown, texts, roles), output_held_out(held, texts)
-    best = best_description(explainer, simulator, rule.kind, excerpts, held_out, config, rule.name)
+    try:
+        best = best_description(explainer, simulator, rule.kind, excerpts, held_out, config, rule.name)
+    except UnusableReply as error:  # every attempt unusable: no description, scored as none (the baselines still are)
+        best = Scored(f"(no usable reply: {error})", None)
     top, top3 = baselines(rule.kind, shown)
     true_score, wrong_score, near_score, top_score, top3_score = (
         simulated_score(simulator, rule.kind, d, held_out, config.attempts)

@@ -27,7 +27,7 @@ from adag.describe.explain import (
     simulated_score,
 )
 from adag.describe.labels import grounded
-from adag.describe.prompts import explain_messages
+from adag.describe.prompts import DESCRIPTION_WORDS, LABEL_WORDS, explain_messages, parse_description, reply_tokens
 from adag.describe.records import (
     Record,
     exemplar_pool,
@@ -59,7 +59,8 @@ from adag.report.data import run_payload
 from adag.store import MANIFEST, RunDir
 from adag.trace import TraceConfig, trace_dataset
 from adag.view import RunView, first_counted_position, prompt_input_vectors
-from tests.fake_openai import HANG, FakeOpenAI, error_body, reading_model, reply_body
+from tests.fake_openai import HANG, FakeOpenAI, cooperative, error_body, reading_model, reply_body
+from tests.fake_openai import asked as asked_text
 from tests.planted_rules import RULES, dataset_prompts, evaluate_rule, planted_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -407,12 +408,50 @@ def test_describe_stage_end_to_end_resumes_from_cache(clustered_run, tmp_path, m
         assert result == {"clusters": 3, "failed": 0}
         table = RunDir.open(clustered_run).read_table("describe", "descriptions")
         assert set(table["input_description"]) == {"names of countries"}
-        assert table["label"].str.fullmatch(r"(not\[)?capital city\]?").all()
+        assert table["label"].str.fullmatch(r"(against )?capital city").all()
         assert table["input_score"].notna().any()
         sent = len(server.requests)
         assert sent > 0
         describe_run(str(clustered_run), config.model_copy(update={"clusters": None}), progress=False)
         assert len(server.requests) == sent  # a rerun is served from the cache
+
+
+def test_a_description_with_broken_characters_is_unusable():
+    """Seen from a local model sampling at temperature 1: "The\u7b3c\ufffd" (a cut byte sequence)."""
+    with pytest.raises(UnusableReply):
+        parse_description("The\u7b3c\ufffd", "input")
+    assert parse_description("city\ufffd names", "input", strict=False) == "city names"
+    assert parse_description("names of cities. And more", "input") == "names of cities"
+
+
+def test_template_labels_and_run_on_replies_are_asked_again_then_kept_as_one_plain_phrase(clustered_run, tmp_path,
+                                                                                         monkeypatch):
+    """An LLM that imitates the stats explainer's labels (`not[country -> answer over country]`) and lists
+    the marked tokens past the words asked for: each request is sized to the words it asks for, a reply in
+    template form or too long is asked once more, and what is kept is its first phrase in plain words."""
+    monkeypatch.setenv("ADAG_CACHE", str(tmp_path))
+    run = _without_describe(clustered_run, tmp_path / "run")
+
+    def imitator(text: str) -> str:
+        if "label of one to" in text:
+            return "not[country -> answer over country] @L3-17"
+        if "JSON list of" in text:
+            return cooperative(text)
+        return "the country France, Japan, Peru, Chile and Oslo, then the capital cities of all of them"
+
+    with FakeOpenAI(respond=imitator) as server:
+        spec = f"openai:fake@{server.url}"
+        describe_run(str(run), DescribeConfig(explainer=spec, simulator=spec, samples=1), progress=False)
+        asked = [(body["messages"][-1]["content"], body["max_tokens"]) for body in server.requests
+                 if "JSON list of" not in asked_text(body)]
+    table = RunDir.open(run).read_table("describe", "descriptions")
+    assert set(table["label"]) <= {"country", "against country"}, table["label"].tolist()
+    for column in ("input_description", "output_description"):
+        assert set(table[column].dropna()) == {"the country France"}, table[column].tolist()
+    labels = [tokens for text, tokens in asked if "label of one to" in text]
+    # Asked once more after the template reply (a retry that is already cached is not sent again).
+    assert len(labels) > len(table) and set(labels) == {reply_tokens(LABEL_WORDS)}
+    assert max(tokens for _, tokens in asked) == reply_tokens(max(DESCRIPTION_WORDS.values()))
 
 
 def test_offline_default_labels_name_roles_and_rows_hold_facts_and_exemplars(clustered_run, tmp_path, monkeypatch):

@@ -131,8 +131,9 @@ def test_stats_label_needs_facts_and_signs_are_said_once():
     with pytest.raises(ValueError, match="from its facts"):
         StatsExplainer().label({}, {}, 0)
     assert signed_label("suppresses the", inhibitory=True) == "suppresses the"
-    assert signed_label("not[capital]", inhibitory=True) == "not[capital]"
-    assert signed_label("capital city", inhibitory=True) == "not[capital city]"
+    assert signed_label("against capitals", inhibitory=True) == "against capitals"
+    assert signed_label("capital city", inhibitory=True) == "against capital city"
+    assert signed_label("capital city", inhibitory=False) == "capital city"
 
 
 def test_a_repeated_constant_string_is_top_by_its_strongest_occurrence_and_a_slot_by_its_tokens_together():

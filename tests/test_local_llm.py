@@ -1,11 +1,18 @@
 """The local LLM backend: its shared-prefix key/value cache and its batched simulator give what a full
-computation of each request gives, and its replies end with their first line."""
+computation of each request gives, and its replies end with their first sentence, within the new tokens
+the request sized to what it asks for."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from adag.describe.prompts import explain_messages, label_messages
-from adag.llm.local import EndOfLine, LocalBackend, first_line
+from adag.describe.explain import Excerpt, LLMExplainer, TargetExcerpt, retry
+from adag.describe.prompts import DESCRIPTION_WORDS, LABEL_WORDS, explain_messages, label_messages, reply_tokens
+from adag.llm.backend import first_sentence
+from adag.llm.cache import CachedBackend
+from adag.llm.local import EndOfSentence, LocalBackend
 from adag.llm.simulation import Simulation
 from tests.tiny import in_float64, tiny_model
 
@@ -60,12 +67,33 @@ def test_batched_simulator_equals_one_record_at_a_time(tiny_chat):
     assert len(batched._prefixes) == 3  # one per description
 
 
-def test_a_reply_ends_with_its_first_line(tokenizer):
-    ids = tokenizer("Answer: capital cities\nand more", add_special_tokens=False)["input_ids"]
+def test_a_reply_ends_with_its_first_sentence(tokenizer):
     start = len(tokenizer("Answer:", add_special_tokens=False)["input_ids"])
-    stop = EndOfLine(tokenizer, start)
-    assert stop(torch.tensor([ids]), None).tolist() == [True]
-    assert stop(torch.tensor([ids[:start + 2]]), None).tolist() == [False]
-    leading = tokenizer("Answer:\n capital", add_special_tokens=False)["input_ids"]
-    assert stop(torch.tensor([leading]), None).tolist() == [False]  # a line break before any text
-    assert first_line("\n  capital cities \nand more") == "capital cities"
+    for text, ends in (("Answer: capital cities\nand more", True), ("Answer: capital cities. And more", True),
+                       ("Answer: \"capital cities.\" And more", True), ("Answer: U.S. states", False),
+                       ("Answer: digits 3.5 and", False), ("Answer:\n capital", False),
+                       ("Answer: Label:\n", False), ("Answer: Label:\ncapital cities\n", True)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert EndOfSentence(tokenizer, start)(torch.tensor([ids]), None).tolist() == [ends], text
+    assert first_sentence("\n  capital cities \nand more") == "capital cities"
+    assert first_sentence("1. capital cities. They are") == "capital cities."
+    assert first_sentence("Answer:\ncapital cities\n") == first_sentence(" label: capital cities") == "capital cities"
+    assert first_sentence("U.S. states, e.g. Ohio") == "U.S. states, e.g. Ohio"
+
+
+def test_a_model_that_runs_on_is_cut_to_the_phrase_asked_for(tiny_chat, tmp_path):
+    """A random tiny model never ends its reply: each request gets only the new tokens its words need, a
+    description longer than asked is asked again, and what is kept is one phrase within the words asked."""
+    llm = CachedBackend(LocalBackend("tiny", lm=tiny_chat), tmp_path / "cache.sqlite")
+    explainer = LLMExplainer(llm, temperature=1.0)
+    excerpts = [Excerpt(["The", " capital", " of", " France"], np.array([0, 0, 0, 1], bool))]
+    for kind in ("input", "output"):
+        shown = excerpts if kind == "input" else [TargetExcerpt("Capital of France?", [" Paris"], np.array([9.0]))]
+        description = retry(3, lambda attempt, k=kind, s=shown: explainer.describe(k, s, 0, attempt))
+        assert 0 < len(description.split()) <= DESCRIPTION_WORDS[kind], description
+    label = retry(3, lambda attempt: explainer.label({"input": "x", "output": "y"}, {}, attempt))
+    assert 0 < len(label.split()) <= LABEL_WORDS and re.fullmatch(r"[a-z0-9\- ]+", label), label
+    asked = [reply_tokens(DESCRIPTION_WORDS["input"]), reply_tokens(DESCRIPTION_WORDS["output"]),
+             reply_tokens(LABEL_WORDS)]
+    assert all(0 < entry.output_tokens <= max(asked) for entry in llm.ledger)
+    assert any(not entry.accepted for entry in llm.ledger)  # a run-on first reply was asked again

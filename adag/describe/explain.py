@@ -21,7 +21,15 @@ from adag.describe.categories import Namer, slot_category
 from adag.describe.effects import Effect, effects, output_line
 from adag.describe.facts import ClusterFacts
 from adag.describe.inputs import InputRecord, coverage, input_line, role_context
-from adag.describe.prompts import explain_messages, label_messages, parse_description, parse_label
+from adag.describe.prompts import (
+    DESCRIPTION_WORDS,
+    LABEL_WORDS,
+    explain_messages,
+    label_messages,
+    parse_description,
+    parse_label,
+    reply_tokens,
+)
 from adag.describe.records import highlight
 from adag.llm import CachedBackend, make_backend
 from adag.llm.roles import UnusableReply, parse_spec
@@ -92,18 +100,19 @@ def retry(attempts: int, ask: Callable[[int], T]) -> T:
     return ask(attempts - 1)
 
 
-NEGATIVE_WORDS = re.compile(r"\b(not|no|suppress\w*|inhibit\w*|lower\w*|reduc\w*|against)\b|not\[", re.IGNORECASE)
+NEGATIVE_WORDS = re.compile(r"\b(not|no|suppress\w*|inhibit\w*|lower\w*|reduc\w*|against)\b", re.IGNORECASE)
 
 
 def signed_label(label: str, inhibitory: bool) -> str:
-    """`not[label]` for an inhibitory cluster, unless the label already says it (no double negation)."""
-    return f"not[{label}]" if inhibitory and not NEGATIVE_WORDS.search(label) else label
+    """An LLM label with its cluster's sign in plain words: 'against LABEL' for an inhibitory cluster
+    (one that lowers the traced metric), unless the label already says it (no double negation)."""
+    return f"against {label}" if inhibitory and not NEGATIVE_WORDS.search(label) else label
 
 
 class Explainer(ABC):
     # A deterministic explainer writes one description from all excerpts instead of samples on subsets.
     deterministic: bool = False
-    # Whether the label carries the cluster's sign itself (else inhibitory clusters get `not[...]`).
+    # Whether the label carries the cluster's sign itself (else inhibitory clusters get 'against').
     signs_labels: bool = False
 
     def bounded(self, seconds: float) -> Explainer:
@@ -118,7 +127,7 @@ class Explainer(ABC):
     @abstractmethod
     def label(self, descriptions: dict[str, str], excerpts: dict[str, list], attempt: int,
               facts: ClusterFacts | None = None) -> str:
-        """A 1-3 word lowercase label."""
+        """A short lowercase label."""
 
 
 class LLMExplainer(Explainer):
@@ -129,16 +138,23 @@ class LLMExplainer(Explainer):
         return LLMExplainer(self.llm.bounded(seconds), self.temperature)
 
     def describe(self, kind: Kind, excerpts: list, sample: int, attempt: int, facts: ClusterFacts | None = None) -> str:
+        """The first attempt wants a reply as short as asked; a retry keeps the first phrase of a longer one."""
         messages = explain_messages(kind, [e.render() for e in excerpts], facts.lines() if facts else [])
-        reply = self.llm.complete(messages, f"explain-{kind}", temperature=self.temperature, max_tokens=60,
-                                  sample=sample, attempt=attempt, accept=lambda c: parse_description(c.text))
-        return parse_description(reply.text)
+        strict = attempt == 0
+        reply = self.llm.complete(messages, f"explain-{kind}", temperature=self.temperature,
+                                  max_tokens=reply_tokens(DESCRIPTION_WORDS[kind]), sample=sample, attempt=attempt,
+                                  accept=lambda c: parse_description(c.text, kind, strict))
+        return parse_description(reply.text, kind, strict)
 
     def label(self, descriptions: dict[str, str], excerpts: dict[str, list], attempt: int,
               facts: ClusterFacts | None = None) -> str:
+        """The first attempt wants plain words, as many as asked; a retry keeps the first phrase of the input
+        part of a longer or template-shaped label."""
+        strict = attempt == 0
         reply = self.llm.complete(label_messages(descriptions["input"], descriptions["output"]), "label",
-                                  max_tokens=12, attempt=attempt, accept=lambda c: parse_label(c.text))
-        return parse_label(reply.text)
+                                  max_tokens=reply_tokens(LABEL_WORDS), attempt=attempt,
+                                  accept=lambda c: parse_label(c.text, strict))
+        return parse_label(reply.text, strict)
 
 
 class StatsExplainer(Explainer):

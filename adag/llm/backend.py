@@ -8,6 +8,7 @@ value per token); `predict_many` asks for several predictions at once, which a b
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -17,6 +18,12 @@ from adag.llm.roles import Messages, UnusableReply
 from adag.llm.simulation import Simulation, parse_scores, simulate_messages
 
 SCORE_TOKENS = [str(i) for i in range(11)]
+# Where a sentence ends: '.', '!' or '?' after a lowercase letter, quote or bracket (not "3.5", "1. ", "U.S."
+# nor "e.g."), then perhaps a closing quote or parenthesis, then a space; and a list marker a reply may begin with.
+SENTENCE_END = re.compile(r"(?<=[a-z'\")\]][.!?])(?<!\.[a-z]\.)[\"')]?\s")
+LIST_MARKER = re.compile(r"^(\d+[.)]|[-*\u2022])\s+")
+# A lead-in a chat model may put before its reply, on the same line or on a line of its own.
+LEAD_IN = re.compile(r"^\s*(answer|description|label|reply|output)\s*:\s*", re.IGNORECASE)
 
 
 class TransientError(Exception):
@@ -93,6 +100,14 @@ class Backend(ABC):
     def predict_many(self, simulations: list[Simulation], seed: int, timeout: float) -> list[Prediction]:
         """Several predictions; a backend that `batches` overrides this to answer them together."""
         return [self.predict(simulation, seed, timeout) for simulation in simulations]
+
+
+def first_sentence(text: str) -> str:
+    """A reply up to the end of its first sentence on its first non-empty line, without a lead-in ("Answer:")
+    or a list marker before it: every request adag sends asks for one phrase, label, word or list."""
+    stripped = LEAD_IN.sub("", text).strip()
+    line = LIST_MARKER.sub("", stripped.splitlines()[0].strip()) if stripped else ""
+    return SENTENCE_END.split(line, maxsplit=1)[0].strip()
 
 
 def expected_score(alternatives: dict[str, float]) -> float | None:

@@ -3,8 +3,8 @@
 Three things make it so. The turns before a request's last message (instructions, worked examples) are
 the same for many requests: their key/value cache is computed once and copied into each request that
 starts with them. The simulator's records are scored together, several per forward pass, reading only
-the score slots' logits. And a reply ends with its first line: every request adag sends asks for one
-phrase, a label, a word or a list on one line.
+the score slots' logits. And a reply ends with its first sentence on its first line: every request adag
+sends asks for one phrase, a label, a word or a list, and sizes its new tokens to it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ from collections import OrderedDict
 import torch
 from transformers import DynamicCache, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from adag.llm.backend import SCORE_TOKENS, Backend, Completion, Prediction, expected_score
+from adag.llm.backend import (
+    LEAD_IN,
+    SCORE_TOKENS,
+    SENTENCE_END,
+    Backend,
+    Completion,
+    Prediction,
+    expected_score,
+    first_sentence,
+)
 from adag.llm.roles import Messages
 from adag.llm.simulation import Simulation, simulate_messages
 from adag.models import LoadedModel, load_model
@@ -87,10 +96,10 @@ class LocalBackend(Backend):
                 torch.tensor([ids], device=self.lm.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 cache=copy.deepcopy(prefix) if prefix is not None else None, max_new_tokens=max_tokens,
                 do_sample=False, logits_processor=sampler, temperature=None, top_p=None, top_k=None,
-                stopping_criteria=StoppingCriteriaList([EndOfLine(self.lm.tokenizer, len(ids))]),
+                stopping_criteria=StoppingCriteriaList([EndOfSentence(self.lm.tokenizer, len(ids))]),
                 output_logits=logprobs, return_dict_in_generate=True, pad_token_id=self.lm.pad_id)
         new = out.sequences[0, len(ids):]
-        text = first_line(self.lm.tokenizer.decode(new, skip_special_tokens=True))
+        text = first_sentence(self.lm.tokenizer.decode(new, skip_special_tokens=True))
         top = None
         if logprobs:
             top = []
@@ -165,21 +174,18 @@ def shared_model(model: str) -> LoadedModel:
     return load_model(model)
 
 
-def first_line(text: str) -> str:
-    """A reply up to the end of its first non-empty line."""
-    stripped = text.strip()
-    return stripped.splitlines()[0].strip() if stripped else ""
-
-
-class EndOfLine(StoppingCriteria):
-    """Stops decoding once the reply holds a line break after some text: the end of the phrase asked for."""
+class EndOfSentence(StoppingCriteria):
+    """Stops decoding once the reply holds a line break or a sentence's end after some text (not counting a
+    lead-in such as "Answer:"): the end of the phrase asked for (`first_sentence` cuts what follows)."""
 
     def __init__(self, tokenizer: object, start: int):
         self.tokenizer, self.start = tokenizer, start
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        done = ["\n" in self.tokenizer.decode(row[self.start:], skip_special_tokens=True).lstrip() for row in input_ids]
-        return torch.tensor(done, device=input_ids.device)
+        texts = [LEAD_IN.sub("", self.tokenizer.decode(row[self.start:], skip_special_tokens=True)).lstrip()
+                 for row in input_ids]
+        return torch.tensor(["\n" in text or SENTENCE_END.search(text) is not None for text in texts],
+                            device=input_ids.device)
 
 
 class PrivateSampler:
