@@ -11,10 +11,13 @@ from tests.fake_openai import FakeOpenAI
 from tests.tiny import FAMILIES, in_float64, offline_tokenizer, tiny_model
 
 # ADAG_TEST_THREADS=N runs the suite with N torch threads (default: the CPUs shared out among the pytest-xdist
-# workers, `make test` runs two). Every numeric tolerance must hold for any N, since the thread count changes
-# the order of floating-point sums.
+# workers, `make test` runs two), in this process and in the processes its tests start (the CLI, torchrun, the
+# notebook's kernel). Every numeric tolerance must hold for any N, since the thread count changes the order of
+# floating-point sums. On a shared machine, threads beyond a worker's share wait on each other at every op.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-torch.set_num_threads(int(os.environ.get("ADAG_TEST_THREADS") or max(1, (os.cpu_count() or 1) // WORKERS)))
+THREADS = int(os.environ.get("ADAG_TEST_THREADS") or max(1, (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def pytest_configure(config):
