@@ -38,8 +38,11 @@ demo: install
 	$(ADAG) info $(RUN)
 	$(ADAG) report $(RUN)
 
+# Two pytest-xdist workers of one torch thread each (the suite waits on processes, servers and the browser for
+# much of its time, which the other worker fills), a module's tests in one worker: module-scoped runs are built
+# once, and Gemma and Qwen (used by tests/test_models.py only) are loaded by one worker, never two at once.
 test: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check adag tests benchmarks

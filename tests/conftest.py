@@ -10,9 +10,14 @@ from adag.datasets import load_dataset
 from tests.fake_openai import FakeOpenAI
 from tests.tiny import FAMILIES, in_float64, offline_tokenizer, tiny_model
 
-# ADAG_TEST_THREADS=N runs the suite with N torch threads (default: one per CPU). Every numeric
-# tolerance must hold for any N, since the thread count changes the order of floating-point sums.
-torch.set_num_threads(int(os.environ.get("ADAG_TEST_THREADS") or os.cpu_count() or 1))
+# ADAG_TEST_THREADS=N runs the suite with N torch threads (default: the CPUs shared out among the pytest-xdist
+# workers, `make test` runs two), in this process and in the processes its tests start (the CLI, torchrun, the
+# notebook's kernel). Every numeric tolerance must hold for any N, since the thread count changes the order of
+# floating-point sums. On a shared machine, threads beyond a worker's share wait on each other at every op.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+THREADS = int(os.environ.get("ADAG_TEST_THREADS") or max(1, (os.cpu_count() or 1) // WORKERS))
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def pytest_configure(config):
@@ -129,8 +134,13 @@ def builtin_load_times(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def builtin(builtin_load_times):
-    return builtin_load_times[0]
+def builtin():
+    """The built-in SmolLM2 in float32, converted once per machine into the adag cache (ADAG_CACHE); only
+    `builtin_load_times` converts it anew, so that a worker of `make test` that needs the model loads it in
+    seconds."""
+    from adag.models import load_model
+
+    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
