@@ -6,6 +6,7 @@ ADAG := $(VENV)/bin/adag
 # prompts are plain text, "What is the capital of France? Answer:", see `adag trace --help`).
 MODEL ?= smollm2-135m
 DATASET ?= country-capitals
+CONTROLS ?= 20  # random control sets per cluster in the demo's steering sweep (fewer for a quick look at a large model)
 RUN ?= runs/demo$(if $(filter-out smollm2-135m,$(MODEL)),-$(MODEL))
 DEMO_PROMPTS ?= 8
 
@@ -34,7 +35,7 @@ demo: install
 		--limit $(DEMO_PROMPTS) --threshold 0.01 --out $(RUN)
 	HF_HUB_OFFLINE=1 $(ADAG) cluster $(RUN) --k 8
 	HF_HUB_OFFLINE=1 $(ADAG) describe $(RUN) --samples 2
-	HF_HUB_OFFLINE=1 $(ADAG) steer $(RUN) --multipliers 0,0.5,1,2 --controls 20
+	HF_HUB_OFFLINE=1 $(ADAG) steer $(RUN) --multipliers 0,0.5,1,2 --controls $(CONTROLS)
 	$(ADAG) info $(RUN)
 	$(ADAG) report $(RUN)
 
