@@ -6,7 +6,8 @@ ADAG := $(VENV)/bin/adag
 # prompts are plain text, "What is the capital of France? Answer:", see `adag trace --help`).
 MODEL ?= smollm2-135m
 DATASET ?= country-capitals
-CONTROLS ?= 20  # random control sets per cluster in the demo's steering sweep (fewer for a quick look at a large model)
+# Random control sets per cluster in the demo's steering sweep (fewer for a quick look at a large model).
+CONTROLS ?= 20
 RUN ?= runs/demo$(if $(filter-out smollm2-135m,$(MODEL)),-$(MODEL))
 DEMO_PROMPTS ?= 8
 
