@@ -59,7 +59,7 @@ class TraceConfig(Settings):
         "auto", description="how input profiles are computed: forward (one tangent forward per source "
         "position), vjp (one backward row per kept node) or auto (the cheaper one, per batch); "
         "forward needs --rules half")
-    edges: bool = Field(True, description="compute direct edges (a second, cut forward pass)")
+    edges: bool = Field(True, description="compute direct edges (effects with every MLP output held)")
     edge_threshold: float = Field(0.01, ge=0, description="drop edges with |w| below this")
     batch_size: int | None = Field(None, ge=1, description="prompts per batch (one part of the tables per batch); "
                                    "default by device: " + ", ".join(f"{device} {size}" for device, size in
