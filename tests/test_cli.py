@@ -116,3 +116,22 @@ def test_two_writers_one_refused_and_the_run_stays_consistent(built_run, tmp_pat
     clusters = final.read_table("cluster", "clusters")
     assert len(clusters) == final.stage_config("cluster")["k"] == final.entry("cluster")["clusters"]
     assert final.stage_state("describe") == "stale" and final.verify(hashes=True) == []
+
+
+def test_a_command_loads_its_stage_with_the_collector_paused_once():
+    """The first command of a process imports its stage's modules with the cyclic garbage collector off
+    and then freezes what they made (start-up: docs/benchmarks.md); the collector is on again after it,
+    and a later command in the same process leaves the collector alone."""
+    check = """
+import gc
+from adag.cli import first_imports_uncollected
+with first_imports_uncollected():
+    assert not gc.isenabled()
+    import adag.trace.run
+assert gc.isenabled() and gc.get_freeze_count() > 0
+frozen = gc.get_freeze_count()
+with first_imports_uncollected():
+    assert gc.isenabled()
+assert gc.get_freeze_count() == frozen
+"""
+    subprocess.run([sys.executable, "-c", check], check=True)

@@ -1,4 +1,5 @@
 import os
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -212,10 +213,10 @@ def test_batched_passes_take_the_rows_the_working_memory_budget_holds(tiny_model
             rows_seen.append(("vjp", grad_outputs.shape[0], allowed[-1]))
         return grad(outputs, inputs, grad_outputs, is_grads_batched=is_grads_batched, **kwargs)
 
-    def counted_push(lm, base, sources, start, injections, reads, cut=False):
-        window_bytes = tangent.row_bytes(lm, base, batch.input_ids.shape[1] - start, cut)
-        rows_seen.append(("tangent", sources, passes.working_memory(budget, lm.device) // window_bytes))
-        return push(lm, base, sources, start, injections, reads, cut)
+    def counted_push(lm, base, window, injections, reads, cut=False):
+        window_bytes = tangent.row_bytes(lm, base, batch.input_ids.shape[1] - window.start, cut)
+        rows_seen.append(("tangent", window.sources, passes.working_memory(budget, lm.device) // window_bytes))
+        return push(lm, base, window, injections, reads, cut)
 
     monkeypatch.setattr(passes, "rows_per_pass", counted_rule)
     monkeypatch.setattr(tangent, "rows_per_pass", counted_rule)
@@ -241,36 +242,43 @@ def test_batched_passes_take_the_rows_the_working_memory_budget_holds(tiny_model
 
 @pytest.mark.parametrize("profiles", ["total", "direct"])
 def test_windowed_tangent_passes_equal_full_width_ones(tiny64, profiles, monkeypatch):
-    """A pass per window (each source position its own window, the earlier positions entering attention
-    from the cache) gives the input profiles and edges of passes over every position. Short prompts, so
-    that Gemma's sliding-window layers (8 positions here) keep every key and windows are used."""
+    """A pass per window (each source position its own window, attending within it and scaled by each
+    query's share of attention inside it) gives the input profiles and edges of one pass over every
+    position. One prompt is longer than Gemma's sliding-window layers (8 positions here)."""
     from adag.trace import tangent
 
-    batch = _batch(tiny64, ["What is 3 + 4?", "Paris is in", "the state of Texas"])
+    batch = _batch(tiny64, ["What is 3 + 4?", "Paris is in", "the state of Texas is a large state in the south"])
     config = TraceConfig(aggregation="none", threshold=0.01, input_profiles="forward", profiles=profiles)
     nodes = select_nodes(node_scores(tiny64, config, batch)[0], config)
     starts: list[int] = []
     push = tangent.push_forward
 
-    def recorded(lm, base, sources, start, *args, **kwargs):
-        starts.append(start)
-        return push(lm, base, sources, start, *args, **kwargs)
+    def recorded(lm, base, window, *args, **kwargs):
+        starts.append(window.start)
+        return push(lm, base, window, *args, **kwargs)
 
     for module in ("profiles", "edges"):
         monkeypatch.setattr(f"adag.trace.{module}.push_forward", recorded)
     monkeypatch.setattr(tangent, "PASS_COST_IN_ROWS", 0)
     windowed = profiles_pass(tiny64, config, batch, nodes)
     windowed_edges = _edge_weights(edges_pass(tiny64, config, batch, windowed))
-    assert windowed.base.windows and len(set(starts)) > 2 and max(starts) > 0
+    assert len(set(starts)) > 2 and max(starts) > 8 and batch.input_ids.shape[1] > 8
     starts.clear()
-    monkeypatch.setattr(tangent.BasePass, "windows", property(lambda _self: False))
+    plan = tangent.plan_windows
+    for module in ("profiles", "edges"):  # the same passes, over every position
+        monkeypatch.setattr(f"adag.trace.{module}.plan_windows",
+                            lambda *args, **kwargs: [replace(window, start=0, inside=None)
+                                                     for window in plan(*args, **kwargs)])
     full = profiles_pass(tiny64, config, batch, nodes)
     full_edges = _edge_weights(edges_pass(tiny64, config, batch, full))
     assert set(starts) == {0}
-    torch.testing.assert_close(windowed.input_profile, full.input_profile, rtol=1e-9, atol=1e-12)
+    tolerance = _attention_rounding(tiny64)
+    scale = float(full.input_profile.abs().max())
+    torch.testing.assert_close(windowed.input_profile, full.input_profile, rtol=0, atol=tolerance * scale)
     assert windowed_edges.keys() == full_edges.keys() and len(full_edges) > 10
-    for key, weight in full_edges.items():  # float64, depth 3: rounding ~1e-14 relative
-        assert abs(windowed_edges[key] - weight) <= 1e-9 * max(1.0, abs(weight))
+    scale = max(abs(weight) for weight in full_edges.values())
+    for key, weight in full_edges.items():
+        assert abs(windowed_edges[key] - weight) <= tolerance * scale
 
 
 def test_forward_and_vjp_edges_agree(tiny64):
@@ -282,8 +290,16 @@ def test_forward_and_vjp_edges_agree(tiny64):
     forward = _edge_weights(edges_pass(tiny64, config, batch, profiles, method="forward"))
     vjp = _edge_weights(edges_pass(tiny64, config.model_copy(update={"chunk_size": 3}), batch, profiles, method="vjp"))
     assert forward.keys() == vjp.keys() and any(kind == LOGIT for _, _, kind, _ in forward)
-    for key, weight in vjp.items():  # float64, depth 3: rounding ~1e-14 relative
-        assert abs(forward[key] - weight) <= 1e-9 * max(1.0, abs(weight))
+    tolerance, scale = _attention_rounding(tiny64), max(abs(weight) for weight in vjp.values())
+    for key, weight in vjp.items():
+        assert abs(forward[key] - weight) <= tolerance * scale
+
+
+def _attention_rounding(lm) -> float:
+    """Relative rounding between tangent passes over a window and over every position: the window's
+    softmax rounds unlike the full one, and eager attention (Gemma 2's) takes its softmax in float32
+    even in a float64 model. A few float32 eps per attention weight and per layer."""
+    return 8 * lm.n_layers * torch.finfo(torch.float32).eps
 
 
 def _edge_weights(edges) -> dict[tuple[int, int, int, int], float]:

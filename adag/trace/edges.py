@@ -134,16 +134,17 @@ def _forward_derivatives(lm: LoadedModel, config: TraceConfig, base: BasePass, s
                   base.logit_readouts(lm))
     plan = plan_windows(lm, config, base, earliest.tolist(), cut=True)
     parts, to_logits = [], embeddings.new_zeros(len(sources), reads.logits.shape[1])
-    for first, stop, start in plan:
-        members = ((rank >= first) & (rank < stop)).nonzero(as_tuple=True)[0]
-        injections = Injections(rank[members] - first, sources.row[members], sources.layer[members],
-                                sources.position[members], vectors[members])
-        read = push_forward(lm, base, stop - first, start, injections, reads, cut=True)
+    for window in plan:
+        members = ((rank >= window.first) & (rank < window.stop)).nonzero(as_tuple=True)[0]
+        slot = rank[members] - window.first
+        injections = Injections(slot, sources.row[members], sources.layer[members], sources.position[members],
+                                vectors[members])
+        read = push_forward(lm, base, window, injections, reads, cut=True)
         values = torch.cat([read[layer] for layer in reads.nodes], dim=1)  # (S, K)
-        source = source_at[first:stop, nodes.row]  # (S, K): the source each target pairs with in row s
+        source = source_at[window.first:window.stop, nodes.row]  # (S, K): the source each target pairs with in row s
         s, t = (source >= 0).nonzero(as_tuple=True)
         parts.append(kept(source[s, t], t, at_least_float32(values[s, t])))
-        to_logits[members] = read["logits"][rank[members] - first, sources.row[members]]
+        to_logits[members] = read["logits"][slot, sources.row[members]]
     return parts, at_least_float32(to_logits), base.linear_pass.target_logits.detach()
 
 

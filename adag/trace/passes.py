@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from adag.models import LoadedModel
 from adag.trace.batch import Nodes, PromptBatch
@@ -30,7 +29,6 @@ class LinearisedPass:
     targets: Targets
     target_logits: torch.Tensor  # (B, k)
     target_probs: torch.Tensor  # (B, k) the model's next-token probabilities of the targets
-    cache: DynamicCache  # the pass's keys and values, for tangent passes over a window
 
     @property
     def metric(self) -> torch.Tensor:
@@ -87,13 +85,13 @@ def linearised_pass(lm: LoadedModel, config: TraceConfig, batch: PromptBatch, no
     index = nodes.by_layer() if nodes is not None else None
     with torch.enable_grad(), tapped(lm.model, lm.adapter, config.rules, index, cut, frozen) as tap:
         output = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, logits_to_keep=1, use_cache=True)
+                          position_ids=batch.position_ids, logits_to_keep=1, use_cache=False)
         last = output.logits[:, -1]
         targets = choose_targets(config.metric, config.n_targets, last, batch.labels)
         softcap = lm.adapter.logit_softcap(lm.model) if config.rules != "plain" else None
         logits = target_logits(last, tap.unembedded, softcap, targets)
         probs = last.detach().float().softmax(-1).gather(-1, targets.ids)
-    return LinearisedPass(tap, targets, logits, probs, output.cache)
+    return LinearisedPass(tap, targets, logits, probs)
 
 
 def working_memory(config: TraceConfig, device: torch.device) -> int:

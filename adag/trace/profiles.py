@@ -102,11 +102,11 @@ def forward_input_profiles(lm: LoadedModel, config: TraceConfig, base: BasePass,
     readouts = readouts_by_layer(node_readouts(lm, config, base.linear_pass, nodes), nodes) if cut else None
     reads = Reads(nodes.by_layer(), readouts)
     plan = plan_windows(lm, config, base, positions, cut)
-    for first, stop, start in plan:
-        slot, row = torch.cartesian_prod(torch.arange(stop - first), torch.arange(batch)).T.to(embeddings.device)
-        position = torch.tensor(positions[first:stop], device=embeddings.device)[slot]
+    for window in plan:
+        slot, row = torch.cartesian_prod(torch.arange(window.sources), torch.arange(batch)).T.to(embeddings.device)
+        position = torch.tensor(positions[window.first:window.stop], device=embeddings.device)[slot]
         injections = Injections(slot, row, torch.full_like(slot, -1), position, embeddings[row, position])
-        read = push_forward(lm, base, stop - first, start, injections, reads, cut)
+        read = push_forward(lm, base, window, injections, reads, cut)
         result[:, position[::batch]] = torch.cat([read[layer] for layer in reads.nodes], dim=1).T
     return result
 

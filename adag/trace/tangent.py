@@ -13,23 +13,24 @@ and zero biases passed through `torch.func.functional_call` (the model's paramet
 touched). Tangent row s * B + b carries source s of prompt b. Two savings keep rows cheap:
 
 - Windows. A source at position p changes nothing before p, so a pass whose sources all lie at or
-  after `start` runs on positions start.. only; the positions before it enter every attention layer
-  from a key/value cache holding the base pass's keys (the frozen pattern) and zero values (no
-  tangent). A source at the last position costs one position per row.
+  after `start` runs on positions start.. only. Earlier positions carry no tangent (zero values), so
+  they enter attention only through the softmax's normaliser: the window's attention, a softmax over
+  the window's keys, times each query's share of attention inside the window (in the frozen pattern),
+  is the full attention. The shares are measured once per window by the model's own attention
+  (`attention_inside`), so every family's masking, sliding windows and soft-capping stay its own.
+  A source at the last position costs one position per row.
 - With `cut`, no MLP runs: its output is zero (plus the sources injected there) and a node's value is
   its readout r_n = d a_n / d x_n applied to the MLP input x_n; nor do frozen query/key projections run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from transformers import DynamicCache
 
 from adag.models import LoadedModel
 from adag.models.families import FamilyAdapter
@@ -45,13 +46,16 @@ from adag.trace.rules import (
     hooks_installed,
     layer_names,
     rule_set,
+    split_fused_qkv,
 )
 from adag.trace.tap import NodeIndex, mlp_path
 
-# A pass's fixed cost (hooks, the prefix cache, reading every weight once) in units of one tangent row
+# A pass's fixed cost (hooks, reading every weight once) in units of one tangent row
 # over one position: the planner starts a new, later window when widening the current one would cost
 # its rows more than this. Measured on the built-in model (CPU, fp32, 39-token prompts, one trace's
-# profiles and edges at 0, 2, 4, 8, 16, 24, 64 and 160): 8-64 within noise of each other, 0-4 and 160 slower.
+# profiles and edges at 0, 2, 4, 8, 16, 24, 64 and 160): 8-64 within noise of each other, 0-4 and 160
+# slower; again with windows that attend within themselves: 16 best, 4 and 64 slower (edges alone: 16-64
+# alike, 256 slower).
 PASS_COST_IN_ROWS = 16
 
 
@@ -82,6 +86,21 @@ class Reads:
 
 
 @dataclass
+class Window:
+    """One tangent pass: source slots first..stop over the positions from `start` on, with each query's
+    share of attention inside the window per layer ((B, T - start, heads); None for a window from 0)."""
+
+    first: int
+    stop: int
+    start: int
+    inside: list[torch.Tensor] | None
+
+    @property
+    def sources(self) -> int:
+        return self.stop - self.first
+
+
+@dataclass
 class BasePass:
     """A linearised forward pass of a batch with its frozen constants: what tangent passes start from."""
 
@@ -97,14 +116,6 @@ class BasePass:
                                  if name.endswith("bias")}
         return self._zero_biases
 
-    @property
-    def windows(self) -> bool:
-        """Windows need the keys at every position of every layer (a sliding-window layer keeps only
-        the last ones of a prompt longer than its window)."""
-        width = self.batch.input_ids.shape[1]
-        return all(layer.keys is not None and layer.keys.shape[-2] == width
-                   for layer in self.linear_pass.cache.layers)
-
     def logit_readouts(self, lm: LoadedModel) -> torch.Tensor:
         """(B, k, d): d logit_i / d (final norm output at the last position) for each prompt's targets,
         soft-capping linearised as the pass did (the ratio of capped to uncapped logit)."""
@@ -119,45 +130,50 @@ class _Done(Exception):
     """Raised once everything to read has been read: later layers are not needed."""
 
 
-def push_forward(lm: LoadedModel, base: BasePass, sources: int, start: int, injections: Injections,
-                 reads: Reads, cut: bool = False) -> dict[int | str, torch.Tensor]:
-    """The tangent values of S tangent rows per prompt carrying `injections`, over the positions from
-    `start` on: per read layer (S, K_layer), and under "logits" (S, B, k) if asked. Without `cut` a
-    node's value is its activation's tangent; with `cut` every MLP output is held (direct effects)."""
+def push_forward(lm: LoadedModel, base: BasePass, window: Window, injections: Injections, reads: Reads,
+                 cut: bool = False) -> dict[int | str, torch.Tensor]:
+    """The tangent values of the window's S tangent rows per prompt carrying `injections`: per read layer
+    (S, K_layer), and under "logits" (S, B, k) if asked. Without `cut` a node's value is its
+    activation's tangent; with `cut` every MLP output is held (direct effects)."""
     batch, width = base.batch.input_ids.shape
+    sources, start = window.sources, window.start
     rows = TangentRows(sources, start)
     first = injections.layer == -1
     tangent = injections.vector.new_zeros(sources, batch, width - start, injections.vector.shape[-1])
     tangent[injections.slot[first], injections.row[first], injections.position[first] - start] = \
         injections.vector[first]
-    cache = _prefix_cache(lm, base.linear_pass.cache, rows) if start else None
-    inputs = dict(input_ids=base.batch.input_ids[:, start:].repeat(sources, 1),
-                  attention_mask=base.batch.attention_mask.repeat(sources, 1),
-                  position_ids=base.batch.position_ids[:, start:].repeat(sources, 1),
-                  cache=cache, logits_to_keep=1, use_cache=False)
     read: dict[int | str, torch.Tensor] = {}
     hooks = _tangent_hooks(lm.model, lm.adapter, base.frozen, rows, tangent.flatten(0, 1), injections, reads,
                            read, cut)
-    with torch.no_grad(), hooks_installed(lm.model, hooks), suppress(_Done):
-        functional_call(lm.model, base.zero_biases(lm.model), kwargs=inputs)
+    if window.inside is not None:
+        hooks += _window_attention(lm, window.inside, rows)
+    _run(lm, base, hooks, start, sources)
     return read
 
 
+def _run(lm: LoadedModel, base: BasePass, hooks: list[Hook], start: int, repeats: int) -> None:
+    """The model's own forward pass over the batch's positions from `start` on, each prompt `repeats`
+    times, under `hooks` and with zero biases, until a hook has read the last thing it needs."""
+    inputs = {name: getattr(base.batch, name)[:, start:].repeat(repeats, 1)
+              for name in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad(), hooks_installed(lm.model, hooks), suppress(_Done):
+        functional_call(lm.model, base.zero_biases(lm.model),
+                        kwargs={**inputs, "logits_to_keep": 1, "use_cache": False})
+
+
 def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_first: list[int],
-                 cut: bool) -> Iterator[tuple[int, int, int]]:
+                 cut: bool) -> list[Window]:
     """Passes over sources ordered latest position first (`latest_first[s]`: the earliest position of
-    source slot s over the batch's prompts): yields (first slot, stop slot, window start). A pass
-    widens its window for one more source while that costs its rows less than a new pass would cost
-    (PASS_COST_IN_ROWS), and takes as many rows as the working-memory budget holds (`row_bytes`).
-    Without windows (`BasePass.windows`) every pass starts at 0."""
+    source slot s over the batch's prompts). A pass widens its window for one more source while that
+    costs its rows less than a new pass would cost (PASS_COST_IN_ROWS), and takes as many rows as the
+    working-memory budget holds (`row_bytes`). Then the windows' attention shares are measured."""
     width = base.batch.input_ids.shape[1]
-    latest_first = latest_first if base.windows else [0] * len(latest_first)
     device = base.batch.input_ids.device
 
     def fits(rows: int, start: int) -> bool:
         return rows <= rows_per_pass(config, device, row_bytes(lm, base, width - start, cut))
 
-    first = 0
+    spans, first = [], 0
     while first < len(latest_first):
         start, stop = latest_first[first], first + 1
         while stop < len(latest_first):
@@ -165,29 +181,99 @@ def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_fi
             if (stop - first) * (start - position) > PASS_COST_IN_ROWS or not fits(stop + 1 - first, position):
                 break
             start, stop = position, stop + 1
-        yield first, stop, start
+        spans.append((first, stop, start))
         first = stop
+    inside = attention_inside(lm, config, base, sorted({start for _, _, start in spans} - {0}))
+    return [Window(first, stop, start, inside.get(start)) for first, stop, start in spans]
 
 
 def row_bytes(lm: LoadedModel, base: BasePass, window: int, cut: bool) -> int:
-    """What one tangent row per prompt holds in a pass over `window` positions: per window position a
-    layer's hidden states (a few d-wide tensors; without `cut` also the MLP's, a few neuron-wide ones),
-    per earlier position every layer's cached key and zero value."""
-    batch, width, d_model = base.linear_pass.tap.embeddings.shape
-    keys = base.linear_pass.cache.layers[0].keys
-    cached = 2 * len(base.linear_pass.cache.layers) * keys.shape[1] * keys.shape[-1]
+    """What one tangent row per prompt holds in a pass over `window` positions: per position a layer's
+    hidden states (a few d-wide tensors; without `cut` also the MLP's, a few neuron-wide ones), and
+    the attention's scores and weights (window x window per head)."""
+    batch, _, d_model = base.linear_pass.tap.embeddings.shape
     per_position = 8 * d_model + (0 if cut else 4 * lm.n_neurons)
-    return batch * (window * per_position + (width - window) * cached) * keys.element_size()
+    scores = 2 * lm.model.config.num_attention_heads * window * window
+    return batch * (window * per_position + scores) * base.linear_pass.tap.embeddings.element_size()
 
 
-def _prefix_cache(lm: LoadedModel, base_cache: DynamicCache, rows: TangentRows) -> DynamicCache:
-    """A cache for the positions before the window: the base pass's keys, zero values, for every row."""
-    cache = DynamicCache(config=lm.model.config)
-    for index, layer in enumerate(base_cache.layers):
-        keys = layer.keys[:, :, :rows.start]
-        keys = keys[None].expand(rows.sources, *keys.shape).flatten(0, 1)
-        cache.update(keys, torch.zeros_like(keys), index)
-    return cache
+def attention_inside(lm: LoadedModel, config: TraceConfig, base: BasePass,
+                     starts: list[int]) -> dict[int, list[torch.Tensor]]:
+    """Per start, per layer, (B, T - start, heads): each query's attention weight summed over the keys
+    from `start` on, in the frozen pattern. A probe row per (start, prompt) runs the model's own
+    attention with the frozen queries and keys and a value of 1 on those keys, 0 before them: every
+    dimension of a head's output is that sum. Nothing else runs (MLPs and projections give zeros).
+    As many starts per probe pass as the working-memory budget holds."""
+    width = base.batch.input_ids.shape[1]
+    chunk = rows_per_pass(config, base.batch.input_ids.device, row_bytes(lm, base, width, cut=True))
+    inside: dict[int, list[torch.Tensor]] = {}
+    for first in range(0, len(starts), chunk):
+        inside.update(_attention_inside(lm, base, starts[first:first + chunk]))
+    return inside
+
+
+def _attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dict[int, list[torch.Tensor]]:
+    batch, width = base.batch.input_ids.shape
+    rows, heads = TangentRows(len(starts), 0), lm.model.config.num_attention_heads
+    keys = torch.arange(width, device=base.batch.input_ids.device)
+    ones = (keys >= torch.tensor(starts, device=keys.device)[:, None])[:, None, :, None].expand(-1, batch, -1, 1)
+    ones = ones.flatten(0, 1).to(base.linear_pass.tap.embeddings.dtype)  # (S * B, T, 1)
+    shares: list[torch.Tensor] = []  # per layer (S * B, T, heads)
+    adapter, outputs = lm.adapter, layer_names(lm.model, lm.adapter, lm.adapter.attention_out)
+
+    def values(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if adapter.attention_fused_qkv:  # after the rule's hook has put the frozen queries and keys in
+            query_key, value = split_fused_qkv(out)
+            return torch.cat([query_key, ones.expand_as(value)], dim=-1)
+        return ones.expand_as(out)
+
+    def read(layer: int):
+        def hook(_m: nn.Module, args: tuple) -> None:
+            shares.append(args[0].detach().unflatten(-1, (heads, -1))[..., 0].nan_to_num(0.0))
+            if layer == len(outputs) - 1:
+                raise _Done
+        return hook
+
+    if adapter.attention_fused_qkv:
+        value_hooks = [Hook(name, values) for name in layer_names(lm.model, adapter, adapter.attention_fused_qkv)]
+    else:
+        value_hooks = [hook for name in layer_names(lm.model, adapter, adapter.attention_value)
+                       for hook in (*_zeroed(name), Hook(name, values))]
+    hooks = [*FrozenAttentionPattern().tangent_hooks(lm.model, adapter, base.frozen, rows),
+             *_skipped_query_keys(lm.model, adapter), *value_hooks,
+             *[Hook(name, read(layer), pre=True) for layer, name in enumerate(outputs)],
+             *[hook for name in outputs + layer_names(lm.model, adapter, mlp_path(adapter)) for hook in _zeroed(name)]]
+    _run(lm, base, hooks, 0, len(starts))
+    return {start: [rows.split(share)[s, :, start:].clone() for share in shares] for s, start in enumerate(starts)}
+
+
+def _window_attention(lm: LoadedModel, inside: list[torch.Tensor], rows: TangentRows) -> list[Hook]:
+    """Scale each head's output, an attention over the window's keys only, by the query's share of
+    attention inside the window: the full attention (the keys before the window carry no tangent)."""
+    heads = lm.model.config.num_attention_heads
+
+    def scaled(layer: int):
+        def hook(_m: nn.Module, args: tuple) -> tuple:
+            x = rows.split(args[0]).unflatten(-1, (heads, -1))  # (S, B, window, heads, head_dim)
+            return ((x * inside[layer][..., None].to(x)).flatten(-2).flatten(0, 1), *args[1:])
+        return hook
+
+    return [Hook(name, scaled(layer), pre=True)
+            for layer, name in enumerate(layer_names(lm.model, lm.adapter, lm.adapter.attention_out))]
+
+
+def _zeroed(name: str) -> list[Hook]:
+    """The module runs on no position and outputs zeros of the shape it would have had."""
+    widths: list[int] = []
+
+    def empty(_m: nn.Module, args: tuple) -> tuple:
+        widths.append(args[0].shape[1])
+        return (args[0][:, :0], *args[1:])
+
+    def zeros(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out.new_zeros(out.shape[0], widths.pop(), *out.shape[2:])
+
+    return [Hook(name, empty, pre=True), Hook(name, zeros)]
 
 
 def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues, rows: TangentRows,

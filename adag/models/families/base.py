@@ -23,7 +23,9 @@ class FamilyAdapter:
 
     `layers` is relative to the model; every other per-layer path is relative to one layer.
     The neuron activation is the input of `mlp_out`. Gated MLPs name `mlp_up` (the product
-    `act(gate) * up` feeds `mlp_out`); non-gated MLPs leave it None.
+    `act(gate) * up` feeds `mlp_out`); non-gated MLPs leave it None. Attention takes its queries and keys
+    from `attention_query_key` and its values from `attention_value`, or all three from
+    `attention_fused_qkv`; `attention_out` projects the heads' outputs (its input: heads side by side).
     """
 
     model_types: tuple[str, ...]
@@ -34,7 +36,9 @@ class FamilyAdapter:
     final_norm: str
     unembedding: str
     norm_kind: NormKind
+    attention_out: str
     attention_query_key: tuple[str, ...] = ()
+    attention_value: str | None = None
     attention_fused_qkv: str | None = None
     mlp_up: str | None = None
 
