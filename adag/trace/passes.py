@@ -57,20 +57,22 @@ def node_readouts(lm: LoadedModel, config: TraceConfig, linear_pass: LinearisedP
     """(K, d): r_n = d a_n / d x_n for every kept node, x_n the MLP input at the node's position.
 
     An MLP reads each position alone, so running each layer's MLP (under the same rules) on just the
-    nodes' input rows and taking one backward pass gives every node's r_n at once.
+    nodes' input rows and taking one backward pass (through every layer's MLP at once: each node's
+    activation depends on its own row only) gives every node's r_n.
     """
-    readouts = []
+    if not len(nodes):
+        return linear_pass.tap.embeddings.new_zeros(0, lm.model.config.hidden_size)
     layers = lm.adapter.layer_list(lm.model)
     captured: dict[int, torch.Tensor] = {}  # layer -> the input of its MLP output projection, as the rules left it
     capture = [Hook(name, lambda _m, args, layer=layer: captured.__setitem__(layer, args[0]), pre=True)
                for layer, name in enumerate(layer_names(lm.model, lm.adapter, lm.adapter.mlp_out))]
+    inputs, activations = [], []
     with torch.enable_grad(), linearised(lm.model, lm.adapter, config.rules, after=capture):
         for layer, (row, position, neuron) in nodes.by_layer().items():
-            rows = linear_pass.tap.mlp_inputs[layer][row, position].detach().requires_grad_(True)
-            layers[layer].get_submodule(mlp_path(lm.adapter))(rows[None])
-            (readout,) = torch.autograd.grad(captured.pop(layer)[0, torch.arange(len(neuron)), neuron].sum(), rows)
-            readouts.append(readout)
-    return torch.cat(readouts) if readouts else linear_pass.tap.embeddings.new_zeros(0, lm.model.config.hidden_size)
+            inputs.append(linear_pass.tap.mlp_inputs[layer][row, position].detach().requires_grad_(True))
+            layers[layer].get_submodule(mlp_path(lm.adapter))(inputs[-1][None])
+            activations.append(captured.pop(layer)[0, torch.arange(len(neuron)), neuron].sum())
+        return torch.cat(torch.autograd.grad(torch.stack(activations).sum(), inputs))
 
 
 def readouts_by_layer(readouts: torch.Tensor, nodes: Nodes) -> dict[int, torch.Tensor]:

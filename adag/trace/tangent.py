@@ -25,6 +25,7 @@ touched). Tangent row s * B + b carries source s of prompt b. Two savings keep r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -162,11 +163,12 @@ def _run(lm: LoadedModel, base: BasePass, hooks: list[Hook], start: int, repeats
 
 
 def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_first: list[int],
-                 cut: bool) -> list[Window]:
+                 cut: bool) -> Iterator[Window]:
     """Passes over sources ordered latest position first (`latest_first[s]`: the earliest position of
     source slot s over the batch's prompts). A pass widens its window for one more source while that
     costs its rows less than a new pass would cost (PASS_COST_IN_ROWS), and takes as many rows as the
-    working-memory budget holds (`row_bytes`). Then the windows' attention shares are measured."""
+    working-memory budget holds (`row_bytes`). The windows' attention shares are measured as they are
+    reached, as many windows at once as the budget holds."""
     width = base.batch.input_ids.shape[1]
     device = base.batch.input_ids.device
 
@@ -183,8 +185,11 @@ def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_fi
             start, stop = position, stop + 1
         spans.append((first, stop, start))
         first = stop
-    inside = attention_inside(lm, config, base, sorted({start for _, _, start in spans} - {0}))
-    return [Window(first, stop, start, inside.get(start)) for first, stop, start in spans]
+    measured_at_once = rows_per_pass(config, device, row_bytes(lm, base, width, cut=True))
+    for first in range(0, len(spans), measured_at_once):
+        part = spans[first:first + measured_at_once]
+        inside = attention_inside(lm, base, sorted({start for _, _, start in part} - {0}))
+        yield from (Window(first, stop, start, inside.get(start)) for first, stop, start in part)
 
 
 def row_bytes(lm: LoadedModel, base: BasePass, window: int, cut: bool) -> int:
@@ -197,22 +202,13 @@ def row_bytes(lm: LoadedModel, base: BasePass, window: int, cut: bool) -> int:
     return batch * (window * per_position + scores) * base.linear_pass.tap.embeddings.element_size()
 
 
-def attention_inside(lm: LoadedModel, config: TraceConfig, base: BasePass,
-                     starts: list[int]) -> dict[int, list[torch.Tensor]]:
+def attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dict[int, list[torch.Tensor]]:
     """Per start, per layer, (B, T - start, heads): each query's attention weight summed over the keys
     from `start` on, in the frozen pattern. A probe row per (start, prompt) runs the model's own
     attention with the frozen queries and keys and a value of 1 on those keys, 0 before them: every
-    dimension of a head's output is that sum. Nothing else runs (MLPs and projections give zeros).
-    As many starts per probe pass as the working-memory budget holds."""
-    width = base.batch.input_ids.shape[1]
-    chunk = rows_per_pass(config, base.batch.input_ids.device, row_bytes(lm, base, width, cut=True))
-    inside: dict[int, list[torch.Tensor]] = {}
-    for first in range(0, len(starts), chunk):
-        inside.update(_attention_inside(lm, base, starts[first:first + chunk]))
-    return inside
-
-
-def _attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dict[int, list[torch.Tensor]]:
+    dimension of a head's output is that sum. Nothing else runs (MLPs and projections give zeros)."""
+    if not starts:
+        return {}
     batch, width = base.batch.input_ids.shape
     rows, heads = TangentRows(len(starts), 0), lm.model.config.num_attention_heads
     keys = torch.arange(width, device=base.batch.input_ids.device)
@@ -224,8 +220,8 @@ def _attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dic
     def values(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         if adapter.attention_fused_qkv:  # after the rule's hook has put the frozen queries and keys in
             query_key, value = split_fused_qkv(out)
-            return torch.cat([query_key, ones.expand_as(value)], dim=-1)
-        return ones.expand_as(out)
+            return torch.cat([query_key, ones.to(value).expand_as(value)], dim=-1)
+        return ones.to(out).expand_as(out)  # .to: under a device map, the layer's device
 
     def read(layer: int):
         def hook(_m: nn.Module, args: tuple) -> None:
