@@ -186,10 +186,10 @@ def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_fi
         spans.append((first, stop, start))
         first = stop
     measured_at_once = rows_per_pass(config, device, row_bytes(lm, base, width, cut=True))
-    for first in range(0, len(spans), measured_at_once):
-        part = spans[first:first + measured_at_once]
+    for chunk in range(0, len(spans), measured_at_once):
+        part = spans[chunk:chunk + measured_at_once]
         inside = attention_inside(lm, base, sorted({start for _, _, start in part} - {0}))
-        yield from (Window(first, stop, start, inside.get(start)) for first, stop, start in part)
+        yield from (Window(*span, inside.get(span[2])) for span in part)
 
 
 def row_bytes(lm: LoadedModel, base: BasePass, window: int, cut: bool) -> int:
