@@ -63,9 +63,10 @@ def stage_command(stage: Stage) -> Callable[..., None]:
 def first_imports_uncollected() -> Iterator[None]:
     """Load a stage's modules (torch, transformers: millions of long-lived objects) with the cyclic garbage
     collector paused, then freeze what they made out of later collections. Otherwise each full collection
-    walks them all, while they load and again at exit: about 2.5 s of a command's start-up. Done once per
-    process, after a collection, so that no garbage of earlier work is frozen with them."""
-    if gc.get_freeze_count() or not gc.isenabled():
+    walks them all, while they load and again at exit: more than a second of a command's start-up. Only in
+    a process that this command brings torch into (a fresh `adag`), after a collection: a process that has
+    torch already (a notebook, the tests) keeps its collector as it is."""
+    if "torch" in sys.modules or not gc.isenabled():
         yield
         return
     gc.collect()

@@ -119,9 +119,9 @@ def test_two_writers_one_refused_and_the_run_stays_consistent(built_run, tmp_pat
 
 
 def test_a_command_loads_its_stage_with_the_collector_paused_once():
-    """The first command of a process imports its stage's modules with the cyclic garbage collector off
-    and then freezes what they made (start-up: docs/benchmarks.md); the collector is on again after it,
-    and a later command in the same process leaves the collector alone."""
+    """The command that brings torch into a process imports its stage's modules with the cyclic garbage
+    collector off and then freezes what they made (start-up: docs/benchmarks.md); the collector is on
+    again after it, and a later command (or one in a process with torch, like this one) leaves it alone."""
     check = """
 import gc
 from adag.cli import first_imports_uncollected

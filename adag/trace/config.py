@@ -16,9 +16,8 @@ from adag.settings import Settings, only_with
 
 # Prompts per batch when not given, by device type: the batch size with the least time per prompt
 # that `benchmarks/trace_bench.py --batch-sizes 1,2,4` measures on that device type (it prints its
-# choice). CPU: 1, the fastest that keeps per-prompt selection; batch 2 is 19-29% faster per prompt on
-# the small built-in models but pools node keys over its prompts (468 instead of 343 nodes per prompt:
-# other tables; docs/benchmarks.md). GPU: 8, not measured yet.
+# choice). CPU: 1, the fastest that keeps per-prompt selection (a larger batch pools node keys over its
+# prompts: other tables; docs/benchmarks.md has the figures). GPU: 8, not measured yet.
 DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 8}
 
 # The working-memory budget when not given, in MiB, by device type: what one batched pass (VJP rows,

@@ -72,7 +72,8 @@ def node_readouts(lm: LoadedModel, config: TraceConfig, linear_pass: LinearisedP
             inputs.append(linear_pass.tap.mlp_inputs[layer][row, position].detach().requires_grad_(True))
             layers[layer].get_submodule(mlp_path(lm.adapter))(inputs[-1][None])
             activations.append(captured.pop(layer)[0, torch.arange(len(neuron)), neuron].sum())
-        return torch.cat(torch.autograd.grad(torch.stack(activations).sum(), inputs))
+        readouts = torch.autograd.grad(activations, inputs)
+    return torch.cat([readout.to(readouts[0].device) for readout in readouts])  # one device under a device map
 
 
 def readouts_by_layer(readouts: torch.Tensor, nodes: Nodes) -> dict[int, torch.Tensor]:

@@ -185,7 +185,7 @@ def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_fi
             start, stop = position, stop + 1
         spans.append((first, stop, start))
         first = stop
-    measured_at_once = rows_per_pass(config, device, row_bytes(lm, base, width, cut=True))
+    measured_at_once = _head_dim(lm) * rows_per_pass(config, device, row_bytes(lm, base, width, cut=True))
     for chunk in range(0, len(spans), measured_at_once):
         part = spans[chunk:chunk + measured_at_once]
         inside = attention_inside(lm, base, sorted({start for _, _, start in part} - {0}))
@@ -204,28 +204,32 @@ def row_bytes(lm: LoadedModel, base: BasePass, window: int, cut: bool) -> int:
 
 def attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dict[int, list[torch.Tensor]]:
     """Per start, per layer, (B, T - start, heads): each query's attention weight summed over the keys
-    from `start` on, in the frozen pattern. A probe row per (start, prompt) runs the model's own
-    attention with the frozen queries and keys and a value of 1 on those keys, 0 before them: every
-    dimension of a head's output is that sum. Nothing else runs (MLPs and projections give zeros)."""
+    from `start` on, in the frozen pattern. A probe pass runs the model's own attention with the frozen
+    queries and keys and values that are indicators: channel j of a head's value is 1 on the keys from
+    start j on, 0 before, so channel j of each head's output is that sum (a row holds head_dim starts).
+    Nothing else runs but a fused q/k/v projection (MLPs and other projections give zeros)."""
     if not starts:
         return {}
     batch, width = base.batch.input_ids.shape
-    rows, heads = TangentRows(len(starts), 0), lm.model.config.num_attention_heads
-    keys = torch.arange(width, device=base.batch.input_ids.device)
-    ones = (keys >= torch.tensor(starts, device=keys.device)[:, None])[:, None, :, None].expand(-1, batch, -1, 1)
-    ones = ones.flatten(0, 1).to(base.linear_pass.tap.embeddings.dtype)  # (S * B, T, 1)
-    shares: list[torch.Tensor] = []  # per layer (S * B, T, heads)
-    adapter, outputs = lm.adapter, layer_names(lm.model, lm.adapter, lm.adapter.attention_out)
+    adapter, heads, head_dim = lm.adapter, lm.model.config.num_attention_heads, _head_dim(lm)
+    groups = -(-len(starts) // head_dim)
+    rows = TangentRows(groups, 0)
+    bounds = torch.tensor(starts + [width] * (groups * head_dim - len(starts)), device=base.batch.input_ids.device)
+    keys = torch.arange(width, device=bounds.device)
+    indicators = (keys[None, :, None] >= bounds.view(groups, 1, head_dim))  # (groups, T, head_dim)
+    indicators = indicators[:, None].expand(-1, batch, -1, -1).flatten(0, 1).to(base.linear_pass.tap.embeddings.dtype)
+    shares: list[torch.Tensor] = []  # per layer (groups * B, T, heads, head_dim)
+    outputs = layer_names(lm.model, adapter, adapter.attention_out)
 
     def values(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
         if adapter.attention_fused_qkv:  # after the rule's hook has put the frozen queries and keys in
             query_key, value = split_fused_qkv(out)
-            return torch.cat([query_key, ones.to(value).expand_as(value)], dim=-1)
-        return ones.to(out).expand_as(out)  # .to: under a device map, the layer's device
+            return torch.cat([query_key, indicators.to(value).repeat(1, 1, value.shape[-1] // head_dim)], dim=-1)
+        return indicators.to(out).repeat(1, 1, out.shape[-1] // head_dim)  # .to: under a device map, the layer's
 
     def read(layer: int):
         def hook(_m: nn.Module, args: tuple) -> None:
-            shares.append(args[0].detach().unflatten(-1, (heads, -1))[..., 0].nan_to_num(0.0))
+            shares.append(args[0].detach().unflatten(-1, (heads, head_dim)).nan_to_num(0.0))
             if layer == len(outputs) - 1:
                 raise _Done
         return hook
@@ -239,8 +243,14 @@ def attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dict
              *_skipped_query_keys(lm.model, adapter), *value_hooks,
              *[Hook(name, read(layer), pre=True) for layer, name in enumerate(outputs)],
              *[hook for name in outputs + layer_names(lm.model, adapter, mlp_path(adapter)) for hook in _zeroed(name)]]
-    _run(lm, base, hooks, 0, len(starts))
-    return {start: [rows.split(share)[s, :, start:].clone() for share in shares] for s, start in enumerate(starts)}
+    _run(lm, base, hooks, 0, groups)
+    return {start: [rows.split(share)[i // head_dim, :, start:, :, i % head_dim].clone() for share in shares]
+            for i, start in enumerate(starts)}
+
+
+def _head_dim(lm: LoadedModel) -> int:
+    config = lm.model.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _window_attention(lm: LoadedModel, inside: list[torch.Tensor], rows: TangentRows) -> list[Hook]:
