@@ -1,4 +1,5 @@
-"""Retake the screenshots of README and docs/guide.md of the viewer from a run (normally the demo's), in headless Chromium.
+"""Retake the viewer screenshots of README and docs/guide.md from a run (normally the demo's), in headless
+Chromium.
 
     make demo && .venv/bin/python docs/screenshots.py runs/demo
 
