@@ -280,6 +280,47 @@ def test_windowed_tangent_passes_equal_full_width_ones(tiny64, profiles, monkeyp
         assert abs(windowed_edges[key] - weight) <= tolerance * max(abs(weight), floor)
 
 
+def test_rows_enter_at_their_sources_layer(tiny64):
+    """A cut tangent pass runs each layer on the rows whose source lies at or below it (sorted by layer,
+    in any order given) and reads what it reads when every row runs through every layer (forced here by
+    a zero source on every row's input), in the caller's slot order."""
+    from adag.trace.passes import node_readouts, readouts_by_layer
+    from adag.trace.tangent import Injections, Reads, Window, push_forward
+
+    batch = _batch(tiny64)
+    config = TraceConfig(aggregation="none", threshold=0.01, input_profiles="forward")
+    nodes = select_nodes(node_scores(tiny64, config, batch)[0], config)
+    base = profiles_pass(tiny64, config, batch, nodes).base
+    reads = Reads(nodes.by_layer(), readouts_by_layer(node_readouts(tiny64, config, base.linear_pass, nodes), nodes),
+                  base.logit_readouts(tiny64))
+    generator = torch.Generator().manual_seed(0)
+    layers, d_model = tiny64.n_layers, tiny64.model.config.hidden_size
+    slot = torch.tensor([2, 0, 3, 1, 0, 2])  # slots' layers out of order; a slot may hold sources of two prompts
+    row = torch.tensor([0, 0, 1, 1, 1, 0])
+    layer = torch.tensor([layers - 1, layers - 2, 0, layers - 2, layers - 1, 1])
+    width = batch.input_ids.shape[1]
+    injections = Injections(slot, row, layer, torch.full_like(slot, width - 1),
+                            torch.randn(len(slot), d_model, generator=generator, dtype=torch.float64))
+    rows_seen = []
+    first_layer = tiny64.model.get_submodule(f"{tiny64.adapter.layers}.0")
+    handle = first_layer.register_forward_pre_hook(lambda _m, args: rows_seen.append(len(args[0])) if args else None)
+    try:
+        entering = push_forward(tiny64, base, Window(0, 4, 0, None), injections, reads, cut=True)
+        everywhere = torch.arange(4)
+        zero_inputs = Injections(torch.cat([slot, everywhere]), torch.cat([row, torch.zeros_like(everywhere)]),
+                                 torch.cat([layer, torch.full_like(everywhere, -1)]),
+                                 torch.cat([injections.position, torch.zeros_like(everywhere)]),
+                                 torch.cat([injections.vector, injections.vector.new_zeros(4, d_model)]))
+        through_all = push_forward(tiny64, base, Window(0, 4, 0, None), zero_inputs, reads, cut=True)
+    finally:
+        handle.remove()
+    assert rows_seen == [len(batch.input_ids), 4 * len(batch.input_ids)]  # one slot (the layer-0 one) vs all
+    assert entering.keys() == through_all.keys() and "logits" in entering
+    for key, value in through_all.items():  # float64, the same products over fewer rows
+        torch.testing.assert_close(entering[key], value, rtol=1e-12, atol=1e-12 * float(value.abs().max()))
+    assert any(float(value.abs().max()) > 0 for value in through_all.values())
+
+
 def test_forward_and_vjp_edges_agree(tiny64):
     """Edges from tangent rows (one per source) equal those from backward rows (one per target)."""
     batch = _batch(tiny64, PROMPTS)

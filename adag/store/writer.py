@@ -192,10 +192,16 @@ class StageWriter:
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pd.DataFrame:
         """A table this attempt has written so far (whole or all its parts)."""
-        files = [f"{name}.parquet"] if (self.path / f"{name}.parquet").is_file() else sorted(
-            f for f in self._records if f.startswith(f"{name}/part-"))
-        tables = [pq.read_table(self.path / f, columns=columns) for f in files]
+        tables = [pq.read_table(self.path / f, columns=columns) for f in self._table_files(name)]
         return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns)
+
+    def table_rows(self, name: str) -> int:
+        """The rows of a table this attempt has written so far, from its files' footers."""
+        return sum(pq.read_metadata(self.path / f).num_rows for f in self._table_files(name))
+
+    def _table_files(self, name: str) -> list[str]:
+        return [f"{name}.parquet"] if (self.path / f"{name}.parquet").is_file() else sorted(
+            f for f in self._records if f.startswith(f"{name}/part-"))
 
     def cancel(self) -> None:
         """Leave without committing anything (e.g. a dry run)."""

@@ -91,9 +91,12 @@ def hooks_installed(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
     they run in list order, after the hooks of the `hooks_installed` blocks around this one and before
     any hook registered there by other means."""
     added: list[tuple[nn.Module, bool, Hook]] = []
+    modules = dict(model.named_modules())  # one walk, not a path lookup per hook
     try:
         for hook in hooks:
-            module = model.get_submodule(hook.module)
+            if hook.module not in modules:
+                model.get_submodule(hook.module)  # its error names the missing part of the path
+            module = modules[hook.module]
             chains = _chains.setdefault(module, {})
             if hook.pre not in chains:
                 chains[hook.pre] = _Chain(module, hook.pre)
@@ -125,23 +128,25 @@ def norm_names(model: nn.Module, adapter: FamilyAdapter) -> list[str]:
 class TangentRows:
     """Tangent rows: row s * B + b carries source s of prompt b, so a base-pass constant (B, T, ...)
     broadcasts against the rows viewed as (S, B, ...) without copies. The rows cover the positions
-    from `start` on (a window; the tangent is zero before it), so constants are sliced to them."""
+    from `start` on (a window; the tangent is zero before it), so constants are sliced to them. A layer
+    may run on the first rows only (those whose tangent is not zero yet), so shapes follow the tensor."""
 
-    sources: int
+    batch: int
     start: int = 0
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """(S * B, ...) -> (S, B, ...)."""
-        return x.unflatten(0, (self.sources, -1))
+        return x.unflatten(0, (-1, self.batch))
 
     def per_row(self, constant: torch.Tensor) -> torch.Tensor:
         """A base-pass constant (B, T, ...) at the window's positions, broadcast against rows viewed as (S, B, ...)."""
         return constant[None, :, self.start:]
 
-    def repeat(self, constant: torch.Tensor) -> torch.Tensor:
-        """A base-pass constant (B, T, ...) at the window's positions, repeated for every source: (S * B, ...)."""
+    def repeat(self, constant: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A base-pass constant (B, T, ...) at the window's positions, repeated for as many sources as
+        `like` has rows: (S * B, ...)."""
         window = constant[:, self.start:]
-        return window[None].expand(self.sources, *window.shape).flatten(0, 1)
+        return window[None].expand(len(like) // self.batch, *window.shape).flatten(0, 1)
 
 
 class Rule:
@@ -265,14 +270,14 @@ class FrozenAttentionPattern(Rule):
     def tangent_hooks(self, model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValues,
                       rows: TangentRows) -> list[Hook]:
         def query_key(name: str):
-            def hook(_m: nn.Module, _args: tuple, _out: torch.Tensor) -> torch.Tensor:
-                return rows.repeat(frozen.queries_keys[name])
+            def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+                return rows.repeat(frozen.queries_keys[name], out)
 
             return hook
 
         def fused(name: str):
             def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-                return torch.cat([rows.repeat(frozen.queries_keys[name]), split_fused_qkv(out)[1]], dim=-1)
+                return torch.cat([rows.repeat(frozen.queries_keys[name], out), split_fused_qkv(out)[1]], dim=-1)
 
             return hook
 

@@ -119,8 +119,7 @@ def _trace_parts(lm: LoadedModel, dataset: Dataset, config: TraceConfig, tokens:
 def _record_totals(stage: StageWriter, config: TraceConfig, prompts: int, largest_score: float,
                    phase_seconds: dict[str, float], prompt_format: str | None) -> None:
     """The facts of a complete trace (and the error for one that kept no node at all)."""
-    totals = {name: len(stage.read_table(name, columns=["prompt"])) for name in traced_tables(config)
-              if name != "prompts"}
+    totals = {name: stage.table_rows(name) for name in traced_tables(config) if name != "prompts"}
     if totals["nodes"] == 0:
         stage.cancel()  # nothing worth keeping: a rerun with another threshold starts afresh
         raise AdagError(_no_nodes_message(config, prompts, largest_score))

@@ -9,8 +9,8 @@ One tangent row per source gives that source's entry for every node at once.
 
 A tangent pass is the model's own forward pass (so every family's attention, masking and position
 handling is reused as it is) with hooks that replace each nonlinearity by its frozen linear version,
-and zero biases passed through `torch.func.functional_call` (the model's parameters are never
-touched). Tangent row s * B + b carries source s of prompt b. Two savings keep rows cheap:
+and zero biases (in a model that has any) passed through `torch.func.functional_call` (the model's
+parameters are never touched). Tangent row s * B + b carries source s of prompt b. Three savings keep rows cheap:
 
 - Windows. A source at position p changes nothing before p, so a pass whose sources all lie at or
   after `start` runs on positions start.. only. Earlier positions carry no tangent (zero values), so
@@ -19,6 +19,9 @@ touched). Tangent row s * B + b carries source s of prompt b. Two savings keep r
   is the full attention. The shares are measured once per window by the model's own attention
   (`attention_inside`), so every family's masking, sliding windows and soft-capping stay its own.
   A source at the last position costs one position per row.
+- Rows enter at their source's layer. A row's tangent is zero below the layer its source is injected
+  at, so each layer runs on the rows that have entered by then (`_rows_entering`); in the edges, most
+  sources sit in the upper layers.
 - With `cut`, no MLP runs: its output is zero (plus the sources injected there) and a node's value is
   its readout r_n = d a_n / d x_n applied to the MLP input x_n; nor do frozen query/key projections run.
 """
@@ -27,7 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -85,6 +89,18 @@ class Reads:
     readouts: dict[int, torch.Tensor] | None = None
     logits: torch.Tensor | None = None
 
+    @cached_property
+    def readouts_by_position(self) -> dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]]:
+        """Per layer, per (prompt row, position) holding nodes: the nodes' ids and their readouts (d, n), so
+        that a cut pass reads all of a position's nodes with one product (the same in every window)."""
+        groups = {}
+        for layer, (row, position, _) in self.nodes.items():
+            groups[layer] = []
+            for b, p in torch.stack([row, position], 1).unique(dim=0).tolist():
+                ids = ((row == b) & (position == p)).nonzero(as_tuple=True)[0]
+                groups[layer].append((b, p, ids, self.readouts[layer][ids].T))
+        return groups
+
 
 @dataclass
 class Window:
@@ -138,7 +154,13 @@ def push_forward(lm: LoadedModel, base: BasePass, window: Window, injections: In
     activation's tangent; with `cut` every MLP output is held (direct effects)."""
     batch, width = base.batch.input_ids.shape
     sources, start = window.sources, window.start
-    rows = TangentRows(sources, start)
+    rows = TangentRows(batch, start)
+    entry = torch.full((sources,), lm.n_layers - 1, device=injections.slot.device).scatter_reduce(
+        0, injections.slot, injections.layer.clamp_min(0), "amin")  # a slot's first layer with a tangent
+    entry, order = entry.sort(stable=True)
+    slot_of = torch.empty_like(order)
+    slot_of[order] = torch.arange(sources, device=order.device)
+    injections = replace(injections, slot=slot_of[injections.slot])
     first = injections.layer == -1
     tangent = injections.vector.new_zeros(sources, batch, width - start, injections.vector.shape[-1])
     tangent[injections.slot[first], injections.row[first], injections.position[first] - start] = \
@@ -148,8 +170,39 @@ def push_forward(lm: LoadedModel, base: BasePass, window: Window, injections: In
                            read, cut)
     if window.inside is not None:
         hooks += _window_attention(lm, window.inside, rows)
+    if int(entry[-1]) > 0:
+        hooks += _rows_entering(lm, entry, batch)
     _run(lm, base, hooks, start, sources)
-    return read
+    return {key: value[slot_of] for key, value in read.items()}
+
+
+def _rows_entering(lm: LoadedModel, entry: torch.Tensor, batch: int) -> list[Hook]:
+    """Each layer runs on the rows whose tangent is not zero below it: slots sorted by `entry` (the
+    first layer where a slot's tangent is not zero), so these are the first rows (at least one: a
+    layer does not run on none). Rows that have not entered carry zeros, which every linearised layer maps
+    to zero; they join as zeros."""
+    everyone = len(entry) * batch
+
+    def narrowed(rows: int):
+        def narrow(x):
+            if isinstance(x, torch.Tensor) and x.dim() > 1 and len(x) == everyone:
+                return x[:rows]
+            return tuple(narrow(item) for item in x) if isinstance(x, tuple) else x
+
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if len(hidden) < rows:
+                hidden = torch.cat([hidden, hidden.new_zeros(rows - len(hidden), *hidden.shape[1:])])
+            hidden = hidden[:rows]
+            kwargs = {name: narrow(value) for name, value in kwargs.items()}
+            if args:
+                return (hidden, *(narrow(arg) for arg in args[1:])), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+        return hook
+
+    entered = torch.searchsorted(entry, torch.arange(lm.n_layers, device=entry.device), right=True).clamp_min(1) * batch
+    return [Hook(f"{lm.adapter.layers}.{layer}", narrowed(int(rows)), pre=True, with_kwargs=True)
+            for layer, rows in enumerate(entered.tolist())]
 
 
 def _run(lm: LoadedModel, base: BasePass, hooks: list[Hook], start: int, repeats: int) -> None:
@@ -157,9 +210,12 @@ def _run(lm: LoadedModel, base: BasePass, hooks: list[Hook], start: int, repeats
     times, under `hooks` and with zero biases, until a hook has read the last thing it needs."""
     inputs = {name: getattr(base.batch, name)[:, start:].repeat(repeats, 1)
               for name in ("input_ids", "attention_mask", "position_ids")}
+    kwargs = {**inputs, "logits_to_keep": 1, "use_cache": False}
     with torch.no_grad(), hooks_installed(lm.model, hooks), suppress(_Done):
-        functional_call(lm.model, base.zero_biases(lm.model),
-                        kwargs={**inputs, "logits_to_keep": 1, "use_cache": False})
+        if biases := base.zero_biases(lm.model):
+            functional_call(lm.model, biases, kwargs=kwargs)
+        else:  # nothing to swap: functional_call would still walk every parameter
+            lm.model(**kwargs)
 
 
 def plan_windows(lm: LoadedModel, config: TraceConfig, base: BasePass, latest_first: list[int],
@@ -213,7 +269,7 @@ def attention_inside(lm: LoadedModel, base: BasePass, starts: list[int]) -> dict
     batch, width = base.batch.input_ids.shape
     adapter, heads, head_dim = lm.adapter, lm.model.config.num_attention_heads, _head_dim(lm)
     groups = -(-len(starts) // head_dim)
-    rows = TangentRows(groups, 0)
+    rows = TangentRows(batch, 0)
     bounds = torch.tensor(starts + [width] * (groups * head_dim - len(starts)), device=base.batch.input_ids.device)
     keys = torch.arange(width, device=bounds.device)
     indicators = (keys[None, :, None] >= bounds.view(groups, 1, head_dim))  # (groups, T, head_dim)
@@ -287,7 +343,7 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
                    cut: bool) -> list[Hook]:
     """The rules' tangent hooks, then a tap that feeds `tangent` in, adds the injections at MLP outputs
     and reads what `reads` asks for."""
-    nodes = reads.nodes
+    nodes, sources = reads.nodes, len(tangent) // rows.batch
     last = max(nodes) if nodes and reads.logits is None else None  # the layer after which nothing is read
 
     def embeddings(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -299,9 +355,9 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
         def hook(_m: nn.Module, args: tuple) -> None:
             row, position, neuron = nodes[layer]
             inside = position >= rows.start  # nodes before the window read 0
-            value = rows.split(args[0])
-            read[layer] = value.new_zeros(len(value), len(row))
-            read[layer][:, inside] = value[:, row[inside], position[inside] - rows.start, neuron[inside]]
+            value = rows.split(args[0])  # (rows entered, B, ...)
+            read[layer] = value.new_zeros(sources, len(row))
+            read[layer][:len(value), inside] = value[:, row[inside], position[inside] - rows.start, neuron[inside]]
             if layer == last:
                 raise _Done
         return hook
@@ -309,13 +365,11 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
     def read_mlp_input(layer: int):
         def hook(_m: nn.Module, args: tuple) -> tuple:
             if layer in nodes:
-                row, position, _ = nodes[layer]
-                value = rows.split(args[0])
-                read[layer] = value.new_zeros(len(value), len(row))
-                for b, p in torch.stack([row, position], 1).unique(dim=0).tolist():  # one product per position
+                value = rows.split(args[0])  # (rows entered, B, ...)
+                read[layer] = value.new_zeros(sources, len(nodes[layer][0]))
+                for b, p, ids, readouts in reads.readouts_by_position[layer]:
                     if p >= rows.start:
-                        ids = ((row == b) & (position == p)).nonzero(as_tuple=True)[0]
-                        read[layer][:, ids] = value[:, b, p - rows.start] @ reads.readouts[layer][ids].T.to(value)
+                        read[layer][:len(value), ids] = value[:, b, p - rows.start] @ readouts.to(value)
             if layer == last:
                 raise _Done
             return (args[0][:, :0], *args[1:])  # the MLP runs on no position: its output is replaced below
@@ -325,8 +379,8 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
         ids = injections.at(layer)
 
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            if cut:
-                out = tangent.new_zeros(tangent.shape)
+            if cut:  # the MLP ran on no position
+                out = out.new_zeros(len(out), tangent.shape[1], out.shape[-1])
             if len(ids):
                 out = rows.split(out).index_put((injections.slot[ids], injections.row[ids],
                                                  injections.position[ids] - rows.start),
