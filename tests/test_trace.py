@@ -281,9 +281,9 @@ def test_windowed_tangent_passes_equal_full_width_ones(tiny64, profiles, monkeyp
 
 
 def test_rows_enter_at_their_sources_layer(tiny64):
-    """A cut tangent pass runs each layer on the rows whose source lies at or below it (sorted by layer,
-    in any order given) and reads what it reads when every row runs through every layer (forced here by
-    a zero source on every row's input), in the caller's slot order."""
+    """A cut tangent pass runs each layer on the slots whose first source lies at or below it (sorted by
+    layer, in any order given) and reads what it reads when every slot runs through every layer (forced
+    here by a zero source on every slot's input), in the caller's slot order."""
     from adag.trace.passes import node_readouts, readouts_by_layer
     from adag.trace.tangent import Injections, Reads, Window, push_forward
 
@@ -294,31 +294,35 @@ def test_rows_enter_at_their_sources_layer(tiny64):
     reads = Reads(nodes.by_layer(), readouts_by_layer(node_readouts(tiny64, config, base.linear_pass, nodes), nodes),
                   base.logit_readouts(tiny64))
     generator = torch.Generator().manual_seed(0)
-    layers, d_model = tiny64.n_layers, tiny64.model.config.hidden_size
-    slot = torch.tensor([2, 0, 3, 1, 0, 2])  # slots' layers out of order; a slot may hold sources of two prompts
+    top, d_model, prompts, width = tiny64.n_layers - 1, tiny64.model.config.hidden_size, *batch.input_ids.shape
+    slots = 4
+    slot = torch.tensor([2, 0, 3, 1, 0, 2])  # slot 2 holds sources of two prompts at two layers
     row = torch.tensor([0, 0, 1, 1, 1, 0])
-    layer = torch.tensor([layers - 1, layers - 2, 0, layers - 2, layers - 1, 1])
-    width = batch.input_ids.shape[1]
-    injections = Injections(slot, row, layer, torch.full_like(slot, width - 1),
+    layer = torch.tensor([top, top, 0, top, top, 1])  # slots enter at layers top, top, 1, 0
+    position = torch.tensor([width - 1, width - 2, width - 3, width - 1, width - 1, width - 2])
+    injections = Injections(slot, row, layer, position,
                             torch.randn(len(slot), d_model, generator=generator, dtype=torch.float64))
-    rows_seen = []
-    first_layer = tiny64.model.get_submodule(f"{tiny64.adapter.layers}.0")
-    handle = first_layer.register_forward_pre_hook(lambda _m, args: rows_seen.append(len(args[0])) if args else None)
+    all_slots = torch.arange(slots)
+    zero_inputs = Injections(torch.cat([slot, all_slots]), torch.cat([row, torch.zeros_like(all_slots)]),
+                             torch.cat([layer, torch.full_like(all_slots, -1)]),
+                             torch.cat([position, torch.zeros_like(all_slots)]),
+                             torch.cat([injections.vector, injections.vector.new_zeros(slots, d_model)]))
+    rows_seen: list[int] = []
+    handles = [module.register_forward_pre_hook(lambda _m, args: rows_seen.append(len(args[0])))
+               for module in tiny64.adapter.layer_list(tiny64.model)]
     try:
-        entering = push_forward(tiny64, base, Window(0, 4, 0, None), injections, reads, cut=True)
-        everywhere = torch.arange(4)
-        zero_inputs = Injections(torch.cat([slot, everywhere]), torch.cat([row, torch.zeros_like(everywhere)]),
-                                 torch.cat([layer, torch.full_like(everywhere, -1)]),
-                                 torch.cat([injections.position, torch.zeros_like(everywhere)]),
-                                 torch.cat([injections.vector, injections.vector.new_zeros(4, d_model)]))
-        through_all = push_forward(tiny64, base, Window(0, 4, 0, None), zero_inputs, reads, cut=True)
+        entering = push_forward(tiny64, base, Window(0, slots, 0, None), injections, reads, cut=True)
+        entered, rows_seen[:] = list(rows_seen), []
+        through_all = push_forward(tiny64, base, Window(0, slots, 0, None), zero_inputs, reads, cut=True)
     finally:
-        handle.remove()
-    assert rows_seen == [len(batch.input_ids), 4 * len(batch.input_ids)]  # one slot (the layer-0 one) vs all
-    assert entering.keys() == through_all.keys() and "logits" in entering
+        for handle in handles:
+            handle.remove()
+    expected = [prompts * (1 + (layer_index >= 1) + 2 * (layer_index >= top)) for layer_index in range(top + 1)]
+    assert entered == expected and rows_seen == [slots * prompts] * (top + 1)
+    assert entering.keys() == through_all.keys()
+    assert (through_all["logits"].flatten(1).abs().amax(1) > 0).all()  # every slot reaches the logits
     for key, value in through_all.items():  # float64, the same products over fewer rows
         torch.testing.assert_close(entering[key], value, rtol=1e-12, atol=1e-12 * float(value.abs().max()))
-    assert any(float(value.abs().max()) > 0 for value in through_all.values())
 
 
 def test_forward_and_vjp_edges_agree(tiny64):

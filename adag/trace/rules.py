@@ -94,9 +94,7 @@ def hooks_installed(model: nn.Module, hooks: Sequence[Hook]) -> Iterator[None]:
     modules = dict(model.named_modules())  # one walk, not a path lookup per hook
     try:
         for hook in hooks:
-            if hook.module not in modules:
-                model.get_submodule(hook.module)  # its error names the missing part of the path
-            module = modules[hook.module]
+            module = modules[hook.module] if hook.module in modules else model.get_submodule(hook.module)
             chains = _chains.setdefault(module, {})
             if hook.pre not in chains:
                 chains[hook.pre] = _Chain(module, hook.pre)
@@ -129,7 +127,7 @@ class TangentRows:
     """Tangent rows: row s * B + b carries source s of prompt b, so a base-pass constant (B, T, ...)
     broadcasts against the rows viewed as (S, B, ...) without copies. The rows cover the positions
     from `start` on (a window; the tangent is zero before it), so constants are sliced to them. A layer
-    may run on the first rows only (those whose tangent is not zero yet), so shapes follow the tensor."""
+    may run on the first S' < S sources only (those that have entered), so shapes follow the tensor."""
 
     batch: int
     start: int = 0
@@ -142,11 +140,11 @@ class TangentRows:
         """A base-pass constant (B, T, ...) at the window's positions, broadcast against rows viewed as (S, B, ...)."""
         return constant[None, :, self.start:]
 
-    def repeat(self, constant: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def repeat(self, constant: torch.Tensor, rows_like: torch.Tensor) -> torch.Tensor:
         """A base-pass constant (B, T, ...) at the window's positions, repeated for as many sources as
-        `like` has rows: (S * B, ...)."""
+        `rows_like` has rows: (S * B, ...)."""
         window = constant[:, self.start:]
-        return window[None].expand(len(like) // self.batch, *window.shape).flatten(0, 1)
+        return window[None].expand(len(rows_like) // self.batch, *window.shape).flatten(0, 1)
 
 
 class Rule:

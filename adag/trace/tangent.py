@@ -10,7 +10,8 @@ One tangent row per source gives that source's entry for every node at once.
 A tangent pass is the model's own forward pass (so every family's attention, masking and position
 handling is reused as it is) with hooks that replace each nonlinearity by its frozen linear version,
 and zero biases (in a model that has any) passed through `torch.func.functional_call` (the model's
-parameters are never touched). Tangent row s * B + b carries source s of prompt b. Three savings keep rows cheap:
+parameters are never touched). Tangent row s * B + b carries source s of prompt b. Three savings keep rows
+cheap:
 
 - Windows. A source at position p changes nothing before p, so a pass whose sources all lie at or
   after `start` runs on positions start.. only. Earlier positions carry no tangent (zero values), so
@@ -20,8 +21,8 @@ parameters are never touched). Tangent row s * B + b carries source s of prompt 
   (`attention_inside`), so every family's masking, sliding windows and soft-capping stay its own.
   A source at the last position costs one position per row.
 - Rows enter at their source's layer. A row's tangent is zero below the layer its source is injected
-  at, so each layer runs on the rows that have entered by then (`_rows_entering`); in the edges, most
-  sources sit in the upper layers.
+  at, so each layer runs on the rows whose source lies at or below it (`_rows_entering`): in the edges,
+  a neuron source's row skips the layers below the neuron.
 - With `cut`, no MLP runs: its output is zero (plus the sources injected there) and a node's value is
   its readout r_n = d a_n / d x_n applied to the MLP input x_n; nor do frozen query/key projections run.
 """
@@ -90,15 +91,16 @@ class Reads:
     logits: torch.Tensor | None = None
 
     @cached_property
-    def readouts_by_position(self) -> dict[int, list[tuple[int, int, torch.Tensor, torch.Tensor]]]:
-        """Per layer, per (prompt row, position) holding nodes: the nodes' ids and their readouts (d, n), so
-        that a cut pass reads all of a position's nodes with one product (the same in every window)."""
-        groups = {}
+    def readout_groups(self) -> dict[int, list[tuple[int, int, slice, torch.Tensor]]]:
+        """Per layer, per run of nodes at one (prompt row, position) (nodes are ordered by row and position
+        within a layer, so one run each): the prompt row, the position, the run's ids and its readouts
+        (d, n), so that a cut pass reads a position's nodes with one product, the same in every window."""
+        groups: dict[int, list[tuple[int, int, slice, torch.Tensor]]] = {}
         for layer, (row, position, _) in self.nodes.items():
-            groups[layer] = []
-            for b, p in torch.stack([row, position], 1).unique(dim=0).tolist():
-                ids = ((row == b) & (position == p)).nonzero(as_tuple=True)[0]
-                groups[layer].append((b, p, ids, self.readouts[layer][ids].T))
+            places = torch.stack([row, position], 1)
+            _, counts = places.unique_consecutive(dim=0, return_counts=True)
+            runs = [slice(end - count, end) for end, count in zip(counts.cumsum(0).tolist(), counts.tolist())]
+            groups[layer] = [(*places[run.start].tolist(), run, self.readouts[layer][run].T) for run in runs]
         return groups
 
 
@@ -155,12 +157,12 @@ def push_forward(lm: LoadedModel, base: BasePass, window: Window, injections: In
     batch, width = base.batch.input_ids.shape
     sources, start = window.sources, window.start
     rows = TangentRows(batch, start)
-    entry = torch.full((sources,), lm.n_layers - 1, device=injections.slot.device).scatter_reduce(
-        0, injections.slot, injections.layer.clamp_min(0), "amin")  # a slot's first layer with a tangent
+    # A slot's first layer with a tangent; at most the last, so that every slot reaches the final norm.
+    entry = injections.layer.new_full((sources,), lm.n_layers - 1).scatter_reduce(
+        0, injections.slot, injections.layer.clamp_min(0), "amin")
     entry, order = entry.sort(stable=True)
-    slot_of = torch.empty_like(order)
-    slot_of[order] = torch.arange(sources, device=order.device)
-    injections = replace(injections, slot=slot_of[injections.slot])
+    sorted_slot = order.argsort()  # where the caller's slot s runs
+    injections = replace(injections, slot=sorted_slot[injections.slot])
     first = injections.layer == -1
     tangent = injections.vector.new_zeros(sources, batch, width - start, injections.vector.shape[-1])
     tangent[injections.slot[first], injections.row[first], injections.position[first] - start] = \
@@ -170,39 +172,41 @@ def push_forward(lm: LoadedModel, base: BasePass, window: Window, injections: In
                            read, cut)
     if window.inside is not None:
         hooks += _window_attention(lm, window.inside, rows)
-    if int(entry[-1]) > 0:
+    if int(entry[-1]) > 0:  # after the tap, whose hook on the first layer feeds every row in
         hooks += _rows_entering(lm, entry, batch)
     _run(lm, base, hooks, start, sources)
-    return {key: value[slot_of] for key, value in read.items()}
+    return {key: value[sorted_slot.to(value.device)] for key, value in read.items()}
 
 
 def _rows_entering(lm: LoadedModel, entry: torch.Tensor, batch: int) -> list[Hook]:
-    """Each layer runs on the rows whose tangent is not zero below it: slots sorted by `entry` (the
-    first layer where a slot's tangent is not zero), so these are the first rows (at least one: a
-    layer does not run on none). Rows that have not entered carry zeros, which every linearised layer maps
-    to zero; they join as zeros."""
-    everyone = len(entry) * batch
+    """Each layer runs on the slots whose first source lies at or below it (`entry`, sorted: the first
+    slots; at least one, as a layer does not run on none). Later slots join as zeros, which the
+    linearised, bias-free layers would have kept at zero."""
+    all_rows = len(entry) * batch
 
-    def narrowed(rows: int):
-        def narrow(x):
-            if isinstance(x, torch.Tensor) and x.dim() > 1 and len(x) == everyone:
-                return x[:rows]
-            return tuple(narrow(item) for item in x) if isinstance(x, tuple) else x
+    def narrowing_to(rows: int):
+        def narrow(x):  # per-row arguments (masks, position embeddings); 1-D ones (cache positions) are not
+            if isinstance(x, torch.Tensor):
+                return x[:rows] if x.dim() > 1 and len(x) == all_rows else x
+            if isinstance(x, (tuple, list)):
+                items = [narrow(item) for item in x]
+                return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)  # named tuples too
+            return {name: narrow(value) for name, value in x.items()} if isinstance(x, dict) else x
 
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = args[0] if args else kwargs["hidden_states"]
             if len(hidden) < rows:
                 hidden = torch.cat([hidden, hidden.new_zeros(rows - len(hidden), *hidden.shape[1:])])
-            hidden = hidden[:rows]
-            kwargs = {name: narrow(value) for name, value in kwargs.items()}
+            hidden = hidden[:rows]  # the first layer gets every row from the tap
             if args:
-                return (hidden, *(narrow(arg) for arg in args[1:])), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
+                return (hidden, *narrow(args[1:])), narrow(kwargs)
+            return args, {**narrow(kwargs), "hidden_states": hidden}
         return hook
 
-    entered = torch.searchsorted(entry, torch.arange(lm.n_layers, device=entry.device), right=True).clamp_min(1) * batch
-    return [Hook(f"{lm.adapter.layers}.{layer}", narrowed(int(rows)), pre=True, with_kwargs=True)
-            for layer, rows in enumerate(entered.tolist())]
+    layers = torch.arange(lm.n_layers, device=entry.device)
+    rows_per_layer = torch.searchsorted(entry, layers, right=True).clamp_min(1) * batch
+    return [Hook(f"{lm.adapter.layers}.{layer}", narrowing_to(int(rows)), pre=True, with_kwargs=True)
+            for layer, rows in enumerate(rows_per_layer.tolist())]
 
 
 def _run(lm: LoadedModel, base: BasePass, hooks: list[Hook], start: int, repeats: int) -> None:
@@ -343,7 +347,7 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
                    cut: bool) -> list[Hook]:
     """The rules' tangent hooks, then a tap that feeds `tangent` in, adds the injections at MLP outputs
     and reads what `reads` asks for."""
-    nodes, sources = reads.nodes, len(tangent) // rows.batch
+    nodes, sources, width = reads.nodes, len(tangent) // rows.batch, tangent.shape[1]
     last = max(nodes) if nodes and reads.logits is None else None  # the layer after which nothing is read
 
     def embeddings(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -367,7 +371,7 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
             if layer in nodes:
                 value = rows.split(args[0])  # (rows entered, B, ...)
                 read[layer] = value.new_zeros(sources, len(nodes[layer][0]))
-                for b, p, ids, readouts in reads.readouts_by_position[layer]:
+                for b, p, ids, readouts in reads.readout_groups[layer]:
                     if p >= rows.start:
                         read[layer][:len(value), ids] = value[:, b, p - rows.start] @ readouts.to(value)
             if layer == last:
@@ -379,8 +383,8 @@ def _tangent_hooks(model: nn.Module, adapter: FamilyAdapter, frozen: FrozenValue
         ids = injections.at(layer)
 
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            if cut:  # the MLP ran on no position
-                out = out.new_zeros(len(out), tangent.shape[1], out.shape[-1])
+            if cut:  # the MLP ran on no position: zeros over the window
+                out = out.new_zeros(len(out), width, out.shape[-1])
             if len(ids):
                 out = rows.split(out).index_put((injections.slot[ids], injections.row[ids],
                                                  injections.position[ids] - rows.start),
