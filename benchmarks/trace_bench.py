@@ -11,7 +11,8 @@ input embeddings, measured in the same process between the traces, the fastest o
 `--repeats`. On a shared machine seconds are noisy; units are the steadier figure. Also: peak RSS
 (and peak GPU memory) against the weights plus the working-memory budget, the batch size that the
 default rule picks (the least time per prompt), and the whole process (`adag trace --limit 2`,
-start-up and model loading included) against its trace stage.
+start-up and model loading included) against its trace stage and against the floor that any such
+command pays (torch and transformers imported, the model loaded, a Parquet table written).
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ import tempfile
 import time
 
 PHASES = ("node_scores", "profiles", "edges")
+FLOOR = """
+import gc, sys
+gc.disable()
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel  # its module: the heaviest
+import pyarrow as pa, pyarrow.parquet as pq
+gc.freeze()
+gc.enable()
+directory, dtype, device, out = sys.argv[1:]
+AutoTokenizer.from_pretrained(directory)
+AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), device_map=device)
+pq.write_table(pa.table({"row": pa.array([0])}), out)
+"""  # what any trace command on a transformers model that writes Parquet does before its first prompt
 UNIT_RUNS = 3  # the unit is the fastest of these: a first run pays for warming up, a busy moment for noise
 
 
@@ -126,17 +140,34 @@ def _forward_backward_seconds(lm, batch) -> float:
 
 
 def whole_process(model: str, args: argparse.Namespace) -> str:
-    """`adag trace --limit 2` from the command line: its wall time against the trace stage's seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/run"
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "adag", "trace", "--model", model, "--dataset", "country-capitals",
-                        "--limit", "2", "--out", out, "--device", args.device, "--dtype", args.dtype,
-                        "--prompt-format", args.prompt_format], check=True, capture_output=True, env=_env(args.threads))
-        wall = time.perf_counter() - started
-        with open(f"{out}/manifest.json") as f:
-            stage = json.load(f)["stages"]["trace"]["seconds"]
-    return f"whole process for 2 prompts {wall:.1f}s, trace stage {stage:.1f}s ({wall / stage:.2f}x)"
+    """`adag trace --limit 2` from the command line: its wall time against the trace stage's seconds, and
+    against the floor under any such command: a process that only imports torch and transformers, loads
+    the model and tokenizer with them and writes one Parquet table (with the collector paused during the
+    imports, as `adag` pauses it). The floor bounds the ratio from below: (floor + trace stage) / trace
+    stage. Alternated `--repeats` times; medians."""
+    from adag.models.loading import model_directory
+
+    directory, walls, stages, floors = str(model_directory(model)), [], [], []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/run"
+            walls.append(_seconds([sys.executable, "-m", "adag", "trace", "--model", model, "--dataset",
+                                   "country-capitals", "--limit", "2", "--out", out, "--device", args.device,
+                                   "--dtype", args.dtype, "--prompt-format", args.prompt_format], args))
+            with open(f"{out}/manifest.json") as f:
+                stages.append(json.load(f)["stages"]["trace"]["seconds"])
+            floors.append(_seconds([sys.executable, "-c", FLOOR, directory, args.dtype, args.device,
+                                    f"{tmp}/floor.parquet"], args))
+    wall, stage, floor = (statistics.median(values) for values in (walls, stages, floors))
+    return (f"whole process for 2 prompts {wall:.1f}s, trace stage {stage:.1f}s ({wall / stage:.2f}x); the floor "
+            f"(torch and transformers imported, model loaded, a table written) {floor:.1f}s, so at least "
+            f"{(floor + stage) / stage:.2f}x; adag's own part {wall - stage - floor:.1f}s")
+
+
+def _seconds(command: list[str], args: argparse.Namespace) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=_env(args.threads))
+    return time.perf_counter() - started
 
 
 def _env(threads: int) -> dict:
